@@ -1,0 +1,374 @@
+"""``orchestrator``: the command line of the execution controller.
+
+Every command works on a phase-4 work dir (``--workdir``, default: the current directory) and
+its database (``--database-url`` / ``ORCHESTRATOR_DATABASE_URL``, default: SQLite file
+``orchestrator.db`` in the work dir). Errors a user can fix exit with code 2 and a message that
+names the file or field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core import __version__
+from core.db.database import check_schema, default_url, make_engine, redact, upgrade
+from core.db.store import Store
+from core.engine.adapters import manual_paths
+from core.engine.executor import ExecutorConfig, build_executor
+from core.engine.monitoring.metrics import Metrics
+from core.engine.patch_ledger import verify
+from core.engine.process_spawner import task_log_path
+from core.engine.state_files import PATCH_LEDGER, STATE_DIR
+from core.engine.task_log import read_records
+from core.errors import OrchestratorError
+
+app = typer.Typer(
+    help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+ledger_app = typer.Typer(help="The hash-chained patch ledger.", no_args_is_help=True)
+manual_app = typer.Typer(help="Tasks routed to a human.", no_args_is_help=True)
+schema_app = typer.Typer(help="Generated JSON Schemas and CRDs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(manual_app, name="manual")
+app.add_typer(schema_app, name="schema")
+
+_WIDTH = None if sys.stdout.isatty() else 160  # pipes and CI get full lines, not 80 columns
+console = Console(soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, soft_wrap=True)
+
+Workdir = Annotated[
+    Path,
+    typer.Option(
+        "--workdir",
+        "-w",
+        help="Phase-4 work dir (.state/, logs/, orchestrator.db). Default: current directory.",
+        file_okay=False,
+        resolve_path=True,
+    ),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="ORCHESTRATOR_DATABASE_URL",
+        help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db. Default: SQLite in the work dir.",
+        show_envvar=True,
+    ),
+]
+RunId = Annotated[str, typer.Option("--run", "-r", help="Run id, as in .state/task_queue.json.")]
+
+
+class Backend(StrEnum):
+    local = "local"
+    kubernetes = "kubernetes"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _store(workdir: Path, database_url: str | None) -> Store:
+    url = database_url or default_url(workdir)
+    engine = make_engine(url)
+    where = f"--database-url {redact(url)}" if database_url else f"--workdir {workdir}"
+    try:
+        check_schema(engine, url, f"run `orchestrator db upgrade {where}`")
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    return Store(engine)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"orchestrator {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def execute(
+    run: RunId,
+    workdir: Workdir = Path.cwd(),
+    database_url: DatabaseUrl = None,
+    backend: Annotated[
+        Backend, typer.Option(help="local: process groups here; kubernetes: TaskExecution CRs.")
+    ] = Backend.local,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+    ] = None,
+    keep_worktrees: Annotated[
+        bool, typer.Option(help="Keep attempt worktrees under .work/ for debugging.")
+    ] = False,
+    max_tasks: Annotated[
+        int | None, typer.Option(min=1, help="Start at most N tasks, then stop (resumable).")
+    ] = None,
+    max_log_bytes: Annotated[
+        int, typer.Option(min=1024, help="Cap of a task attempt's log in logs/execution/.")
+    ] = 2 * 1024 * 1024,
+    max_diff_bytes: Annotated[
+        int, typer.Option(min=1024, help="Cap of the diff copy kept in the ledger and DB.")
+    ] = 5 * 1024 * 1024,
+) -> None:
+    """Execute the routed tasks of a run; resumes where a previous execution stopped.
+
+    Reads .state/routing_decisions.json, .state/task_queue.json and .state/ROUTING_COMPLETE;
+    writes .state/execution_results.json, .state/patch_ledger.jsonl, logs/ and the database.
+    Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
+    """
+    if backend is Backend.kubernetes:
+        raise _fail(
+            "the kubernetes backend is not part of this build yet; use --backend local", 2
+        )
+    config = ExecutorConfig(
+        run_id=run,
+        workdir=workdir,
+        database_url=database_url,
+        max_log_bytes=max_log_bytes,
+        max_diff_bytes=max_diff_bytes,
+        keep_worktrees=keep_worktrees,
+        max_tasks=max_tasks,
+    )
+    stop = threading.Event()
+    metrics = Metrics()
+    try:
+        executor = build_executor(config, metrics=metrics, stop=stop)
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
+
+    def _stop(signum: int, _frame: object) -> None:
+        err.print(f"received {signal.Signals(signum).name}: stopping after the current attempt")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        results = executor.run()
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    s = results.summary
+    console.print(
+        f"run {run}: {s['COMPLETED']} completed, {s['FAILED']} failed, {s['TIMEOUT']} timeout, "
+        f"{s['CANCELLED']} cancelled, {s['PENDING']} waiting (of {s['total']})",
+        highlight=False,
+    )
+    console.print(f"results: {workdir / STATE_DIR / 'execution_results.json'}", highlight=False)
+    if stop.is_set() or not results.finished:
+        raise typer.Exit(3)
+
+
+@app.command()
+def status(
+    run: RunId,
+    workdir: Workdir = Path.cwd(),
+    database_url: DatabaseUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show each task's state, adapter, attempts, failure class and diff of a run."""
+    store = _store(workdir, database_url)
+    records = store.tasks(run)
+    if not records:
+        raise _fail(f"no tasks recorded for run {run!r} (known runs: {store.runs() or 'none'})")
+    if as_json:
+        console.print_json(json.dumps([r.result().model_dump(mode="json") for r in records]))
+        return
+    table = Table(title=f"run {run}")
+    for col in ("task", "state", "class", "adapter", "att.", "diff", "gate", "note"):
+        table.add_column(col)
+    for r in records:
+        res = r.result()
+        last = res.last
+        diff = gate = ""
+        if last and last.diff and not last.diff.empty:
+            diff = f"{last.diff.files_changed}f +{last.diff.insertions}/-{last.diff.deletions}"
+        if last and last.gate:
+            gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
+        table.add_row(
+            r.task_id,
+            r.status.value,
+            r.failure_class.value if r.failure_class else "",
+            r.current_adapter_id or r.adapter_id,
+            str(r.attempts),
+            diff,
+            gate,
+            r.wait_reason or (r.failure_message or "").split("\n")[0][:60],
+        )
+    console.print(table)
+    breakers = [a for a in store.adapters() if a.breaker_state != "CLOSED"]
+    for a in breakers:
+        console.print(f"circuit breaker {a.id}: {a.breaker_state}", highlight=False)
+
+
+@app.command()
+def logs(
+    task: Annotated[str, typer.Argument(help="Task id.")],
+    workdir: Workdir = Path.cwd(),
+    attempt: Annotated[int | None, typer.Option(help="Only this attempt.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Print the JSONL records as stored.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+) -> None:
+    """Print a task's captured output (logs/execution/<task>.jsonl)."""
+    path = task_log_path(workdir, task)
+    if not path.exists():
+        raise _fail(f"{path}: no log for task {task!r} (has it run in this work dir?)")
+    seen = 0
+    while True:
+        records = list(read_records(path))
+        for rec in records[seen:]:
+            if attempt is not None and rec.get("attempt") != attempt:
+                continue
+            if raw:
+                print(json.dumps(rec, ensure_ascii=False))
+            elif "line" in rec:
+                print(f"[{rec['attempt']}] {rec['stream']}: {rec['line']}")
+            else:
+                extra = {k: v for k, v in rec.items() if k not in ("ts", "task_id", "attempt")}
+                print(f"[{rec['attempt']}] -- {json.dumps(extra, ensure_ascii=False)}")
+        seen = len(records)
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+@ledger_app.command("verify")
+def ledger_verify(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = None) -> None:
+    """Check the ledger's hash chain, its patches and the patch_history mirror.
+
+    Exit code 0 when intact, 1 with the first broken line named otherwise.
+    """
+    path = workdir / STATE_DIR / PATCH_LEDGER
+    if not path.exists():
+        raise _fail(f"{path}: no ledger in this work dir")
+    anchor = _store(workdir, database_url).ledger_anchor()
+    report = verify(path, workdir / ".ledger" / "patches", anchor)
+    if report.ok:
+        console.print(f"ledger OK: {report.entries} entries, chain and patches intact", highlight=False)
+        return
+    err.print(f"ledger BROKEN ({len(report.problems)} problems):", highlight=False)
+    for problem in report.problems:
+        err.print(f"  {problem}", highlight=False)
+    raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    workdir: Workdir = Path.cwd(),
+    database_url: DatabaseUrl = None,
+    revision: Annotated[str, typer.Option(help="Target Alembic revision.")] = "head",
+) -> None:
+    """Create or migrate the database schema (idempotent)."""
+    url = database_url or default_url(workdir)
+    try:
+        upgrade(url, revision)
+    except Exception as exc:
+        raise _fail(f"migration of {redact(url)} failed: {exc}") from exc
+    console.print(f"database {redact(url)} at revision {revision}", highlight=False)
+
+
+@app.command()
+def adapters(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = None) -> None:
+    """List adapters with their circuit breaker and last health check."""
+    store = _store(workdir, database_url)
+    table = Table(title="adapters")
+    for col in ("id", "kind", "breaker", "failures", "health", "checked"):
+        table.add_column(col)
+    for a in store.adapters():
+        table.add_row(
+            a.id,
+            a.kind,
+            a.breaker_state,
+            str(a.breaker_failures),
+            a.health_status or "-",
+            a.health_checked_at.isoformat(timespec="seconds") if a.health_checked_at else "-",
+        )
+    console.print(table)
+
+
+@manual_app.command("submit")
+def manual_submit(
+    task: Annotated[str, typer.Argument(help="Task id routed to a manual adapter.")],
+    patch: Annotated[
+        Path, typer.Argument(help="Unified diff (git diff --binary) against the base commit.")
+    ],
+    run: RunId,
+    workdir: Workdir = Path.cwd(),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Hand in a human-made patch for a task waiting on a manual adapter."""
+    store = _store(workdir, database_url)
+    try:
+        record = store.task(run, task)
+    except KeyError:
+        raise _fail(f"run {run!r} has no task {task!r}") from None
+    if record.status.terminal:
+        raise _fail(f"task {task} is already {record.status.value}; nothing to submit")
+    if not patch.is_file():
+        raise _fail(f"{patch}: patch file not found")
+    _, target = manual_paths(workdir, run, task)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(patch.read_bytes())
+    console.print(
+        f"patch stored at {target}; run `orchestrator execute --run {run}` to test and record it",
+        highlight=False,
+    )
+
+
+@schema_app.command("generate")
+def schema_generate(
+    check: Annotated[bool, typer.Option(help="Fail if the files differ instead of writing.")] = False,
+    root: Annotated[Path, typer.Option(help="Repository root.")] = Path.cwd(),
+) -> None:
+    """Write schema/*.json from the pydantic models (``--check``: exit 1 on drift)."""
+    from core.schemas import generated_files
+
+    drift = []
+    for rel, content in generated_files().items():
+        path = root / rel
+        if path.exists() and path.read_text(encoding="utf-8") == content:
+            continue
+        drift.append(rel)
+        if not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+    if check and drift:
+        raise _fail("generated files are out of date: " + ", ".join(drift)
+                    + "\n  fix: run `orchestrator schema generate`", 1)
+    console.print("up to date" if not drift else "wrote " + ", ".join(drift), highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except OrchestratorError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+

@@ -1,0 +1,127 @@
+"""SQLAlchemy table definitions: the seed's ``tasks``, ``adapters``, ``execution_log`` and
+``patch_history``.
+
+Idempotency lives in the schema: every row an attempt writes has a natural unique key
+(run, task, attempt, event), so replaying an attempt hits the key instead of adding a row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}  # noqa: RUF012
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]]
+    breaker_state: Mapped[str] = mapped_column(String(16), default="CLOSED")
+    breaker_failures: Mapped[int] = mapped_column(Integer, default=0)
+    breaker_opened_at: Mapped[datetime | None]
+    breaker_half_open_in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    breaker_version: Mapped[int] = mapped_column(Integer, default=0)
+    breaker_tripped_at: Mapped[datetime | None]
+    breaker_updated_at: Mapped[datetime | None]
+    breaker_window: Mapped[str] = mapped_column(String(100), default="")
+    health_status: Mapped[str | None] = mapped_column(String(16))
+    health_checked_at: Mapped[datetime | None]
+    health_message: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    run_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, comment="position in the phase-4 queue")
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id"))
+    current_adapter_id: Mapped[str | None] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failure_class: Mapped[str | None] = mapped_column(String(32))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    wait_reason: Mapped[str | None] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]
+    pid: Mapped[int | None] = mapped_column(Integer, comment="process group of the live attempt")
+    workspace: Mapped[str | None] = mapped_column(Text, comment="worktree of the live attempt")
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime]
+
+
+class ExecutionLog(Base):
+    __tablename__ = "execution_log"
+    __table_args__ = (UniqueConstraint("event_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_key: Mapped[str] = mapped_column(String(255))
+    run_id: Mapped[str] = mapped_column(String(63), index=True)
+    task_id: Mapped[str | None] = mapped_column(String(63))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str | None] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class PatchHistory(Base):
+    __tablename__ = "patch_history"
+    __table_args__ = (
+        UniqueConstraint("seq"),
+        UniqueConstraint("entry_hash"),
+        UniqueConstraint("run_id", "task_id", "attempt", name="uq_patch_history_attempt"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str] = mapped_column(String(63))
+    task_id: Mapped[str] = mapped_column(String(63))
+    attempt: Mapped[int] = mapped_column(Integer)
+    adapter_id: Mapped[str] = mapped_column(String(63))
+    base_commit: Mapped[str] = mapped_column(String(40))
+    state: Mapped[str] = mapped_column(String(16))
+    failure_class: Mapped[str | None] = mapped_column(String(32))
+    diff_sha256: Mapped[str | None] = mapped_column(String(64))
+    diff_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    files_changed: Mapped[int] = mapped_column(Integer, default=0)
+    insertions: Mapped[int] = mapped_column(Integer, default=0)
+    deletions: Mapped[int] = mapped_column(Integer, default=0)
+    truncated: Mapped[bool] = mapped_column(default=False)
+    patch: Mapped[bytes | None] = mapped_column(LargeBinary)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime]
+
+
+REQUIRED_TABLES = {"tasks": {"adapter_id"}, "adapters": {"id"}}

@@ -1,0 +1,1 @@
+"""Observability of the engine: event log, metrics, progress display."""

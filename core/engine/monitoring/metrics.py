@@ -1,0 +1,95 @@
+"""The seed's metrics and health signals, with prometheus-client.
+
+Each executor owns its own :class:`~prometheus_client.CollectorRegistry` (tests and several
+executors in one process do not collide). ``--metrics-port`` serves it over HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from core.models import TaskState
+
+BREAKER_VALUES = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._clock = clock
+        r = self.registry
+        self.tasks_executed = Counter(
+            "tasks_executed",
+            "Tasks that reached a terminal state.",
+            ["adapter", "state"],
+            registry=r,
+        )
+        self.task_success_rate = Gauge(
+            "task_success_rate", "COMPLETED / terminal tasks of this executor.", registry=r
+        )
+        self.task_duration = Histogram(
+            "task_duration_seconds",
+            "Wall time of a task, all attempts.",
+            ["adapter"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.circuit_breaker_state = Gauge(
+            "circuit_breaker_state", "0 closed, 1 half-open, 2 open.", ["adapter"], registry=r
+        )
+        self.retry_attempts = Counter(
+            "retry_attempts", "Attempts beyond the first.", ["adapter", "failure_class"], registry=r
+        )
+        self.acceptance_test_pass_rate = Gauge(
+            "acceptance_test_pass_rate", "Passed / run test gates of this executor.", registry=r
+        )
+        self.executor_heartbeat = Gauge(
+            "executor_heartbeat", "Unix time of the executor's last loop.", registry=r
+        )
+        self.adapter_health_check = Gauge(
+            "adapter_health_check", "1 healthy, 0 unhealthy (last probe).", ["adapter"], registry=r
+        )
+        self.circuit_breaker_status = Gauge(
+            "circuit_breaker_status",
+            "1 when the adapter's breaker admits work.",
+            ["adapter"],
+            registry=r,
+        )
+        self.safe_mode = Gauge("executor_safe_mode", "1 while in safe mode.", registry=r)
+        self._terminal = self._completed = self._gates = self._gates_passed = 0
+
+    def heartbeat(self) -> None:
+        self.executor_heartbeat.set(self._clock())
+
+    def task_finished(self, adapter: str, state: TaskState, duration: float | None) -> None:
+        self.tasks_executed.labels(adapter, state.value).inc()
+        self._terminal += 1
+        self._completed += state is TaskState.COMPLETED
+        self.task_success_rate.set(self._completed / self._terminal)
+        if duration is not None:
+            self.task_duration.labels(adapter).observe(duration)
+
+    def gate_finished(self, passed: bool) -> None:
+        self._gates += 1
+        self._gates_passed += passed
+        self.acceptance_test_pass_rate.set(self._gates_passed / self._gates)
+
+    def retry(self, adapter: str, failure_class: str) -> None:
+        self.retry_attempts.labels(adapter, failure_class).inc()
+
+    def breaker(self, adapter: str, state: str) -> None:
+        self.circuit_breaker_state.labels(adapter).set(BREAKER_VALUES[state])
+        self.circuit_breaker_status.labels(adapter).set(0 if state == "OPEN" else 1)
+
+    def health(self, adapter: str, healthy: bool) -> None:
+        self.adapter_health_check.labels(adapter).set(1 if healthy else 0)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,188 @@
+"""Run one command as its own process group, under a deadline, streaming its output.
+
+Why not ``subprocess.run(timeout=...)``: it kills only the direct child (grandchildren keep
+running and keep the pipes open), and it buffers output until the end. Here the child starts
+a new session, so the whole group is signalled (SIGTERM, a grace period, then SIGKILL); output
+is read with ``selectors`` and handed over line by line as it arrives; process exit is
+observed through a pidfd, so the loop sleeps in ``select`` instead of polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+MAX_LINE_BYTES = 64 * 1024
+TAIL_LINES = 40
+
+
+class LineSink(Protocol):
+    """Receives output as it arrives; ``stream`` is ``stdout`` or ``stderr``."""
+
+    def line(self, stream: str, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    start_error: str | None
+    duration_seconds: float
+    tail: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not (self.timed_out or self.cancelled or self.start_error)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def run_process_group(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float,
+    sink: LineSink,
+    stdin_file: Path | None = None,
+    grace_seconds: float = 5.0,
+    stop: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ProcessResult:
+    """Run ``argv`` (never through a shell) and return how it ended.
+
+    ``on_start`` receives the process-group id as soon as it exists (for crash recovery).
+    Setting ``stop`` ends the group like a timeout does, but reports ``cancelled``.
+    """
+    started = clock()
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    try:
+        with open(stdin_file, "rb") if stdin_file else open(os.devnull, "rb") as stdin:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env),
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except OSError as exc:
+        return ProcessResult(None, None, False, False, f"{argv[0]}: {exc.strerror or exc}", 0.0, "")
+    pgid = proc.pid
+    if on_start:
+        on_start(pgid)
+    assert proc.stdout is not None and proc.stderr is not None
+
+    sel = selectors.DefaultSelector()
+    buffers: dict[int, bytearray] = {}
+    names: dict[int, str] = {}
+    for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream.fileno(), selectors.EVENT_READ, "pipe")
+        buffers[stream.fileno()] = bytearray()
+        names[stream.fileno()] = name
+    pidfd = _pidfd(proc.pid)
+    if pidfd is not None:
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+
+    def emit(fd: int, raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace")
+        tail.append(text)
+        sink.line(names[fd], text)
+
+    deadline = started + timeout
+    kill_at: float | None = None
+    timed_out = cancelled = False
+    open_pipes = 2
+    while open_pipes or proc.poll() is None:
+        now = clock()
+        if kill_at is None and (now >= deadline or (stop is not None and stop.is_set())):
+            timed_out, cancelled = now >= deadline, not now >= deadline
+            _killpg(pgid, signal.SIGTERM)
+            kill_at = now + grace_seconds
+        if kill_at is not None and now >= kill_at:
+            _killpg(pgid, signal.SIGKILL)
+            kill_at = float("inf")
+        if proc.poll() is not None:
+            # The leader is gone; anything left in its group is an orphan: end it, then drain.
+            _killpg(pgid, signal.SIGKILL)
+        timer = deadline if kill_at is None else kill_at
+        wait = min(timer - now, 0.2 if (pidfd is None or stop is not None) else 60.0)
+        for key, _ in sel.select(timeout=max(wait, 0.0)):
+            if key.data == "exit":
+                sel.unregister(key.fd)
+                continue
+            fd = int(key.fd)
+            chunk = os.read(fd, 65536)
+            buf = buffers[fd]
+            if not chunk:
+                sel.unregister(fd)
+                open_pipes -= 1
+                if buf:
+                    emit(fd, bytes(buf))
+                    buf.clear()
+                continue
+            buf += chunk
+            while (nl := buf.find(b"\n")) >= 0 or len(buf) >= MAX_LINE_BYTES:
+                cut = nl if 0 <= nl < MAX_LINE_BYTES else MAX_LINE_BYTES
+                emit(fd, bytes(buf[:cut]))
+                del buf[: cut + 1 if cut == nl else cut]
+    sel.close()
+    if pidfd is not None:
+        os.close(pidfd)
+    proc.stdout.close()
+    proc.stderr.close()
+    code = proc.wait()
+    return ProcessResult(
+        exit_code=code if code >= 0 else None,
+        signal=-code if code < 0 else None,
+        timed_out=timed_out,
+        cancelled=cancelled,
+        start_error=None,
+        duration_seconds=clock() - started,
+        tail="\n".join(tail),
+    )
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def terminate_group(pgid: int, grace_seconds: float = 2.0) -> None:
+    """SIGTERM a group left by a crashed executor, then SIGKILL what remains."""
+    _killpg(pgid, signal.SIGTERM)
+    end = time.monotonic() + grace_seconds
+    while process_group_alive(pgid) and time.monotonic() < end:
+        time.sleep(0.05)
+    _killpg(pgid, signal.SIGKILL)

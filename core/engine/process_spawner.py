@@ -1,0 +1,213 @@
+"""The embedded backend: each attempt is a local process group in a throwaway git worktree.
+
+Layout under the work dir (all disposable, rebuilt as needed)::
+
+    .work/mirrors/<repo>-<hash>.git            bare mirror, fetched once per repository
+    .work/<run>/<task>/<attempt>/tree           the adapter's worktree at the base commit
+    .work/<run>/<task>/<attempt>/prompt.md      the prompt, outside the tree (not in the diff)
+    .work/<run>/<task>/<attempt>/home           $HOME of the adapter (not the user's)
+    .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate
+
+The diff is captured even after a timeout, so partial work is recorded as evidence.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import count
+from pathlib import Path
+
+from core.engine.adapters import manual_paths, process_invocation, prompt_text
+from core.engine.backend import AttemptHooks, AttemptOutcome, AttemptRequest
+from core.engine.process_group import ProcessResult, run_process_group
+from core.engine.task_log import PrefixedSink, TaskLog
+from core.engine.test_gate import run_gate
+from core.engine.workspace import (
+    add_worktree,
+    apply_patch,
+    capture_diff,
+    ensure_mirror,
+    git,
+    remove_worktree,
+)
+from core.errors import InfrastructureError
+from core.models import AdapterKind
+
+WORK_DIR = ".work"
+
+
+def task_log_path(workdir: Path, task_id: str) -> Path:
+    return workdir / "logs" / "execution" / f"{task_id}.jsonl"
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        python: str = sys.executable,
+        keep_worktrees: bool = False,
+        grace_seconds: float = 5.0,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workdir = workdir
+        self.python = python
+        self.keep_worktrees = keep_worktrees
+        self.grace_seconds = grace_seconds
+        self.stop = stop
+        self.clock = clock
+        self._mirrors = workdir / WORK_DIR / "mirrors"
+
+    def attempt_dir(self, run_id: str, task_id: str, attempt: int) -> Path:
+        return self.workdir / WORK_DIR / run_id / task_id / str(attempt)
+
+    def run_attempt(self, request: AttemptRequest, hooks: AttemptHooks) -> AttemptOutcome:
+        task, adapter = request.task, request.adapter
+        adir = self.attempt_dir(request.run_id, task.task_id, request.attempt)
+        log = TaskLog(
+            task_log_path(self.workdir, task.task_id),
+            task_id=task.task_id,
+            attempt=request.attempt,
+            max_bytes=request.max_log_bytes,
+        )
+        started = self.clock()
+        try:
+            mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
+            tree = add_worktree(mirror, adir / "tree", task.base_commit)
+        except InfrastructureError as exc:
+            log.note("attempt_not_started", error=str(exc))
+            log.close()
+            return AttemptOutcome(
+                start_error=str(exc),
+                infrastructure_reason=str(exc),
+                duration_seconds=self.clock() - started,
+                log_path=log.path,
+            )
+        hooks.started(None, tree)
+        log.note("attempt_started", adapter=adapter.id, kind=adapter.kind.value)
+        try:
+            proc = self._run_adapter(request, tree, adir, log, hooks)
+            diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
+            log.note(
+                "diff_captured",
+                bytes=diff.summary.bytes,
+                files=diff.summary.files_changed,
+            )
+            gate = None
+            usable = not diff.summary.empty or task.allow_empty_diff
+            if proc.succeeded and usable:
+                hooks.validating(diff.summary)
+                gate = run_gate(
+                    request.gate_checks,
+                    patch=diff.patch,
+                    checkout=lambda: self._gate_checkout(mirror, task.base_commit, adir),
+                    sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
+                    baseline=request.gate_baseline,
+                    python=self.python,
+                    clock=self.clock,
+                )
+                log.note("gate_finished", passed=gate.passed, applied=gate.applied)
+            return AttemptOutcome(
+                exit_code=proc.exit_code,
+                signal=proc.signal,
+                timed_out=proc.timed_out,
+                cancelled=proc.cancelled,
+                start_error=proc.start_error,
+                duration_seconds=self.clock() - started,
+                output_tail=proc.tail,
+                diff=diff,
+                gate=gate,
+                log_path=log.path,
+                log_bytes=log.written,
+                log_truncated=log.truncated,
+            )
+        finally:
+            log.close()
+            if not self.keep_worktrees:
+                remove_worktree(mirror, tree)
+                shutil.rmtree(adir, ignore_errors=True)
+
+    def _run_adapter(
+        self,
+        request: AttemptRequest,
+        tree: Path,
+        adir: Path,
+        log: TaskLog,
+        hooks: AttemptHooks,
+    ) -> ProcessResult:
+        task, adapter = request.task, request.adapter
+        if adapter.kind is AdapterKind.PROCESS:
+            prompt = adir / "prompt.md"
+            prompt.write_text(prompt_text(task, request.extra_input), encoding="utf-8")
+            home = adir / "home"
+            home.mkdir(exist_ok=True)
+            inv = process_invocation(
+                adapter,
+                task,
+                attempt=request.attempt,
+                workspace=tree,
+                prompt_file=prompt,
+                home=home,
+                workdir=self.workdir,
+                python=self.python,
+            )
+            log.note("adapter_command", argv=inv.argv)
+            return run_process_group(
+                inv.argv,
+                cwd=tree,
+                env=inv.env,
+                timeout=request.timeout_seconds,
+                sink=log,
+                stdin_file=inv.stdin_file,
+                grace_seconds=self.grace_seconds,
+                stop=self.stop,
+                on_start=lambda pgid: hooks.started(pgid, tree),
+                clock=self.clock,
+            )
+        if adapter.kind is AdapterKind.PATCH:
+            assert task.patch is not None
+            return self._apply(tree, task.patch.encode(), log, "task patch")
+        _, submitted = manual_paths(self.workdir, request.run_id, task.task_id)
+        if not submitted.exists():
+            raise InfrastructureError(f"manual task {task.task_id}: no submitted patch")
+        return self._apply(tree, submitted.read_bytes(), log, "submitted patch")
+
+    def _apply(self, tree: Path, patch: bytes, log: TaskLog, what: str) -> ProcessResult:
+        started = self.clock()
+        method = apply_patch(tree, patch)
+        took = self.clock() - started
+        if method is None:
+            log.note("patch_failed", what=what)
+            return ProcessResult(1, None, False, False, None, took, f"{what} does not apply")
+        log.note("patch_applied", what=what, method=method)
+        return _ok(took)
+
+    @contextmanager
+    def _gate_checkout(self, mirror: Path, commit: str, adir: Path) -> Iterator[Path]:
+        path = adir / f"gate-{next(_gate_counter)}"
+        tree = add_worktree(mirror, path, commit)
+        try:
+            yield tree
+        finally:
+            if not self.keep_worktrees:
+                remove_worktree(mirror, tree)
+
+    def cleanup_attempt(self, run_id: str, task_id: str, attempt: int) -> None:
+        shutil.rmtree(self.attempt_dir(run_id, task_id, attempt), ignore_errors=True)
+        for mirror in self._mirrors.glob("*.git"):
+            git("worktree", "prune", cwd=mirror)
+
+
+_gate_counter = count(1)
+
+
+def _ok(duration: float) -> ProcessResult:
+    return ProcessResult(0, None, False, False, None, duration, "")

@@ -1,0 +1,490 @@
+"""Pydantic models at the edges: phase-4 inputs, adapters, results, ledger entries, task states.
+
+Everything that crosses a file, database or API boundary is one of these models, so that bad
+input is refused with a message naming the field, and the JSON Schemas in ``schema/`` are
+generated from the same definitions (``orchestrator schema generate``).
+
+The task state machine lives here too, in one place: :func:`transition` is the only function
+that may change a task's state.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.errors import IllegalTransitionError
+
+SCHEMA_VERSION = 1
+
+#: Identifiers end up in file names, DB keys, Job names and labels: DNS-label friendly.
+IDENTIFIER_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+CHECK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+COMMIT_PATTERN = r"^[0-9a-f]{40}$"
+
+Identifier = Annotated[
+    str,
+    Field(
+        pattern=IDENTIFIER_PATTERN,
+        description="Lower-case letters, digits and '-', 1-63 characters (a DNS label).",
+    ),
+]
+
+#: Placeholders an adapter command template may use. Values are paths and ids the executor
+#: makes itself; task text is never substituted into a command (it reaches the tool as a file
+#: or on stdin).
+COMMAND_PLACEHOLDERS = frozenset(
+    {
+        "prompt_file",
+        "workspace",
+        "task_id",
+        "attempt",
+        "python",
+        "workdir",
+        "target_paths",
+    }
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_placeholders(argv: list[str]) -> list[str]:
+    for arg in argv:
+        for _, name, _, _ in string.Formatter().parse(arg):
+            if name is None:
+                continue
+            if name not in COMMAND_PLACEHOLDERS:
+                known = ", ".join(sorted(COMMAND_PLACEHOLDERS))
+                raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {known}")
+            if name == "target_paths" and arg != "{target_paths}":
+                raise ValueError("{target_paths} must be a whole argument (it expands to many)")
+    return argv
+
+
+# --------------------------------------------------------------------------- task states
+
+
+class TaskState(StrEnum):
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    VALIDATING = "VALIDATING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.TIMEOUT, TaskState.CANCELLED}
+)
+
+#: The one table of legal moves. Back-edges to PENDING are retries and crash recovery.
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.IN_PROGRESS, TaskState.CANCELLED}),
+    TaskState.IN_PROGRESS: frozenset(
+        {
+            TaskState.VALIDATING,
+            TaskState.FAILED,
+            TaskState.TIMEOUT,
+            TaskState.CANCELLED,
+            TaskState.PENDING,
+        }
+    ),
+    TaskState.VALIDATING: frozenset(
+        {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}
+    ),
+    TaskState.COMPLETED: frozenset(),
+    TaskState.FAILED: frozenset(),
+    TaskState.TIMEOUT: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+def transition(current: TaskState, target: TaskState) -> TaskState:
+    """Return ``target`` if the move is legal, else raise :class:`IllegalTransitionError`."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransitionError(f"illegal task state transition {current} -> {target}")
+    return target
+
+
+class FailureClass(StrEnum):
+    INFRASTRUCTURE = "infrastructure"
+    ADAPTER_ERROR = "adapter_error"
+    ADAPTER_TIMEOUT = "adapter_timeout"
+    EMPTY_DIFF = "empty_diff"
+    GATE_FAILED = "gate_failed"
+    CANCELLED = "cancelled"
+
+
+class EventName(StrEnum):
+    TASK_STARTED = "TASK_STARTED"
+    TASK_COMPLETED = "TASK_COMPLETED"
+    TASK_FAILED = "TASK_FAILED"
+    EXECUTION_FINISHED = "EXECUTION_FINISHED"
+    #: Not in the seed's contract: an attempt failed and the task will be tried again.
+    ATTEMPT_FAILED = "ATTEMPT_FAILED"
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class GateCheck(_Model):
+    """One acceptance check: a command (argv, no shell) run on the patched tree."""
+
+    name: str = Field(pattern=CHECK_NAME_PATTERN, description="Name shown in results.")
+    command: list[str] = Field(
+        min_length=1,
+        description="argv of the check, run in the tree; placeholders: {python}, {workspace}.",
+    )
+    timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, description="Per-check limit.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+
+    _argv = field_validator("command")(_check_placeholders)
+
+
+class AdapterKind(StrEnum):
+    PROCESS = "process"
+    PATCH = "patch"
+    MANUAL = "manual"
+
+
+class CommandTemplate(StrEnum):
+    """Ready-made commands for AI coding CLIs (see ``core.engine.adapters``)."""
+
+    AIDER = "aider"
+    CLAUDE_CODE = "claude-code"
+    CODEX = "codex"
+    OPENCODE = "opencode"
+
+
+class RetryPolicy(_Model):
+    max_attempts: int = Field(
+        default=1, ge=1, le=20, description="Attempts per task, all adapters."
+    )
+    backoff_initial_seconds: float = Field(default=1.0, ge=0, le=3600)
+    backoff_max_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    backoff_multiplier: float = Field(default=2.0, ge=1, le=10)
+    jitter_seconds: float = Field(default=1.0, ge=0, le=3600)
+    retry_on: list[FailureClass] = Field(
+        default_factory=lambda: [
+            FailureClass.INFRASTRUCTURE,
+            FailureClass.ADAPTER_ERROR,
+            FailureClass.ADAPTER_TIMEOUT,
+        ],
+        description="Failure classes that are tried again (gate_failed is off by default).",
+    )
+
+
+class BreakerPolicy(_Model):
+    failure_threshold: int = Field(default=3, ge=1, le=1000)
+    cooldown_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    half_open_max_trials: int = Field(default=1, ge=1, le=100)
+
+
+class HealthProbe(_Model):
+    command: list[str] = Field(min_length=1)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
+
+
+class AdapterSpec(_Model):
+    """How one adapter turns a task into a change of the working tree."""
+
+    id: Identifier
+    kind: AdapterKind
+    description: str = ""
+    template: CommandTemplate | None = Field(
+        default=None,
+        description="Use a built-in command for an AI CLI instead of `command`.",
+    )
+    command: list[str] | None = Field(
+        default=None,
+        description="argv run in the workspace (kind=process). Placeholders: "
+        + ", ".join("{" + p + "}" for p in sorted(COMMAND_PLACEHOLDERS)),
+    )
+    stdin: Literal["none", "prompt"] = Field(
+        default="none",
+        description="'prompt' feeds the prompt file to the tool's stdin.",
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(
+        default_factory=list,
+        description="Names of executor environment variables passed through (e.g. the tool's "
+        "own API key). Nothing else from the executor's environment reaches the adapter.",
+    )
+    timeout_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
+    gate: list[GateCheck] = Field(default_factory=list, description="Default test gate.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    health_check: HealthProbe | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command_placeholders(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_placeholders(value)
+
+    @field_validator("pass_env")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> AdapterSpec:
+        if self.kind is AdapterKind.PROCESS:
+            if (self.command is None) == (self.template is None):
+                raise ValueError("a process adapter needs exactly one of `command` or `template`")
+        elif self.command is not None or self.template is not None:
+            raise ValueError(f"a {self.kind} adapter takes no `command`/`template`")
+        return self
+
+
+# --------------------------------------------------------------------------- phase-4 inputs
+
+
+class TaskSpec(_Model):
+    """One task as phase 4 queued it: what to change, where, and how to check it."""
+
+    task_id: Identifier
+    title: str = ""
+    prompt: str = Field(min_length=1, description="Instructions for the adapter.")
+    repo: str = Field(
+        min_length=1,
+        description="Git repository: a path relative to the work dir, a bundle, or a URL.",
+    )
+    base_commit: str = Field(
+        pattern=COMMIT_PATTERN,
+        description="Full 40-hex commit the attempt starts from.",
+    )
+    target_paths: list[str] = Field(default_factory=list)
+    patch: str | None = Field(
+        default=None,
+        description="Unified diff (git --binary) applied by the `patch` adapter.",
+    )
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86_400,
+        description="Budget for all attempts; else adapter's.",
+    )
+    gate: list[GateCheck] | None = Field(default=None, description="Overrides the adapter's gate.")
+    gate_baseline: bool = Field(
+        default=False,
+        description="Run the gate on the unpatched base first (pre-existing).",
+    )
+    allow_empty_diff: bool = Field(default=False, description="An empty diff counts as success.")
+    retry: RetryPolicy | None = Field(default=None, description="Overrides the adapter's policy.")
+
+    @field_validator("target_paths")
+    @classmethod
+    def _relative_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"target path {path!r} must be relative and stay in the repo")
+        return value
+
+
+def _unique(ids: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in seen:
+            raise ValueError(f"duplicate {what} {item!r}")
+        seen.add(item)
+
+
+class TaskQueue(_Model):
+    """``.state/task_queue.json``: the tasks of a run, in execution order."""
+
+    schema_version: Literal[1] = 1
+    run_id: Identifier
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> TaskQueue:
+        _unique([t.task_id for t in self.tasks], "task_id")
+        return self
+
+
+class RoutingDecision(_Model):
+    task_id: Identifier
+    adapter_id: Identifier
+    fallback_adapter_ids: list[Identifier] = Field(default_factory=list)
+    rationale: str = ""
+
+
+class RoutingDecisions(_Model):
+    """``.state/routing_decisions.json``: the adapter registry and one decision per task."""
+
+    schema_version: Literal[1] = 1
+    run_id: Identifier
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    decisions: list[RoutingDecision] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RoutingDecisions:
+        _unique([a.id for a in self.adapters], "adapter id")
+        _unique([d.task_id for d in self.decisions], "decision for task_id")
+        return self
+
+
+class RoutingCompleteFlag(_Model):
+    """``.state/ROUTING_COMPLETE``: written by phase 4 when routing of a run is final."""
+
+    run_id: Identifier
+    completed_at: datetime
+
+
+# --------------------------------------------------------------------------- results
+
+
+class CheckStatus(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    PRE_EXISTING = "pre_existing"
+
+
+class CheckResult(_Model):
+    name: str
+    status: CheckStatus
+    exit_code: int | None
+    duration_seconds: float
+    output_tail: str = ""
+    baseline_status: CheckStatus | None = None
+
+
+class GateResult(_Model):
+    passed: bool
+    applied: bool = Field(description="Whether the diff applied to a fresh base checkout.")
+    apply_method: str | None = None
+    checks: list[CheckResult] = Field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [c.name for c in self.checks if c.status not in _GATE_OK]
+
+
+_GATE_OK = frozenset({CheckStatus.PASSED, CheckStatus.PRE_EXISTING})
+
+FileStatus = Literal["added", "modified", "deleted", "renamed", "copied", "type_changed"]
+
+
+class FileChange(_Model):
+    path: str
+    old_path: str | None = None
+    status: FileStatus
+    binary: bool = False
+    insertions: int = 0
+    deletions: int = 0
+
+
+class DiffSummary(_Model):
+    sha256: str = Field(description="sha256 of the full diff, also when the stored copy is cut.")
+    bytes: int = Field(ge=0)
+    files_changed: int = Field(ge=0)
+    insertions: int = Field(ge=0)
+    deletions: int = Field(ge=0)
+    binary_files: int = Field(default=0, ge=0)
+    truncated: bool = False
+    empty: bool
+    files: list[FileChange] = Field(default_factory=list)
+
+
+class AttemptResult(_Model):
+    attempt: int = Field(ge=1)
+    adapter_id: Identifier
+    state: TaskState
+    failure_class: FailureClass | None = None
+    failure_message: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float = Field(ge=0)
+    log_path: str | None = None
+    log_bytes: int = 0
+    log_truncated: bool = False
+    diff: DiffSummary | None = None
+    gate: GateResult | None = None
+    final: bool = Field(default=True, description="False when the task was tried again after.")
+
+
+class TaskResult(_Model):
+    task_id: Identifier
+    state: TaskState
+    adapter_id: Identifier = Field(description="The adapter phase 4 routed the task to.")
+    final_adapter_id: Identifier | None = None
+    attempts: list[AttemptResult] = Field(default_factory=list)
+    failure_class: FailureClass | None = None
+    failure_message: str = ""
+    wait_reason: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_seconds: float | None = None
+
+    @property
+    def last(self) -> AttemptResult | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+class ExecutionResults(_Model):
+    """``.state/execution_results.json``: the outcome of every task of a run."""
+
+    schema_version: Literal[1] = 1
+    run_id: Identifier
+    backend: str
+    generated_at: datetime
+    finished: bool = Field(description="True when no task of the run is left to execute.")
+    summary: dict[str, int]
+    tasks: list[TaskResult]
+
+
+class LedgerEntry(_Model):
+    """One line of ``.state/patch_ledger.jsonl``; ``hash`` chains it to the line before."""
+
+    seq: int = Field(ge=1)
+    run_id: Identifier
+    task_id: Identifier
+    attempt: int = Field(ge=1)
+    adapter_id: Identifier
+    base_commit: str = Field(pattern=COMMIT_PATTERN)
+    state: TaskState
+    failure_class: FailureClass | None = None
+    diff_sha256: str | None = None
+    diff_bytes: int = 0
+    files_changed: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    truncated: bool = False
+    patch_ref: str | None = Field(default=None, description="Content-addressed copy of the diff.")
+    result: AttemptResult
+    recorded_at: datetime
+    prev_hash: str
+    hash: str
+
+
+#: Models whose JSON Schema is generated into ``schema/``, by file name.
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "task_queue.schema.json": TaskQueue,
+    "routing_decisions.schema.json": RoutingDecisions,
+    "routing_complete.schema.json": RoutingCompleteFlag,
+    "execution_results.schema.json": ExecutionResults,
+    "patch_ledger_entry.schema.json": LedgerEntry,
+    "adapter.schema.json": AdapterSpec,
+}

@@ -1,0 +1,29 @@
+"""Generated artifacts: JSON Schemas of the state files (``schema/``), made from the models.
+
+``orchestrator schema generate`` writes them; ``--check`` (and a unit test) fails on drift,
+so the files can never disagree with the pydantic models that read and write the data.
+"""
+
+from __future__ import annotations
+
+import json
+
+from core.models import SCHEMA_MODELS
+
+SCHEMA_DIR = "schema"
+
+
+def json_schema_text(model_name: str) -> str:
+    model = SCHEMA_MODELS[model_name]
+    schema = model.model_json_schema(mode="serialization")
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://orchestrator.dev/schema/{model_name}",
+        **schema,
+    }
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def generated_files() -> dict[str, str]:
+    """Relative path -> exact content of every generated file."""
+    return {f"{SCHEMA_DIR}/{name}": json_schema_text(name) for name in sorted(SCHEMA_MODELS)}
