@@ -1,0 +1,42 @@
+# One-command entry points (see README.md). Everything installs into ./.venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   ?= /tmp/orchestrator-demo
+
+.PHONY: setup demo test test-fast lint generate system-deps clean
+
+$(BIN)/orchestrator: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/orchestrator  ## install the project and its dev tools into .venv
+
+demo: setup  ## copy examples/demo to $(DEMO) and execute it on the embedded backend
+	rm -rf $(DEMO) && cp -r examples/demo $(DEMO)
+	$(BIN)/orchestrator db upgrade --workdir $(DEMO)
+	$(BIN)/orchestrator execute --run demo --workdir $(DEMO) || [ $$? -eq 3 ]
+	$(BIN)/orchestrator status --run demo --workdir $(DEMO)
+	$(BIN)/orchestrator ledger verify --workdir $(DEMO)
+
+system-deps:  ## PostgreSQL for the tests (and, once it exists, the local Kubernetes)
+	@if [ -x hack/cluster/install-deps ]; then hack/cluster/install-deps; fi
+
+test: setup system-deps  ## everything: unit, integration (SQLite + PostgreSQL), e2e on a real cluster
+	ORCHESTRATOR_TEST_POSTGRES_URL=$$(hack/postgres/up) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check core tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+generate: setup  ## regenerate schema/ (and later crds/) from the pydantic models
+	$(BIN)/orchestrator schema generate
+
+clean:
+	rm -rf $(VENV) $(DEMO)
