@@ -1,0 +1,166 @@
+"""Where breaker snapshots live, and the compare-and-set loop that updates them.
+
+Why compare-and-set: several executor processes (and the operator) share one ``adapters``
+table. Two of them recording a failure at the same moment must not both write
+"failures = 2"; the second write must see the first. Every save is conditional on the version
+the writer loaded (``UPDATE ... SET ..., breaker_version = v + 1 WHERE id = :id AND
+breaker_version = :v``); a writer that loses reloads, recomputes and tries again. Transitions
+are handed to ``on_transition`` only once their save succeeded, so each is logged once even
+when several processes race to observe the same elapsed cool-down.
+
+:class:`InMemoryBreakerStore` is the reference implementation, for tests and the embedded
+backend's unit tests (as httpx ships mock transports); the SQL store lives with the DB code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from core.engine.resilience.circuit_breaker import (
+    Admission,
+    BreakerConfig,
+    BreakerSnapshot,
+    BreakerTransition,
+    BreakerUpdate,
+    Outcome,
+    acquire,
+    outcome_of,
+    record,
+    refresh,
+    would_admit,
+)
+from core.engine.resilience.classification import Classification
+from core.errors import RetryableError
+from core.models import BreakerPolicy
+
+T = TypeVar("T")
+
+
+class BreakerStore(Protocol):
+    """Persistence of breaker snapshots with optimistic concurrency."""
+
+    def load(self, adapter_id: str) -> BreakerSnapshot:
+        """The stored snapshot, or a fresh CLOSED one with ``version=0`` if none is stored."""
+        ...
+
+    def compare_and_set(self, snapshot: BreakerSnapshot) -> BreakerSnapshot | None:
+        """Store ``snapshot`` iff the stored version still equals ``snapshot.version``.
+
+        Returns the stored snapshot (its version incremented) or None when another writer
+        got there first.
+        """
+        ...
+
+
+class InMemoryBreakerStore:
+    """A thread-safe :class:`BreakerStore` in a dict."""
+
+    def __init__(self, snapshots: Iterable[BreakerSnapshot] = ()) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, BreakerSnapshot] = {s.adapter_id: s for s in snapshots}
+
+    def load(self, adapter_id: str) -> BreakerSnapshot:
+        with self._lock:
+            return self._rows.get(adapter_id) or BreakerSnapshot(adapter_id)
+
+    def compare_and_set(self, snapshot: BreakerSnapshot) -> BreakerSnapshot | None:
+        with self._lock:
+            current = self._rows.get(snapshot.adapter_id)
+            current_version = current.version if current is not None else 0
+            if current_version != snapshot.version:
+                return None
+            stored = replace(snapshot, version=snapshot.version + 1)
+            self._rows[snapshot.adapter_id] = stored
+            return stored
+
+    def all(self) -> tuple[BreakerSnapshot, ...]:
+        with self._lock:
+            return tuple(self._rows[k] for k in sorted(self._rows))
+
+
+PolicySource = Callable[[str], BreakerPolicy | BreakerConfig]
+WallClock = Callable[[], datetime]
+
+
+class CircuitBreakers:
+    """The breakers of all adapters, on top of a :class:`BreakerStore`.
+
+    ``policy_for(adapter_id)`` gives each adapter's policy; ``clock`` is an aware wall clock
+    (``lambda: datetime.now(UTC)`` in production); ``on_transition`` receives every persisted
+    transition (write it to ``logs/resilience.jsonl``, set the gauge).
+    """
+
+    def __init__(
+        self,
+        store: BreakerStore,
+        policy_for: PolicySource,
+        clock: WallClock,
+        on_transition: Callable[[BreakerTransition], None] | None = None,
+        *,
+        max_conflicts: int = 50,
+    ) -> None:
+        self.store = store
+        self.policy_for = policy_for
+        self.clock = clock
+        self.on_transition = on_transition
+        self.max_conflicts = max_conflicts
+
+    def _mutate(
+        self,
+        adapter_id: str,
+        step: Callable[[BreakerSnapshot, BreakerPolicy | BreakerConfig, datetime], T],
+        update_of: Callable[[T], BreakerUpdate],
+    ) -> tuple[T, BreakerSnapshot]:
+        policy = self.policy_for(adapter_id)
+        for _ in range(self.max_conflicts):
+            loaded = self.store.load(adapter_id)
+            result = step(loaded, policy, self.clock())
+            update = update_of(result)
+            if not update.changed:
+                return result, loaded
+            saved = self.store.compare_and_set(replace(update.snapshot, version=loaded.version))
+            if saved is None:
+                continue  # another process won; recompute from its state
+            if self.on_transition is not None:
+                for transition in update.transitions:
+                    self.on_transition(transition)
+            return result, saved
+        raise RetryableError(
+            f"circuit breaker of adapter {adapter_id}: {self.max_conflicts} conflicting "
+            "concurrent updates in a row; try again"
+        )
+
+    def view(self, adapter_id: str) -> BreakerSnapshot:
+        """The snapshot as of now (cool-down applied), without saving anything."""
+        policy = self.policy_for(adapter_id)
+        return refresh(self.store.load(adapter_id), policy, self.clock()).snapshot
+
+    def admits(self, adapter_id: str) -> bool:
+        """A peek for :func:`~core.engine.resilience.retry.decide_retry`'s ``admits``."""
+        return would_admit(self.store.load(adapter_id), self.policy_for(adapter_id), self.clock())
+
+    def admits_map(self, adapter_ids: Iterable[str]) -> dict[str, bool]:
+        return {a: self.admits(a) for a in adapter_ids}
+
+    def acquire(self, adapter_id: str) -> Admission:
+        """Admit (or refuse) an attempt; persists a trial slot and the lazy cool-down end."""
+        admission, _ = self._mutate(adapter_id, acquire, lambda a: a.update)
+        return admission
+
+    def record(
+        self, adapter_id: str, result: Classification | Outcome, *, trial: bool
+    ) -> BreakerSnapshot:
+        """Feed a finished attempt's result; returns the breaker's (saved) snapshot."""
+        outcome = result if isinstance(result, Outcome) else outcome_of(result)
+
+        def step(
+            snap: BreakerSnapshot, policy: BreakerPolicy | BreakerConfig, now: datetime
+        ) -> BreakerUpdate:
+            return record(snap, policy, now, outcome, trial=trial)
+
+        update, saved = self._mutate(adapter_id, step, lambda u: u)
+        return saved if update.changed else update.snapshot

@@ -1,0 +1,1 @@
+"""Error detectors shipped with the package (see :mod:`core.engine.resilience.classification`)."""
