@@ -50,6 +50,7 @@ app.add_typer(manual_app, name="manual")
 app.add_typer(schema_app, name="schema")
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and CI get full lines, not 80 columns
+CWD = Path(".")  # resolved by typer (resolve_path=True) when the command runs
 console = Console(soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -61,6 +62,7 @@ Workdir = Annotated[
         help="Phase-4 work dir (.state/, logs/, orchestrator.db). Default: current directory.",
         file_okay=False,
         resolve_path=True,
+        show_default=False,
     ),
 ]
 DatabaseUrl = Annotated[
@@ -114,7 +116,7 @@ def _root(
 @app.command()
 def execute(
     run: RunId,
-    workdir: Workdir = Path.cwd(),
+    workdir: Workdir = CWD,
     database_url: DatabaseUrl = None,
     backend: Annotated[
         Backend, typer.Option(help="local: process groups here; kubernetes: TaskExecution CRs.")
@@ -142,9 +144,7 @@ def execute(
     Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
     """
     if backend is Backend.kubernetes:
-        raise _fail(
-            "the kubernetes backend is not part of this build yet; use --backend local", 2
-        )
+        raise _fail("the kubernetes backend is not part of this build yet; use --backend local", 2)
     config = ExecutorConfig(
         run_id=run,
         workdir=workdir,
@@ -187,7 +187,7 @@ def execute(
 @app.command()
 def status(
     run: RunId,
-    workdir: Workdir = Path.cwd(),
+    workdir: Workdir = CWD,
     database_url: DatabaseUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -229,10 +229,12 @@ def status(
 @app.command()
 def logs(
     task: Annotated[str, typer.Argument(help="Task id.")],
-    workdir: Workdir = Path.cwd(),
+    workdir: Workdir = CWD,
     attempt: Annotated[int | None, typer.Option(help="Only this attempt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Print the JSONL records as stored.")] = False,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
 ) -> None:
     """Print a task's captured output (logs/execution/<task>.jsonl)."""
     path = task_log_path(workdir, task)
@@ -258,7 +260,7 @@ def logs(
 
 
 @ledger_app.command("verify")
-def ledger_verify(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = None) -> None:
+def ledger_verify(workdir: Workdir = CWD, database_url: DatabaseUrl = None) -> None:
     """Check the ledger's hash chain, its patches and the patch_history mirror.
 
     Exit code 0 when intact, 1 with the first broken line named otherwise.
@@ -269,7 +271,9 @@ def ledger_verify(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = Non
     anchor = _store(workdir, database_url).ledger_anchor()
     report = verify(path, workdir / ".ledger" / "patches", anchor)
     if report.ok:
-        console.print(f"ledger OK: {report.entries} entries, chain and patches intact", highlight=False)
+        console.print(
+            f"ledger OK: {report.entries} entries, chain and patches intact", highlight=False
+        )
         return
     err.print(f"ledger BROKEN ({len(report.problems)} problems):", highlight=False)
     for problem in report.problems:
@@ -279,7 +283,7 @@ def ledger_verify(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = Non
 
 @db_app.command("upgrade")
 def db_upgrade(
-    workdir: Workdir = Path.cwd(),
+    workdir: Workdir = CWD,
     database_url: DatabaseUrl = None,
     revision: Annotated[str, typer.Option(help="Target Alembic revision.")] = "head",
 ) -> None:
@@ -293,7 +297,7 @@ def db_upgrade(
 
 
 @app.command()
-def adapters(workdir: Workdir = Path.cwd(), database_url: DatabaseUrl = None) -> None:
+def adapters(workdir: Workdir = CWD, database_url: DatabaseUrl = None) -> None:
     """List adapters with their circuit breaker and last health check."""
     store = _store(workdir, database_url)
     table = Table(title="adapters")
@@ -318,7 +322,7 @@ def manual_submit(
         Path, typer.Argument(help="Unified diff (git diff --binary) against the base commit.")
     ],
     run: RunId,
-    workdir: Workdir = Path.cwd(),
+    workdir: Workdir = CWD,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Hand in a human-made patch for a task waiting on a manual adapter."""
@@ -342,8 +346,10 @@ def manual_submit(
 
 @schema_app.command("generate")
 def schema_generate(
-    check: Annotated[bool, typer.Option(help="Fail if the files differ instead of writing.")] = False,
-    root: Annotated[Path, typer.Option(help="Repository root.")] = Path.cwd(),
+    check: Annotated[
+        bool, typer.Option(help="Fail if the files differ instead of writing.")
+    ] = False,
+    root: Annotated[Path, typer.Option(help="Repository root.")] = CWD,
 ) -> None:
     """Write schema/*.json from the pydantic models (``--check``: exit 1 on drift)."""
     from core.schemas import generated_files
@@ -358,8 +364,12 @@ def schema_generate(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content, encoding="utf-8")
     if check and drift:
-        raise _fail("generated files are out of date: " + ", ".join(drift)
-                    + "\n  fix: run `orchestrator schema generate`", 1)
+        raise _fail(
+            "generated files are out of date: "
+            + ", ".join(drift)
+            + "\n  fix: run `orchestrator schema generate`",
+            1,
+        )
     console.print("up to date" if not drift else "wrote " + ", ".join(drift), highlight=False)
 
 
@@ -372,3 +382,5 @@ def main() -> None:
         sys.exit(2)
 
 
+if __name__ == "__main__":
+    main()

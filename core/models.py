@@ -91,7 +91,11 @@ TERMINAL_STATES = frozenset(
 
 #: The one table of legal moves. Back-edges to PENDING are retries and crash recovery.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.IN_PROGRESS, TaskState.CANCELLED}),
+    # PENDING -> FAILED/TIMEOUT: a waiting task given up (policy or budget ran out) without
+    # another attempt.
+    TaskState.PENDING: frozenset(
+        {TaskState.IN_PROGRESS, TaskState.CANCELLED, TaskState.FAILED, TaskState.TIMEOUT}
+    ),
     TaskState.IN_PROGRESS: frozenset(
         {
             TaskState.VALIDATING,
@@ -170,12 +174,15 @@ class CommandTemplate(StrEnum):
 
 class RetryPolicy(_Model):
     max_attempts: int = Field(
-        default=1, ge=1, le=20, description="Attempts per task, all adapters."
+        default=3, ge=1, le=20, description="Attempts per task, on all adapters together."
     )
     backoff_initial_seconds: float = Field(default=1.0, ge=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, ge=0, le=86_400)
     backoff_multiplier: float = Field(default=2.0, ge=1, le=10)
     jitter_seconds: float = Field(default=1.0, ge=0, le=3600)
+    min_attempt_seconds: float = Field(
+        default=1.0, ge=0, le=3600, description="No retry that would get less budget than this."
+    )
     retry_on: list[FailureClass] = Field(
         default_factory=lambda: [
             FailureClass.INFRASTRUCTURE,
@@ -187,9 +194,22 @@ class RetryPolicy(_Model):
 
 
 class BreakerPolicy(_Model):
-    failure_threshold: int = Field(default=3, ge=1, le=1000)
-    cooldown_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    failure_threshold: int = Field(
+        default=3, ge=1, le=1000, description="Consecutive counted failures that open it."
+    )
+    cooldown_seconds: float = Field(
+        default=60.0, ge=0, le=86_400, description="OPEN -> HALF_OPEN after this long."
+    )
     half_open_max_trials: int = Field(default=1, ge=1, le=100)
+    window_size: int = Field(
+        default=0, ge=0, le=100, description="Recent counted outcomes for the rate rule; 0: off."
+    )
+    failure_rate_threshold: float = Field(
+        default=1.0, gt=0, le=1, description="Open when a full window fails at this rate."
+    )
+    trial_lease_seconds: float | None = Field(
+        default=3600.0, gt=0, description="Reclaim a HALF_OPEN trial slot after this long."
+    )
 
 
 class HealthProbe(_Model):

@@ -166,25 +166,25 @@ class Store:
                     s.add(Adapter(id=spec.id, kind=spec.kind.value, spec=data, updated_at=now))
                 elif row.spec != data:
                     row.spec, row.kind, row.updated_at = data, spec.kind.value, now
-            for seq, spec, adapter_id in tasks:
-                row_t = s.get(Task, (run_id, spec.task_id))
+            for seq, task, adapter_id in tasks:
+                row_t = s.get(Task, (run_id, task.task_id))
                 if row_t is None:
                     s.add(
                         Task(
                             run_id=run_id,
-                            task_id=spec.task_id,
+                            task_id=task.task_id,
                             seq=seq,
                             adapter_id=adapter_id,
                             status=TaskState.PENDING.value,
                             attempts=0,
-                            spec=spec.model_dump(mode="json"),
+                            spec=task.model_dump(mode="json"),
                             result={"attempts": []},
                             updated_at=now,
                         )
                     )
-                elif row_t.spec != spec.model_dump(mode="json") and row_t.attempts > 0:
+                elif row_t.spec != task.model_dump(mode="json") and row_t.attempts > 0:
                     raise UnrecoverableError(
-                        f"task {spec.task_id!r} of run {run_id!r} changed in task_queue.json after "
+                        f"task {task.task_id!r} of run {run_id!r} changed in task_queue.json after "
                         "it started; a started task's spec is fixed.\n  fix: restore the original "
                         "spec or queue the change as a new task id"
                     )
@@ -252,29 +252,28 @@ class Store:
         payload: dict[str, Any] | None = None,
         key: str | None = None,
     ) -> Event | None:
-        key = key or f"{run_id}/{task_id}/{attempt}/{event.value}"
-        values = {
-            "event_key": key,
-            "run_id": run_id,
-            "task_id": task_id,
-            "attempt": attempt,
-            "event": event.value,
-            "state": state.value if state else None,
-            "payload": payload or {},
-            "created_at": self._now(),
-        }
-        if not self._insert_ignore(s, ExecutionLog.__table__, values):  # type: ignore[arg-type]
-            return None
-        return Event(
-            key=key,
+        ev = Event(
+            key=key or f"{run_id}/{task_id}/{attempt}/{event.value}",
             run_id=run_id,
             task_id=task_id,
             attempt=attempt,
             event=event.value,
-            state=values["state"],
-            payload=values["payload"],
-            created_at=values["created_at"],
+            state=state.value if state else None,
+            payload=payload or {},
+            created_at=self._now(),
         )
+        values = {
+            "event_key": ev.key,
+            "run_id": ev.run_id,
+            "task_id": ev.task_id,
+            "attempt": ev.attempt,
+            "event": ev.event,
+            "state": ev.state,
+            "payload": ev.payload,
+            "created_at": ev.created_at,
+        }
+        inserted = self._insert_ignore(s, ExecutionLog.__table__, values)  # type: ignore[arg-type]
+        return ev if inserted else None
 
     def _locked(self, s: Session, run_id: str, task_id: str) -> Task:
         row = s.scalars(
@@ -394,6 +393,32 @@ class Store:
             if ev:
                 events.append(ev)
         return events
+
+    def give_up(self, run_id: str, task_id: str, reason: str) -> list[Event]:
+        """End a waiting task without another attempt (its policy or budget ran out)."""
+        with self._session() as s:
+            row = self._locked(s, run_id, task_id)
+            current = TaskState(row.status)
+            if current.terminal:
+                return []
+            timed_out = row.failure_class == FailureClass.ADAPTER_TIMEOUT.value
+            target = TaskState.TIMEOUT if timed_out else TaskState.FAILED
+            row.status = transition(current, target).value
+            now = self._now()
+            row.failure_message = f"{row.failure_message or ''}\n{reason}".strip()
+            row.wait_reason, row.finished_at, row.updated_at = None, now, now
+            started = _aware(row.started_at)
+            row.duration_seconds = round((now - started).total_seconds(), 3) if started else None
+            ev = self._event(
+                s,
+                run_id,
+                EventName.TASK_FAILED,
+                task_id=task_id,
+                attempt=row.attempts,
+                state=target,
+                payload={"failure_class": row.failure_class, "message": reason},
+            )
+            return [ev] if ev else []
 
     def mirror_ledger(self, entry: LedgerEntry, patch: bytes | None) -> bool:
         with self._session() as s:

@@ -48,6 +48,7 @@ from core.engine.resilience.classification import Classification, FailureEvidenc
 from core.engine.resilience.retry import (
     AdapterChain,
     BackoffSchedule,
+    RetryDecision,
     decide_retry,
     first_adapter,
     gate_feedback,
@@ -61,6 +62,7 @@ from core.models import (
     EventName,
     ExecutionResults,
     FailureClass,
+    RetryPolicy,
     TaskState,
 )
 
@@ -84,8 +86,10 @@ class ExecutorConfig:
 
     @property
     def upgrade_hint(self) -> str:
-        where = f"--database-url {redact(self.db_url)}" if self.database_url else (
-            f"--workdir {self.workdir}"
+        where = (
+            f"--database-url {redact(self.db_url)}"
+            if self.database_url
+            else (f"--workdir {self.workdir}")
         )
         return f"run `orchestrator db upgrade {where}`"
 
@@ -100,12 +104,24 @@ class ExecutorConfig:
 
 @dataclass
 class Clocks:
-    """Time and randomness, injected so retries and budgets are tested without sleeping."""
+    """Time and randomness, injected so retries and budgets are tested without sleeping.
+
+    ``sleep=None`` waits on the executor's stop event, so a stop request ends a backoff.
+    """
 
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], datetime] = _utcnow
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] | None = None
     rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass
+class _TaskPlan:
+    chain: AdapterChain
+    policy: RetryPolicy
+    schedule: BackoffSchedule
+    budget: TaskBudget
+    history: list[RetryHistoryItem]
 
 
 class _Hooks:
@@ -186,17 +202,10 @@ class Executor:
             self.progress.stop()
         return self.write_results()
 
-    def execute_task(self, task: RoutedTask) -> TaskRecord:
-        record = self.store.task(self.run_id, task.task_id)
+    def _plan(self, task: RoutedTask, record: TaskRecord) -> _TaskPlan:
         chain = AdapterChain.of(task.decision.adapter_id, task.decision.fallback_adapter_ids)
         primary = self.inputs.adapters[chain.primary]
         policy = task.spec.retry or primary.retry
-        schedule = BackoffSchedule(policy, self.clocks.rng)
-        budget = TaskBudget.resume(
-            task.spec.timeout_seconds or primary.timeout_seconds,
-            sum(a.duration_seconds for a in record.attempt_results),
-            self.clocks.monotonic,
-        )
         history = [
             RetryHistoryItem(
                 a.attempt,
@@ -207,10 +216,48 @@ class Executor:
             )
             for a in record.attempt_results
         ]
-        adapter_id = record.current_adapter_id if record.attempts else None
+        return _TaskPlan(
+            chain=chain,
+            policy=policy,
+            schedule=BackoffSchedule(policy, self.clocks.rng),
+            budget=TaskBudget.resume(
+                task.spec.timeout_seconds or primary.timeout_seconds,
+                sum(a.duration_seconds for a in record.attempt_results),
+                self.clocks.monotonic,
+            ),
+            history=history,
+        )
+
+    def _decide(self, plan: _TaskPlan) -> RetryDecision:
+        return decide_retry(
+            plan.policy,
+            plan.chain,
+            plan.history,
+            remaining_seconds=plan.budget.remaining(),
+            admits=self.breakers.admits_map(plan.chain.adapter_ids),
+            schedule=plan.schedule,
+            min_attempt_seconds=plan.policy.min_attempt_seconds,
+        )
+
+    def execute_task(self, task: RoutedTask) -> TaskRecord:
+        """Run attempts of one task until it is terminal or has to wait."""
+        record = self.store.task(self.run_id, task.task_id)
+        plan = self._plan(task, record)
         extra: str | None = None
-        if adapter_id is None or not self.breakers.admits(adapter_id):
-            selection = first_adapter(chain, self.breakers.admits_map(chain.adapter_ids))
+        if plan.history and not plan.history[-1].classification.succeeded:
+            # resuming after a failed attempt (crash recovery, or parked on a breaker)
+            decision = self._decide(plan)
+            if not decision.retry:
+                return self._give_up(task, decision.reason)
+            if decision.waiting_for_breaker:
+                return self._wait(task, decision.reason)
+            assert decision.next_adapter_id is not None
+            adapter_id = decision.next_adapter_id
+            last_gate = record.attempt_results[-1].gate
+            if decision.include_gate_feedback and last_gate is not None:
+                extra = gate_feedback(last_gate)
+        else:
+            selection = first_adapter(plan.chain, self.breakers.admits_map(plan.chain.adapter_ids))
             if selection.waiting_for_breaker:
                 return self._wait(task, selection.reason)
             adapter_id = selection.adapter_id
@@ -223,18 +270,11 @@ class Executor:
                 return self._wait(task, admission.reason)
             attempt = record.attempts + 1
             result, classification, outcome, patch = self._attempt(
-                task, adapter_id, attempt, budget, extra, trial=admission.trial
+                task, adapter_id, attempt, plan.budget, extra, trial=admission.trial
             )
-            history.append(RetryHistoryItem(attempt, adapter_id, classification))
+            plan.history.append(RetryHistoryItem(attempt, adapter_id, classification))
             interrupted = outcome.cancelled and self.stop.is_set()
-            decision = decide_retry(
-                policy,
-                chain,
-                history,
-                remaining_seconds=budget.remaining(),
-                admits=self.breakers.admits_map(chain.adapter_ids),
-                schedule=schedule,
-            )
+            decision = self._decide(plan)
             final = not interrupted and not decision.retry
             record = self._record(task, result.model_copy(update={"final": final}), final, patch)
             if final or interrupted:
@@ -244,7 +284,9 @@ class Executor:
                 return record
             assert decision.next_adapter_id is not None
             self.metrics.retry(adapter_id, str(classification.failure_class))
-            self._resilience_event("retry_scheduled", task=task.task_id, reason=decision.reason)
+            self._resilience_event(
+                "retry_scheduled", task_id=task.task_id, attempt=attempt, reason=decision.reason
+            )
             if decision.waiting_for_breaker:
                 return self._wait(task, decision.reason)
             extra = (
@@ -252,8 +294,25 @@ class Executor:
                 if decision.include_gate_feedback and result.gate
                 else None
             )
-            self.clocks.sleep(decision.delay_seconds)
+            self._sleep(decision.delay_seconds)
+            if self.stop.is_set():
+                return record
             adapter_id = decision.next_adapter_id
+
+    def _sleep(self, seconds: float) -> None:
+        if self.clocks.sleep is None:
+            self.stop.wait(seconds)  # a stop request ends the backoff at once
+        else:
+            self.clocks.sleep(seconds)
+
+    def _give_up(self, task: RoutedTask, reason: str) -> TaskRecord:
+        """A waiting task whose policy or budget ran out: terminal, without another attempt."""
+        self.events.write(self.store.give_up(self.run_id, task.task_id, reason))
+        record = self.store.task(self.run_id, task.task_id)
+        self.progress.task_done(record.result())
+        adapter_id = record.current_adapter_id or record.adapter_id
+        self.metrics.task_finished(adapter_id, record.status, record.duration_seconds)
+        return record
 
     # ------------------------------------------------------------------ one attempt
 
@@ -277,7 +336,7 @@ class Executor:
             adapter=adapter,
             attempt=attempt,
             repo_url=self.inputs.repo_url(task.spec),
-            timeout_seconds=max(budget.attempt_timeout(), 0.001),
+            timeout_seconds=max(budget.attempt_timeout(adapter.timeout_seconds), 0.001),
             gate_checks=tuple(task.spec.gate if task.spec.gate is not None else adapter.gate),
             gate_baseline=task.spec.gate_baseline,
             max_log_bytes=self.config.max_log_bytes,
@@ -403,21 +462,31 @@ class Executor:
             self.backend.cleanup_attempt(self.run_id, record.task_id, record.attempts)
             now = self.clocks.wall()
             adapter_id = record.current_adapter_id or record.adapter_id
+            message = "interrupted: the executor stopped during this attempt"
+            plan = self._plan(task, record)
+            plan.history.append(
+                RetryHistoryItem(
+                    record.attempts,
+                    adapter_id,
+                    Classification.failure(FailureClass.INFRASTRUCTURE, message),
+                )
+            )
+            final = not self._decide(plan).retry
             result = AttemptResult(
                 attempt=record.attempts,
                 adapter_id=adapter_id,
                 state=TaskState.FAILED,
                 failure_class=FailureClass.INFRASTRUCTURE,
-                failure_message="interrupted: the executor stopped during this attempt",
+                failure_message=message,
                 started_at=record.started_at or now,
                 finished_at=now,
                 duration_seconds=0.0,
-                final=False,
+                final=final,
             )
             self._resilience_event(
-                "attempt_recovered", task=record.task_id, attempt=record.attempts
+                "attempt_recovered", task_id=record.task_id, attempt=record.attempts, final=final
             )
-            self._record(task, result, False, None)
+            self._record(task, result, final, None)
         return recovered
 
     def _repair_logs(self) -> None:

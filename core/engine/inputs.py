@@ -109,13 +109,14 @@ def load_inputs(workdir: Path, run_id: str) -> RunInputs:
 
     tasks = []
     for i, spec in enumerate(queue.tasks):
-        decision = decisions.get(spec.task_id)
-        if decision is None:
+        found_decision = decisions.get(spec.task_id)
+        if found_decision is None:
             raise EntryContractError(
                 f"{where}: field `decisions`",
                 f"no routing decision for queued task {spec.task_id!r}",
                 "route every task of task_queue.json in phase 4",
             )
+        decision = found_decision
         qwhere = f"{state / TASK_QUEUE}: field `tasks.{i}"
         kinds = {adapters[a].kind for a in [decision.adapter_id, *decision.fallback_adapter_ids]}
         if AdapterKind.PATCH in kinds and spec.patch is None:

@@ -133,7 +133,7 @@ class LocalBackend:
             log.close()
             if not self.keep_worktrees:
                 remove_worktree(mirror, tree)
-                shutil.rmtree(adir, ignore_errors=True)
+                self._remove_attempt_dir(adir)
 
     def _run_adapter(
         self,
@@ -200,8 +200,17 @@ class LocalBackend:
             if not self.keep_worktrees:
                 remove_worktree(mirror, tree)
 
+    def _remove_attempt_dir(self, adir: Path) -> None:
+        """Remove the attempt dir and the task/run dirs above it once they are empty."""
+        shutil.rmtree(adir, ignore_errors=True)
+        for parent in (adir.parent, adir.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
     def cleanup_attempt(self, run_id: str, task_id: str, attempt: int) -> None:
-        shutil.rmtree(self.attempt_dir(run_id, task_id, attempt), ignore_errors=True)
+        self._remove_attempt_dir(self.attempt_dir(run_id, task_id, attempt))
         for mirror in self._mirrors.glob("*.git"):
             git("worktree", "prune", cwd=mirror)
 

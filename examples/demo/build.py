@@ -208,6 +208,7 @@ def main() -> None:
             "kind": "patch",
             "description": "Applies the diff the task carries.",
             "gate": GATE,
+            "retry": {"max_attempts": 1},
         },
         {
             "id": "fake-ai",
@@ -216,8 +217,15 @@ def main() -> None:
             "command": ["{python}", "{workdir}/tools/fake_ai.py", "--prompt-file", "{prompt_file}"],
             "timeout_seconds": 60,
             "gate": GATE,
+            # only platform failures are retried: the demo shows each outcome once
+            "retry": {"max_attempts": 3, "retry_on": ["infrastructure"]},
         },
-        {"id": "human", "kind": "manual", "description": "A person makes the change.", "gate": GATE},
+        {
+            "id": "human",
+            "kind": "manual",
+            "description": "A person makes the change.",
+            "gate": GATE,
+        },
     ]
     route = {
         "add-multiply": "patch",

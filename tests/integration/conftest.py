@@ -34,7 +34,9 @@ def db_url(request: pytest.FixtureRequest, demo_dir: Path) -> str:
 @pytest.fixture
 def make_executor(demo_dir: Path, db_url: str) -> Callable[..., Executor]:
     def make(run_id: str = "demo", workdir: Path | None = None, **config: object) -> Executor:
-        cfg = ExecutorConfig(run_id=run_id, workdir=workdir or demo_dir, database_url=db_url, **config)  # type: ignore[arg-type]
+        cfg = ExecutorConfig(
+            run_id=run_id, workdir=workdir or demo_dir, database_url=db_url, **config
+        )  # type: ignore[arg-type]
         return build_executor(
             cfg, progress=SilentProgress(), metrics=Metrics(), clocks=Clocks(sleep=lambda _: None)
         )

@@ -97,7 +97,9 @@ def assert_consistent(workdir: Path, db_url: str, repo_root: Path) -> ExecutionR
                 assert entry.diff_sha256 == attempt.diff.sha256
 
     # events: DB and JSONL agree, exactly one start per attempt and one end per terminal task
-    jsonl = [json.loads(line) for line in (workdir / "logs/executor.jsonl").read_text().splitlines()]
+    jsonl = [
+        json.loads(line) for line in (workdir / "logs/executor.jsonl").read_text().splitlines()
+    ]
     assert [e["event_key"] for e in jsonl] == [e.event_key for e in events]
     kinds = Counter((e.task_id, e.event) for e in events)
     for result in results.tasks:
@@ -154,7 +156,9 @@ def test_demo_outcomes_and_outputs_agree(make_executor, demo_dir, db_url, repo_r
     assert (demo_dir / "manual/demo/human-docs/INSTRUCTIONS.md").exists()
 
     # nothing left behind: worktrees are removed after each attempt
-    assert not (demo_dir / ".work/demo").exists() or not any((demo_dir / ".work/demo").rglob("tree"))
+    assert not (demo_dir / ".work/demo").exists() or not any(
+        (demo_dir / ".work/demo").rglob("tree")
+    )
 
     assert_consistent(demo_dir, db_url, repo_root)
 
@@ -207,7 +211,9 @@ def test_manual_patch_completes_the_run_once(make_executor, demo_dir, db_url, re
     human = {t.task_id: t for t in results.tasks}["human-docs"]
     assert human.state is TaskState.COMPLETED and human.attempts[0].adapter_id == "human"
     make_executor().run()  # a finished run stays finished, EXECUTION_FINISHED is not repeated
-    events = [json.loads(x)["event"] for x in (demo_dir / "logs/executor.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(x)["event"] for x in (demo_dir / "logs/executor.jsonl").read_text().splitlines()
+    ]
     assert events.count("EXECUTION_FINISHED") == 1
     assert_consistent(demo_dir, db_url, repo_root)
 
@@ -219,6 +225,6 @@ def test_changed_spec_of_a_started_task_is_refused(make_executor, demo_dir, db_u
     queue = json.loads(queue_path.read_text())
     queue["tasks"][0]["prompt"] = "something else"
     queue_path.write_text(json.dumps(queue))
-    with pytest.raises(Exception, match="changed in task_queue.json after it started"):
+    with pytest.raises(Exception, match=r"changed in task_queue\.json after it started"):
         make_executor().run()
     assert db_counts(db_url)["patch_history"] == 1

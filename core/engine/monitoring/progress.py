@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from core.models import TaskResult, TaskState
 
@@ -53,7 +60,7 @@ class ConsoleProgress:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(soft_wrap=True)
         self._bar: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def start(self, run_id: str, total: int, done: int) -> None:
         self.console.print(f"run {run_id}: {total} tasks, {done} already finished", markup=False)

@@ -95,21 +95,14 @@ class BreakerConfig:
             raise ValueError("failure_rate_threshold must be in (0, 1]")
 
     @classmethod
-    def from_policy(
-        cls,
-        policy: BreakerPolicy,
-        *,
-        trial_lease_seconds: float | None = DEFAULT_TRIAL_LEASE_SECONDS,
-    ) -> BreakerConfig:
-        """Read a policy, including the proposed optional fields once models.py has them
-        (``window_size``, ``failure_rate_threshold``, ``trial_lease_seconds``)."""
+    def from_policy(cls, policy: BreakerPolicy) -> BreakerConfig:
         return cls(
             failure_threshold=policy.failure_threshold,
             cooldown_seconds=policy.cooldown_seconds,
             half_open_max_trials=policy.half_open_max_trials,
-            window_size=int(getattr(policy, "window_size", 0)),
-            failure_rate_threshold=float(getattr(policy, "failure_rate_threshold", 1.0)),
-            trial_lease_seconds=getattr(policy, "trial_lease_seconds", trial_lease_seconds),
+            window_size=policy.window_size,
+            failure_rate_threshold=policy.failure_rate_threshold,
+            trial_lease_seconds=policy.trial_lease_seconds,
         )
 
 

@@ -329,11 +329,19 @@ def test_status_record() -> None:
 
 
 def test_config_from_policy_and_validation() -> None:
-    policy = BreakerPolicy(failure_threshold=5, cooldown_seconds=10, half_open_max_trials=2)
-    cfg = BreakerConfig.from_policy(policy, trial_lease_seconds=99)
+    policy = BreakerPolicy(
+        failure_threshold=5,
+        cooldown_seconds=10,
+        half_open_max_trials=2,
+        window_size=4,
+        failure_rate_threshold=0.5,
+        trial_lease_seconds=99,
+    )
+    cfg = BreakerConfig.from_policy(policy)
     assert (cfg.failure_threshold, cfg.cooldown_seconds, cfg.half_open_max_trials) == (5, 10, 2)
-    assert cfg.trial_lease_seconds == 99 and cfg.window_size == 0
-    assert BreakerConfig.from_policy(policy).trial_lease_seconds == DEFAULT_TRIAL_LEASE_SECONDS
+    assert (cfg.window_size, cfg.failure_rate_threshold, cfg.trial_lease_seconds) == (4, 0.5, 99)
+    default = BreakerConfig.from_policy(BreakerPolicy())
+    assert default.trial_lease_seconds == DEFAULT_TRIAL_LEASE_SECONDS and default.window_size == 0
     with pytest.raises(ValueError):
         BreakerConfig(window_size=MAX_WINDOW_SIZE + 1)
     with pytest.raises(ValueError):

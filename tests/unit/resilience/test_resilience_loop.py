@@ -148,12 +148,12 @@ def test_breaker_half_opens_and_a_successful_trial_closes_it() -> None:
     healthy = [False]
     adapters: dict[str, Adapter] = {"a": lambda n: OK if healthy[0] else CRASH}
     chain = AdapterChain.of("a")
-    assert run_task(world, breakers, adapters, chain, RetryPolicy()).outcome == "FAILED"
-    parked = run_task(world, breakers, adapters, chain, RetryPolicy())
+    assert run_task(world, breakers, adapters, chain, RetryPolicy(max_attempts=1)).outcome == "FAILED"
+    parked = run_task(world, breakers, adapters, chain, RetryPolicy(max_attempts=1))
     assert parked.outcome == "PENDING" and "open" in parked.reason and parked.history == []
     world.t += 300
     healthy[0] = True
-    assert run_task(world, breakers, adapters, chain, RetryPolicy()).outcome == "COMPLETED"
+    assert run_task(world, breakers, adapters, chain, RetryPolicy(max_attempts=1)).outcome == "COMPLETED"
     assert [t.to_state for t in world.transitions] == [
         BreakerState.OPEN,
         BreakerState.HALF_OPEN,

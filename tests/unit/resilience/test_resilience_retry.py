@@ -235,11 +235,19 @@ def test_max_attempts_counts_all_adapters_and_classes() -> None:
     assert "attempts exhausted (3 of max_attempts=3)" in d.reason
 
 
-def test_default_policy_has_one_attempt() -> None:
-    d = decide_retry(
-        RetryPolicy(), CHAIN, [failed(FailureClass.INFRASTRUCTURE)], remaining_seconds=1000
+def test_default_policy_retries_infrastructure_up_to_three_attempts() -> None:
+    policy = RetryPolicy()
+    first = decide_retry(
+        policy, CHAIN, [failed(FailureClass.INFRASTRUCTURE)], remaining_seconds=1000
     )
-    assert not d.retry
+    assert first.retry and first.next_adapter_id == "aider"
+    third = decide_retry(
+        policy,
+        CHAIN,
+        [failed(FailureClass.INFRASTRUCTURE, attempt=n) for n in (1, 2, 3)],
+        remaining_seconds=1000,
+    )
+    assert not third.retry and "attempts exhausted (3 of max_attempts=3)" in third.reason
 
 
 def test_no_retry_when_backoff_would_eat_the_budget() -> None:
