@@ -100,6 +100,10 @@ class PatchLedger:
             fields["hash"] = entry_hash(fields)
             entry = LedgerEntry.model_validate(fields)
             line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n"
+            # A torn last line (a crash mid-write, never acknowledged) is cut off first, or
+            # the new entry would be glued onto it and break every later read of the file.
+            if fh.seek(0, os.SEEK_END) > self._offset:
+                fh.truncate(self._offset)
             fh.seek(0, os.SEEK_END)
             fh.write(line.encode())
             fh.flush()

@@ -141,10 +141,17 @@ def run_process_group(
                     buf.clear()
                 continue
             buf += chunk
-            while (nl := buf.find(b"\n")) >= 0 or len(buf) >= MAX_LINE_BYTES:
-                cut = nl if 0 <= nl < MAX_LINE_BYTES else MAX_LINE_BYTES
-                emit(fd, bytes(buf[:cut]))
-                del buf[: cut + 1 if cut == nl else cut]
+            # Split a line only once it is known to be longer than the cap (a line of exactly
+            # MAX_LINE_BYTES whose newline arrives in the next read is one line), and never
+            # inside a UTF-8 character.
+            while (nl := buf.find(b"\n")) >= 0 or len(buf) > MAX_LINE_BYTES:
+                if 0 <= nl <= MAX_LINE_BYTES:
+                    emit(fd, bytes(buf[:nl]))
+                    del buf[: nl + 1]
+                else:
+                    cut = _char_boundary(buf, MAX_LINE_BYTES)
+                    emit(fd, bytes(buf[:cut]))
+                    del buf[:cut]
     sel.close()
     if pidfd is not None:
         os.close(pidfd)
@@ -160,6 +167,14 @@ def run_process_group(
         duration_seconds=clock() - started,
         tail="\n".join(tail),
     )
+
+
+def _char_boundary(buf: bytearray, limit: int) -> int:
+    """``limit``, moved back (at most 3 bytes) so that ``buf[cut]`` starts a UTF-8 character."""
+    cut = limit
+    while cut > limit - 3 and (buf[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut
 
 
 def _pidfd(pid: int) -> int | None:
