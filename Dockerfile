@@ -1,0 +1,41 @@
+# One image: the operator and the runner (the `orchestrator` console script).
+#
+# BASE_IMAGE must provide python3 (>= 3.11) with the venv module, and pip. The default
+# is the Docker Hub image; the local test cluster (hack/cluster/images) builds its own
+# Debian base with debootstrap and passes it here, because no registry is reachable:
+#   buildah bud --build-arg BASE_IMAGE=localhost/orchestrator/debian-base:<tag> .
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: install the project and its dependencies into a venv -------------
+FROM ${BASE_IMAGE} AS build
+# Optional, build-time only (not kept in the image): a CA bundle for a TLS-intercepting
+# egress proxy (hack/cluster/images mounts the host's bundle and sets this), an index.
+ARG PIP_CERT=""
+ARG PIP_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/orchestrator
+WORKDIR /src
+COPY . /src
+RUN [ -n "$PIP_CERT" ] || unset PIP_CERT; [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
+    /opt/orchestrator/bin/pip install --no-compile . \
+ && /opt/orchestrator/bin/python -c "import core"
+
+# ---- runtime -------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+# git: the runner checks out repositories and computes diffs. Installed only when the
+# base lacks it (the local Debian base already has it; python:3.11-slim does not).
+RUN if ! command -v git >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends git ca-certificates \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && (getent group orchestrator >/dev/null || groupadd --gid 10001 orchestrator) \
+ && (id -u orchestrator >/dev/null 2>&1 || useradd --uid 10001 --gid 10001 --create-home \
+      --home-dir /home/orchestrator --shell /usr/sbin/nologin orchestrator)
+COPY --from=build /opt/orchestrator /opt/orchestrator
+ENV PATH=/opt/orchestrator/bin:$PATH \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/orchestrator
+USER 10001:10001
+WORKDIR /home/orchestrator
+ENTRYPOINT ["orchestrator"]
+CMD ["--help"]
