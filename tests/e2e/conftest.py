@@ -1,0 +1,206 @@
+"""Fixtures for tests that need a real Kubernetes cluster (marker: ``cluster``).
+
+Which cluster:
+  * ``$KUBECONFIG`` set  -> that cluster (kind, k3d, a cloud cluster) is used as it is.
+    The image under test comes from ``$ORCHESTRATOR_IMAGE`` (it must be pullable or
+    already loaded there; ``$ORCHESTRATOR_IMAGE_PULL_POLICY`` defaults to IfNotPresent).
+  * otherwise            -> the local single-node cluster of ``hack/cluster`` is brought
+    up (root needed; binaries/images are built on first use, see hack/cluster/README.md)
+    and the project image built from the current source is used (pull policy Never).
+    At session end it is brought down again if this session started it, unless
+    ``ORCHESTRATOR_KEEP_CLUSTER=1``.
+
+Fixtures: ``kube_cluster`` (everything below in one object), ``kubeconfig`` (path),
+``project_image`` (image reference), ``image_pull_policy``, ``kubectl`` (run kubectl
+against the cluster), ``kube_api`` (a kubernetes.client.ApiClient) and
+``kube_namespace`` (a fresh namespace per test, deleted afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_DIR = ROOT / "hack" / "cluster"
+UP_TIMEOUT_S = int(os.environ.get("ORCHESTRATOR_CLUSTER_UP_TIMEOUT", "1500"))
+
+
+@dataclass(frozen=True)
+class KubeCluster:
+    kubeconfig: str
+    local: bool  # True: hack/cluster's cluster; False: whatever $KUBECONFIG points at
+    kubectl_bin: str | None
+    project_image: str | None
+    project_image_error: str | None
+    image_pull_policy: str
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        if not self.kubectl_bin:
+            pytest.fail("kubectl not found: put it on PATH (or use the local cluster, which has one)")
+        proc = subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                values[key.strip()] = value.strip()
+    return values
+
+
+def _cluster_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLUSTER_DIR / name), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[KubeCluster]:
+    env_kubeconfig = os.environ.get("KUBECONFIG")
+    if env_kubeconfig:
+        yield KubeCluster(
+            kubeconfig=env_kubeconfig.split(os.pathsep)[0],
+            local=False,
+            kubectl_bin=shutil.which("kubectl"),
+            project_image=os.environ.get("ORCHESTRATOR_IMAGE") or None,
+            project_image_error=None
+            if os.environ.get("ORCHESTRATOR_IMAGE")
+            else "ORCHESTRATOR_IMAGE is not set: with $KUBECONFIG, name the project image "
+            "the cluster can run (e.g. one loaded with `kind load docker-image`)",
+            image_pull_policy=os.environ.get("ORCHESTRATOR_IMAGE_PULL_POLICY", "IfNotPresent"),
+        )
+        return
+
+    if os.geteuid() != 0:
+        pytest.fail(
+            "the local cluster (hack/cluster/up) needs root; run as root or set $KUBECONFIG "
+            "to an existing cluster"
+        )
+    was_running = _cluster_script("status").returncode == 0
+    started = time.monotonic()
+    up = _cluster_script("up", timeout=UP_TIMEOUT_S)
+    if up.returncode != 0:
+        pytest.fail(f"hack/cluster/up failed ({up.returncode}):\n{up.stderr[-6000:]}")
+    kubeconfig = up.stdout.strip().splitlines()[-1]
+    print(f"\nlocal cluster ready in {time.monotonic() - started:.0f}s: KUBECONFIG={kubeconfig}")
+
+    state_dir = Path(kubeconfig).parent.parent
+    images = _read_env_file(state_dir / "images.env")
+    bin_dir = _local_bin_dir()
+    override = os.environ.get("ORCHESTRATOR_IMAGE")
+    cluster = KubeCluster(
+        kubeconfig=kubeconfig,
+        local=True,
+        kubectl_bin=str(Path(bin_dir) / "kubectl") if bin_dir else shutil.which("kubectl"),
+        project_image=override or images.get("PROJECT_IMAGE") or None,
+        project_image_error=None if override else images.get("PROJECT_IMAGE_ERROR") or None,
+        image_pull_policy=os.environ.get("ORCHESTRATOR_IMAGE_PULL_POLICY", "Never"),
+    )
+    try:
+        yield cluster
+    finally:
+        keep = os.environ.get("ORCHESTRATOR_KEEP_CLUSTER", "") not in ("", "0")
+        if not was_running and not keep:
+            down = _cluster_script("down", timeout=300)
+            if down.returncode != 0:
+                print(f"hack/cluster/down failed ({down.returncode}):\n{down.stderr[-3000:]}")
+
+
+def _local_bin_dir() -> str | None:
+    """The local cluster's binary directory (where its kubectl lives), from lib.sh."""
+    proc = subprocess.run(
+        ["bash", "-c", f'source "{CLUSTER_DIR}/lib.sh" && echo "$BIN_DIR"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    path = proc.stdout.strip()
+    return path if proc.returncode == 0 and path and Path(path, "kubectl").exists() else None
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(kube_cluster: KubeCluster) -> str:
+    return kube_cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def project_image(kube_cluster: KubeCluster) -> str:
+    """Reference of the project image (built from the current source on the local cluster)."""
+    if not kube_cluster.project_image:
+        pytest.fail(f"no project image: {kube_cluster.project_image_error or 'unknown reason'}")
+    return kube_cluster.project_image
+
+
+@pytest.fixture(scope="session")
+def image_pull_policy(kube_cluster: KubeCluster) -> str:
+    return kube_cluster.image_pull_policy
+
+
+@pytest.fixture(scope="session")
+def kubectl(kube_cluster: KubeCluster) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return kube_cluster.kubectl
+
+
+@pytest.fixture(scope="session")
+def kube_api(kube_cluster: KubeCluster) -> Iterator[Any]:
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=kube_cluster.kubeconfig)
+    try:
+        client.VersionApi(api_client).get_code()
+        yield api_client
+    finally:
+        api_client.close()
+
+
+@pytest.fixture
+def kube_namespace(kube_api: Any) -> Iterator[str]:
+    """A fresh namespace for one test; deleted (without waiting) afterwards."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    name = f"e2e-{uuid.uuid4().hex[:10]}"
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"e2e": "orchestrator"}))
+    )
+    # The ServiceAccount controller creates `default` shortly after the namespace.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except client.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name, propagation_policy="Background")
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
