@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= /tmp/orchestrator-demo
 
-.PHONY: setup demo test test-fast lint generate system-deps clean
+.PHONY: setup demo demo-fallback test test-fast lint generate system-deps clean
 
 $(BIN)/orchestrator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: setup  ## copy examples/demo to $(DEMO) and execute it on the embedded bac
 	$(BIN)/orchestrator execute --run demo --workdir $(DEMO) || [ $$? -eq 3 ]
 	$(BIN)/orchestrator status --run demo --workdir $(DEMO)
 	$(BIN)/orchestrator ledger verify --workdir $(DEMO)
+
+demo-fallback: setup  ## the circuit-breaker scenario: a crashing adapter, its fallback takes over
+	rm -rf $(DEMO)-fallback && cp -r examples/fallback $(DEMO)-fallback
+	$(BIN)/orchestrator db upgrade --workdir $(DEMO)-fallback
+	$(BIN)/orchestrator execute --run fallback --workdir $(DEMO)-fallback
+	$(BIN)/orchestrator status --run fallback --workdir $(DEMO)-fallback
 
 system-deps:  ## PostgreSQL for the tests (and, once it exists, the local Kubernetes)
 	@if [ -x hack/cluster/install-deps ]; then hack/cluster/install-deps; fi

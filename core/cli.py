@@ -136,6 +136,19 @@ def execute(
     max_diff_bytes: Annotated[
         int, typer.Option(min=1024, help="Cap of the diff copy kept in the ledger and DB.")
     ] = 5 * 1024 * 1024,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Wait for open circuit breakers and safe mode to clear (no busy loop) "
+            "instead of returning with those tasks PENDING."
+        ),
+    ] = True,
+    safe_mode_after: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Enter safe mode when a breaker has not closed for this many seconds."
+        ),
+    ] = 900.0,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
@@ -153,6 +166,8 @@ def execute(
         max_diff_bytes=max_diff_bytes,
         keep_worktrees=keep_worktrees,
         max_tasks=max_tasks,
+        wait_for_breakers=wait,
+        safe_mode_max_open_seconds=safe_mode_after,
     )
     stop = threading.Event()
     metrics = Metrics()

@@ -138,6 +138,8 @@ class EventName(StrEnum):
     EXECUTION_FINISHED = "EXECUTION_FINISHED"
     #: Not in the seed's contract: an attempt failed and the task will be tried again.
     ATTEMPT_FAILED = "ATTEMPT_FAILED"
+    SAFE_MODE_ENTERED = "SAFE_MODE_ENTERED"
+    SAFE_MODE_LEFT = "SAFE_MODE_LEFT"
 
 
 # --------------------------------------------------------------------------- adapters

@@ -394,6 +394,19 @@ class Store:
                 events.append(ev)
         return events
 
+    def set_health(self, adapter_id: str, healthy: bool, message: str, at: datetime) -> None:
+        with self._session() as s:
+            s.execute(
+                update(Adapter)
+                .where(Adapter.id == adapter_id)
+                .values(
+                    health_status="healthy" if healthy else "unhealthy",
+                    health_message=message,
+                    health_checked_at=at,
+                    updated_at=self._now(),
+                )
+            )
+
     def give_up(self, run_id: str, task_id: str, reason: str) -> list[Event]:
         """End a waiting task without another attempt (its policy or budget ran out)."""
         with self._session() as s:

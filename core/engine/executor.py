@@ -32,6 +32,7 @@ from typing import Any
 from core.db.breaker_store import SqlBreakerStore
 from core.db.database import check_schema, default_url, make_engine, redact
 from core.db.store import Store, TaskRecord
+from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
 from core.engine.backend import AttemptOutcome, AttemptRequest, ExecutionBackend
 from core.engine.events import EventLog
@@ -43,7 +44,7 @@ from core.engine.process_group import process_group_alive, terminate_group
 from core.engine.process_spawner import LocalBackend
 from core.engine.resilience.breaker_store import CircuitBreakers
 from core.engine.resilience.budget import TaskBudget
-from core.engine.resilience.circuit_breaker import BreakerTransition
+from core.engine.resilience.circuit_breaker import BreakerTransition, retry_after
 from core.engine.resilience.classification import Classification, FailureEvidence, classify
 from core.engine.resilience.retry import (
     AdapterChain,
@@ -54,6 +55,7 @@ from core.engine.resilience.retry import (
     gate_feedback,
 )
 from core.engine.resilience.retry import AttemptOutcome as RetryHistoryItem
+from core.engine.resilience.safe_mode import SafeModeConfig
 from core.engine.state_files import EXECUTION_RESULTS, PATCH_LEDGER, STATE_DIR, write_model
 from core.errors import OrchestratorError
 from core.models import (
@@ -83,6 +85,8 @@ class ExecutorConfig:
     max_diff_bytes: int = DEFAULT_MAX_DIFF_BYTES
     keep_worktrees: bool = False
     max_tasks: int | None = None
+    wait_for_breakers: bool = True
+    safe_mode_max_open_seconds: float | None = 900.0
 
     @property
     def upgrade_hint(self) -> str:
@@ -172,6 +176,18 @@ class Executor:
             self.clocks.wall,
             self._breaker_transition,
         )
+        self.health = AdapterHealth(
+            inputs.adapters,
+            store=store,
+            breakers=self.breakers,
+            metrics=self.metrics,
+            announce=self._announce,
+            wall=self.clocks.wall,
+            monotonic=self.clocks.monotonic,
+            safe_mode=SafeModeConfig(max_open_seconds=config.safe_mode_max_open_seconds),
+        )
+        self._parked = False
+        self._started = 0
 
     # ------------------------------------------------------------------ the loop
 
@@ -183,24 +199,49 @@ class Executor:
         )
         self._repair_logs()
         self.recover()
-        records = {r.task_id: r for r in self.store.tasks(self.run_id)}
-        done = sum(1 for r in records.values() if r.status.terminal)
+        records = self.store.tasks(self.run_id)
+        done = sum(1 for r in records if r.status.terminal)
         self.progress.start(self.run_id, len(self.inputs.tasks), done)
-        started = 0
         try:
-            for task in self.inputs.tasks:
-                self.metrics.heartbeat()
-                if self.stop.is_set():
-                    break
-                if records[task.task_id].status.terminal:
-                    continue
-                if self.config.max_tasks is not None and started >= self.config.max_tasks:
-                    break
-                started += 1
-                self.execute_task(task)
+            while self._pass() and self.config.wait_for_breakers and not self.stop.is_set():
+                delay = self._next_check_delay()
+                self.progress.note(f"tasks are waiting; checking again in {delay:.1f}s")
+                self._sleep(delay)
         finally:
             self.progress.stop()
         return self.write_results()
+
+    def _pass(self) -> bool:
+        """One pass over the queue; True if tasks were parked for a reason that clears."""
+        self._parked = False
+        for task in self.inputs.tasks:
+            self.metrics.heartbeat()
+            if self.stop.is_set():
+                break
+            if self.store.task(self.run_id, task.task_id).status.terminal:
+                continue
+            if self.config.max_tasks is not None and self._started >= self.config.max_tasks:
+                break
+            safe_mode = self.health.check_safe_mode()
+            if safe_mode.active:
+                self._wait(task, safe_mode.summary())
+                continue
+            self._started += 1
+            self.execute_task(task)
+        return self._parked
+
+    def _next_check_delay(self) -> float:
+        """Until the earliest breaker may admit work again (bounded), never a busy loop."""
+        now = self.clocks.wall()
+        waits = [
+            retry_after(self.breakers.view(a), spec.breaker, now)
+            for a, spec in self.inputs.adapters.items()
+        ]
+        probes = [
+            s.health_check.interval_seconds for s in self.inputs.adapters.values() if s.health_check
+        ]
+        candidates = [w for w in waits if w] + probes
+        return min(max(min(candidates, default=5.0), 0.5), 60.0)
 
     def _plan(self, task: RoutedTask, record: TaskRecord) -> _TaskPlan:
         chain = AdapterChain.of(task.decision.adapter_id, task.decision.fallback_adapter_ids)
@@ -234,7 +275,7 @@ class Executor:
             plan.chain,
             plan.history,
             remaining_seconds=plan.budget.remaining(),
-            admits=self.breakers.admits_map(plan.chain.adapter_ids),
+            admits=self.health.admits_map(plan.chain.adapter_ids),
             schedule=plan.schedule,
             min_attempt_seconds=plan.policy.min_attempt_seconds,
         )
@@ -257,14 +298,14 @@ class Executor:
             if decision.include_gate_feedback and last_gate is not None:
                 extra = gate_feedback(last_gate)
         else:
-            selection = first_adapter(plan.chain, self.breakers.admits_map(plan.chain.adapter_ids))
+            selection = first_adapter(plan.chain, self.health.admits_map(plan.chain.adapter_ids))
             if selection.waiting_for_breaker:
                 return self._wait(task, selection.reason)
             adapter_id = selection.adapter_id
         while True:
             adapter = self.inputs.adapters[adapter_id]
             if adapter.kind is AdapterKind.MANUAL and not self._manual_patch_ready(task):
-                return self._wait(task, self._manual_wait(task))
+                return self._wait(task, self._manual_wait(task), transient=False)
             admission = self.breakers.acquire(adapter_id)
             if not admission.admitted:
                 return self._wait(task, admission.reason)
@@ -408,7 +449,9 @@ class Executor:
 
     # ------------------------------------------------------------------ waiting, manual
 
-    def _wait(self, task: RoutedTask, reason: str) -> TaskRecord:
+    def _wait(self, task: RoutedTask, reason: str, *, transient: bool = True) -> TaskRecord:
+        """Park a task PENDING with a visible reason; ``transient`` ones clear by themselves."""
+        self._parked |= transient
         self.store.set_waiting(self.run_id, task.task_id, reason)
         record = self.store.task(self.run_id, task.task_id)
         self.progress.task_done(record.result())
@@ -529,6 +572,14 @@ class Executor:
     def _breaker_transition(self, transition: BreakerTransition) -> None:
         self.metrics.breaker(transition.adapter_id, transition.to_state.value)
         self._resilience_event("circuit_breaker", **transition.to_record())
+
+    def _announce(self, event: str, fields: dict[str, object]) -> None:
+        """Health results and safe-mode changes: resilience log; safe mode also as an event."""
+        self._resilience_event(event, **fields)
+        if event.startswith("safe_mode_"):
+            name = EventName.SAFE_MODE_ENTERED if fields.get("active") else EventName.SAFE_MODE_LEFT
+            key = f"{self.run_id}//{name.value}/{fields.get('at')}"
+            self.events.write(self.store.run_event(self.run_id, name, dict(fields), key=key))
 
     def _resilience_event(self, event: str, **fields: Any) -> None:
         self.resilience_log.parent.mkdir(parents=True, exist_ok=True)

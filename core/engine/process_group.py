@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 MAX_LINE_BYTES = 64 * 1024
+#: After the leader exits, how long to keep reading output that is still in flight.
+DRAIN_SECONDS = 2.0
 TAIL_LINES = 40
 
 
@@ -110,6 +112,7 @@ def run_process_group(
 
     deadline = started + timeout
     kill_at: float | None = None
+    drain_until: float | None = None
     timed_out = cancelled = False
     open_pipes = 2
     while open_pipes or proc.poll() is None:
@@ -124,7 +127,15 @@ def run_process_group(
         if proc.poll() is not None:
             # The leader is gone; anything left in its group is an orphan: end it, then drain.
             _killpg(pgid, signal.SIGKILL)
+            if drain_until is None:
+                drain_until = now + DRAIN_SECONDS
+            elif now >= drain_until:
+                # A process that left the group (setsid) still holds the pipe: stop reading.
+                sink.line("stderr", "orchestrator: output pipe held open after exit; closed")
+                break
         timer = deadline if kill_at is None else kill_at
+        if drain_until is not None:
+            timer = min(timer, drain_until)
         wait = min(timer - now, 0.2 if (pidfd is None or stop is not None) else 60.0)
         for key, _ in sel.select(timeout=max(wait, 0.0)):
             if key.data == "exit":

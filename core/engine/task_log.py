@@ -48,7 +48,8 @@ class TaskLog:
 
     def line(self, stream: str, text: str) -> None:
         size = len(text.encode("utf-8", errors="replace"))
-        if self.written + size > self._max:
+        if self.dropped or self.written + size > self._max:
+            # once cut, stay cut: the log is always a prefix of the output
             if not self.dropped:
                 self._write(stream="orchestrator", event="output_truncated", limit=self._max)
             self.dropped += size

@@ -89,10 +89,9 @@ def mark_pre_existing(
         base = baseline.get(result.name)
         base_status = base.status if base else None
         status = result.status
-        if status is not CheckStatus.PASSED and base_status not in (
-            None,
-            CheckStatus.PASSED,
-        ):
+        # Only a check that ran and failed on both trees is pre-existing; one that could not
+        # run or timed out proves nothing and stays a failure of the gate.
+        if status is CheckStatus.FAILED and base_status is CheckStatus.FAILED:
             status = CheckStatus.PRE_EXISTING
         out.append(result.model_copy(update={"status": status, "baseline_status": base_status}))
     return out

@@ -15,6 +15,7 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: flood <lines>                print many lines
     fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
     fake-ai: exit <code>                  stop with that exit code
+    fake-ai: on-feedback write <path> :: <text>   only when the prompt carries gate feedback
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> int:
             continue
         words, _, text = raw.removeprefix("fake-ai:").partition(" :: ")
         op, *rest = shlex.split(words)
+        if op == "on-feedback":
+            if "## Feedback from the previous attempt" not in prompt:
+                continue
+            op, *rest = rest
         text = text.replace("\\n", "\n")
         if op == "write":
             path = Path(rest[0])
