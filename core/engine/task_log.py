@@ -5,6 +5,8 @@ Each record names the attempt and the stream (``stdout``/``stderr`` of the adapt
 flushed when written, so ``orchestrator logs -f`` and a crash both see everything so far. A
 size cap per attempt bounds the file; the first record past the cap is replaced by an explicit
 truncation marker and the number of dropped bytes is recorded when the attempt ends.
+An optional ``mirror`` stream receives every record too, as it is written (the runner in an
+adapter pod mirrors the log to its stdout, which the operator reads).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TaskLog:
         attempt: int,
         max_bytes: int,
         now: Callable[[], datetime] = utcnow,
+        mirror: IO[str] | None = None,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -39,6 +42,7 @@ class TaskLog:
         self._attempt = attempt
         self._max = max_bytes
         self._now = now
+        self._mirror = mirror
         self.written = 0
         self.dropped = 0
 
@@ -78,8 +82,12 @@ class TaskLog:
             "attempt": self._attempt,
             **fields,
         }
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        text = json.dumps(record, ensure_ascii=False) + "\n"
+        self._file.write(text)
         self._file.flush()
+        if self._mirror is not None:
+            self._mirror.write(text)
+            self._mirror.flush()
 
 
 class PrefixedSink:

@@ -1,0 +1,384 @@
+"""What runs inside an adapter or gate pod: ``python -m core.runner adapter|gate``.
+
+The runner holds no Kubernetes credentials and talks to nobody: it reads its request from the
+environment, works in ``$ORCHESTRATOR_WORKDIR`` (an emptyDir), and reports on stdout (see
+:mod:`core.runner.protocol`). It reuses the embedded engine's pieces, so a pod attempt and a
+local attempt produce the same evidence:
+
+* adapter: bare clone of the repository (:func:`ensure_mirror`), a worktree at the pinned base
+  commit, the adapter run as its own process group under the inner budget (SIGTERM, grace,
+  SIGKILL), then :func:`capture_diff` (also after a timeout: partial work is evidence);
+* gate: :func:`run_gate` on fresh checkouts of the base commit with the mounted diff applied.
+
+Layout of the work dir (nothing is written outside it; ``/tmp`` is left to the tools)::
+
+    mirrors/<repo>-<hash>.git     bare clone, its ``origin`` remote removed
+    attempt/tree                  the adapter's worktree
+    attempt/prompt.md             the prompt, outside the tree (not in the diff)
+    attempt/home                  $HOME of the adapter
+    attempt/gate-<n>              the gate's checkouts
+    attempt/log.jsonl             the same records as stdout
+    tmp/                          the runner's own temporary files
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import count
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from core import __version__
+from core.engine.adapters import process_invocation, prompt_text
+from core.engine.process_group import ProcessResult, run_process_group
+from core.engine.task_log import PrefixedSink, TaskLog
+from core.engine.test_gate import TAIL_CHARS, run_gate
+from core.engine.workspace import (
+    add_worktree,
+    apply_patch,
+    capture_diff,
+    ensure_mirror,
+    git,
+)
+from core.errors import InfrastructureError
+from core.models import AdapterKind
+from core.runner.protocol import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_WORKDIR,
+    EXIT_BAD_REQUEST,
+    EXIT_OK,
+    EXIT_RUNNER_FAILED,
+    GRACE_ENV,
+    REQUEST_ENV,
+    WORKDIR_ENV,
+    RunnerRequest,
+    RunnerResult,
+)
+
+USAGE = "usage: python -m core.runner adapter|gate  (request in $ORCHESTRATOR_REQUEST)"
+
+
+class BadRequest(Exception):
+    """The request is missing or invalid: retrying the same pod cannot help."""
+
+
+class RunnerFailure(Exception):
+    """The runner could not do its job (clone, checkout, patch file): infrastructure."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        request = load_request(args, os.environ.get(REQUEST_ENV))
+        workdir = Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR)
+        grace = _grace_seconds(os.environ.get(GRACE_ENV))
+    except BadRequest as exc:
+        print(f"orchestrator runner: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_REQUEST
+    out = _stdout()
+    stop = threading.Event()
+    _install_signal_handlers(request, stop)
+    try:
+        result = run(request, workdir, out=out, stop=stop, grace_seconds=grace)
+    except RunnerFailure as exc:
+        print(f"orchestrator runner: infrastructure failure: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RUNNER_FAILED
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"orchestrator runner: internal error: {exc!r}", file=sys.stderr, flush=True)
+        return EXIT_RUNNER_FAILED
+    out.write(result.result_line() + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+def load_request(args: Sequence[str], raw: str | None) -> RunnerRequest:
+    """Parse and check the request; :class:`BadRequest` names what is wrong."""
+    if len(args) != 1 or args[0] not in ("adapter", "gate"):
+        raise BadRequest(f"expected one argument, 'adapter' or 'gate'; got {args!r}\n{USAGE}")
+    if not raw:
+        raise BadRequest(f"{REQUEST_ENV} is not set (JSON of core.runner.protocol.RunnerRequest)")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{REQUEST_ENV} is not valid JSON: {exc}") from exc
+    try:
+        request = RunnerRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_describe(err)}" for err in exc.errors(include_url=False))
+        raise BadRequest(f"invalid {REQUEST_ENV}:\n{problems}") from exc
+    if request.kind != args[0]:
+        raise BadRequest(
+            f"kind: the request is for '{request.kind}', the runner was started as '{args[0]}'"
+        )
+    return request
+
+
+def _describe(err: ErrorDetails) -> str:
+    where = ".".join(str(part) for part in err["loc"])
+    if not where and err["type"] == "value_error":
+        # a whole-request rule (RunnerRequest._kind_inputs): its message names the field
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    return f"{where or '(request)'}: {err['msg']}"
+
+
+def run(
+    request: RunnerRequest,
+    workdir: Path,
+    *,
+    out: IO[str],
+    stop: threading.Event | None = None,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+) -> RunnerResult:
+    """Do what ``request`` asks in ``workdir``; log records go to ``out`` as they happen."""
+    tmp = workdir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp)
+    adir = workdir / "attempt"
+    log = TaskLog(
+        adir / "log.jsonl",
+        task_id=request.task.task_id,
+        attempt=request.attempt,
+        max_bytes=request.max_log_bytes,
+        mirror=out,
+    )
+    try:
+        if request.kind == "adapter":
+            result = _adapter(request, workdir, adir, log, stop, grace_seconds)
+        else:
+            result = _gate(request, workdir, adir, log)
+    except (RunnerFailure, InfrastructureError, OSError) as exc:
+        log.note("runner_failed", error=str(exc))
+        raise RunnerFailure(str(exc)) from exc
+    finally:
+        log.close()  # the output_dropped note, if any, precedes the result
+    return result.model_copy(update={"log_bytes": log.written, "log_truncated": log.truncated})
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def _adapter(
+    request: RunnerRequest,
+    workdir: Path,
+    adir: Path,
+    log: TaskLog,
+    stop: threading.Event | None,
+    grace_seconds: float,
+) -> RunnerResult:
+    started = time.monotonic()
+    task, adapter = request.task, request.adapter
+    mirror = _mirror(request, workdir, log)
+    try:
+        tree = add_worktree(mirror, adir / "tree", task.base_commit)
+    except InfrastructureError as exc:
+        raise RunnerFailure(f"checkout of {task.base_commit} failed: {exc}") from exc
+    log.note(
+        "attempt_started",
+        adapter=adapter.id,
+        kind=adapter.kind.value,
+        runner_version=__version__,
+        timeout_seconds=request.timeout_seconds,
+    )
+    if adapter.kind is AdapterKind.PROCESS:
+        proc = _run_process(request, workdir, adir, tree, log, stop, grace_seconds)
+    else:  # patch, and manual: the human's patch travels in the task's `patch` field
+        assert task.patch is not None  # checked by RunnerRequest
+        proc = _apply(tree, task.patch.encode(), log)
+    diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
+    log.note(
+        "diff_captured",
+        bytes=diff.summary.bytes,
+        files=diff.summary.files_changed,
+        sha256=diff.summary.sha256,
+        truncated=diff.summary.truncated,
+    )
+    if proc.timed_out:
+        log.note("adapter_timed_out", timeout_seconds=request.timeout_seconds)
+    log.note(
+        "attempt_finished",
+        exit_code=proc.exit_code,
+        signal=proc.signal,
+        timed_out=proc.timed_out,
+        cancelled=proc.cancelled,
+    )
+    return RunnerResult(
+        kind="adapter",
+        exit_code=proc.exit_code,
+        signal=proc.signal,
+        timed_out=proc.timed_out,
+        cancelled=proc.cancelled,
+        start_error=proc.start_error,
+        duration_seconds=round(time.monotonic() - started, 3),
+        output_tail=proc.tail[-TAIL_CHARS:],
+        diff=diff.summary,
+        patch_b64=None if diff.summary.truncated else base64.b64encode(diff.patch).decode(),
+        runner_version=__version__,
+    )
+
+
+def _run_process(
+    request: RunnerRequest,
+    workdir: Path,
+    adir: Path,
+    tree: Path,
+    log: TaskLog,
+    stop: threading.Event | None,
+    grace_seconds: float,
+) -> ProcessResult:
+    prompt = adir / "prompt.md"
+    prompt.write_text(prompt_text(request.task, request.extra_input), encoding="utf-8")
+    home = adir / "home"
+    home.mkdir(exist_ok=True)
+    inv = process_invocation(
+        request.adapter,
+        request.task,
+        attempt=request.attempt,
+        workspace=tree,
+        prompt_file=prompt,
+        home=home,
+        workdir=workdir,
+        python=sys.executable,
+    )
+    log.note("adapter_command", argv=inv.argv)
+    return run_process_group(
+        inv.argv,
+        cwd=tree,
+        env=inv.env,
+        timeout=request.timeout_seconds,
+        sink=log,
+        stdin_file=inv.stdin_file,
+        grace_seconds=grace_seconds,
+        stop=stop,
+    )
+
+
+def _apply(tree: Path, patch: bytes, log: TaskLog) -> ProcessResult:
+    started = time.monotonic()
+    method = apply_patch(tree, patch)
+    took = time.monotonic() - started
+    if method is None:
+        log.note("patch_failed", what="task patch")
+        return ProcessResult(1, None, False, False, None, took, "task patch does not apply")
+    log.note("patch_applied", what="task patch", method=method)
+    return ProcessResult(0, None, False, False, None, took, "")
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def _gate(request: RunnerRequest, workdir: Path, adir: Path, log: TaskLog) -> RunnerResult:
+    started = time.monotonic()
+    assert request.patch_file is not None  # checked by RunnerRequest
+    try:
+        patch = Path(request.patch_file).read_bytes()
+    except OSError as exc:
+        raise RunnerFailure(f"cannot read the patch file {request.patch_file}: {exc}") from exc
+    mirror = _mirror(request, workdir, log)
+    base = request.task.base_commit
+    log.note(
+        "gate_started",
+        checks=[c.name for c in request.gate_checks],
+        baseline=request.gate_baseline,
+        patch_bytes=len(patch),
+        patch_sha256=hashlib.sha256(patch).hexdigest(),
+        runner_version=__version__,
+    )
+    numbers = count(1)
+
+    @contextmanager
+    def checkout() -> Iterator[Path]:
+        # a fresh tree each time (baseline, then patched); the pod is thrown away after
+        yield add_worktree(mirror, adir / f"gate-{next(numbers)}", base)
+
+    gate = run_gate(
+        request.gate_checks,
+        patch=patch,
+        checkout=checkout,
+        sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
+        baseline=request.gate_baseline,
+        python=sys.executable,
+    )
+    log.note(
+        "gate_finished",
+        passed=gate.passed,
+        applied=gate.applied,
+        apply_method=gate.apply_method,
+        failed_checks=gate.failed_checks,
+    )
+    return RunnerResult(
+        kind="gate",
+        duration_seconds=round(time.monotonic() - started, 3),
+        gate=gate,
+        runner_version=__version__,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _mirror(request: RunnerRequest, workdir: Path, log: TaskLog) -> Path:
+    log.note("checkout_started", base_commit=request.task.base_commit)
+    try:
+        mirror = ensure_mirror(workdir / "mirrors", request.repo_url, request.task.base_commit)
+        # nothing in the pod needs the remote; an adapter must not push to (or read a token
+        # embedded in) the source URL through the worktree's git config
+        if b"origin" in git("remote", cwd=mirror).split():
+            git("remote", "remove", "origin", cwd=mirror)
+    except InfrastructureError as exc:
+        raise RunnerFailure(f"clone of the source failed: {exc}") from exc
+    return mirror
+
+
+def _grace_seconds(raw: str | None) -> float:
+    if not raw:
+        return DEFAULT_GRACE_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise BadRequest(f"{GRACE_ENV}: expected seconds between 0 and 3600, got {raw!r}")
+    return value
+
+
+def _stdout() -> IO[str]:
+    """stdout as UTF-8 whatever the locale; records are flushed one by one."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
+    return sys.stdout
+
+
+def _install_signal_handlers(request: RunnerRequest, stop: threading.Event) -> None:
+    """SIGTERM (pod deletion) and SIGINT.
+
+    Adapter: stop the adapter's group like a timeout does (reported ``cancelled``); its diff
+    and the result are still printed. Gate: exit at once (128 + signal) without a result.
+    As PID 1 of the container the runner would otherwise ignore SIGTERM altogether.
+    """
+
+    def adapter_handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def gate_handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    handler = adapter_handler if request.kind == "adapter" else gate_handler
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
