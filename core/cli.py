@@ -149,6 +149,17 @@ def execute(
             min=1, help="Enter safe mode when a breaker has not closed for this many seconds."
         ),
     ] = 900.0,
+    namespace: Annotated[
+        str, typer.Option(help="kubernetes backend: namespace of the TaskExecutions.")
+    ] = "default",
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(envvar="KUBECONFIG", help="kubernetes backend: kubeconfig file."),
+    ] = None,
+    follow_timeout: Annotated[
+        float | None,
+        typer.Option(help="kubernetes backend: stop following after this many seconds."),
+    ] = None,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
@@ -196,6 +207,36 @@ def execute(
     )
     console.print(f"results: {workdir / STATE_DIR / 'execution_results.json'}", highlight=False)
     if stop.is_set() or not results.finished:
+        raise typer.Exit(3)
+
+
+def _execute_on_kubernetes(
+    run: str, workdir: Path, namespace: str, kubeconfig: str | None, timeout: float | None
+) -> None:
+    from core.engine.monitoring.progress import ConsoleProgress
+    from core.kube.submit import KubernetesSubmitter
+
+    try:
+        submitter = KubernetesSubmitter(
+            workdir, run, namespace, kubeconfig=kubeconfig, progress=ConsoleProgress(console)
+        )
+        created = submitter.submit()
+        console.print(
+            f"run {run}: {created} TaskExecution(s) created in namespace {namespace} "
+            f"({len(submitter.inputs.tasks) - created} already there); following",
+            highlight=False,
+        )
+        results = submitter.follow(timeout)
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    s = results.summary
+    console.print(
+        f"run {run}: {s['COMPLETED']} completed, {s['FAILED']} failed, {s['TIMEOUT']} timeout, "
+        f"{s['CANCELLED']} cancelled, {s['PENDING'] + s['IN_PROGRESS'] + s['VALIDATING']} "
+        f"unfinished (of {s['total']})",
+        highlight=False,
+    )
+    if not results.finished:
         raise typer.Exit(3)
 
 

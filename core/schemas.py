@@ -1,4 +1,5 @@
-"""Generated artifacts: JSON Schemas of the state files (``schema/``), made from the models.
+"""Generated artifacts: JSON Schemas of the state files (``schema/``) and the CRDs (``crds/``),
+made from the models.
 
 ``orchestrator schema generate`` writes them; ``--check`` (and a unit test) fails on drift,
 so the files can never disagree with the pydantic models that read and write the data.
@@ -25,5 +26,8 @@ def json_schema_text(model_name: str) -> str:
 
 
 def generated_files() -> dict[str, str]:
-    """Relative path -> exact content of every generated file."""
-    return {f"{SCHEMA_DIR}/{name}": json_schema_text(name) for name in sorted(SCHEMA_MODELS)}
+    """Relative path -> exact content of every generated file (schemas and CRDs)."""
+    from core.crd import crd_files
+
+    files = {f"{SCHEMA_DIR}/{name}": json_schema_text(name) for name in sorted(SCHEMA_MODELS)}
+    return {**files, **crd_files()}

@@ -288,6 +288,8 @@ class Store:
     ) -> list[Event]:
         with self._session() as s:
             row = self._locked(s, run_id, task_id)
+            if row.status == TaskState.IN_PROGRESS.value and row.attempts == attempt:
+                return []  # replayed (e.g. an operator restarted after creating the Job)
             row.status = transition(TaskState(row.status), TaskState.IN_PROGRESS).value
             now = self._now()
             row.attempts, row.current_adapter_id, row.wait_reason = attempt, adapter_id, None
@@ -318,6 +320,8 @@ class Store:
     def set_validating(self, run_id: str, task_id: str) -> None:
         with self._session() as s:
             row = self._locked(s, run_id, task_id)
+            if row.status == TaskState.VALIDATING.value:
+                return
             row.status = transition(TaskState(row.status), TaskState.VALIDATING).value
             row.updated_at = self._now()
 
@@ -430,6 +434,29 @@ class Store:
                 attempt=row.attempts,
                 state=target,
                 payload={"failure_class": row.failure_class, "message": reason},
+            )
+            return [ev] if ev else []
+
+    def cancel(self, run_id: str, task_id: str, reason: str) -> list[Event]:
+        """A task cancelled from outside (e.g. its TaskExecution was deleted)."""
+        with self._session() as s:
+            row = self._locked(s, run_id, task_id)
+            current = TaskState(row.status)
+            if current.terminal:
+                return []
+            row.status = transition(current, TaskState.CANCELLED).value
+            now = self._now()
+            row.failure_class, row.failure_message = FailureClass.CANCELLED.value, reason
+            row.wait_reason, row.finished_at, row.updated_at = None, now, now
+            row.pid = row.workspace = None
+            ev = self._event(
+                s,
+                run_id,
+                EventName.TASK_FAILED,
+                task_id=task_id,
+                attempt=row.attempts,
+                state=TaskState.CANCELLED,
+                payload={"failure_class": FailureClass.CANCELLED.value, "message": reason},
             )
             return [ev] if ev else []
 

@@ -1,0 +1,186 @@
+"""Job and ConfigMap manifests for adapter and gate attempts.
+
+Names are deterministic (TaskExecution uid + attempt + role), so a retried or replayed
+reconcile creates the same object and a 409 means "already done". Pods run untrusted code:
+no service-account token, non-root, no privilege escalation, all capabilities dropped,
+RuntimeDefault seccomp, read-only root filesystem, resource limits from the Adapter. The
+runner enforces the budget; ``activeDeadlineSeconds`` is only a backstop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+from core.resources import AdapterResourceSpec
+
+Role = Literal["adapter", "gate"]
+MANAGED_BY = "orchestrator"
+LABEL_TE = "orchestrator.dev/taskexecution"
+LABEL_RUN = "orchestrator.dev/run"
+LABEL_TASK = "orchestrator.dev/task"
+LABEL_ATTEMPT = "orchestrator.dev/attempt"
+LABEL_ROLE = "orchestrator.dev/role"
+BACKSTOP_GRACE_SECONDS = 60
+WORKDIR = "/work"
+PATCH_DIR = "/etc/orchestrator/patch"
+RUNNER_UID = 10001
+
+
+def job_name(te_name: str, uid: str, attempt: int, role: Role) -> str:
+    """<=63 chars, unique per TaskExecution object, attempt and role."""
+    digest = hashlib.sha256(uid.encode()).hexdigest()[:8]
+    suffix = f"-{digest}-{attempt}{'a' if role == 'adapter' else 'g'}"
+    return te_name[: 63 - len(suffix)].rstrip("-.") + suffix
+
+
+def labels(te_name: str, run_id: str, task_id: str, attempt: int, role: Role) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/name": "orchestrator-runner",
+        LABEL_TE: te_name[:63],
+        LABEL_RUN: run_id,
+        LABEL_TASK: task_id,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_ROLE: role,
+    }
+
+
+def owner_reference(te: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": te["apiVersion"],
+        "kind": te["kind"],
+        "name": te["metadata"]["name"],
+        "uid": te["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": False,
+    }
+
+
+def _env(adapter: AdapterResourceSpec | None) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    for var in adapter.env if adapter else []:
+        if var.secret_key_ref is not None:
+            ref = {"name": var.secret_key_ref.name, "key": var.secret_key_ref.key}
+            env.append({"name": var.name, "valueFrom": {"secretKeyRef": ref}})
+        else:
+            env.append({"name": var.name, "value": var.value or ""})
+    return env
+
+
+def job_manifest(
+    *,
+    te: dict[str, Any],
+    name: str,
+    role: Role,
+    run_id: str,
+    task_id: str,
+    attempt: int,
+    image: str,
+    request_json: str,
+    deadline_seconds: float,
+    adapter: AdapterResourceSpec | None,
+    patch_configmap: str | None = None,
+    image_pull_policy: str = "IfNotPresent",
+) -> dict[str, Any]:
+    res = adapter.resources if adapter else None
+    limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
+    volumes: list[dict[str, Any]] = [
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "work", "mountPath": WORKDIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if patch_configmap is not None:
+        volumes.append({"name": "patch", "configMap": {"name": patch_configmap}})
+        mounts.append({"name": "patch", "mountPath": PATCH_DIR, "readOnly": True})
+    container = {
+        "name": role,
+        "image": image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "core.runner", role],
+        "env": [
+            {"name": "ORCHESTRATOR_REQUEST", "value": request_json},
+            {"name": "ORCHESTRATOR_WORKDIR", "value": WORKDIR},
+            {"name": "HOME", "value": f"{WORKDIR}/home"},
+            *(_env(adapter) if role == "adapter" else []),
+        ],
+        "resources": {"requests": dict(limits), "limits": dict(limits)},
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "runAsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_labels = labels(te["metadata"]["name"], run_id, task_id, attempt, role)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": te["metadata"]["namespace"],
+            "labels": pod_labels,
+            "ownerReferences": [owner_reference(te)],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": max(1, int(deadline_seconds) + BACKSTOP_GRACE_SECONDS),
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 10,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUNNER_UID,
+                        "runAsGroup": RUNNER_UID,
+                        "fsGroup": RUNNER_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def patch_configmap(te: dict[str, Any], name: str, patch_b64: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": te["metadata"]["namespace"],
+            "labels": {
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                LABEL_TE: te["metadata"]["name"][:63],
+            },
+            "ownerReferences": [owner_reference(te)],
+        },
+        "binaryData": {"patch": patch_b64},
+    }
+
+
+def job_finished(job: dict[str, Any]) -> str | None:
+    """'Complete' / 'Failed' when the Job is done, else None."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+            return str(cond["type"])
+    return None
+
+
+def job_failure_reason(job: dict[str, Any]) -> str | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+    return None

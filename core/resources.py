@@ -1,0 +1,324 @@
+"""The Kubernetes API of the controller: ``TaskExecution`` and ``Adapter`` in
+``orchestrator.dev/v1alpha1``, as pydantic models.
+
+The CRDs in ``crds/`` are generated from these models (``orchestrator schema generate``), and
+the operator parses every object through them, so the API server's validation and ours can
+not drift apart. Field names are camelCase as in every Kubernetes API; the engine's own
+policies (retry, breaker, gate checks, probes) are reused with camelCase aliases, and
+:func:`task_spec` / :func:`adapter_spec` convert to the engine's models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from core.models import (
+    COMMIT_PATTERN,
+    AdapterSpec,
+    BreakerPolicy,
+    CommandTemplate,
+    DiffSummary,
+    FailureClass,
+    GateCheck,
+    HealthProbe,
+    Identifier,
+    RetryPolicy,
+    TaskSpec,
+    TaskState,
+)
+
+GROUP = "orchestrator.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class _Api(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Retry(RetryPolicy):
+    model_config = _Api.model_config
+
+
+class Breaker(BreakerPolicy):
+    model_config = _Api.model_config
+
+
+class Check(GateCheck):
+    model_config = _Api.model_config
+
+
+class Probe(HealthProbe):
+    model_config = _Api.model_config
+
+
+class LocalObjectReference(_Api):
+    name: str = Field(min_length=1, max_length=253, description="Name in the same namespace.")
+
+
+class SecretKeySelector(_Api):
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, description="Key in the Secret.")
+
+
+class EnvVar(_Api):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
+    value: str | None = Field(default=None, description="Literal value.")
+    secret_key_ref: SecretKeySelector | None = Field(
+        default=None, description="Take the value from a Secret (e.g. the tool's API key)."
+    )
+
+
+class Resources(_Api):
+    cpu: str = Field(default="1", description="CPU request and limit, e.g. 500m.")
+    memory: str = Field(default="1Gi", description="Memory request and limit, e.g. 512Mi.")
+
+
+class EgressRule(_Api):
+    cidr: str = Field(description="Destination CIDR the adapter pods may reach.")
+    ports: list[int] = Field(default_factory=list, description="TCP ports (empty: all).")
+
+
+# --------------------------------------------------------------------------- Adapter
+
+
+class AdapterKind(StrEnum):
+    PROCESS = "process"
+    PATCH = "patch"
+    MANUAL = "manual"
+
+
+class AdapterResourceSpec(_Api):
+    """How an adapter turns a task into a change; shared by every TaskExecution naming it."""
+
+    kind: AdapterKind = Field(
+        description="process: run a command; patch: apply spec.task.patch; manual: a human's "
+        "patch in spec.task.patch."
+    )
+    description: str = Field(default="", max_length=1000, description="What this adapter is.")
+    image: str | None = Field(
+        default=None,
+        description="Image of the adapter pod; it must contain the runner (build FROM the "
+        "project image). Default: the operator's runner image.",
+    )
+    template: CommandTemplate | None = Field(
+        default=None, description="Built-in command for an AI CLI (aider, claude-code, ...)."
+    )
+    command: list[str] | None = Field(
+        default=None,
+        description="argv run in the checkout (kind=process); placeholders like {prompt_file}.",
+    )
+    stdin: Literal["none", "prompt"] = Field(
+        default="none", description="'prompt' feeds the prompt file to the tool's stdin."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Environment of the tool.")
+    timeout_seconds: float = Field(
+        default=1800, gt=0, le=604800, description="Default budget of a task on this adapter."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="CPU/memory of adapter pods (request = limit)."
+    )
+    gate: list[Check] = Field(default_factory=list, description="Default test-gate checks.")
+    retry: Retry = Field(
+        default_factory=Retry, description="Attempts, backoff and which failures retry."
+    )
+    breaker: Breaker = Field(
+        default_factory=Breaker, description="Circuit breaker thresholds of this adapter."
+    )
+    health_check: Probe | None = Field(default=None, description="Optional probe command.")
+    egress: list[EgressRule] = Field(
+        default_factory=list,
+        description="Where adapter pods may connect (NetworkPolicy); empty: nowhere.",
+    )
+
+
+class AdapterResourceStatus(_Api):
+    breaker_state: Literal["CLOSED", "OPEN", "HALF_OPEN"] = "CLOSED"
+    consecutive_failures: int = 0
+    opened_at: datetime | None = None
+    healthy: bool | None = None
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- TaskExecution
+
+
+class Source(_Api):
+    repo: str = Field(min_length=1, description="Git URL the pods clone (git://, https://).")
+    base_commit: str = Field(pattern=COMMIT_PATTERN, description="Full 40-hex commit.")
+    credentials_secret_ref: LocalObjectReference | None = Field(
+        default=None, description="Secret with git credentials (username/password keys)."
+    )
+
+
+class TaskText(_Api):
+    title: str = Field(default="", max_length=500)
+    prompt: str = Field(min_length=1, description="Instructions for the adapter.")
+    target_paths: list[str] = Field(default_factory=list, description="Files to change.")
+    patch: str | None = Field(
+        default=None, description="Unified diff, for `patch` and `manual` adapters."
+    )
+
+
+class GateSpec(_Api):
+    checks: list[Check] | None = Field(
+        default=None, description="Checks on the patched tree; default: the adapter's."
+    )
+    baseline: bool = Field(
+        default=False, description="Run the checks on the base first (pre-existing failures)."
+    )
+
+
+class TaskExecutionSpec(_Api):
+    """One routed task to execute. Immutable once created."""
+
+    run_id: Identifier = Field(default="k8s", description="Run this task belongs to.")
+    task_id: Identifier | None = Field(default=None, description="Default: metadata.name.")
+    source: Source = Field(description="The repository and the commit every attempt starts from.")
+    task: TaskText = Field(description="What to change.")
+    adapter_ref: LocalObjectReference = Field(description="The Adapter to use first.")
+    fallback_adapter_refs: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=10, description="Adapters to fall back to, in order."
+    )
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, le=604800, description="Budget for all attempts; default: adapter's."
+    )
+    retry: Retry | None = Field(default=None, description="Default: the adapter's policy.")
+    gate: GateSpec = Field(
+        default_factory=GateSpec, description="The test gate run on the patched tree."
+    )
+    allow_empty_diff: bool = Field(default=False, description="An empty diff is a success.")
+
+
+class Condition(_Api):
+    """``metav1.Condition``."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = None
+    last_transition_time: datetime
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+
+
+class CheckSummary(_Api):
+    name: str
+    status: str
+    exit_code: int | None = None
+    duration_seconds: float = 0
+
+
+class GateSummary(_Api):
+    passed: bool
+    applied: bool
+    apply_method: str | None = None
+    checks: list[CheckSummary] = Field(default_factory=list)
+
+
+class DiffStatus(_Api):
+    sha256: str
+    bytes: int
+    files_changed: int
+    insertions: int
+    deletions: int
+    binary_files: int = 0
+    truncated: bool = False
+    empty: bool = False
+
+
+class AttemptStatus(_Api):
+    attempt: int
+    adapter: str
+    job_name: str
+    gate_job_name: str | None = None
+    trial: bool = Field(default=False, description="Ran as a HALF_OPEN breaker trial.")
+    state: TaskState
+    failure_class: FailureClass | None = None
+    message: str = ""
+    exit_code: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    diff: DiffStatus | None = None
+    gate: GateSummary | None = None
+
+
+class TaskExecutionStatus(_Api):
+    state: TaskState = TaskState.PENDING
+    attempt: int = 0
+    adapter: str | None = None
+    reason: str = ""
+    failure_class: FailureClass | None = None
+    message: str = ""
+    job_name: str | None = None
+    gate_job_name: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    not_before: datetime | None = Field(default=None, description="Next attempt after this.")
+    diff: DiffStatus | None = None
+    gate: GateSummary | None = None
+    attempts: list[AttemptStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+def diff_status(diff: DiffSummary | None) -> DiffStatus | None:
+    if diff is None:
+        return None
+    return DiffStatus(
+        sha256=diff.sha256,
+        bytes=diff.bytes,
+        files_changed=diff.files_changed,
+        insertions=diff.insertions,
+        deletions=diff.deletions,
+        binary_files=diff.binary_files,
+        truncated=diff.truncated,
+        empty=diff.empty,
+    )
+
+
+def adapter_spec(name: str, spec: AdapterResourceSpec) -> AdapterSpec:
+    """The engine's view of an Adapter resource (env vars reach the pod through the Job)."""
+    return AdapterSpec(
+        id=name,
+        kind=spec.kind.value,
+        description=spec.description,
+        template=spec.template,
+        command=spec.command,
+        stdin=spec.stdin,
+        pass_env=[e.name for e in spec.env],
+        timeout_seconds=spec.timeout_seconds,
+        gate=[GateCheck.model_validate(c.model_dump()) for c in spec.gate],
+        retry=RetryPolicy.model_validate(spec.retry.model_dump()),
+        breaker=BreakerPolicy.model_validate(spec.breaker.model_dump()),
+        health_check=HealthProbe.model_validate(spec.health_check.model_dump())
+        if spec.health_check
+        else None,
+    )
+
+
+def task_spec(name: str, spec: TaskExecutionSpec) -> TaskSpec:
+    """The engine's view of a TaskExecution."""
+    checks = spec.gate.checks
+    return TaskSpec(
+        task_id=spec.task_id or name,
+        title=spec.task.title,
+        prompt=spec.task.prompt,
+        repo=spec.source.repo,
+        base_commit=spec.source.base_commit,
+        target_paths=spec.task.target_paths,
+        patch=spec.task.patch,
+        timeout_seconds=spec.timeout_seconds,
+        gate=[GateCheck.model_validate(c.model_dump()) for c in checks]
+        if checks is not None
+        else None,
+        gate_baseline=spec.gate.baseline,
+        allow_empty_diff=spec.allow_empty_diff,
+        retry=RetryPolicy.model_validate(spec.retry.model_dump()) if spec.retry else None,
+    )

@@ -1,0 +1,177 @@
+"""Pure logic of the Kubernetes backend: Job manifests, names, CRD schemas, conditions.
+
+These tests check what we *send*; what the API server does with it is tested in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiClient, V1Job
+
+from core.crd import adapter_crd, task_execution_crd
+from core.kube.conditions import set_conditions
+from core.kube.jobs import BACKSTOP_GRACE_SECONDS, job_manifest, job_name
+from core.models import TaskState
+from core.resources import AdapterResourceSpec, TaskExecutionStatus
+
+TE = {
+    "apiVersion": "orchestrator.dev/v1alpha1",
+    "kind": "TaskExecution",
+    "metadata": {"name": "fix-bug", "namespace": "team-a", "uid": "1234-abcd"},
+}
+ADAPTER = AdapterResourceSpec.model_validate(
+    {
+        "kind": "process",
+        "template": "claude-code",
+        "env": [
+            {"name": "ANTHROPIC_API_KEY", "secretKeyRef": {"name": "keys", "key": "anthropic"}},
+            {"name": "MODE", "value": "fast"},
+        ],
+        "resources": {"cpu": "250m", "memory": "300Mi"},
+    }
+)
+
+
+def manifest(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "te": TE,
+        "name": job_name("fix-bug", "1234-abcd", 1, "adapter"),
+        "role": "adapter",
+        "run_id": "r1",
+        "task_id": "fix-bug",
+        "attempt": 1,
+        "image": "localhost/orchestrator/orchestrator:src-1",
+        "request_json": '{"kind": "adapter"}',
+        "deadline_seconds": 600,
+        "adapter": ADAPTER,
+    }
+    return job_manifest(**{**args, **overrides})
+
+
+def test_job_names_are_deterministic_unique_and_dns_safe() -> None:
+    a1 = job_name("fix-bug", "uid-1", 1, "adapter")
+    assert a1 == job_name("fix-bug", "uid-1", 1, "adapter")
+    others = {
+        job_name("fix-bug", "uid-1", 2, "adapter"),
+        job_name("fix-bug", "uid-1", 1, "gate"),
+        job_name("fix-bug", "uid-2", 1, "adapter"),
+    }
+    assert a1 not in others and len(others) == 3
+    long = job_name("x" * 250, "uid-1", 12, "gate")
+    assert len(long) <= 63 and long.endswith("-12g")
+
+
+def test_adapter_pods_are_locked_down() -> None:
+    job = manifest()
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert spec["backoffLimit"] == 0
+    assert spec["activeDeadlineSeconds"] == 600 + BACKSTOP_GRACE_SECONDS
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsUser"] != 0
+    assert container["resources"]["limits"] == {"cpu": "250m", "memory": "300Mi"}
+    assert container["command"] == ["python", "-m", "core.runner", "adapter"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ANTHROPIC_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "keys", "key": "anthropic"}
+    }
+    assert env["MODE"]["value"] == "fast"
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "1234-abcd" and owner["controller"] is True
+    labels = job["metadata"]["labels"]
+    assert (
+        labels["orchestrator.dev/attempt"] == "1" and labels["orchestrator.dev/role"] == "adapter"
+    )
+    assert spec["template"]["metadata"]["labels"] == labels
+
+
+def test_gate_pods_get_no_adapter_secrets_and_mount_the_patch() -> None:
+    job = manifest(role="gate", name="g", patch_configmap="g-patch")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert "ANTHROPIC_API_KEY" not in names and "MODE" not in names
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["patch"]["configMap"] == {"name": "g-patch"}
+
+
+def test_manifest_parses_into_the_typed_kubernetes_model() -> None:
+    job: V1Job = ApiClient().deserialize(json.dumps(manifest()), "V1Job", "application/json")
+    assert job.spec.backoff_limit == 0
+    assert job.spec.template.spec.automount_service_account_token is False
+    assert job.spec.template.spec.containers[0].security_context.capabilities.drop == ["ALL"]
+
+
+def _walk(node: Any, path: str = "$") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, value in node.items():
+            out += _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _walk(value, f"{path}[{i}]")
+    return out
+
+
+@pytest.mark.parametrize("crd", [task_execution_crd(), adapter_crd()], ids=["tex", "adp"])
+def test_crd_schemas_are_structural(crd: dict[str, Any]) -> None:
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "$ref" not in node and "$defs" not in node, path
+        assert node.get("additionalProperties") is not False, path
+        assert "const" not in node, path
+        for option in node.get("anyOf", []):
+            assert option.get("type") != "null", path
+        if node.get("type") == "object" and path.endswith(("spec", "status")):
+            assert "properties" in node, path
+    spec = schema["properties"]["spec"]
+    assert spec["x-kubernetes-validations"], "CEL rules expected"
+    assert all("description" in spec["properties"][k] for k in spec["properties"])
+
+
+def test_task_execution_crd_columns_and_immutability() -> None:
+    crd = task_execution_crd()
+    version = crd["spec"]["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "State",
+        "Adapter",
+        "Attempt",
+        "Reason",
+        "Age",
+    ]
+    assert version["subresources"] == {"status": {}}
+    assert crd["spec"]["names"]["shortNames"] == ["tex"]
+    rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    assert rules[0]["rule"] == "self == oldSelf"
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_conditions_keep_transition_time_until_their_status_changes() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    running = set_conditions(
+        TaskExecutionStatus(state=TaskState.IN_PROGRESS, reason="AdapterRunning"), t0, 1
+    )
+    by_type = {c.type: c for c in running.conditions}
+    assert by_type["Running"].status == "True" and by_type["Succeeded"].status == "Unknown"
+    t1 = t0 + timedelta(minutes=1)
+    validating = set_conditions(running.model_copy(update={"state": TaskState.VALIDATING}), t1, 1)
+    assert {c.type: c.last_transition_time for c in validating.conditions}["Running"] == t0
+    t2 = t1 + timedelta(minutes=1)
+    done = set_conditions(
+        validating.model_copy(update={"state": TaskState.COMPLETED, "reason": "Completed"}), t2, 1
+    )
+    final = {c.type: c for c in done.conditions}
+    assert final["Running"].status == "False" and final["Running"].last_transition_time == t2
+    assert final["Succeeded"].status == "True" and final["Succeeded"].reason == "Completed"
