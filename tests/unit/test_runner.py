@@ -113,6 +113,25 @@ def run_runner(
     return proc, parse_pod_log(proc.stdout)
 
 
+def start_runner(mode: str, workdir: Path, req: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.runner", mode],
+        env=pod_env(workdir, req),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """The rest of stdout (through the file object: what readline() buffered is kept)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    err = proc.stderr.read()  # the runner's stderr is a few lines: no pipe deadlock
+    proc.wait(timeout=20)
+    return out, err
+
+
 def ok_result(proc: subprocess.CompletedProcess[str], parsed: ParsedLog) -> RunnerResult:
     assert proc.returncode == EXIT_OK, proc.stderr
     assert parsed.result is not None, proc.stdout[-2000:]
@@ -199,23 +218,10 @@ def test_process_adapter_timeout_keeps_partial_output_and_diff(repo: Any, workdi
     )
     req = request(repo, adapter=py_adapter(script), timeout_seconds=1.5)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "core.runner", "adapter"],
-        env=pod_env(workdir, req),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    # streaming: the adapter's first line is on stdout while the adapter still runs
-    first = ""
-    while '"line 1"' not in first:
-        first = proc.stdout.readline()
-        assert first, "stdout ended before the adapter's first line"
-    assert proc.poll() is None
-    rest, err = proc.communicate(timeout=20)
+    proc = start_runner("adapter", workdir, req)
+    out, err = finish(proc)
     took = time.monotonic() - started
-    parsed = parse_pod_log(first + rest)
+    parsed = parse_pod_log(out)
 
     assert proc.returncode == EXIT_OK, err
     result = parsed.result
@@ -244,6 +250,7 @@ def test_process_adapter_nonzero_exit_env_from_scratch_and_log_cap(
         "print('home', os.environ['HOME'].startswith(os.environ['ORCHESTRATOR_WD']))\n"
         "for i in range(500):\n"
         "    print('filler line', i)\n"
+        "sys.stdout.flush()\n"
         "print('boom', file=sys.stderr)\n"
         "sys.exit(3)\n"
     )
@@ -298,21 +305,18 @@ def test_sigterm_cancels_the_adapter_and_still_reports(repo: Any, workdir: Path)
         "time.sleep(60)\n"
     )
     req = request(repo, adapter=py_adapter(script), timeout_seconds=60)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "core.runner", "adapter"],
-        env=pod_env(workdir, req),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_runner("adapter", workdir, req)
     assert proc.stdout is not None
+    # streaming: the adapter's line is on stdout while the adapter still runs (it sleeps
+    # for a minute and its budget is a minute: only our signal below can end it)
     seen = ""
     while '"working"' not in seen:
         line = proc.stdout.readline()
         assert line, "stdout ended early"
         seen += line
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)  # what the kubelet does when the pod is deleted
-    rest, err = proc.communicate(timeout=15)
+    rest, err = finish(proc)
     assert proc.returncode == EXIT_OK, err
     result = parse_pod_log(seen + rest).result
     assert result is not None and result.cancelled and not result.timed_out
