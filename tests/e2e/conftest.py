@@ -48,7 +48,9 @@ class KubeCluster:
         self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         if not self.kubectl_bin:
-            pytest.fail("kubectl not found: put it on PATH (or use the local cluster, which has one)")
+            pytest.fail(
+                "kubectl not found: put it on PATH (or use the local cluster, which has one)"
+            )
         proc = subprocess.run(
             [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
             capture_output=True,
@@ -71,7 +73,9 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _cluster_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _cluster_script(
+    name: str, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(CLUSTER_DIR / name), *args], capture_output=True, text=True, timeout=timeout
     )
