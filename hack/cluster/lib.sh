@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables are used by the scripts that source this file
 # Shared settings for hack/cluster/* scripts. Sourced, never executed.
 #
 # Everything the local cluster uses is decided here: versions, paths and the
