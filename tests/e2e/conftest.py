@@ -8,7 +8,8 @@ Which cluster:
     up (root needed; binaries/images are built on first use, see hack/cluster/README.md)
     and the project image built from the current source is used (pull policy Never).
     At session end it is brought down again if this session started it, unless
-    ``ORCHESTRATOR_KEEP_CLUSTER=1``.
+    ``ORCHESTRATOR_KEEP_CLUSTER=1``. A ``$KUBECONFIG`` that is the local cluster's own
+    kubeconfig counts as the local cluster (never torn down by the session).
 
 Fixtures: ``kube_cluster`` (everything below in one object), ``kubeconfig`` (path),
 ``project_image`` (image reference), ``image_pull_policy``, ``kubectl`` (run kubectl
@@ -83,15 +84,24 @@ def _cluster_script(
 
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[KubeCluster]:
-    env_kubeconfig = os.environ.get("KUBECONFIG")
-    if env_kubeconfig:
+    local_paths = _local_paths()
+    env_kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    # $KUBECONFIG naming the local cluster's own kubeconfig (after `export
+    # KUBECONFIG=$(hack/cluster/kubeconfig)`) still means the local cluster: its images and
+    # kubectl, refreshed by an idempotent `up`, and never torn down by the session.
+    is_local_kubeconfig = bool(env_kubeconfig) and (
+        local_paths.get("KUBECONFIG_PATH") is not None
+        and os.path.realpath(env_kubeconfig) == os.path.realpath(local_paths["KUBECONFIG_PATH"])
+    )
+    if env_kubeconfig and not is_local_kubeconfig:
+        image = os.environ.get("ORCHESTRATOR_IMAGE") or None
         yield KubeCluster(
-            kubeconfig=env_kubeconfig.split(os.pathsep)[0],
+            kubeconfig=env_kubeconfig,
             local=False,
             kubectl_bin=shutil.which("kubectl"),
-            project_image=os.environ.get("ORCHESTRATOR_IMAGE") or None,
+            project_image=image,
             project_image_error=None
-            if os.environ.get("ORCHESTRATOR_IMAGE")
+            if image
             else "ORCHESTRATOR_IMAGE is not set: with $KUBECONFIG, name the project image "
             "the cluster can run (e.g. one loaded with `kind load docker-image`)",
             image_pull_policy=os.environ.get("ORCHESTRATOR_IMAGE_PULL_POLICY", "IfNotPresent"),
@@ -103,7 +113,7 @@ def kube_cluster() -> Iterator[KubeCluster]:
             "the local cluster (hack/cluster/up) needs root; run as root or set $KUBECONFIG "
             "to an existing cluster"
         )
-    was_running = _cluster_script("status").returncode == 0
+    was_running = is_local_kubeconfig or _cluster_script("status").returncode == 0
     started = time.monotonic()
     up = _cluster_script("up", timeout=UP_TIMEOUT_S)
     if up.returncode != 0:
@@ -111,14 +121,13 @@ def kube_cluster() -> Iterator[KubeCluster]:
     kubeconfig = up.stdout.strip().splitlines()[-1]
     print(f"\nlocal cluster ready in {time.monotonic() - started:.0f}s: KUBECONFIG={kubeconfig}")
 
-    state_dir = Path(kubeconfig).parent.parent
-    images = _read_env_file(state_dir / "images.env")
-    bin_dir = _local_bin_dir()
+    images = _read_env_file(Path(kubeconfig).parent.parent / "images.env")
+    bin_kubectl = Path(local_paths.get("BIN_DIR", "/nonexistent"), "kubectl")
     override = os.environ.get("ORCHESTRATOR_IMAGE")
     cluster = KubeCluster(
         kubeconfig=kubeconfig,
         local=True,
-        kubectl_bin=str(Path(bin_dir) / "kubectl") if bin_dir else shutil.which("kubectl"),
+        kubectl_bin=str(bin_kubectl) if bin_kubectl.exists() else shutil.which("kubectl"),
         project_image=override or images.get("PROJECT_IMAGE") or None,
         project_image_error=None if override else images.get("PROJECT_IMAGE_ERROR") or None,
         image_pull_policy=os.environ.get("ORCHESTRATOR_IMAGE_PULL_POLICY", "Never"),
@@ -133,16 +142,24 @@ def kube_cluster() -> Iterator[KubeCluster]:
                 print(f"hack/cluster/down failed ({down.returncode}):\n{down.stderr[-3000:]}")
 
 
-def _local_bin_dir() -> str | None:
-    """The local cluster's binary directory (where its kubectl lives), from lib.sh."""
+def _local_paths() -> dict[str, str]:
+    """BIN_DIR (where the local kubectl lives) and KUBECONFIG_PATH, from hack/cluster/lib.sh."""
     proc = subprocess.run(
-        ["bash", "-c", f'source "{CLUSTER_DIR}/lib.sh" && echo "$BIN_DIR"'],
+        [
+            "bash",
+            "-c",
+            f'source "{CLUSTER_DIR}/lib.sh" && echo "BIN_DIR=$BIN_DIR" '
+            '&& echo "KUBECONFIG_PATH=$KUBECONFIG_PATH"',
+        ],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    path = proc.stdout.strip()
-    return path if proc.returncode == 0 and path and Path(path, "kubectl").exists() else None
+    if proc.returncode != 0:
+        return {}
+    return dict(
+        line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and line[0] != "="
+    )
 
 
 @pytest.fixture(scope="session")
