@@ -26,8 +26,9 @@ def json_schema_text(model_name: str) -> str:
 
 
 def generated_files() -> dict[str, str]:
-    """Relative path -> exact content of every generated file (schemas and CRDs)."""
+    """Relative path -> exact content of every generated file (schemas, CRDs, chart files)."""
+    from core.chart_values import chart_files
     from core.crd import crd_files
 
     files = {f"{SCHEMA_DIR}/{name}": json_schema_text(name) for name in sorted(SCHEMA_MODELS)}
-    return {**files, **crd_files()}
+    return {**files, **crd_files(), **chart_files()}

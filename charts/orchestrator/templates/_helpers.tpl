@@ -1,0 +1,90 @@
+{{/* Names. */}}
+{{- define "orchestrator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "orchestrator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "orchestrator.labels" -}}
+helm.sh/chart: {{ include "orchestrator.chart" . }}
+app.kubernetes.io/name: {{ include "orchestrator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: orchestrator
+{{- end }}
+
+{{- define "orchestrator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "orchestrator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace whose TaskExecutions are watched (namespaced mode). */}}
+{{- define "orchestrator.watchNamespace" -}}
+{{- default .Release.Namespace .Values.watch.namespace }}
+{{- end }}
+
+{{- define "orchestrator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "orchestrator.runnerImage" -}}
+{{- default (include "orchestrator.image" .) .Values.runner.image }}
+{{- end }}
+
+{{- define "orchestrator.peeringName" -}}
+{{- default (include "orchestrator.fullname" .) .Values.peering.name }}
+{{- end }}
+
+{{/* Migrations run in a hook Job (PostgreSQL) or by the operator at start (SQLite). */}}
+{{- define "orchestrator.hookMigrations" -}}
+{{- if and (eq .Values.database.type "postgresql") .Values.migrations.hook }}true{{ end }}
+{{- end }}
+
+{{/* The database URL env entry (PostgreSQL only; SQLite is the operator's default). */}}
+{{- define "orchestrator.databaseEnv" -}}
+{{- if eq .Values.database.type "postgresql" }}
+- name: ORCHESTRATOR_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "database.postgresql.urlSecret.name: the Secret holding the PostgreSQL URL" .Values.database.postgresql.urlSecret.name }}
+      key: {{ required "database.postgresql.urlSecret.key" .Values.database.postgresql.urlSecret.key }}
+{{- end }}
+{{- end }}
+
+{{/* Cross-field checks that values.schema.json cannot express. */}}
+{{- define "orchestrator.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (eq .Values.database.type "sqlite") }}
+{{- fail "replicaCount: 2 needs database.type=postgresql (SQLite on a ReadWriteOnce volume serves one replica)" }}
+{{- end }}
+{{- if and (gt (int .Values.replicaCount) 1) .Values.persistence.enabled (has "ReadWriteOnce" .Values.persistence.accessModes) }}
+{{- fail "replicaCount: 2 shares the work dir (ledger, logs): set persistence.accessModes to [ReadWriteMany], or persistence.enabled=false" }}
+{{- end }}
+{{- if and .Values.watch.allNamespaces .Values.watch.namespace }}
+{{- fail "watch.namespace and watch.allNamespaces exclude each other" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,321 @@
+"""The values of the Helm chart (``charts/orchestrator``) as a pydantic model.
+
+``charts/orchestrator/values.schema.json`` is generated from :class:`ChartValues` by
+``orchestrator schema generate`` (a unit test fails on drift), so ``helm install`` rejects a
+mistyped key or a wrong type before anything reaches the cluster. ``values.yaml`` is written
+by hand for its comments; a unit test checks that it equals the model's defaults.
+Keys are camelCase, as in every Helm chart. Cross-field rules that JSON Schema cannot say
+well (two replicas need PostgreSQL, an AI adapter needs an image and an API-key Secret) are
+checked by the templates with ``fail``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from core.resources import Check, EgressRule, EnvVar, Resources
+
+VALUES_SCHEMA_PATH = "charts/orchestrator/values.schema.json"
+
+
+class _Values(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+def _restricted_pod() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _restricted_container() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+class Image(_Values):
+    repository: str = Field(default="orchestrator", description="Image of the project.")
+    tag: str = Field(default="", description="Default: the chart's appVersion.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class Runner(_Values):
+    image: str = Field(
+        default="",
+        description="Image of adapter and gate pods (must contain the runner). Default: image.",
+    )
+    pull_policy: Literal["", "Always", "IfNotPresent", "Never"] = Field(
+        default="", description="Default: image.pullPolicy."
+    )
+
+
+class Watch(_Values):
+    all_namespaces: bool = Field(
+        default=False,
+        description="Watch TaskExecutions in every namespace (ClusterRole); default: one namespace "
+        "(Role).",
+    )
+    namespace: str = Field(
+        default="", description="The namespace watched when not allNamespaces; default: release's."
+    )
+
+
+class Peering(_Values):
+    name: str = Field(default="", description="KopfPeering object name; default: fullname.")
+
+
+class Operator(_Values):
+    resync_seconds: float = Field(default=30, gt=0, description="Periodic full re-list.")
+    max_diff_bytes: int = Field(
+        default=512 * 1024, gt=0, le=900 * 1024, description="Diff cap (it travels in a ConfigMap)."
+    )
+    log_format: Literal["plain", "full", "json"] = "plain"
+    verbose: bool = Field(default=False, description="kopf --verbose.")
+    health_port: int = Field(default=8080, ge=1, le=65535, description="kopf's /healthz.")
+    extra_env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra env entries of the operator container."
+    )
+
+
+class SecretKey(_Values):
+    name: str = Field(default="", description="Secret name.")
+    key: str = Field(default="", description="Key in the Secret.")
+
+
+class PostgreSQL(_Values):
+    url_secret: SecretKey = Field(
+        default_factory=lambda: SecretKey(key="url"),
+        description="Secret holding the SQLAlchemy URL, e.g. postgresql://user:pw@host:5432/db.",
+    )
+
+
+class Database(_Values):
+    type: Literal["sqlite", "postgresql"] = Field(
+        default="sqlite",
+        description="sqlite: a file on the persistence volume (one replica); postgresql: external.",
+    )
+    postgresql: PostgreSQL = Field(default_factory=PostgreSQL)
+
+
+class Migrations(_Values):
+    hook: bool = Field(
+        default=True,
+        description="postgresql: migrate in a pre-install/pre-upgrade hook Job (else at start).",
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        }
+    )
+
+
+class Persistence(_Values):
+    enabled: bool = Field(
+        default=True, description="A PVC for the work dir (SQLite DB, ledger, logs); else emptyDir."
+    )
+    existing_claim: str = ""
+    storage_class: str | None = Field(
+        default=None, description="null: the cluster's default StorageClass."
+    )
+    access_modes: list[str] = Field(default_factory=lambda: ["ReadWriteOnce"])
+    size: str = "1Gi"
+
+
+class ServiceAccount(_Values):
+    create: bool = True
+    name: str = Field(default="", description="Default: fullname.")
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Rbac(_Values):
+    create: bool = True
+
+
+class MetricsService(_Values):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ServiceMonitor(_Values):
+    enabled: bool = Field(default=False, description="Needs the Prometheus Operator's CRDs.")
+    interval: str = "30s"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Metrics(_Values):
+    enabled: bool = True
+    port: int = Field(default=9100, ge=1, le=65535)
+    service: MetricsService = Field(default_factory=MetricsService)
+    service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
+
+
+class NetworkPolicy(_Values):
+    enabled: bool = Field(
+        default=True,
+        description="Deny all ingress and egress of adapter/gate pods except the rules below.",
+    )
+    allow_dns: bool = Field(default=True, description="Allow DNS (port 53) to any namespace.")
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Where to create the policy; default: the watched namespace (with "
+        "watch.allNamespaces: the release namespace; list the others here).",
+    )
+    egress: list[EgressRule] = Field(
+        default_factory=list,
+        description="Allowed egress of runner pods: the git server they clone from, AI APIs.",
+    )
+    extra_egress: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicyEgressRule objects appended as they are (e.g. a podSelector).",
+    )
+
+
+class SampleAdapter(_Values):
+    enabled: bool = False
+    name: str = Field(description="Adapter resource name (TaskExecutions refer to it).")
+    description: str = ""
+    image: str = Field(
+        default="",
+        description="Image with the tool installed, built FROM the project image; default: "
+        "runner image (which has no AI CLI).",
+    )
+    api_key_secret: SecretKey = Field(
+        default_factory=SecretKey, description="Secret with the tool's API key."
+    )
+    api_key_env: str = Field(default="", description="Env var the tool reads its API key from.")
+    command: list[str] | None = Field(default=None, description="argv (script adapter).")
+    timeout_seconds: float = Field(default=1800, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+    gate: list[Check] = Field(default_factory=list, description="Default test-gate checks.")
+    egress: list[EgressRule] = Field(
+        default_factory=list, description="Recorded on the Adapter; enforce with networkPolicy."
+    )
+    extra_env: list[EnvVar] = Field(default_factory=list)
+
+
+class Adapters(_Values):
+    patch: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            enabled=True,
+            name="patch",
+            description="Applies the unified diff in spec.task.patch (deterministic).",
+            timeout_seconds=300,
+            resources=Resources(cpu="500m", memory="256Mi"),
+        )
+    )
+    script: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            enabled=True,
+            name="script",
+            description="Runs a fixed command in the checkout (here: records the task's prompt).",
+            command=["sh", "-c", 'cat "$ORCHESTRATOR_PROMPT_FILE" >> TASKS.md'],
+            timeout_seconds=300,
+            resources=Resources(cpu="500m", memory="256Mi"),
+        )
+    )
+    aider: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            name="aider",
+            description="aider (needs an image with aider and an API-key Secret).",
+            api_key_env="OPENAI_API_KEY",
+            api_key_secret=SecretKey(key="api-key"),
+        )
+    )
+    claude_code: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            name="claude-code",
+            description="Claude Code (needs an image with `claude` and an API-key Secret).",
+            api_key_env="ANTHROPIC_API_KEY",
+            api_key_secret=SecretKey(key="api-key"),
+        )
+    )
+    codex: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            name="codex",
+            description="Codex CLI (needs an image with `codex` and an API-key Secret).",
+            api_key_env="OPENAI_API_KEY",
+            api_key_secret=SecretKey(key="api-key"),
+        )
+    )
+    opencode: SampleAdapter = Field(
+        default_factory=lambda: SampleAdapter(
+            name="opencode",
+            description="OpenCode (needs an image with `opencode` and an API-key Secret).",
+            api_key_env="ANTHROPIC_API_KEY",
+            api_key_secret=SecretKey(key="api-key"),
+        )
+    )
+
+
+class GrafanaDashboard(_Values):
+    enabled: bool = Field(default=False, description="A ConfigMap for Grafana's sidecar.")
+    labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"})
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ChartValues(_Values):
+    """Everything ``helm install -f my-values.yaml`` accepts."""
+
+    name_override: str = ""
+    fullname_override: str = ""
+    image: Image = Field(default_factory=Image)
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list)
+    runner: Runner = Field(default_factory=Runner)
+    watch: Watch = Field(default_factory=Watch)
+    replica_count: int = Field(
+        default=1, ge=1, le=2, description="2: hot standby through kopf peering (PostgreSQL)."
+    )
+    peering: Peering = Field(default_factory=Peering)
+    operator: Operator = Field(default_factory=Operator)
+    database: Database = Field(default_factory=Database)
+    migrations: Migrations = Field(default_factory=Migrations)
+    persistence: Persistence = Field(default_factory=Persistence)
+    service_account: ServiceAccount = Field(default_factory=ServiceAccount)
+    rbac: Rbac = Field(default_factory=Rbac)
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "512Mi"},
+        }
+    )
+    pod_security_context: dict[str, Any] = Field(default_factory=_restricted_pod)
+    security_context: dict[str, Any] = Field(default_factory=_restricted_container)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str = ""
+    metrics: Metrics = Field(default_factory=Metrics)
+    network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    adapters: Adapters = Field(default_factory=Adapters)
+    grafana_dashboard: GrafanaDashboard = Field(default_factory=GrafanaDashboard)
+
+
+def values_schema_text() -> str:
+    schema = ChartValues.model_json_schema(by_alias=True)
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def chart_files() -> dict[str, str]:
+    """Generated files of the chart: its values schema and copies of the CRDs."""
+    from core.crd import crd_files
+
+    files = {f"charts/orchestrator/{rel}": text for rel, text in crd_files().items()}
+    files[VALUES_SCHEMA_PATH] = values_schema_text()
+    return files

@@ -1,0 +1,296 @@
+"""The Helm chart on a real cluster: every documented option accepted by the API server
+(`kubectl apply --dry-run=server`), then the README's Kubernetes quickstart for real: `helm
+install` with the locally built image into a namespace enforcing the Pod Security Standard
+`restricted`, the operator pod Ready, examples/taskexecution.yaml COMPLETED with its diff
+summary, `helm test`, and `helm uninstall` leaving nothing the operator or the chart made."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.operator_harness import get_json, wait_for
+from tests.unit.test_chart import CHART, EXAMPLE, OPTIONS, helm_bin, render
+
+pytestmark = pytest.mark.cluster
+
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+EXAMPLE_GIT_EGRESS = {
+    "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "demo-git-server"}}}],
+    "ports": [{"port": 9418}],
+}
+
+
+def _restricted(kubectl: Any, namespace: str) -> None:
+    kubectl("label", "namespace", namespace, "--overwrite", *(f"{k}={v}" for k, v in RESTRICTED.items()))
+
+
+def _apply_crds(kubectl: Any) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/taskexecutions.orchestrator.dev",
+        "crd/adapters.orchestrator.dev",
+        "crd/kopfpeerings.kopf.dev",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
+
+
+def _helm(kubeconfig: str, *args: str, values: dict[str, Any] | None = None, timeout: float = 600):
+    cmd = [helm_bin(), "--kubeconfig", kubeconfig, *args]
+    if values is not None:
+        cmd += ["--values", "-"]
+    return subprocess.run(
+        cmd,
+        input=json.dumps(values or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _in_namespace(values: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """An option's values with every namespace it names replaced by the test's."""
+    values = copy.deepcopy(values)
+    if values.get("watch", {}).get("namespace"):
+        values["watch"]["namespace"] = namespace
+    if values.get("networkPolicy", {}).get("namespaces"):
+        values["networkPolicy"]["namespaces"] = [namespace]
+    return values
+
+
+def test_every_option_is_accepted_by_the_api_server_under_restricted(
+    kubectl, kube_namespace
+) -> None:
+    _restricted(kubectl, kube_namespace)
+    _apply_crds(kubectl)
+    has_monitors = "servicemonitors" in kubectl("api-resources", "-o", "name").stdout
+    for name, option in OPTIONS.items():
+        objs = render(_in_namespace(option, kube_namespace), namespace=kube_namespace)
+        if not has_monitors:
+            objs = [o for o in objs if o["kind"] != "ServiceMonitor"]
+        out = kubectl(
+            "apply",
+            "--dry-run=server",
+            "-n",
+            kube_namespace,
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}),
+            check=False,
+        )
+        assert out.returncode == 0, f"{name}:\n{out.stderr}"
+        assert "PodSecurity" not in out.stderr, f"{name}:\n{out.stderr}"
+    # The example too (the quickstart applies it as it is).
+    out = kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", str(EXAMPLE), check=False)
+    assert out.returncode == 0 and "PodSecurity" not in out.stderr, out.stderr
+
+
+# --------------------------------------------------------------------------- the real install
+
+
+@pytest.fixture
+def work_volume(kube_cluster, kubectl, kube_namespace) -> Iterator[dict[str, Any]]:
+    """persistence values: the cluster's default StorageClass, else (local cluster, which has no
+    provisioner) a hostPath PersistentVolume made for this test, else an emptyDir."""
+    classes = get_json(kubectl, "storageclass").get("items", [])
+    default = [
+        c
+        for c in classes
+        if c["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
+        == "true"
+    ]
+    if default:
+        yield {"enabled": True}
+        return
+    if not kube_cluster.local:
+        yield {"enabled": False}
+        return
+    path = Path(tempfile.mkdtemp(prefix="orchestrator-e2e-pv-"))
+    os.chown(path, 10001, 10001)
+    name = f"orch-e2e-{kube_namespace}"
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"e2e": "orchestrator"}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": name,
+            "hostPath": {"path": str(path), "type": "Directory"},
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(pv))
+    try:
+        yield {"enabled": True, "storageClass": name}
+    finally:
+        kubectl("delete", "pv", name, "--wait=false", check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanly(
+    kube_cluster, kubectl, kube_namespace, project_image, image_pull_policy, work_volume
+) -> None:
+    ns = kube_namespace
+    release = f"orch-{uuid.uuid4().hex[:6]}"
+    kubeconfig = kube_cluster.kubeconfig
+    timings: dict[str, float] = {}
+    _restricted(kubectl, ns)
+    repository, tag = project_image.rsplit(":", 1)
+    values = {
+        "image": {"repository": repository, "tag": tag, "pullPolicy": image_pull_policy},
+        "persistence": work_volume,
+        "networkPolicy": {"extraEgress": [EXAMPLE_GIT_EGRESS]},
+    }
+    fullname = f"{release}-orchestrator"
+
+    def operator_log() -> str:
+        return kubectl(
+            "logs", "-n", ns, f"deployment/{fullname}", "--tail=200", check=False
+        ).stdout
+
+    def debug() -> str:
+        te = get_json(kubectl, "taskexecution", "demo-add-multiply", "-n", ns)
+        pods = kubectl("get", "pods,jobs,events", "-n", ns, check=False).stdout
+        return f"{pods}\nstatus: {json.dumps(te.get('status'), indent=1)}\n{operator_log()}"
+
+    installed = False
+    try:
+        started = time.monotonic()
+        out = _helm(
+            kubeconfig, "install", release, str(CHART), "-n", ns, "--wait", "--timeout", "5m",
+            values=values,
+        )  # fmt: skip
+        timings["helm install --wait"] = time.monotonic() - started
+        assert out.returncode == 0, f"{out.stderr}\n{debug()}"
+        installed = True
+        assert "examples/taskexecution.yaml" in out.stdout  # NOTES.txt
+        kubectl(
+            "wait", "-n", ns, "--for=condition=Ready", "pod",
+            "-l", f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator",
+            "--timeout=120s", timeout=150,
+        )  # fmt: skip
+        timings["operator Ready"] = time.monotonic() - started
+        adapters = get_json(kubectl, "adapters", "-n", ns)["items"]
+        assert {a["metadata"]["name"] for a in adapters} == {"patch", "script"}
+
+        # The quickstart's example, with the local image and (no cluster DNS here) the git
+        # server's Service IP instead of its name.
+        docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+        te = next(d for d in docs if d["kind"] == "TaskExecution")
+        for doc in docs:
+            if doc["kind"] == "Pod":
+                for c in doc["spec"]["containers"]:
+                    c["image"], c["imagePullPolicy"] = project_image, image_pull_policy
+        rest = [d for d in docs if d is not te]
+        kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rest}))
+        kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/demo-git-server", "--timeout=120s", timeout=150)
+        ip = get_json(kubectl, "service", "demo-git-server", "-n", ns)["spec"]["clusterIP"]
+        te["spec"]["source"]["repo"] = te["spec"]["source"]["repo"].replace("demo-git-server", ip)
+        started = time.monotonic()
+        kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(te))
+
+        def done() -> dict[str, Any] | None:
+            status = get_json(kubectl, "taskexecution", "demo-add-multiply", "-n", ns).get("status", {})
+            return status if status.get("state") in ("COMPLETED", "FAILED", "TIMEOUT") else None
+
+        status = wait_for(done, 300, "the example TaskExecution to finish", debug)
+        timings["example TaskExecution COMPLETED"] = time.monotonic() - started
+        assert status["state"] == "COMPLETED", debug()
+        diff = status["diff"]
+        assert diff["filesChanged"] == 2 and diff["insertions"] > 0 and not diff["empty"], diff
+        assert status["gate"]["passed"] is True, status["gate"]
+
+        # Pod security: every pod of the run (operator, adapter, gate, git server) was admitted
+        # by a namespace enforcing `restricted`, and that namespace does refuse a pod that is not.
+        pods = get_json(kubectl, "pods", "-n", ns)["items"]
+        roles = {p["metadata"].get("labels", {}).get("orchestrator.dev/role") for p in pods}
+        assert {"adapter", "gate"} <= roles, roles
+        assert any(
+            p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"
+            for p in pods
+        )
+        ns_labels = get_json(kubectl, "namespace", ns)["metadata"]["labels"]
+        assert ns_labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        bad_pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "not-restricted"},
+            "spec": {"containers": [{"name": "c", "image": project_image}]},
+        }
+        refused = kubectl(
+            "apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(bad_pod), check=False
+        )
+        assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+        events = kubectl("get", "events", "-n", ns, "-o", "json", check=False).stdout
+        assert "violates PodSecurity" not in events
+
+        # RBAC: the operator never hit a 403 (least privilege is also enough privilege).
+        log = kubectl("logs", "-n", ns, f"deployment/{fullname}", check=False).stdout
+        assert not re.search(r"(?i)\bforbidden\b|\b403\b", log), log[-4000:]
+
+        started = time.monotonic()
+        # (no --logs: the pod is deleted once it succeeded, so nothing is left behind)
+        out = _helm(kubeconfig, "test", release, "-n", ns, "--timeout", "3m")
+        timings["helm test"] = time.monotonic() - started
+        assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{debug()}"
+        assert re.search(r"Phase:\s+Succeeded", out.stdout), out.stdout
+
+        started = time.monotonic()
+        out = _helm(kubeconfig, "uninstall", release, "-n", ns, "--wait", "--timeout", "3m")
+        timings["helm uninstall --wait"] = time.monotonic() - started
+        assert out.returncode == 0, out.stderr
+        installed = False
+
+        # Nothing of the release is left, namespaced or cluster-wide; CRDs stay (Helm never
+        # deletes them), and so does the user's TaskExecution, which has no finalizer that
+        # would now block its deletion.
+        left = kubectl(
+            "get",
+            "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,"
+            "persistentvolumeclaims,networkpolicies,configmaps,jobs,adapters",
+            "-n", ns, "-l", f"app.kubernetes.io/instance={release}", "-o", "name",
+        ).stdout.split()  # fmt: skip
+        cluster_left = kubectl(
+            "get", "clusterroles,clusterrolebindings", "-l",
+            f"app.kubernetes.io/instance={release}", "-o", "name",
+        ).stdout.split()  # fmt: skip
+        assert left == [] and cluster_left == [], (left, cluster_left)
+        assert kubectl("get", "crd", "taskexecutions.orchestrator.dev", check=False).returncode == 0
+        te_obj = get_json(kubectl, "taskexecution", "demo-add-multiply", "-n", ns)
+        assert te_obj["metadata"].get("finalizers") in (None, [])
+        kubectl("delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=60s", timeout=90)
+
+        def operator_made() -> list[str]:
+            return kubectl(
+                "get", "jobs,pods,configmaps", "-n", ns,
+                "-l", "app.kubernetes.io/managed-by=orchestrator", "-o", "name",
+            ).stdout.split()  # fmt: skip
+
+        started = time.monotonic()
+        wait_for(lambda: operator_made() == [], 120, "garbage collection", lambda: str(operator_made()))
+        timings["GC of Jobs/Pods/ConfigMaps"] = time.monotonic() - started
+        print("\nchart e2e timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    finally:
+        if installed:
+            _helm(kubeconfig, "uninstall", release, "-n", ns, "--wait", "--timeout", "2m")

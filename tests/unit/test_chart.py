@@ -1,0 +1,477 @@
+"""The Helm chart without a cluster: `helm lint`, `helm template` with the default values and
+each documented option, every rendered object parsed into the kubernetes client's typed
+models (and back, so a misspelt field fails), least-privilege RBAC, restricted pod security,
+the values schema and the generated files. `kubectl apply --dry-run=server` and a real
+install are in tests/e2e/test_chart_e2e.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.chart_values import ChartValues, values_schema_text
+from core.resources import AdapterResourceSpec, TaskExecutionSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts/orchestrator"
+EXAMPLE = ROOT / "examples/taskexecution.yaml"
+SEED_METRICS = (
+    "tasks_executed_total",
+    "task_success_rate",
+    "task_duration_seconds",
+    "circuit_breaker_state",
+    "retry_attempts_total",
+    "acceptance_test_pass_rate",
+    "executor_heartbeat",
+    "adapter_health_check",
+    "circuit_breaker_status",
+)
+AI_ADAPTERS = ("aider", "claudeCode", "codex", "opencode")
+PG = {"database": {"type": "postgresql", "postgresql": {"urlSecret": {"name": "orch-db"}}}}
+
+# Every documented option, as values overriding the defaults (also used by the e2e dry-run).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "all-namespaces": {"watch": {"allNamespaces": True}},
+    "other-namespace": {"watch": {"namespace": "tasks"}},
+    "postgresql": PG,
+    "postgresql-migrate-at-start": {**PG, "migrations": {"hook": False}},
+    "ha": {**PG, "replicaCount": 2, "persistence": {"enabled": False}},
+    "ha-all-namespaces": {
+        **PG,
+        "replicaCount": 2,
+        "watch": {"allNamespaces": True},
+        "persistence": {"accessModes": ["ReadWriteMany"]},
+    },
+    "no-persistence": {"persistence": {"enabled": False}},
+    "existing-claim": {"persistence": {"existingClaim": "my-claim"}},
+    "storage-class": {"persistence": {"storageClass": "fast", "size": "5Gi"}},
+    "no-metrics": {"metrics": {"enabled": False}},
+    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"a": "b"}}}},
+    "no-network-policy": {"networkPolicy": {"enabled": False}},
+    "network-policy-egress": {
+        "networkPolicy": {
+            "allowDns": False,
+            "namespaces": ["a", "b"],
+            "egress": [{"cidr": "10.96.0.0/12", "ports": [9418]}, {"cidr": "0.0.0.0/0"}],
+            "extraEgress": [
+                {
+                    "to": [{"podSelector": {"matchLabels": {"app": "git"}}}],
+                    "ports": [{"port": 9418}],
+                }
+            ],
+        }
+    },
+    "ai-adapters": {
+        "adapters": {
+            key: {
+                "enabled": True,
+                "image": f"registry.example/orchestrator-{key.lower()}:1",
+                "apiKeySecret": {"name": f"{key.lower()}-key"},
+                "gate": [{"name": "unit", "command": ["{python}", "-m", "pytest", "-q"]}],
+                "egress": [{"cidr": "0.0.0.0/0", "ports": [443]}],
+                "extraEnv": [{"name": "TOOL_FLAG", "value": "1"}],
+            }
+            for key in AI_ADAPTERS
+        }
+    },
+    "no-sample-adapters": {
+        "adapters": {"patch": {"enabled": False}, "script": {"enabled": False}}
+    },
+    "grafana-dashboard": {"grafanaDashboard": {"enabled": True}},
+    "external-service-account": {
+        "serviceAccount": {"create": False, "name": "mine"},
+        "rbac": {"create": False},
+    },
+    "runner-image-and-extras": {
+        "image": {"repository": "registry.example/orchestrator", "tag": "1.2.3"},
+        "runner": {"image": "registry.example/runner:1", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "operator": {"verbose": True, "logFormat": "json", "extraEnv": [{"name": "X", "value": "1"}]},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+        "priorityClassName": "high",
+        "podAnnotations": {"a": "b"},
+    },
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@cache
+def helm_bin() -> str:
+    out = subprocess.run(
+        [str(ROOT / "hack/tools/helm")], capture_output=True, text=True, timeout=900, check=False
+    )
+    assert out.returncode == 0, f"hack/tools/helm failed:\n{out.stderr[-3000:]}"
+    return out.stdout.strip().splitlines()[-1]
+
+
+def helm(*args: str, values: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [helm_bin(), *args]
+    if values:
+        cmd += ["--values", "-"]
+    return subprocess.run(
+        cmd, input=json.dumps(values or {}), capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def render(values: dict[str, Any], namespace: str = "orchestrator") -> list[dict[str, Any]]:
+    out = helm("template", "orch", str(CHART), "--namespace", namespace, values=values)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def render_with_hooks(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return render(values)  # `helm template` includes hooks and test pods
+
+
+def _strip_none(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_none(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_strip_none(v) for v in node]
+    return node
+
+
+def _norm(node: Any) -> Any:
+    """JSON-normalised: the API server sees ints and strings the same way the client does."""
+    return json.loads(json.dumps(node))
+
+
+TYPED = {
+    ("v1", "ServiceAccount"): "V1ServiceAccount",
+    ("v1", "Service"): "V1Service",
+    ("v1", "ConfigMap"): "V1ConfigMap",
+    ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
+    ("v1", "Pod"): "V1Pod",
+    ("apps/v1", "Deployment"): "V1Deployment",
+    ("batch/v1", "Job"): "V1Job",
+    ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
+}
+
+
+def typed_roundtrip(obj: dict[str, Any]) -> Any:
+    """Parse into the client's typed model and serialise again: a field the model does not know
+    (a typo, a wrong nesting) disappears, so the round trip must give the object back."""
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+    model = api._ApiClient__deserialize(obj, TYPED[(obj["apiVersion"], obj["kind"])])  # type: ignore[attr-defined]
+    again = _strip_none(api.sanitize_for_serialization(model))
+    assert _norm(again) == _norm(_strip_none(obj)), f"{obj['kind']} {obj['metadata']['name']}"
+    return model
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for o in objs:
+        if o["kind"] == "Pod":
+            out.append((f"Pod/{o['metadata']['name']}", o["spec"]))
+        elif o["kind"] in ("Deployment", "Job"):
+            out.append((f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]))
+    return out
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """The Pod Security Standard `restricted` profile (v1.35), checked on a pod spec."""
+    bad = []
+    psc = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            bad.append(key)
+    for vol in spec.get("volumes") or []:
+        allowed = {"configMap", "emptyDir", "projected", "secret", "downwardAPI",
+                   "persistentVolumeClaim", "ephemeral", "csi", "name"}  # fmt: skip
+        if set(vol) - allowed:
+            bad.append(f"volume {vol['name']}: {sorted(set(vol) - allowed)}")
+    for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            bad.append(f"{name}: capabilities.drop must contain ALL")
+        if set((sc.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities.add")
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        if non_root is not True:
+            bad.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile must be RuntimeDefault")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                bad.append(f"{name}: hostPort")
+    return bad
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_helm_lint_strict_with_every_option() -> None:
+    for name, values in OPTIONS.items():
+        out = helm("lint", "--strict", str(CHART), values=values)
+        assert out.returncode == 0, f"{name}:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_rendered_object_parses_into_the_typed_models(option: str) -> None:
+    objs = render_with_hooks(OPTIONS[option])
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "Pod"} <= kinds
+    for obj in objs:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in TYPED:
+            typed_roundtrip(obj)
+        elif obj["kind"] == "Adapter":
+            assert obj["apiVersion"] == "orchestrator.dev/v1alpha1"
+            AdapterResourceSpec.model_validate(obj["spec"])
+        elif obj["kind"] in ("KopfPeering", "ClusterKopfPeering"):
+            assert obj["apiVersion"] == "kopf.dev/v1"
+        elif obj["kind"] == "ServiceMonitor":
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            assert obj["spec"]["endpoints"][0]["port"] == "metrics"
+        else:
+            raise AssertionError(f"unexpected object {key} in {option}")
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None:
+    objs = render(OPTIONS[option])
+    granted: set[tuple[str, str, str]] = set()
+    for obj in objs:
+        if obj["kind"] not in ("Role", "ClusterRole"):
+            continue
+        for rule in obj["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in (rule.get(field) or []), (obj["metadata"]["name"], rule)
+            for group in rule["apiGroups"]:
+                for res in rule["resources"]:
+                    granted |= {(group, res, verb) for verb in rule["verbs"]}
+    if not OPTIONS[option].get("rbac", {}).get("create", True):
+        assert granted == set()
+        return
+    expected = {
+        ("orchestrator.dev", "taskexecutions", v) for v in ("get", "list", "watch")
+    } | {
+        ("orchestrator.dev", "taskexecutions/status", "get"),
+        ("orchestrator.dev", "taskexecutions/status", "patch"),
+        ("orchestrator.dev", "adapters/status", "patch"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods/log", "get"),
+        ("", "configmaps", "create"),
+        ("", "configmaps", "get"),
+        ("", "events", "create"),
+    }
+    expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
+    expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch")}
+    expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}  # fmt: skip
+    expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
+    if OPTIONS[option].get("replicaCount", 1) > 1:
+        all_ns = OPTIONS[option].get("watch", {}).get("allNamespaces")
+        plural = "clusterkopfpeerings" if all_ns else "kopfpeerings"
+        expected |= {("kopf.dev", plural, v) for v in ("get", "list", "watch", "patch")}
+    assert granted == expected
+    # Namespaced mode: everything namespaced sits in a Role of the watched namespace.
+    if not OPTIONS[option].get("watch", {}).get("allNamespaces"):
+        cluster = [o for o in objs if o["kind"] == "ClusterRole"]
+        assert [r["resources"] for o in cluster for r in o["rules"]] == [
+            ["customresourcedefinitions"],
+            ["namespaces"],
+        ]
+        role = next(o for o in objs if o["kind"] == "Role")
+        watched = OPTIONS[option].get("watch", {}).get("namespace") or "orchestrator"
+        assert role["metadata"]["namespace"] == watched
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_pod_meets_the_restricted_pod_security_standard(option: str) -> None:
+    specs = pod_specs(render_with_hooks(OPTIONS[option]))
+    assert specs
+    for name, spec in specs:
+        assert restricted_violations(spec) == [], name
+
+
+def test_adapter_and_gate_job_pods_meet_the_restricted_standard() -> None:
+    from core.kube.jobs import job_manifest
+
+    te = {
+        "apiVersion": "orchestrator.dev/v1alpha1",
+        "kind": "TaskExecution",
+        "metadata": {"name": "t", "namespace": "n", "uid": "u"},
+    }
+    for role in ("adapter", "gate"):
+        job = job_manifest(
+            te=te, name="j", role=role, run_id="r", task_id="t", attempt=1, image="i",
+            request_json="{}", deadline_seconds=10, adapter=None,
+            patch_configmap="p" if role == "gate" else None,
+        )  # fmt: skip
+        typed_roundtrip(job)
+        spec = job["spec"]["template"]["spec"]
+        assert restricted_violations(spec) == []
+        assert spec["automountServiceAccountToken"] is False
+        # The chart's NetworkPolicy selects them by this label.
+        assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == (
+            "orchestrator-runner"
+        )
+
+
+def test_default_install_shape() -> None:
+    objs = render({})
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    deploy = by_kind[("Deployment", "orch-orchestrator")]
+    pod = deploy["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["kopf", "run"]
+    assert c["args"][:2] == ["--standalone", "--namespace=orchestrator"]
+    assert c["args"][-1] == "/opt/orchestrator/operator/handlers.py"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ORCHESTRATOR_NAMESPACE"] == "orchestrator"
+    assert env["ORCHESTRATOR_MIGRATE"] == "true"
+    assert env["ORCHESTRATOR_RUNNER_IMAGE"] == "orchestrator:0.1.0"
+    assert "ORCHESTRATOR_DATABASE_URL" not in env
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["resources"]["limits"]["memory"]
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "orch-orchestrator-work"
+    assert ("PersistentVolumeClaim", "orch-orchestrator-work") in by_kind
+    assert not any(o["kind"] == "Job" for o in objs)  # SQLite: migrated at start
+    policy = by_kind[("NetworkPolicy", "orch-orchestrator-runner")]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "orchestrator-runner"
+    }
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == []
+    assert [r["ports"][0]["port"] for r in policy["spec"]["egress"]] == [53]  # DNS only
+    adapters = {o["metadata"]["name"] for o in objs if o["kind"] == "Adapter"}
+    assert adapters == {"patch", "script"}
+    test_pod = by_kind[("Pod", "orch-orchestrator-test")]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
+    objs = render(OPTIONS["ha"])
+    job = next(o for o in objs if o["kind"] == "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    mc = job["spec"]["template"]["spec"]["containers"][0]
+    assert mc["command"][:3] == ["orchestrator", "db", "upgrade"]
+    assert mc["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "orch-db", "key": "url"}
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][0] == "/bin/sh" and "--priority=" in c["command"][2]
+    assert "--peering=orch-orchestrator" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["ORCHESTRATOR_MIGRATE"]["value"] == "false"
+    assert env["ORCHESTRATOR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "orch-db"
+    peering = next(o for o in objs if o["kind"] == "KopfPeering")
+    assert peering["metadata"] == {**peering["metadata"], "name": "orch-orchestrator"}
+    objs = render(OPTIONS["ha-all-namespaces"])
+    assert any(o["kind"] == "ClusterKopfPeering" for o in objs)
+    c = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    args = c["containers"][0]["args"]
+    assert "--all-namespaces" in args and not any(a.startswith("--namespace") for a in args)
+
+
+def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
+    objs = render(OPTIONS["ai-adapters"])
+    adapters = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "Adapter"}
+    assert set(adapters) == {"patch", "script", "aider", "claude-code", "codex", "opencode"}
+    for name, env_name in (("aider", "OPENAI_API_KEY"), ("claude-code", "ANTHROPIC_API_KEY")):
+        spec = AdapterResourceSpec.model_validate(adapters[name])
+        assert spec.template is not None and spec.template.value == name
+        assert spec.env[0].name == env_name and spec.env[0].secret_key_ref is not None
+        assert spec.env[0].secret_key_ref.key == "api-key"
+        assert spec.image and spec.gate and spec.egress
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": 2}, "needs database.type=postgresql"),
+        ({**PG, "replicaCount": 2}, "ReadWriteMany"),
+        ({"replicaCount": 3}, "replicaCount"),
+        ({"database": {"type": "postgresql"}}, "database.postgresql.urlSecret.name"),
+        ({"adapters": {"aider": {"enabled": True}}}, "adapters.aider.image"),
+        (
+            {"adapters": {"codex": {"enabled": True, "image": "x"}}},
+            "adapters.codex.apiKeySecret.name",
+        ),
+        ({"imagee": {}}, "imagee"),
+        ({"metrics": {"port": "nine"}}, "port"),
+        ({"watch": {"allNamespaces": True, "namespace": "x"}}, "exclude each other"),
+    ],
+)
+def test_invalid_values_are_refused_with_a_message(values: dict[str, Any], message: str) -> None:
+    out = helm("template", "orch", str(CHART), values=values)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr
+
+
+def test_values_yaml_equals_the_model_defaults_and_the_schema_is_generated() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert ChartValues.model_validate(values).model_dump(by_alias=True, mode="json") == values
+    assert ChartValues().model_dump(by_alias=True, mode="json") == values
+    assert (CHART / "values.schema.json").read_text() == values_schema_text()
+
+
+def test_chart_crds_are_the_generated_crds() -> None:
+    top = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert top
+    for name in top:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes()
+    extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - set(top)
+    assert extra == {"kopf-peerings.yaml"}
+    peerings = list(yaml.safe_load_all((CHART / "crds/kopf-peerings.yaml").read_text()))
+    assert {(c["spec"]["names"]["plural"], c["spec"]["scope"]) for c in peerings} == {
+        ("kopfpeerings", "Namespaced"),
+        ("clusterkopfpeerings", "Cluster"),
+    }
+
+
+def test_grafana_dashboard_covers_the_seed_metrics() -> None:
+    dashboard = json.loads((CHART / "dashboards/orchestrator.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in SEED_METRICS:
+        assert re.search(rf"\b{metric}(_bucket)?\b", exprs), metric
+    cm = next(o for o in render(OPTIONS["grafana-dashboard"]) if o["kind"] == "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["orchestrator.json"]) == dashboard
+
+
+def test_the_example_task_execution_is_valid_and_carries_the_demo() -> None:
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    by_kind = {d["kind"]: d for d in docs}
+    te = by_kind["TaskExecution"]
+    spec = TaskExecutionSpec.model_validate(te["spec"])
+    assert spec.adapter_ref.name == "patch"  # enabled in the chart by default
+    queue = json.loads((ROOT / "examples/demo/.state/task_queue.json").read_text())
+    task = next(t for t in queue["tasks"] if t["task_id"] == "add-multiply")
+    assert spec.task.patch == task["patch"]
+    assert spec.source.base_commit == task["base_commit"]
+    bundle = base64.b64decode(by_kind["ConfigMap"]["binaryData"]["calc.bundle"], validate=True)
+    assert bundle == (ROOT / "examples/demo/repos/calc.bundle").read_bytes()
+    for obj in docs:
+        if (obj["apiVersion"], obj["kind"]) in TYPED:
+            typed_roundtrip(obj)
+    assert restricted_violations(by_kind["Pod"]["spec"]) == []
