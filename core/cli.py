@@ -168,7 +168,8 @@ def execute(
     Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
     """
     if backend is Backend.kubernetes:
-        raise _fail("the kubernetes backend is not part of this build yet; use --backend local", 2)
+        _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
+        return
     config = ExecutorConfig(
         run_id=run,
         workdir=workdir,
