@@ -27,8 +27,9 @@ demo-fallback: setup  ## the circuit-breaker scenario: a crashing adapter, its f
 	$(BIN)/orchestrator execute --run fallback --workdir $(DEMO)-fallback
 	$(BIN)/orchestrator status --run fallback --workdir $(DEMO)-fallback
 
-system-deps:  ## PostgreSQL for the tests (and, once it exists, the local Kubernetes)
-	@if [ -x hack/cluster/install-deps ]; then hack/cluster/install-deps; fi
+system-deps:  ## the local Kubernetes (apt packages + Go builds, cached) and helm (Go build, cached)
+	hack/cluster/install-deps
+	hack/tools/helm >/dev/null
 
 test: setup system-deps  ## everything: unit, integration (SQLite + PostgreSQL), e2e on a real cluster
 	ORCHESTRATOR_TEST_POSTGRES_URL=$$(hack/postgres/up) $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -40,8 +41,9 @@ lint: setup
 	$(BIN)/ruff check core tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	"$$(hack/tools/helm)" lint --strict charts/orchestrator
 
-generate: setup  ## regenerate schema/ (and later crds/) from the pydantic models
+generate: setup  ## regenerate schema/, crds/ and the chart's CRDs and values schema from the models
 	$(BIN)/orchestrator schema generate
 
 clean:

@@ -9,6 +9,7 @@ create treats 409 AlreadyExists as success (deterministic names make creates ide
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,10 +31,12 @@ class KubeApi:
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> KubeApi:
-        try:
-            await config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        except Exception:
+        """In a pod (and no kubeconfig named): the service account; else the kubeconfig."""
+        in_pod = "KUBERNETES_SERVICE_HOST" in os.environ
+        if in_pod and kubeconfig is None and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
+        else:
+            await config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
         return cls(client.ApiClient())
 
     async def close(self) -> None:

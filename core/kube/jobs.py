@@ -21,6 +21,7 @@ LABEL_RUN = "orchestrator.dev/run"
 LABEL_TASK = "orchestrator.dev/task"
 LABEL_ATTEMPT = "orchestrator.dev/attempt"
 LABEL_ROLE = "orchestrator.dev/role"
+LABEL_ADAPTER = "orchestrator.dev/adapter"
 BACKSTOP_GRACE_SECONDS = 60
 WORKDIR = "/work"
 PATCH_DIR = "/etc/orchestrator/patch"
@@ -82,6 +83,7 @@ def job_manifest(
     adapter: AdapterResourceSpec | None,
     patch_configmap: str | None = None,
     image_pull_policy: str = "IfNotPresent",
+    adapter_name: str | None = None,
 ) -> dict[str, Any]:
     res = adapter.resources if adapter else None
     limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
@@ -120,6 +122,8 @@ def job_manifest(
         },
     }
     pod_labels = labels(te["metadata"]["name"], run_id, task_id, attempt, role)
+    if adapter_name is not None:
+        pod_labels[LABEL_ADAPTER] = adapter_name  # lets NetworkPolicies select per Adapter
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -293,6 +293,7 @@ class Controller(ControllerBase):
             adapter=resource,
             patch_configmap=configmap,
             image_pull_policy=self.settings.image_pull_policy,
+            adapter_name=adapter_name,
         )
 
     async def _collect(

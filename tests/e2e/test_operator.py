@@ -318,3 +318,57 @@ def test_execute_with_the_kubernetes_backend_writes_local_outputs(
     again = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=400)
     assert again.returncode == 0 and "0 TaskExecution(s) created" in again.stdout
     assert len((workdir / ".state/patch_ledger.jsonl").read_text().splitlines()) == 2
+
+
+def test_breaker_state_is_mirrored_into_the_adapter_status(kubectl, env) -> None:
+    crash = "import sys\nprint('model service down', flush=True)\nsys.exit(7)\n"
+    apply(
+        kubectl,
+        env["ns"],
+        adapter(
+            "crashy",
+            "process",
+            command=["{python}", "-c", crash],
+            retry={"maxAttempts": 1},
+            breaker={"failureThreshold": 1, "cooldownSeconds": 3600},
+        ),
+    )
+    apply(kubectl, env["ns"], task_execution("crash-once", env["repo"], "crashy"))
+    status = wait_state(kubectl, env, "crash-once", {"COMPLETED", "FAILED", "TIMEOUT"})["status"]
+    assert status["failureClass"] == "adapter_error" and "7" in status["message"]
+
+    def breaker() -> str | None:
+        adp = get_json(kubectl, "adapter", "crashy", "-n", env["ns"])
+        return adp.get("status", {}).get("breakerState")
+
+    assert wait_for(lambda: breaker() == "OPEN", 60, "the Adapter status to show OPEN")
+    table = kubectl("get", "adp", "crashy", "-n", env["ns"]).stdout
+    assert "OPEN" in table
+    # the next task of that adapter waits with a visible reason instead of running
+    apply(kubectl, env["ns"], task_execution("after-crash", env["repo"], "crashy"))
+    parked = wait_for(
+        lambda: (
+            tex(kubectl, env, "after-crash").get("status", {}).get("reason") == "WaitingForBreaker"
+        ),
+        60,
+        "the second task to wait for the breaker",
+    )
+    assert parked
+    assert jobs_of(kubectl, env, "after-crash") == []
+
+
+def test_deleting_a_running_task_execution_cancels_it(kubectl, env) -> None:
+    apply(kubectl, env["ns"], task_execution("doomed", env["repo"], "slow", timeoutSeconds=120))
+    wait_state(kubectl, env, "doomed", {"IN_PROGRESS"}, timeout=120)
+    assert len(jobs_of(kubectl, env, "doomed")) == 1
+    kubectl("delete", "tex", "doomed", "-n", env["ns"], "--wait=true", "--timeout=60s")
+    wait_for(lambda: jobs_of(kubectl, env, "doomed") == [], 120, "the Job to be garbage-collected")
+
+    def cancelled() -> bool:
+        tasks, _, _ = db_rows(env)
+        rows = [t for t in tasks if t.task_id == "doomed"]
+        return bool(rows) and rows[0].status == "CANCELLED"
+
+    assert wait_for(cancelled, 60, "the task to be recorded CANCELLED")
+    _, events, _ = db_rows(env)
+    assert [e.event for e in events if e.task_id == "doomed"] == ["TASK_STARTED", "TASK_FAILED"]

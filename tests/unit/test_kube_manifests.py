@@ -96,6 +96,11 @@ def test_adapter_pods_are_locked_down() -> None:
     assert spec["template"]["metadata"]["labels"] == labels
 
 
+def test_pods_carry_their_adapter_for_network_policies() -> None:
+    labels = manifest(adapter_name="claude")["spec"]["template"]["metadata"]["labels"]
+    assert labels["orchestrator.dev/adapter"] == "claude"
+
+
 def test_gate_pods_get_no_adapter_secrets_and_mount_the_patch() -> None:
     job = manifest(role="gate", name="g", patch_configmap="g-patch")
     (container,) = job["spec"]["template"]["spec"]["containers"]
