@@ -135,7 +135,8 @@ class AdapterResourceSpec(_Api):
     health_check: Probe | None = Field(default=None, description="Optional probe command.")
     egress: list[EgressRule] = Field(
         default_factory=list,
-        description="Where adapter pods may connect (NetworkPolicy); empty: nowhere.",
+        description="Where this Adapter's pods may connect: the operator keeps a NetworkPolicy "
+        "`orchestrator-adapter-<name>` with these rules (added to the chart's default-deny).",
     )
 
 

@@ -83,6 +83,24 @@ class KubeApi:
         )
         return not out.get("alreadyExists")
 
+    async def apply_network_policy(self, namespace: str, body: dict[str, Any]) -> None:
+        """Create, or replace the spec of, a NetworkPolicy (idempotent)."""
+        net = client.NetworkingV1Api(self.api_client)
+        out = await self._call(
+            net.create_namespaced_network_policy_without_preload_content(namespace, body),  # type: ignore[arg-type]
+            write=True,
+        )
+        if out.get("alreadyExists"):
+            await self._call(
+                net.patch_namespaced_network_policy_without_preload_content(
+                    body["metadata"]["name"],
+                    namespace,
+                    {"spec": body["spec"]},
+                    _content_type=MERGE_PATCH,
+                ),
+                write=True,
+            )
+
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self._call(
             self.core.read_namespaced_config_map_without_preload_content(name, namespace),

@@ -128,6 +128,7 @@ class ControllerBase:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._breaker_changes: list[BreakerTransition] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._egress_applied: set[tuple[str, str, int | None]] = set()
 
     # ------------------------------------------------------------------ finishing an attempt
 

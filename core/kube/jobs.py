@@ -188,3 +188,40 @@ def job_failure_reason(job: dict[str, Any]) -> str | None:
         if cond.get("type") == "Failed" and cond.get("status") == "True":
             return f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
     return None
+
+
+def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[str, Any]:
+    """A NetworkPolicy letting the Adapter's pods reach what its ``spec.egress`` declares.
+
+    NetworkPolicies add up: with the chart's default-deny policy for runner pods, this is
+    the only way out for this Adapter's pods (owned by the Adapter, gone with it).
+    """
+    meta = adapter["metadata"]
+    rules = []
+    for rule in spec.egress:
+        entry: dict[str, Any] = {"to": [{"ipBlock": {"cidr": rule.cidr}}]}
+        if rule.ports:
+            entry["ports"] = [{"protocol": "TCP", "port": p} for p in rule.ports]
+        rules.append(entry)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"orchestrator-adapter-{meta['name']}"[:253],
+            "namespace": meta["namespace"],
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+            "ownerReferences": [
+                {
+                    "apiVersion": adapter["apiVersion"],
+                    "kind": adapter["kind"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                }
+            ],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_ADAPTER: meta["name"]}},
+            "policyTypes": ["Egress"],
+            "egress": rules,
+        },
+    }

@@ -46,7 +46,14 @@ from core.kube.controller_base import (
     _Context,
     log,
 )
-from core.kube.jobs import PATCH_DIR, job_failure_reason, job_finished, job_manifest, job_name
+from core.kube.jobs import (
+    PATCH_DIR,
+    egress_policy,
+    job_failure_reason,
+    job_finished,
+    job_manifest,
+    job_name,
+)
 from core.kube.jobs import patch_configmap as configmap_manifest
 from core.models import TaskState
 from core.resources import (
@@ -150,6 +157,7 @@ class Controller(ControllerBase):
                 )
                 return None
             adapters[adapter_name] = AdapterResourceSpec.model_validate(obj["spec"])
+            await self._ensure_egress(obj, adapters[adapter_name])
         engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
         self._policies.update(engine)
         seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
@@ -157,6 +165,15 @@ class Controller(ControllerBase):
             self.store.sync_inputs, spec.run_id, list(engine.values()), [(seq, task, names[0])]
         )
         return _Context(te, spec, status, task, adapters, engine)
+
+    async def _ensure_egress(self, adapter: dict[str, Any], spec: AdapterResourceSpec) -> None:
+        """Keep the Adapter's egress NetworkPolicy in line with its spec (once per change)."""
+        meta = adapter["metadata"]
+        key = (meta["namespace"], meta["name"], meta.get("generation"))
+        if not spec.egress or key in self._egress_applied:
+            return
+        await self.api.apply_network_policy(meta["namespace"], egress_policy(adapter, spec))
+        self._egress_applied.add(key)
 
     async def _start(self, ctx: _Context) -> None:
         now = self.now()
@@ -378,11 +395,15 @@ class Controller(ControllerBase):
         gate_passed: bool | None = None,
         failed: tuple[str, ...] = (),
     ) -> FailureEvidence:
+        # The runner reports `cancelled` when its pod got SIGTERM. A TaskExecution that is
+        # deleted is never reconciled again, so here that means the platform stopped the pod
+        # (deleted, evicted, node drained): an infrastructure failure, retried by policy.
+        stopped = "the pod was stopped (deleted or evicted) before the adapter finished"
         return FailureEvidence(
             exit_code=result.exit_code,
             signal=result.signal,
             timed_out=result.timed_out,
-            cancelled=result.cancelled,
+            infrastructure_reason=stopped if result.cancelled else None,
             start_error=result.start_error,
             diff_empty=result.diff.empty if result.diff else None,
             allow_empty_diff=ctx.task.allow_empty_diff,

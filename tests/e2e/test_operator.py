@@ -63,8 +63,14 @@ def env(
         "the default ServiceAccount",
     )
     repo = git_server(kubectl, namespace, project_image, image_pull_policy)
+    git_ip = repo.split("//")[1].split(":")[0]
     for obj in (
-        adapter("patch", "patch", retry={"maxAttempts": 1}),
+        adapter(
+            "patch",
+            "patch",
+            retry={"maxAttempts": 1},
+            egress=[{"cidr": f"{git_ip}/32", "ports": [9418]}],
+        ),
         adapter("slow", "process", command=["{python}", "-c", SLOW], retry={"maxAttempts": 1}),
         adapter(
             "sleepy",
@@ -163,6 +169,11 @@ def test_patch_task_completes_with_diff_and_gate_in_status_and_db(kubectl, env) 
         [(h.seq, h.entry_hash) for h in history],
     )
     assert report.ok, report.problems
+
+    policy = get_json(kubectl, "networkpolicy", "orchestrator-adapter-patch", "-n", env["ns"])
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"orchestrator.dev/adapter": "patch"}}
+    assert policy["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 9418}]
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == "Adapter"
 
     table = kubectl("get", "tex", "-n", env["ns"]).stdout
     header = table.splitlines()[0].split()

@@ -281,6 +281,8 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
         ("", "configmaps", "create"),
         ("", "configmaps", "get"),
         ("", "events", "create"),
+        ("networking.k8s.io", "networkpolicies", "create"),
+        ("networking.k8s.io", "networkpolicies", "patch"),
     }
     expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
     expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch")}

@@ -14,7 +14,7 @@ from kubernetes.client import ApiClient, V1Job
 
 from core.crd import adapter_crd, task_execution_crd
 from core.kube.conditions import set_conditions
-from core.kube.jobs import BACKSTOP_GRACE_SECONDS, job_manifest, job_name
+from core.kube.jobs import BACKSTOP_GRACE_SECONDS, egress_policy, job_manifest, job_name
 from core.models import TaskState
 from core.resources import AdapterResourceSpec, TaskExecutionStatus
 
@@ -159,7 +159,9 @@ def test_task_execution_crd_columns_and_immutability() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["tex"]
     rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     assert rules[0]["rule"] == "self == oldSelf"
-    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "conditions"
+    ]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
 
 
@@ -180,3 +182,26 @@ def test_conditions_keep_transition_time_until_their_status_changes() -> None:
     final = {c.type: c for c in done.conditions}
     assert final["Running"].status == "False" and final["Running"].last_transition_time == t2
     assert final["Succeeded"].status == "True" and final["Succeeded"].reason == "Completed"
+
+
+def test_adapter_egress_becomes_a_network_policy_for_its_pods() -> None:
+    spec = AdapterResourceSpec.model_validate(
+        {
+            "kind": "patch",
+            "egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "192.0.2.1/32"}],
+        }
+    )
+    obj = {
+        "apiVersion": "orchestrator.dev/v1alpha1",
+        "kind": "Adapter",
+        "metadata": {"name": "claude", "namespace": "team-a", "uid": "u-1"},
+    }
+    policy = egress_policy(obj, spec)
+    assert policy["metadata"]["name"] == "orchestrator-adapter-claude"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"orchestrator.dev/adapter": "claude"}}
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    assert policy["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+        {"to": [{"ipBlock": {"cidr": "192.0.2.1/32"}}]},
+    ]
