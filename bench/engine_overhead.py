@@ -650,7 +650,7 @@ TIMED: list[tuple[str, str, str, tuple[str, ...]]] = [
         "adapter + gate commands",
         "core.engine.process_group",
         "run_process_group",
-        ("core.engine.process_spawner", "core.engine.test_gate"),
+        ("core.engine.adapters", "core.engine.test_gate"),
     ),
     *(
         ("database: Store", "core.db.store", f"Store.{m}", ())

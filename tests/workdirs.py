@@ -17,7 +17,6 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "t@example.invalid",
     "GIT_CONFIG_GLOBAL": os.devnull,
 }
-FAKE_AI = Path(__file__).resolve().parents[1] / "examples/demo/tools/fake_ai.py"
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -41,7 +40,7 @@ def fake_ai_adapter(adapter_id: str = "fake-ai", **extra: Any) -> dict[str, Any]
     return {
         "id": adapter_id,
         "kind": "process",
-        "command": [sys.executable, str(FAKE_AI), "--prompt-file", "{prompt_file}"],
+        "command": [sys.executable, "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"],
         **extra,
     }
 

@@ -14,11 +14,14 @@ adapter unless the adapter lists the name in ``pass_env`` (its own API key, typi
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.engine.command_line import base_path, expand_argv
+from core.engine.process_group import LineSink, ProcessResult, run_process_group
 from core.models import AdapterKind, AdapterSpec, CommandTemplate, TaskSpec
 
 
@@ -162,6 +165,57 @@ def process_invocation(
         parent_env=parent_env,
     )
     return Invocation(argv=argv, env=env, stdin_file=prompt_file if stdin == "prompt" else None)
+
+
+def run_process_adapter(
+    adapter: AdapterSpec,
+    task: TaskSpec,
+    *,
+    attempt: int,
+    extra_input: str | None,
+    tree: Path,
+    attempt_dir: Path,
+    workdir: Path,
+    python: str,
+    timeout: float,
+    log: LineSink,
+    note: Callable[..., None],
+    grace_seconds: float,
+    stop: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ProcessResult:
+    """Write the prompt next to the tree, build the invocation, run it as a process group.
+
+    Shared by the embedded backend and the runner in adapter pods.
+    """
+    prompt = attempt_dir / "prompt.md"
+    prompt.write_text(prompt_text(task, extra_input), encoding="utf-8")
+    home = attempt_dir / "home"
+    home.mkdir(exist_ok=True)
+    inv = process_invocation(
+        adapter,
+        task,
+        attempt=attempt,
+        workspace=tree,
+        prompt_file=prompt,
+        home=home,
+        workdir=workdir,
+        python=python,
+    )
+    note("adapter_command", argv=inv.argv)
+    return run_process_group(
+        inv.argv,
+        cwd=tree,
+        env=inv.env,
+        timeout=timeout,
+        sink=log,
+        stdin_file=inv.stdin_file,
+        grace_seconds=grace_seconds,
+        stop=stop,
+        on_start=on_start,
+        clock=clock,
+    )
 
 
 MANUAL_DIR = "manual"

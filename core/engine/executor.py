@@ -45,7 +45,12 @@ from core.engine.process_spawner import LocalBackend
 from core.engine.resilience.breaker_store import CircuitBreakers
 from core.engine.resilience.budget import TaskBudget
 from core.engine.resilience.circuit_breaker import BreakerTransition, retry_after
-from core.engine.resilience.classification import Classification, FailureEvidence, classify
+from core.engine.resilience.classification import (
+    Classification,
+    FailureEvidence,
+    classify,
+    task_state,
+)
 from core.engine.resilience.retry import (
     AdapterChain,
     BackoffSchedule,
@@ -412,7 +417,7 @@ class Executor:
         result = AttemptResult(
             attempt=attempt,
             adapter_id=adapter_id,
-            state=_state_of(classification),
+            state=task_state(classification),
             failure_class=classification.failure_class,
             failure_message="" if classification.succeeded else classification.message,
             exit_code=outcome.exit_code,
@@ -586,18 +591,6 @@ class Executor:
         record = {"ts": self.clocks.wall().isoformat(), "run_id": self.run_id, "event": event}
         with open(self.resilience_log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({**record, **fields}, default=str) + "\n")
-
-
-def _state_of(classification: Classification) -> TaskState:
-    match classification.failure_class:
-        case None:
-            return TaskState.COMPLETED
-        case FailureClass.ADAPTER_TIMEOUT:
-            return TaskState.TIMEOUT
-        case FailureClass.CANCELLED:
-            return TaskState.CANCELLED
-        case _:
-            return TaskState.FAILED
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
-from core.engine.adapters import manual_paths, process_invocation, prompt_text
+from core.engine.adapters import manual_paths, run_process_adapter
 from core.engine.backend import AttemptHooks, AttemptOutcome, AttemptRequest
-from core.engine.process_group import ProcessResult, run_process_group
+from core.engine.process_group import ProcessResult
 from core.engine.task_log import PrefixedSink, TaskLog
 from core.engine.test_gate import run_gate
 from core.engine.workspace import (
@@ -145,28 +145,18 @@ class LocalBackend:
     ) -> ProcessResult:
         task, adapter = request.task, request.adapter
         if adapter.kind is AdapterKind.PROCESS:
-            prompt = adir / "prompt.md"
-            prompt.write_text(prompt_text(task, request.extra_input), encoding="utf-8")
-            home = adir / "home"
-            home.mkdir(exist_ok=True)
-            inv = process_invocation(
+            return run_process_adapter(
                 adapter,
                 task,
                 attempt=request.attempt,
-                workspace=tree,
-                prompt_file=prompt,
-                home=home,
+                extra_input=request.extra_input,
+                tree=tree,
+                attempt_dir=adir,
                 workdir=self.workdir,
                 python=self.python,
-            )
-            log.note("adapter_command", argv=inv.argv)
-            return run_process_group(
-                inv.argv,
-                cwd=tree,
-                env=inv.env,
                 timeout=request.timeout_seconds,
-                sink=log,
-                stdin_file=inv.stdin_file,
+                log=log,
+                note=log.note,
                 grace_seconds=self.grace_seconds,
                 stop=self.stop,
                 on_start=lambda pgid: hooks.started(pgid, tree),

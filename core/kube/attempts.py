@@ -14,7 +14,6 @@ from core.models import (
     CheckResult,
     CheckStatus,
     DiffSummary,
-    FailureClass,
     GateResult,
     TaskState,
 )
@@ -39,18 +38,6 @@ def history_of(status: TaskExecutionStatus, upto: int | None = None) -> list[His
         )
         items.append(HistoryItem(a.attempt, a.adapter, c))
     return items
-
-
-def state_of(classification: Classification) -> TaskState:
-    match classification.failure_class:
-        case None:
-            return TaskState.COMPLETED
-        case FailureClass.ADAPTER_TIMEOUT:
-            return TaskState.TIMEOUT
-        case FailureClass.CANCELLED:
-            return TaskState.CANCELLED
-        case _:
-            return TaskState.FAILED
 
 
 def gate_summary(gate: GateResult | None) -> GateSummary | None:

@@ -24,7 +24,7 @@ from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import PatchLedger
 from core.engine.resilience.breaker_store import CircuitBreakers
 from core.engine.resilience.circuit_breaker import BreakerTransition
-from core.engine.resilience.classification import Classification
+from core.engine.resilience.classification import Classification, task_state
 from core.engine.resilience.retry import (
     AdapterChain,
     BackoffSchedule,
@@ -36,7 +36,6 @@ from core.kube.api import KubeApi
 from core.kube.attempts import (
     gate_summary,
     history_of,
-    state_of,
     summary_from_status,
 )
 from core.kube.conditions import reason_for, set_conditions
@@ -172,7 +171,7 @@ class ControllerBase:
         diff: DiffSummary | None = None
         if result is not None and result.diff is not None and result.kind == "adapter":
             diff = result.diff
-        state = state_of(classification)
+        state = task_state(classification)
         attempt_result = AttemptResult(
             attempt=current.attempt,
             adapter_id=current.adapter,

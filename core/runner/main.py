@@ -45,8 +45,8 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from core import __version__
-from core.engine.adapters import process_invocation, prompt_text
-from core.engine.process_group import ProcessResult, run_process_group
+from core.engine.adapters import run_process_adapter
+from core.engine.process_group import ProcessResult
 from core.engine.task_log import PrefixedSink, TaskLog
 from core.engine.test_gate import TAIL_CHARS, run_gate
 from core.engine.workspace import (
@@ -242,28 +242,18 @@ def _run_process(
     stop: threading.Event | None,
     grace_seconds: float,
 ) -> ProcessResult:
-    prompt = adir / "prompt.md"
-    prompt.write_text(prompt_text(request.task, request.extra_input), encoding="utf-8")
-    home = adir / "home"
-    home.mkdir(exist_ok=True)
-    inv = process_invocation(
+    return run_process_adapter(
         request.adapter,
         request.task,
         attempt=request.attempt,
-        workspace=tree,
-        prompt_file=prompt,
-        home=home,
+        extra_input=request.extra_input,
+        tree=tree,
+        attempt_dir=adir,
         workdir=workdir,
         python=sys.executable,
-    )
-    log.note("adapter_command", argv=inv.argv)
-    return run_process_group(
-        inv.argv,
-        cwd=tree,
-        env=inv.env,
         timeout=request.timeout_seconds,
-        sink=log,
-        stdin_file=inv.stdin_file,
+        log=log,
+        note=log.note,
         grace_seconds=grace_seconds,
         stop=stop,
     )

@@ -213,8 +213,8 @@ def main() -> None:
         {
             "id": "fake-ai",
             "kind": "process",
-            "description": "A scripted stand-in for an AI coding CLI (tools/fake_ai.py).",
-            "command": ["{python}", "{workdir}/tools/fake_ai.py", "--prompt-file", "{prompt_file}"],
+            "description": "A scripted stand-in for an AI coding CLI (python -m core.testing.fake_ai).",
+            "command": ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"],
             "timeout_seconds": 60,
             "gate": GATE,
             # only platform failures are retried: the demo shows each outcome once

@@ -42,7 +42,7 @@ def main() -> None:
             "id": "fake-ai",
             "kind": "process",
             "description": "The fallback (a scripted stand-in for an AI CLI).",
-            "command": ["{python}", "{workdir}/tools/fake_ai.py", "--prompt-file", "{prompt_file}"],
+            "command": ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"],
             "gate": GATE,
         },
     ]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, runtime_checkable
 
-from core.models import FailureClass
+from core.models import FailureClass, TaskState
 
 logger = logging.getLogger(__name__)
 
@@ -291,3 +291,16 @@ def default_detectors() -> tuple[NamedDetector, ...]:
 
     installed = (d for d in load_detectors() if d.detect is not BUILTIN_DETECTOR.detect)
     return (BUILTIN_DETECTOR, *installed)
+
+
+def task_state(classification: Classification) -> TaskState:
+    """The terminal state an attempt with this classification ends in."""
+    match classification.failure_class:
+        case None:
+            return TaskState.COMPLETED
+        case FailureClass.ADAPTER_TIMEOUT:
+            return TaskState.TIMEOUT
+        case FailureClass.CANCELLED:
+            return TaskState.CANCELLED
+        case _:
+            return TaskState.FAILED

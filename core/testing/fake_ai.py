@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
-"""A stand-in for an AI coding CLI (aider, Claude Code, Codex, OpenCode) in the demo and tests.
+"""A stand-in for an AI coding CLI (aider, Claude Code, Codex, OpenCode).
+
+Run it as `python -m core.testing.fake_ai`.
 
 It behaves like those tools from the executor's point of view: it reads its prompt (from
 ``--prompt-file``/``--message-file`` or stdin), prints progress as it works, edits files in its
