@@ -31,8 +31,16 @@ class OperatorProcess:
     """`kopf run --standalone operator/handlers.py` watching one namespace."""
 
     def __init__(
-        self, *, kubeconfig: str, namespace: str, image: str, pull_policy: str, workdir: Path
+        self,
+        *,
+        kubeconfig: str,
+        namespace: str,
+        image: str,
+        pull_policy: str,
+        workdir: Path,
+        mode: tuple[str, ...] = ("--standalone",),
     ) -> None:
+        self.mode = mode
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.image = image
@@ -62,7 +70,7 @@ class OperatorProcess:
                     "-m",
                     "kopf",
                     "run",
-                    "--standalone",
+                    *self.mode,
                     "--namespace",
                     self.namespace,
                     str(ROOT / "operator/handlers.py"),
