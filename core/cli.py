@@ -264,7 +264,9 @@ def status(
         last = res.last
         diff = gate = ""
         if last and last.diff and not last.diff.empty:
-            diff = f"{last.diff.files_changed}f +{last.diff.insertions}/-{last.diff.deletions}"
+            d = last.diff
+            diff = f"{d.files_changed}f +{d.insertions}/-{d.deletions}"
+            diff += f" {d.binary_files}bin" if d.binary_files else ""
         if last and last.gate:
             gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
         table.add_row(

@@ -46,7 +46,8 @@ def outcome_line(result: TaskResult) -> str:
         bits.append(f"adapter={last.adapter_id} attempts={len(result.attempts)}")
         if last.diff is not None and not last.diff.empty:
             d = last.diff
-            bits.append(f"files={d.files_changed} +{d.insertions}/-{d.deletions}")
+            binary = f" ({d.binary_files} binary)" if d.binary_files else ""
+            bits.append(f"files={d.files_changed} +{d.insertions}/-{d.deletions}{binary}")
         if last.gate is not None and last.gate.failed_checks:
             bits.append("failed checks: " + ", ".join(last.gate.failed_checks))
     if result.wait_reason:
