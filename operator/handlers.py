@@ -45,7 +45,12 @@ async def task_execution_event(
     if type == "DELETED":
         await memo.controller.deleted(dict(body))
         return
-    await memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
+    await memo.controller.reconcile(body.metadata.namespace, body.metadata.name, dict(body))
+
+
+@kopf.on.event("orchestrator.dev", "v1alpha1", "adapters")
+async def adapter_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.adapter_event(type, dict(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})

@@ -128,6 +128,10 @@ class ControllerBase:
         self._breaker_changes: list[BreakerTransition] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._egress_applied: set[tuple[str, str, int | None]] = set()
+        # newest known body of each unfinished TaskExecution, and the Adapters by name
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
+        self._adapters: dict[tuple[str, str], dict[str, Any]] = {}
+        self._synced: set[tuple[str, tuple[tuple[str, int | None], ...]]] = set()
 
     # ------------------------------------------------------------------ finishing an attempt
 
@@ -322,6 +326,20 @@ class ControllerBase:
         )
         if updated is not None:
             te["status"] = updated.get("status", body)
+            self.remember(updated)
+
+    def remember(self, body: dict[str, Any]) -> None:
+        """Keep ``body`` as the newest known state of its TaskExecution, unless it is older."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        known = self._latest.get(key)
+        if known is not None and _older(meta, known["metadata"]):
+            return
+        self._latest[key] = body
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._latest.pop((namespace, name), None)
+        self._locks.pop((namespace, name), None)
 
     # ------------------------------------------------------------------ breakers, timers
 
@@ -363,3 +381,17 @@ class ControllerBase:
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _older(meta: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether ``meta`` describes an older version of the same object than ``than``.
+
+    resourceVersions are opaque in general but are etcd revisions (integers) in practice;
+    anything else (or another object with the same name: a new uid) counts as newer.
+    """
+    if meta.get("uid") != than.get("uid"):
+        return False
+    try:
+        return int(meta.get("resourceVersion", 0)) < int(than.get("resourceVersion", 0))
+    except ValueError:
+        return False

@@ -75,25 +75,50 @@ class Controller(ControllerBase):
 
     # ------------------------------------------------------------------ entry points
 
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def reconcile(
+        self, namespace: str, name: str, body: dict[str, Any] | None = None
+    ) -> None:
+        """One step for one TaskExecution. ``body``: the object as a watch event delivered it.
+
+        The controller is the only writer of status and the spec is immutable, so the newest
+        body seen (from watch events and from our own status patches) is the object: an API
+        GET is only needed for a TaskExecution this process has not seen yet.
+        """
         key = (namespace, name)
+        if body is not None:
+            self.remember(body)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            te = await self.api.get_object(TE, namespace, name)
+            te = self._latest.get(key)
+            if te is None:
+                te = await self.api.get_object(TE, namespace, name)
+                if te is not None:
+                    self.remember(te)
             if te is None or te["metadata"].get("deletionTimestamp"):
-                self._locks.pop(key, None)
+                self.forget(namespace, name)
                 return
             try:
                 await self._reconcile(te)
             finally:
                 await self._mirror_breakers(namespace)
+            if TaskState((te.get("status") or {}).get("state", "PENDING")).terminal:
+                self.forget(namespace, name)  # nothing left to do: keep no memory of it
         self.metrics.heartbeat()
+
+    def adapter_event(self, type_: str | None, body: dict[str, Any]) -> None:
+        """Keep the Adapter cache current from its watch (no GET per reconcile)."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if type_ == "DELETED":
+            self._adapters.pop(key, None)
+        else:
+            self._adapters[key] = body
 
     async def deleted(self, te: dict[str, Any]) -> None:
         """A TaskExecution was deleted: a task that was not finished is recorded CANCELLED.
 
         Its Jobs go with it through their owner references; no finalizer is needed.
         """
+        self.forget(te["metadata"]["namespace"], te["metadata"]["name"])
         try:
             spec = TaskExecutionSpec.model_validate(te["spec"])
             status = TaskExecutionStatus.model_validate(te.get("status") or {})
@@ -122,7 +147,7 @@ class Controller(ControllerBase):
         for te in await self.api.list_objects(TE, self.settings.namespace):
             state = (te.get("status") or {}).get("state", "PENDING")
             if not TaskState(state).terminal:
-                await self.reconcile(te["metadata"]["namespace"], te["metadata"]["name"])
+                await self.reconcile(te["metadata"]["namespace"], te["metadata"]["name"], te)
 
     # ------------------------------------------------------------------ the state machine
 
@@ -149,8 +174,13 @@ class Controller(ControllerBase):
             return None
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
         adapters: dict[str, AdapterResourceSpec] = {}
+        namespace = te["metadata"]["namespace"]
         for adapter_name in names:
-            obj = await self.api.get_object(ADAPTERS, te["metadata"]["namespace"], adapter_name)
+            obj = self._adapters.get((namespace, adapter_name))
+            if obj is None:
+                obj = await self.api.get_object(ADAPTERS, namespace, adapter_name)
+                if obj is not None:
+                    self._adapters[(namespace, adapter_name)] = obj
             if obj is None:
                 await self._park(
                     te, status, "AdapterNotFound", f"Adapter {adapter_name!r} not found"
@@ -160,10 +190,13 @@ class Controller(ControllerBase):
             await self._ensure_egress(obj, adapters[adapter_name])
         engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
         self._policies.update(engine)
-        seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
-        await self._db(
-            self.store.sync_inputs, spec.run_id, list(engine.values()), [(seq, task, names[0])]
-        )
+        synced = (te["metadata"]["uid"], tuple(_generations(self._adapters, namespace, names)))
+        if synced not in self._synced:
+            seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
+            await self._db(
+                self.store.sync_inputs, spec.run_id, list(engine.values()), [(seq, task, names[0])]
+            )
+            self._synced.add(synced)
         return _Context(te, spec, status, task, adapters, engine)
 
     async def _ensure_egress(self, adapter: dict[str, Any], spec: AdapterResourceSpec) -> None:
@@ -492,3 +525,9 @@ class Controller(ControllerBase):
                 gate_failed_checks=tuple(gate.failed_checks),
             )
         await self._finish(ctx, classify(evidence), result, gate, patch, adapter_diff=current.diff)
+
+
+def _generations(
+    cache: dict[tuple[str, str], dict[str, Any]], namespace: str, names: list[str]
+) -> list[tuple[str, int | None]]:
+    return [(n, cache.get((namespace, n), {}).get("metadata", {}).get("generation")) for n in names]
