@@ -15,9 +15,11 @@ from core.db.store import Event
 
 
 class EventLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, dedupe: bool = True) -> None:
+        """``dedupe=False``: append what is given (the caller got it from a keyed DB insert)."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._dedupe = dedupe
         self._keys: set[str] | None = None
 
     def keys(self) -> set[str]:
@@ -33,7 +35,10 @@ class EventLog:
         return self._keys
 
     def write(self, events: Iterable[Event]) -> int:
-        keys = self.keys()
+        events = list(events)
+        if not events:
+            return 0
+        keys = self.keys() if self._dedupe else set()
         written = 0
         torn = (
             self.path.exists()
@@ -47,7 +52,8 @@ class EventLog:
                 if event.key in keys:
                     continue
                 fh.write(json.dumps(event.as_json(), ensure_ascii=False, default=str) + "\n")
-                keys.add(event.key)
+                if self._dedupe:
+                    keys.add(event.key)
                 written += 1
             fh.flush()
         return written

@@ -115,7 +115,8 @@ class ControllerBase:
         self.rng = rng or random.Random()
         wd = settings.workdir
         self.ledger = PatchLedger(wd / STATE_DIR / PATCH_LEDGER, wd / ".ledger" / "patches", now)
-        self.events = EventLog(wd / "logs" / "executor.jsonl")
+        # the database already de-duplicates events (keyed inserts): no key set in memory
+        self.events = EventLog(wd / "logs" / "executor.jsonl", dedupe=False)
         self._policies: dict[str, AdapterSpec] = {}
         self.breakers = CircuitBreakers(
             SqlBreakerStore(store.engine),
@@ -132,6 +133,7 @@ class ControllerBase:
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}
         self._adapters: dict[tuple[str, str], dict[str, Any]] = {}
         self._synced: set[tuple[str, tuple[tuple[str, int | None], ...]]] = set()
+        self._written: dict[tuple[str, str], str | None] = {}
 
     # ------------------------------------------------------------------ finishing an attempt
 
@@ -327,6 +329,16 @@ class ControllerBase:
         if updated is not None:
             te["status"] = updated.get("status", body)
             self.remember(updated)
+            meta = updated["metadata"]
+            self._written[(meta["namespace"], meta["name"])] = meta.get("resourceVersion")
+
+    def _echo_of_own_write(self, body: dict[str, Any]) -> bool:
+        """A watch event carrying exactly our last status patch, while a Job runs."""
+        meta = body["metadata"]
+        written = self._written.get((meta["namespace"], meta["name"]))
+        state = (body.get("status") or {}).get("state")
+        running = state in (TaskState.IN_PROGRESS.value, TaskState.VALIDATING.value)
+        return running and written is not None and written == meta.get("resourceVersion")
 
     def remember(self, body: dict[str, Any]) -> None:
         """Keep ``body`` as the newest known state of its TaskExecution, unless it is older."""
@@ -339,6 +351,7 @@ class ControllerBase:
 
     def forget(self, namespace: str, name: str) -> None:
         self._latest.pop((namespace, name), None)
+        self._written.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
 
     # ------------------------------------------------------------------ breakers, timers

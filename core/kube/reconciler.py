@@ -87,6 +87,8 @@ class Controller(ControllerBase):
         key = (namespace, name)
         if body is not None:
             self.remember(body)
+            if self._echo_of_own_write(body):
+                return  # the watch echo of our own status patch: the next step waits on a Job
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             te = self._latest.get(key)

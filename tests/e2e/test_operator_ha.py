@@ -83,11 +83,13 @@ def ha(
 def test_only_the_higher_priority_peer_acts(kubectl, ha) -> None:
     standby: OperatorProcess = ha["standby"]
     leader: OperatorProcess = ha["leader"]
-    wait_for(
-        lambda: "Pausing operations in favour of" in standby.tail(100_000),
-        120,
-        "the standby to pause",
-    )
+
+    def peers() -> int:
+        status = get_json(kubectl, "kopfpeering", PEERING, "-n", ha["ns"]).get("status") or {}
+        return len(status)
+
+    # both operators have announced themselves in the peering object
+    wait_for(lambda: peers() >= 2, 120, "both peers in the KopfPeering status")
     obj = task_execution(
         "ha-task", ha["repo"], "patch", task={"prompt": "x", "patch": demo_patch("add-multiply")}
     )
@@ -103,9 +105,16 @@ def test_only_the_higher_priority_peer_acts(kubectl, ha) -> None:
         kubectl, "jobs", "-n", ha["ns"], "-l", "orchestrator.dev/taskexecution=ha-task"
     )["items"]
     assert len(jobs) == 2  # one adapter Job, one gate Job: nobody acted twice
-    assert "ha-task" in leader.tail(100_000)
-    standby_log = standby.tail(100_000)
-    paused_at = standby_log.index("Pausing operations in favour of")
-    assert "ha-task" not in standby_log[paused_at:]
+    assert "ha-task" in leader.tail(1_000_000)
+    assert "ha-task" not in standby.tail(1_000_000)
     ledger = standby.workdir / ".state/patch_ledger.jsonl"
     assert not ledger.exists() or ledger.read_text() == ""
+
+    # the standby was paused by the leader: when the leader goes, it takes over
+    leader.stop()
+    wait_for(
+        lambda: "Resuming operations after the pause" in standby.tail(1_000_000),
+        120,
+        "the standby to resume after the leader left",
+        standby.tail,
+    )
