@@ -270,18 +270,8 @@ class TaskExecutionStatus(_Api):
 
 
 def diff_status(diff: DiffSummary | None) -> DiffStatus | None:
-    if diff is None:
-        return None
-    return DiffStatus(
-        sha256=diff.sha256,
-        bytes=diff.bytes,
-        files_changed=diff.files_changed,
-        insertions=diff.insertions,
-        deletions=diff.deletions,
-        binary_files=diff.binary_files,
-        truncated=diff.truncated,
-        empty=diff.empty,
-    )
+    """The diff summary as status carries it: the same fields, without the per-file list."""
+    return None if diff is None else DiffStatus.model_validate(diff.model_dump(exclude={"files"}))
 
 
 def adapter_spec(name: str, spec: AdapterResourceSpec) -> AdapterSpec:

@@ -77,15 +77,5 @@ def gate_result(summary: GateSummary) -> GateResult:
 
 
 def summary_from_status(diff: DiffStatus | None) -> DiffSummary | None:
-    if diff is None:
-        return None
-    return DiffSummary(
-        sha256=diff.sha256,
-        bytes=diff.bytes,
-        files_changed=diff.files_changed,
-        insertions=diff.insertions,
-        deletions=diff.deletions,
-        binary_files=diff.binary_files,
-        truncated=diff.truncated,
-        empty=diff.empty,
-    )
+    """Inverse of :func:`core.resources.diff_status` (the per-file list is not in status)."""
+    return None if diff is None else DiffSummary.model_validate(diff.model_dump())
