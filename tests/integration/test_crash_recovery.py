@@ -70,7 +70,7 @@ def test_kill_9_mid_attempt_then_restart_finishes_exactly_once(tmp_path: Path) -
 
     def live_row() -> Task | None:
         with Session(engine) as s:
-            row = s.get(Task, ("crash", "slow-write"))
+            row = s.get(Task, ("crash", "slow-write", ""))
             return row if row is not None and row.pid and row.workspace else None
 
     row = wait_for(live_row, what="the attempt's process group in the DB")
