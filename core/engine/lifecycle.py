@@ -36,9 +36,9 @@ from enum import StrEnum
 from core.engine.resilience.classification import (
     Classification,
     FailureEvidence,
-    classify,
     task_state,
 )
+from core.engine.resilience.detectors import classify
 from core.engine.resilience.retry import (
     SWITCHING_CLASSES,
     AdapterChain,

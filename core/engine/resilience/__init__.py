@@ -30,16 +30,18 @@ from core.engine.resilience.circuit_breaker import (
 )
 from core.engine.resilience.classification import (
     COUNTED_CLASSES,
-    ENTRY_POINT_GROUP,
     Classification,
     ErrorDetector,
     FailureEvidence,
     NamedDetector,
-    classify,
     classify_evidence,
+    refine,
+)
+from core.engine.resilience.detectors import (
+    ENTRY_POINT_GROUP,
+    classify,
     default_detectors,
     load_detectors,
-    refine,
 )
 from core.engine.resilience.health import HealthResult, probe_due, probe_result
 from core.engine.resilience.retry import (
