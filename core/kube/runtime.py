@@ -28,7 +28,11 @@ class OperatorSettings(BaseSettings):
     database_url: str | None = Field(default=None, description="Default: SQLite in workdir.")
     runner_image: str = Field(description="Image of adapter and gate pods (has the runner).")
     image_pull_policy: str = "IfNotPresent"
-    namespace: str | None = Field(default=None, description="Namespace watched; None: all.")
+    namespace: str | None = Field(
+        default=None,
+        description="Namespaces watched, comma-separated (as kopf's --namespace flags); "
+        "None: all.",
+    )
     metrics_port: int | None = Field(default=None, description="Serve Prometheus metrics here.")
     metrics_address: str = "0.0.0.0"  # noqa: S104 - the metrics Service scrapes the pod
     migrate: bool = Field(default=True, description="Run database migrations at start.")
@@ -54,7 +58,9 @@ async def build_controller(settings: OperatorSettings) -> Controller:
         ControllerSettings(
             workdir=settings.workdir,
             runner_image=settings.runner_image,
-            namespace=settings.namespace,
+            namespaces=tuple(
+                n.strip() for n in (settings.namespace or "").split(",") if n.strip()
+            ),
             image_pull_policy=settings.image_pull_policy,
             max_diff_bytes=settings.max_diff_bytes,
             resync_seconds=settings.resync_seconds,
