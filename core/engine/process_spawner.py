@@ -111,10 +111,18 @@ class LocalBackend:
                     checkout=lambda: self._gate_checkout(mirror, task.base_commit, adir),
                     sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
                     baseline=request.gate_baseline,
+                    policy=task.gate_policy,
                     python=self.python,
                     clock=self.clock,
                 )
-                log.note("gate_finished", passed=gate.passed, applied=gate.applied)
+                log.note(
+                    "gate_finished",
+                    passed=gate.passed,
+                    applied=gate.applied,
+                    apply_method=gate.apply_method,
+                    blamed=gate.blamed,
+                    tamper=gate.tamper.flagged,
+                )
             return AttemptOutcome(
                 exit_code=proc.exit_code,
                 signal=proc.signal,

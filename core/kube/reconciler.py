@@ -524,7 +524,7 @@ class Controller(ControllerBase):
                 diff_empty=current.diff.empty if current.diff else None,
                 allow_empty_diff=ctx.task.allow_empty_diff,
                 gate_passed=gate.passed,
-                gate_failed_checks=tuple(gate.failed_checks),
+                gate_failed_checks=tuple(gate.blamed),
             )
         await self._finish(ctx, classify(evidence), result, gate, patch, adapter_diff=current.diff)
 
