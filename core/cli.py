@@ -25,6 +25,7 @@ from rich.table import Table
 from core import __version__
 from core.db.database import check_schema, default_url, make_engine, redact, upgrade
 from core.db.store import Store
+from core.db.test_history import TestHistory
 from core.engine.adapters import manual_paths
 from core.engine.executor import ExecutorConfig, build_executor
 from core.engine.monitoring.metrics import Metrics
@@ -33,6 +34,7 @@ from core.engine.process_spawner import task_log_path
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import read_records
 from core.errors import OrchestratorError
+from core.models import CheckStatus, GateResult
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -268,7 +270,7 @@ def status(
             diff = f"{d.files_changed}f +{d.insertions}/-{d.deletions}"
             diff += f" {d.binary_files}bin" if d.binary_files else ""
         if last and last.gate:
-            gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
+            gate = _gate_cell(last.gate)
         table.add_row(
             r.task_id,
             r.status.value,
@@ -283,6 +285,42 @@ def status(
     breakers = [a for a in store.adapters() if a.breaker_state != "CLOSED"]
     for a in breakers:
         console.print(f"circuit breaker {a.id}: {a.breaker_state}", highlight=False)
+    flaky = TestHistory(store.engine).flaky_tests(run_id=run)
+    if flaky:
+        console.print(
+            "flaky tests (passed when rerun alone; history of all runs):", highlight=False
+        )
+        for f in flaky:
+            console.print(
+                f"  {f.check}: {f.test_id}  {f.times}x, last {f.last_run}/{f.last_task} "
+                f"{f.last_seen:%Y-%m-%d %H:%M}",
+                highlight=False,
+                markup=False,
+            )
+
+
+def _gate_cell(gate: GateResult) -> str:
+    """The gate in one cell: what failed and why, or what passed with a caveat."""
+    if not gate.applied:
+        return "failed: diff does not apply"
+    if not gate.passed:
+        text = "failed: " + "; ".join(gate.blamed)
+    else:
+        extras = []
+        for label, count in (
+            ("pre-existing", sum(c.pre_existing_failures.count for c in gate.checks)),
+            ("flaky", sum(c.flaky.count for c in gate.checks)),
+            ("fixed", sum(c.fixed.count for c in gate.checks)),
+        ):
+            if count:
+                extras.append(f"{count} {label}")
+        extras += [
+            f"{c.name} failed before"
+            for c in gate.checks
+            if c.status is CheckStatus.PRE_EXISTING and c.granularity == "check"
+        ]
+        text = "passed" + (f" ({', '.join(extras)})" if extras else "")
+    return text + (" [tamper flagged]" if gate.tamper.flagged else "")
 
 
 @app.command()

@@ -32,6 +32,7 @@ from typing import Any
 from core.db.breaker_store import SqlBreakerStore
 from core.db.database import check_schema, default_url, make_engine, redact
 from core.db.store import Store, TaskRecord
+from core.db.test_history import record_gate_tests
 from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
 from core.engine.backend import AttemptOutcome, AttemptRequest, ExecutionBackend
@@ -403,7 +404,7 @@ class Executor:
                 diff_empty=diff.empty if diff else None,
                 allow_empty_diff=task.spec.allow_empty_diff,
                 gate_passed=gate.passed if gate else None,
-                gate_failed_checks=tuple(gate.failed_checks) if gate else (),
+                gate_failed_checks=tuple(gate.blamed) if gate else (),
                 output_tail=outcome.output_tail,
             )
         )
@@ -448,6 +449,9 @@ class Executor:
         )
         events = self.store.finish_attempt(
             self.run_id, task.task_id, entry.result, final=final, entry=entry, patch=patch
+        )
+        record_gate_tests(
+            self.store.engine, self.run_id, task.task_id, result.attempt, result.gate, self.metrics
         )
         self.events.write(events)
         return self.store.task(self.run_id, task.task_id)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from core.db.breaker_store import SqlBreakerStore
 from core.db.store import Event, Store
+from core.db.test_history import record_gate_tests
 from core.engine.events import EventLog
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import PatchLedger
@@ -217,6 +218,15 @@ class ControllerBase:
             patch=patch,
         )
         self.events.write(events)
+        await self._db(
+            record_gate_tests,
+            self.store.engine,
+            ctx.run_id,
+            ctx.task_id,
+            current.attempt,
+            gate,
+            self.metrics,
+        )
         if gate is not None:
             self.metrics.gate_finished(gate.passed)
         summary = gate_summary(gate)
