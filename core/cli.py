@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core import __version__
@@ -300,27 +301,30 @@ def status(
 
 
 def _gate_cell(gate: GateResult) -> str:
-    """The gate in one cell: what failed and why, or what passed with a caveat."""
+    """The gate in one cell: what failed and why, or what passed with a caveat.
+
+    Escaped for rich: test ids carry brackets (``test_x[1-2]``) that are not markup.
+    """
+    tamper = ["tamper flagged"] if gate.tamper.flagged else []
     if not gate.applied:
         return "failed: diff does not apply"
     if not gate.passed:
-        text = "failed: " + "; ".join(gate.blamed)
-    else:
-        extras = []
-        for label, count in (
-            ("pre-existing", sum(c.pre_existing_failures.count for c in gate.checks)),
-            ("flaky", sum(c.flaky.count for c in gate.checks)),
-            ("fixed", sum(c.fixed.count for c in gate.checks)),
-        ):
-            if count:
-                extras.append(f"{count} {label}")
-        extras += [
-            f"{c.name} failed before"
-            for c in gate.checks
-            if c.status is CheckStatus.PRE_EXISTING and c.granularity == "check"
-        ]
-        text = "passed" + (f" ({', '.join(extras)})" if extras else "")
-    return text + (" [tamper flagged]" if gate.tamper.flagged else "")
+        return escape("; ".join(["failed: " + "; ".join(gate.blamed), *tamper]))
+    extras = []
+    for label, count in (
+        ("pre-existing", sum(c.pre_existing_failures.count for c in gate.checks)),
+        ("flaky", sum(c.flaky.count for c in gate.checks)),
+        ("fixed", sum(c.fixed.count for c in gate.checks)),
+    ):
+        if count:
+            extras.append(f"{count} {label}")
+    extras += [
+        f"{c.name} failed before"
+        for c in gate.checks
+        if c.status is CheckStatus.PRE_EXISTING and c.granularity == "check"
+    ]
+    extras += tamper
+    return escape("passed" + (f" ({', '.join(extras)})" if extras else ""))
 
 
 @app.command()

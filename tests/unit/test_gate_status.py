@@ -1,0 +1,90 @@
+"""How a per-test gate result is shown: the status table cell, and the TaskExecution status
+(bounded: exact counts, at most STATUS_TEST_NAMES names a list) and back."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from core.cli import _gate_cell
+from core.kube.attempts import gate_result, gate_summary
+from core.models import CheckResult, CheckStatus, GateResult, TamperReport, TestNames
+from core.resources import STATUS_TEST_NAMES, GateSummary
+
+
+def check(status: CheckStatus = CheckStatus.FAILED, **lists: list[str]) -> CheckResult:
+    return CheckResult(
+        name="pytest",
+        status=status,
+        exit_code=1,
+        duration_seconds=2.5,
+        granularity="test",
+        note="a note",
+        **{k: TestNames.of(v) for k, v in lists.items()},  # type: ignore[arg-type]
+    )
+
+
+def shown(cell: str) -> str:
+    """What the table shows for a cell (rich markup applied)."""
+    out = io.StringIO()
+    Console(file=out, width=300).print(cell)
+    return out.getvalue().strip()
+
+
+def test_gate_cell_names_new_failures_and_keeps_brackets() -> None:
+    failed = GateResult(
+        passed=False,
+        applied=True,
+        checks=[check(new_failures=["t.py::test_x[red]"], pre_existing_failures=["t.py::old"])],
+    )
+    assert shown(_gate_cell(failed)) == "failed: pytest (new failures: t.py::test_x[red])"
+    passed = GateResult(
+        passed=True,
+        applied=True,
+        checks=[
+            check(CheckStatus.PRE_EXISTING, pre_existing_failures=["a"], flaky=["b", "c"]),
+            CheckResult(
+                name="lint", status=CheckStatus.PRE_EXISTING, exit_code=1, duration_seconds=0
+            ),
+        ],
+        tamper=TamperReport(flagged=True, deleted_test_files=["tests/test_a.py"]),
+    )
+    assert (
+        _gate_cell(passed) == "passed (1 pre-existing, 2 flaky, lint failed before, tamper flagged)"
+    )
+    assert _gate_cell(GateResult(passed=False, applied=False)) == "failed: diff does not apply"
+
+
+def test_status_summary_is_bounded_and_round_trips_what_it_keeps() -> None:
+    many = [f"tests/test_a.py::test_{i:03d}" for i in range(250)]
+    gate = GateResult(
+        passed=False,
+        applied=True,
+        apply_method="git apply --3way --binary",
+        checks=[check(new_failures=many, flaky=["f"])],
+        tamper=TamperReport(
+            flagged=True,
+            modified_files=[f"f{i}" for i in range(30)],
+            removed_failing_tests=TestNames.of(["pytest: x"]),
+        ),
+    )
+    summary = gate_summary(gate)
+    assert summary is not None
+    # what the API server gets is what the CRD schema admits (maxItems included)
+    GateSummary.model_validate(summary.model_dump(by_alias=True))
+    listed = summary.checks[0]
+    assert listed.new_failures is not None and listed.new_failures.count == 250
+    assert listed.new_failures.names == many[:STATUS_TEST_NAMES]
+    assert listed.flaky is not None and listed.flaky.names == ["f"]
+    assert listed.pre_existing_failures is None and listed.granularity == "test"
+    assert summary.tamper is not None and len(summary.tamper.modified_files) == STATUS_TEST_NAMES
+    back = gate_result(summary)
+    assert back.checks[0].new_failures.count == 250
+    assert back.checks[0].new_failures.names == many[:STATUS_TEST_NAMES]
+    assert back.blamed == [
+        "pytest (new failures: tests/test_a.py::test_000, tests/test_a.py::test_001, "
+        "tests/test_a.py::test_002 +247 more)"
+    ]
+    quiet = gate_summary(GateResult(passed=True, applied=True, checks=[check(CheckStatus.PASSED)]))
+    assert quiet is not None and quiet.tamper is None
