@@ -251,7 +251,11 @@ def status(
     database_url: DatabaseUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show each task's state, adapter, attempts, failure class and diff of a run."""
+    """Show each task's state, adapter, attempts, failure class, diff and gate of a run.
+
+    The gate column names new failing tests; below the table, the run's flaky tests with how
+    often each was flaky in any run.
+    """
     store = _store(workdir, database_url)
     records = store.tasks(run)
     if not records:

@@ -332,6 +332,12 @@ def test_any_tool_writing_junit_with_its_own_rerun_command(
     assert result.flaky.count == 0
     assert sinks.order.count("tool:rerun") == 2  # alpha twice (beta is pre-existing)
 
+    # without a rerun command the tool's tests cannot be rerun alone: said, and still blamed
+    plain = check.model_copy(update={"rerun": None})
+    again = gate_for(repo, worktree_checkout, sinks)(plain, patch)
+    assert again.checks[0].new_failures.names == ["suite.alpha"]
+    assert "no rerun command for 1 failing test(s)" in again.checks[0].note
+
 
 def test_declared_report_that_is_never_written_falls_back_to_the_check(
     git_repo: Any, worktree_checkout: Any, sinks: Sinks, tmp_path: Path, gt: Any
