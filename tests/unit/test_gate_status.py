@@ -88,3 +88,62 @@ def test_status_summary_is_bounded_and_round_trips_what_it_keeps() -> None:
     ]
     quiet = gate_summary(GateResult(passed=True, applied=True, checks=[check(CheckStatus.PASSED)]))
     assert quiet is not None and quiet.tamper is None
+
+
+def test_progress_line_mentions_flaky_tests_and_tamper() -> None:
+    from datetime import UTC, datetime
+
+    from core.engine.monitoring.progress import outcome_line
+    from core.models import AttemptResult, TaskResult, TaskState
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    gate = GateResult(
+        passed=True,
+        applied=True,
+        checks=[check(CheckStatus.PASSED, flaky=["t::a", "t::b"])],
+        tamper=TamperReport(flagged=True, modified_files=["x"]),
+    )
+    attempt = AttemptResult(
+        attempt=1,
+        adapter_id="a",
+        state=TaskState.COMPLETED,
+        started_at=now,
+        finished_at=now,
+        duration_seconds=0,
+        gate=gate,
+    )
+    result = TaskResult(task_id="t", state=TaskState.COMPLETED, adapter_id="a", attempts=[attempt])
+    line = outcome_line(result)
+    assert line.endswith("adapter=a attempts=1 flaky tests: 2 tamper flagged")
+
+
+def test_submitted_task_execution_carries_the_gate_policy_and_check_fields() -> None:
+    from core.engine.inputs import RoutedTask
+    from core.kube.submit import task_resource
+    from core.models import GateCheck, GatePolicy, RoutingDecision, TaskSpec
+    from core.resources import TaskExecutionSpec, task_spec
+
+    spec = TaskSpec(
+        task_id="t1",
+        prompt="p",
+        repo="git://server/repo",
+        base_commit="a" * 40,
+        gate=[
+            GateCheck(
+                name="tool",
+                command=["./run", "--junit", "{report}"],
+                report="junit",
+                report_path="out/*.xml",
+                rerun=["./run", "--only", "{test}"],
+                env={"SOME_VAR": "1"},
+            )
+        ],
+        gate_baseline=True,
+        gate_policy=GatePolicy(flaky_reruns=3, on_tamper="fail", fuzzy_apply=True),
+    )
+    body = task_resource("r", RoutedTask(1, spec, RoutingDecision(task_id="t1", adapter_id="a")))
+    assert body["spec"]["gate"]["onTamper"] == "fail"
+    assert body["spec"]["gate"]["checks"][0]["reportPath"] == "out/*.xml"
+    back = task_spec("r-t1", TaskExecutionSpec.model_validate(body["spec"]))
+    assert back.gate_policy == spec.gate_policy
+    assert back.gate == spec.gate and back.gate_baseline
