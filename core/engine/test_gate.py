@@ -21,7 +21,7 @@ gate pod's runner.
 
 from __future__ import annotations
 
-import glob
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +41,7 @@ from core.engine.test_reports import (
     TestReport,
     TestTarget,
     UnittestCollector,
+    find_reports,
     parse_junit,
     sniff_file,
 )
@@ -211,13 +212,13 @@ class _CheckRunner:
     def _read_files(self, inv: _Invocation, tree: Path) -> TestReport | None:
         if inv.file_expected:
             return sniff_file(inv.report_file, tree) if inv.report_file.exists() else None
+        if inv.report_path is not None and os.path.isabs(inv.report_path):
+            # the user's own --junitxml=/abs/path: a file outside the tree, read as such
+            path = Path(inv.report_path)
+            return parse_junit([path], tree=tree) if os.path.lexists(path) else None
         if inv.report_path is not None:
-            found = sorted(
-                Path(p)
-                for p in glob.glob(inv.report_path, root_dir=tree, recursive=True)
-                if (tree / p).is_file()
-            )
-            return parse_junit([tree / p for p in found], tree=tree) if found else None
+            found = find_reports(tree, inv.report_path)
+            return parse_junit(found, tree=tree) if found else None
         return None
 
     def _rerun(

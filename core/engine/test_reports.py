@@ -16,13 +16,17 @@ bundles) refuses entity-expansion bombs and ElementTree never fetches external e
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import IO
 
 from core.models import TestCounts
 
@@ -115,29 +119,49 @@ def parse_junit(paths: Iterable[Path], *, tree: Path | None = None) -> TestRepor
     out = _Outcomes()
     pytest_made = False
     for path in paths:
-        size = path.stat().st_size
-        if size > MAX_REPORT_BYTES:
-            raise ReportError(f"{path.name}: {size} bytes, over the {MAX_REPORT_BYTES} limit")
         try:
             # expat >= 2.4 refuses entity bombs; no external entities (see the docstring)
-            for _, elem in ET.iterparse(path, events=("end",)):  # noqa: S314
-                if elem.tag == "testsuite" and elem.get("name") == "pytest":
-                    pytest_made = True
-                if elem.tag != "testcase":
-                    continue
-                classname, name = elem.get("classname") or "", elem.get("name") or ""
-                outcome = _junit_outcome(elem)
-                out.add(
-                    f"{classname}.{name}" if classname else name,
-                    outcome,
-                    TestTarget(classname, name),
-                )
-                elem.clear()
+            with open_report(path) as fh:
+                events = list(_testcases(fh))
         except ET.ParseError as exc:
             raise ReportError(f"{path.name}: not JUnit XML ({exc})") from exc
+        for elem_tag, suite_name, classname, name, outcome in events:
+            if elem_tag == "testsuite":
+                pytest_made = pytest_made or suite_name == "pytest"
+                continue
+            out.add(
+                f"{classname}.{name}" if classname else name, outcome, TestTarget(classname, name)
+            )
     if pytest_made and tree is not None:
         return _as_pytest_ids(out, tree)
     return TestReport("junit", out.outcomes, out.targets)
+
+
+def _testcases(fh: IO[bytes]) -> Iterator[tuple[str, str, str, str, Outcome]]:
+    for _, elem in ET.iterparse(fh, events=("end",)):  # noqa: S314
+        if elem.tag == "testsuite":
+            yield "testsuite", elem.get("name") or "", "", "", Outcome.PASSED
+        elif elem.tag == "testcase":
+            classname, name = elem.get("classname") or "", elem.get("name") or ""
+            yield "testcase", "", classname, name, _junit_outcome(elem)
+            elem.clear()
+
+
+def open_report(path: Path) -> IO[bytes]:
+    """Open a report the code under test wrote: a regular file, not through a symlink, not
+    over :data:`MAX_REPORT_BYTES` (a FIFO or device there must not hang or flood the gate)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ReportError(f"{path.name}: cannot open ({exc.strerror})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ReportError(f"{path.name}: not a regular file")
+    if info.st_size > MAX_REPORT_BYTES:
+        os.close(fd)
+        raise ReportError(f"{path.name}: {info.st_size} bytes, over the {MAX_REPORT_BYTES} limit")
+    return os.fdopen(fd, "rb")
 
 
 def _junit_outcome(case: ET.Element) -> Outcome:
@@ -347,13 +371,53 @@ def parse_unittest(lines: Iterable[str]) -> TestReport | None:
 
 def sniff_file(path: Path, tree: Path | None) -> TestReport | None:
     """A ``{report}`` file of either kind: XML is JUnit, JSON lines are go test events."""
-    with path.open("rb") as fh:
+    with open_report(path) as fh:
         head = fh.read(512).lstrip()
-    if not head:
-        return None
-    if head.startswith(b"<"):
-        return parse_junit([path], tree=tree)
-    if path.stat().st_size > MAX_REPORT_BYTES:
-        raise ReportError(f"{path.name}: over the {MAX_REPORT_BYTES} limit")
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        return parse_go_json(fh)
+        if not head:
+            return None
+        if not head.startswith(b"<"):
+            fh.seek(0)
+            text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace")
+            return parse_go_json(text)
+    return parse_junit([path], tree=tree)
+
+
+def find_reports(tree: Path, pattern: str, limit: int = 1000) -> list[Path]:
+    """Files in ``tree`` matching the glob ``pattern`` (``**`` spans directories).
+
+    Walks the tree without following symlinks, so a check cannot point the gate at the rest
+    of the file system (``glob`` follows symlinked directories); ``.git`` is skipped.
+    """
+    regex = re.compile(_glob_regex(pattern))
+    found: list[Path] = []
+    for root, dirs, files in os.walk(tree, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d != ".git")
+        rel_root = Path(root).relative_to(tree)
+        for name in sorted(files):
+            rel = (rel_root / name).as_posix()
+            if regex.fullmatch(rel) and not Path(root, name).is_symlink():
+                found.append(Path(root, name))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)

@@ -6,6 +6,7 @@ The samples are what the real tools print (Python 3.11 unittest, pytest 8 JUnit 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from core.engine.test_reports import (
     ReportError,
     TestReport,
     TestTarget,
+    find_reports,
     parse_go_json,
     parse_junit,
     parse_unittest,
@@ -388,3 +390,28 @@ def test_blamed_names_new_failures_bounded() -> None:
     assert gate.blamed == ["unit (new failures: t0, t1, t2 +2 more)"]
     names = TestNames.of(f"n{i:04d}" for i in range(1000))
     assert names.count == 1000 and len(names.names) == 200 and names.truncated
+
+
+def test_report_files_must_be_regular_files_in_the_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "out/deep").mkdir(parents=True)
+    (tree / ".git").mkdir()
+    xml = "<testsuite><testcase classname='S' name='t'/></testsuite>"
+    (tree / "out/a.xml").write_text(xml)
+    (tree / "out/deep/b.xml").write_text(xml)
+    (tree / ".git/c.xml").write_text(xml)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.xml").write_text(xml)
+    (tree / "out/link").symlink_to(outside)  # a symlinked directory is not walked into
+    (tree / "out/l.xml").symlink_to(outside / "secret.xml")  # nor is a symlinked file read
+    found = find_reports(tree, "out/**/*.xml")
+    assert [p.relative_to(tree).as_posix() for p in found] == ["out/a.xml", "out/deep/b.xml"]
+    assert [p.name for p in find_reports(tree, "**/*.xml")] == ["a.xml", "b.xml"]
+    assert find_reports(tree, "out/?.xml") == [tree / "out/a.xml"]
+    with pytest.raises(ReportError, match="cannot open"):
+        parse_junit([tree / "out/l.xml"])
+    fifo = tree / "fifo.xml"
+    os.mkfifo(fifo)  # a FIFO would block a plain open() forever
+    with pytest.raises(ReportError, match="not a regular file"):
+        sniff_file(fifo, tree)
