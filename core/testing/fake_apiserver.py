@@ -24,8 +24,9 @@ It keeps what the operator can observe of a real API server, and nothing it cann
   ``cascade="manual"`` and calls :meth:`FakeApiServer.collect_garbage`.
 
 Not simulated: schema validation of specs (CRD OpenAPI, CEL, Job immutability), defaulting,
-managedFields, field selectors, pagination, admission (quotas, RBAC), partial owner-reference
-clean-up, foreground/orphan propagation.
+managedFields, pruning of fields a CRD schema does not declare, field selectors, pagination,
+admission (quotas, RBAC), object size limits other than ConfigMaps' and Secrets' 1 MiB,
+partial owner-reference clean-up, foreground/orphan propagation.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from core.testing.kube_semantics import (
     name_problems,
     parse_selector,
     selector_matches,
+    size_problems,
     timestamp,
 )
 
@@ -207,6 +209,7 @@ class FakeApiServer:
         if plural == "jobs":
             template = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
             problems += label_problems(template.get("labels"), "spec.template.labels")
+        problems += size_problems(plural, obj)
         if problems:
             raise invalid(rt, name, problems, "create")
         key = (plural, namespace, name)
@@ -448,6 +451,7 @@ class FakeApiServer:
                 if "status" in old:
                     result["status"] = _copy(old["status"])
             problems = label_problems(meta.get("labels"), "metadata.labels")
+            problems += size_problems(rt.plural, result)
             if problems:
                 raise invalid(rt, meta["name"], problems, verb)
             if rt.generation and _spec_part(result) != _spec_part(old):

@@ -428,7 +428,10 @@ class FakeKubeApi:
         status: int | None = None
         rule = next((r for r in self.faults if r.applies("watch", resource, namespace, None)), None)
         try:
-            await asyncio.sleep(0)
+            if rule is not None and rule.delay_seconds:
+                await self._sleep(rule.delay_seconds)
+            else:
+                await asyncio.sleep(0)
             if rule is not None:
                 try:
                     rule.raise_for("watch", resource, namespace, None)

@@ -22,7 +22,8 @@ variable from a missing Secret or ConfigMap keeps the pod Pending in
 ``CreateContainerConfigError``; a missing ConfigMap volume keeps it in ``ContainerCreating``.
 
 Not a security boundary: ``securityContext`` is not enforced and the process runs as the
-test's user. Image, resources and NetworkPolicies are ignored.
+test's user. Image, resources and NetworkPolicies are ignored. A suspended Job gets no pod
+until it is resumed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import NotFoundError
+from core.errors import ConflictError, NotFoundError
 from core.kube.api import Body
 from core.testing.fake_apiserver import Change, FakeApiServer
 from core.testing.kube_semantics import timestamp
@@ -80,7 +81,7 @@ class FakeKubelet:
         self.workdir = workdir
         self.python = python
         self.env = dict(env or {})
-        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by Job uid
         self._pods: dict[tuple[str, str], _Pod] = {}
         self._procs: set[asyncio.subprocess.Process] = set()
         self._confirms: set[asyncio.Task[None]] = set()
@@ -100,21 +101,21 @@ class FakeKubelet:
         self._loop = asyncio.get_running_loop()
         self.server.listeners.append(self._on_change)
         for job in self.server.list_objects("jobs", None):
-            if not (job.get("status") or {}).get("conditions"):
+            if not job["spec"].get("suspend") and not (job.get("status") or {}).get("conditions"):
                 self._start_job(job)
 
     async def stop(self) -> None:
         """Kill every container still running and forget the Jobs."""
         if self._on_change in self.server.listeners:
             self.server.listeners.remove(self._on_change)
+        for task in (*self._tasks.values(), *self._confirms):
+            task.cancel()  # a cancelled pod run kills its container's tree
+        await asyncio.gather(*self._tasks.values(), *self._confirms, return_exceptions=True)
+        self._tasks.clear()
         for proc in list(self._procs):
             _kill_tree(proc.pid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 10)
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._tasks.clear()
 
     async def wait_idle(self) -> None:
         """Until every Job started so far has finished (or was deleted), and every pod
@@ -127,8 +128,10 @@ class FakeKubelet:
     def _on_change(self, change: Change) -> None:
         meta = change.new["metadata"]
         key = (meta["namespace"], meta["name"])
-        if change.plural == "jobs" and change.type == "ADDED":
-            self._start_job(change.new)
+        if change.plural == "jobs" and change.type != "DELETED":
+            spec, status = change.new.get("spec") or {}, change.new.get("status") or {}
+            if not spec.get("suspend") and not status.get("conditions"):
+                self._start_job(change.new)  # created, or resumed (no pods while suspended)
         elif change.plural == "pods" and (
             change.type == "DELETED" or meta.get("deletionTimestamp")
         ):
@@ -147,38 +150,40 @@ class FakeKubelet:
 
     def _start_job(self, job: Body) -> None:
         assert self._loop is not None
-        key = (job["metadata"]["namespace"], job["metadata"]["name"])
-        if key not in self._tasks:
-            self._tasks[key] = self._loop.create_task(self._run_job(*key))
+        meta = job["metadata"]
+        if meta["uid"] not in self._tasks:
+            run = self._run_job(meta["namespace"], meta["name"], meta["uid"])
+            self._tasks[meta["uid"]] = self._loop.create_task(run)
 
     # ------------------------------------------------------------------ the Job controller
 
-    async def _run_job(self, namespace: str, name: str) -> None:
+    async def _run_job(self, namespace: str, name: str, uid: str) -> None:
         try:
-            await self._job(namespace, name)
-        except NotFoundError:
-            return  # the Job (or its pod) was deleted: nothing left to report
+            await self._job(namespace, name, uid)
+        except (NotFoundError, ConflictError):
+            return  # the Job (or its pod) was deleted (or replaced): nothing left to report
         except Exception as exc:
             log.exception("fake kubelet: Job %s/%s", namespace, name)
             self.errors.append(exc)
 
-    async def _job(self, namespace: str, name: str) -> None:
+    async def _job(self, namespace: str, name: str, uid: str) -> None:
         job = self.server.get("jobs", namespace, name)
+        if job["metadata"]["uid"] != uid:
+            return  # replaced by a namesake before it started: that one has its own run
         spec = job["spec"]
         start = timestamp(self.server.now())
-        self._job_status(namespace, name, {"startTime": start, "active": 1, "ready": 0})
+        self._job_status(job, {"startTime": start, "active": 1, "ready": 0})
         deadline = spec.get("activeDeadlineSeconds")
         loop = asyncio.get_running_loop()
         ends = None if deadline is None else loop.time() + float(deadline)
         failed = 0
         while True:
             pod = self._create_pod(job)
-            outcome = await self._run_pod(name, pod, ends)
+            outcome = await self._run_pod(job, pod, ends)
             if outcome == "deadline":  # the controller fails the Job and deletes its pods
                 await self._delete_pod(namespace, pod["metadata"]["name"])
                 self._finish_job(
-                    namespace,
-                    name,
+                    job,
                     ok=False,
                     reason="DeadlineExceeded",
                     message="Job was active longer than specified deadline",
@@ -187,8 +192,7 @@ class FakeKubelet:
                 return
             if outcome == 0:
                 self._finish_job(
-                    namespace,
-                    name,
+                    job,
                     ok=True,
                     reason="CompletionsReached",
                     message="Reached expected number of succeeded pods",
@@ -198,22 +202,22 @@ class FakeKubelet:
             failed += 1
             if failed > int(spec.get("backoffLimit", 6)):
                 self._finish_job(
-                    namespace,
-                    name,
+                    job,
                     ok=False,
                     reason="BackoffLimitExceeded",
                     message="Job has reached the specified backoff limit",
                     failed=failed,
                 )
                 return
-            self._job_status(namespace, name, {"failed": failed, "active": 1, "ready": 0})
+            self._job_status(job, {"failed": failed, "active": 1, "ready": 0})
 
-    def _job_status(self, namespace: str, name: str, status: Body) -> None:
-        self.server.patch("jobs", namespace, name, {"status": status}, status=True)
+    def _job_status(self, job: Body, status: Body) -> None:
+        """A status write for this Job only (uid precondition: not a namesake made since)."""
+        meta = job["metadata"]
+        patch = {"metadata": {"uid": meta["uid"]}, "status": status}
+        self.server.patch("jobs", meta["namespace"], meta["name"], patch, status=True)
 
-    def _finish_job(
-        self, namespace: str, name: str, *, ok: bool, reason: str, message: str, failed: int
-    ) -> None:
+    def _finish_job(self, job: Body, *, ok: bool, reason: str, message: str, failed: int) -> None:
         now = timestamp(self.server.now())
         types = ("SuccessCriteriaMet", "Complete") if ok else ("FailureTarget", "Failed")
         conditions = [
@@ -229,7 +233,7 @@ class FakeKubelet:
         ]
         status: Body = {"conditions": conditions, "active": None, "ready": 0, "terminating": 0}
         status |= {"succeeded": 1, "completionTime": now} if ok else {"failed": failed}
-        self._job_status(namespace, name, status)
+        self._job_status(job, status)
 
     # ------------------------------------------------------------------ the pod
 
@@ -262,7 +266,7 @@ class FakeKubelet:
         meta = pod["metadata"]
         self.server.patch("pods", meta["namespace"], meta["name"], {"status": status}, status=True)
 
-    async def _run_pod(self, job: str, pod: Body, ends: float | None) -> int | str:
+    async def _run_pod(self, job: Body, pod: Body, ends: float | None) -> int | str:
         """The container's exit code, "deadline", or "deleted" (before it started)."""
         meta = pod["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -288,7 +292,7 @@ class FakeKubelet:
 
     async def _run_container(
         self,
-        job: str,
+        job: Body,
         pod: Body,
         container: Body,
         handle: _Pod,
@@ -310,21 +314,25 @@ class FakeKubelet:
                 start_new_session=True,
             )
         self._procs.add(proc)
-        self.server.pod_logs[(namespace, name)] = lambda: log.read_bytes().decode(
-            "utf-8", "replace"
-        )
-        started = timestamp(self.server.now())
-        running = {"running": {"startedAt": started}}
-        self._pod_status(
-            pod,
-            {"phase": "Running", "startTime": started, "podIP": "127.0.0.1"}
-            | _container_status(container, running, ready=True),
-        )
-        self._job_status(namespace, job, {"ready": 1})
         try:
+            self.server.pod_logs[(namespace, name)] = lambda: log.read_bytes().decode(
+                "utf-8", "replace"
+            )
+            started = timestamp(self.server.now())
+            running = {"running": {"startedAt": started}}
+            self._pod_status(
+                pod,
+                {"phase": "Running", "startTime": started, "podIP": "127.0.0.1"}
+                | _container_status(container, running, ready=True),
+            )
+            with contextlib.suppress(NotFoundError):  # the Job may be going already
+                self._job_status(job, {"ready": 1})
             outcome = await self._wait(handle, proc, ends, pod)
         finally:
             self._procs.discard(proc)
+            if proc.returncode is None:  # left early (an error, cancelled): never leak it
+                _kill_tree(proc.pid, signal.SIGKILL)
+                await proc.wait()
         assert proc.returncode is not None
         code = _exit_code(proc.returncode)
         terminated = {

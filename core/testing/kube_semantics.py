@@ -9,6 +9,7 @@ reading an error message reads the same text from the fake as from a cluster.
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 from dataclasses import dataclass
@@ -82,6 +83,23 @@ def label_problems(labels: dict[str, Any] | None, where: str) -> list[str]:
                 "with an alphanumeric character"
             )
     return out
+
+
+MAX_CONFIG_BYTES = 1024 * 1024  # ConfigMaps and Secrets (corev1 MaxSecretSize)
+
+
+def size_problems(plural: str, obj: dict[str, Any]) -> list[str]:
+    """A ConfigMap's (or Secret's) values may hold 1 MiB in all (keys not counted)."""
+    if plural not in ("configmaps", "secrets"):
+        return []
+    total = 0
+    for value in (obj.get("data") or {}).values():
+        total += len(value.encode() if plural == "configmaps" else base64.b64decode(value))
+    for value in (obj.get("binaryData") or {}).values():
+        total += len(base64.b64decode(value))
+    if total > MAX_CONFIG_BYTES:
+        return [f"[]: Too long: must have at most {MAX_CONFIG_BYTES} bytes"]
+    return []
 
 
 def invalid(rt: ResourceType, name: str, problems: list[str], verb: str) -> RejectedError:

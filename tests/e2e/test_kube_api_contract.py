@@ -12,6 +12,7 @@ starts a pod: Jobs are created suspended, and the fake runs without its kubelet.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -422,6 +423,16 @@ def test_invalid_labels_are_rejected_with_the_servers_message(side: Side) -> Non
         with pytest.raises(RejectedError) as err:
             await api.create_job(ns, suspended_job("Bad_Name", {}))
         assert err.value.status == 422 and "Bad_Name" in err.value.message
+
+        # the gate's patch travels in a ConfigMap: 1 MiB of values, binaryData counted decoded
+        big = configmap("too-big")
+        big["data"] = {"k": "vv"}  # one byte over
+        big["binaryData"] = {"patch": base64.b64encode(b"x" * (1024 * 1024 - 1)).decode()}
+        with pytest.raises(RejectedError) as err:
+            await api.create_configmap(ns, big)
+        assert err.value.status == 422 and "1048576" in err.value.message
+        big["data"] = {}
+        assert (await api.create_configmap(ns, big)).created
 
     run(side, scenario)
 

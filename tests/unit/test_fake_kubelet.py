@@ -289,3 +289,56 @@ def test_the_python_of_the_container_is_this_interpreter(tmp_path: Path) -> None
         assert await api.pod_log(NS, pod["metadata"]["name"]) == f"{sys.executable}\n"
 
     with_kubelet(tmp_path, scenario)
+
+
+def test_a_suspended_job_gets_no_pod_until_resumed(tmp_path: Path) -> None:
+    async def scenario(api: FakeKubeApi, kubelet: FakeKubelet) -> None:
+        await api.create_job(NS, job("later", "print('resumed', flush=True)", suspend=True))
+        await kubelet.wait_idle()
+        assert await api.job_pods(NS, "later") == []
+        api.server.patch("jobs", NS, "later", {"spec": {"suspend": False}})
+        await kubelet.wait_idle()
+        done = await api.get_job(NS, "later")
+        assert done is not None and job_finished(done) == "Complete"
+        pod = (await api.job_pods(NS, "later"))[0]
+        assert await api.pod_log(NS, pod["metadata"]["name"]) == "resumed\n"
+
+    with_kubelet(tmp_path, scenario)
+
+
+def test_a_job_recreated_under_its_name_runs_again(tmp_path: Path) -> None:
+    async def scenario(api: FakeKubeApi, kubelet: FakeKubelet) -> None:
+        first = await api.create_job(NS, job("again", "import sys; sys.exit(1)"))
+        await kubelet.wait_idle()
+        assert await api.delete_job(NS, "again", uid=first.object["metadata"]["uid"])
+        await kubelet.wait_idle()
+        assert api.server.list_objects("pods", NS) == []  # went with their Job
+        second = await api.create_job(NS, job("again", "print('second', flush=True)"))
+        await kubelet.wait_idle()
+        done = await api.get_job(NS, "again")
+        assert done is not None and done["metadata"]["uid"] == second.object["metadata"]["uid"]
+        assert job_finished(done) == "Complete" and "failed" not in done["status"]
+        pods = await api.job_pods(NS, "again")
+        assert len(pods) == 1
+        assert await api.pod_log(NS, pods[0]["metadata"]["name"]) == "second\n"
+
+    with_kubelet(tmp_path, scenario)
+
+
+def test_stopping_the_kubelet_leaves_no_process_behind(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+
+    async def main() -> None:
+        api = FakeKubeApi(namespaces=(NS,))
+        await api.create_configmap(NS, {"metadata": {"name": "cfg"}, "data": {}})
+        kubelet = FakeKubelet(api.server, tmp_path / "kubelet")
+        kubelet.start()
+        await api.create_job(NS, job("left", SURVIVOR, env=[{"name": "PIDS", "value": str(pids)}]))
+        while not pids.exists() or not pids.read_text():
+            await asyncio.sleep(0.05)
+        await kubelet.stop()
+        runner, child = (int(p) for p in pids.read_text().split())
+        assert not alive(runner) and not alive(child)
+        assert kubelet.errors == []
+
+    asyncio.run(main())
