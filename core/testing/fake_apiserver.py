@@ -21,12 +21,15 @@ It keeps what the operator can observe of a real API server, and nothing it cann
 * garbage collection by owner reference uid: an object none of whose owners exists any more
   is deleted. ``cascade="immediate"`` (default) collects right after each deletion, in the
   same call; the real collector runs moments later, so a test that needs that window uses
-  ``cascade="manual"`` and calls :meth:`FakeApiServer.collect_garbage`.
+  ``cascade="manual"`` and calls :meth:`FakeApiServer.collect_garbage`;
+* custom resources are pruned and defaulted by their structural schema, and a
+  ``self == oldSelf`` rule (the TaskExecution's immutable spec) is enforced
+  (:mod:`core.testing.crd_schema`).
 
-Not simulated: schema validation of specs (CRD OpenAPI, CEL, Job immutability), defaulting,
-managedFields, pruning of fields a CRD schema does not declare, field selectors, pagination,
-admission (quotas, RBAC), object size limits other than ConfigMaps' and Secrets' 1 MiB,
-partial owner-reference clean-up, foreground/orphan propagation.
+Not simulated: type, enum and other CEL validation of custom resources; validation and
+defaulting of built-in objects beyond names, labels and the 1 MiB of ConfigMaps and Secrets
+(Job immutability, pod spec defaults ...); managedFields; field selectors; pagination;
+admission (quotas, RBAC); partial owner-reference clean-up; foreground/orphan propagation.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from core.kube.api import (
     WatchType,
     resource_type,
 )
+from core.testing.crd_schema import Schema, immutable_violations, project_schemas, structural
 from core.testing.kube_semantics import (
     Requirement,
     invalid,
@@ -105,8 +109,11 @@ class FakeApiServer:
         rng: random.Random | None = None,
         history_limit: int = 10_000,
         cascade: Literal["immediate", "manual"] = "immediate",
+        schemas: dict[str, Schema] | None = None,
     ) -> None:
         self.namespaces = set(namespaces)
+        #: structural schemas of custom resources, by plural (default: the project's CRDs)
+        self.schemas = project_schemas() if schemas is None else schemas
         self.now = now
         self.rng = rng or random.Random()
         self.cascade = cascade
@@ -240,6 +247,8 @@ class FakeApiServer:
             obj.pop("status", None)
         if plural == "jobs":
             _job_defaults(obj)
+        if plural in self.schemas:
+            obj = structural(self.schemas[plural], obj)
         return self._commit(key, "ADDED", None, obj)
 
     def update(
@@ -438,6 +447,8 @@ class FakeApiServer:
                 result["status"] = new["status"]
             else:
                 result.pop("status", None)
+            if rt.plural in self.schemas:
+                result = structural(self.schemas[rt.plural], result)
         else:
             result = new
             meta = result.setdefault("metadata", {})
@@ -452,10 +463,13 @@ class FakeApiServer:
                     result["status"] = _copy(old["status"])
             problems = label_problems(meta.get("labels"), "metadata.labels")
             problems += size_problems(rt.plural, result)
+            if rt.plural in self.schemas:
+                result = structural(self.schemas[rt.plural], result)
+                problems += immutable_violations(self.schemas[rt.plural], old, result)
             if problems:
                 raise invalid(rt, meta["name"], problems, verb)
             if rt.generation and _spec_part(result) != _spec_part(old):
-                meta["generation"] = old["metadata"].get("generation", 0) + 1
+                result["metadata"]["generation"] = old["metadata"].get("generation", 0) + 1
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if result == old:
             return _copy(old)  # nothing changed: nothing stored, same resourceVersion

@@ -550,3 +550,41 @@ def test_a_status_patch_on_a_deleted_and_recreated_name_needs_the_new_version(si
             )
 
     run(side, scenario)
+
+
+def test_custom_resources_are_pruned_and_defaulted_by_their_schema(side: Side) -> None:
+    async def scenario(api: KubeApi, ns: str) -> None:
+        body = te("pruned")
+        body["spec"]["bogus"] = "dropped"
+        body["spec"]["task"]["alsoBogus"] = 1
+        made = (await api.create_object(TE, ns, body)).object
+        assert "bogus" not in made["spec"] and "alsoBogus" not in made["spec"]["task"]
+        assert made["spec"]["allowEmptyDiff"] is False  # a default of the schema
+        patched = await api.patch_status(
+            TE, ns, "pruned", {"state": "IN_PROGRESS", "handlerResult": {"kopf": "style"}}
+        )
+        assert patched is not None
+        assert patched["status"] == {
+            "state": "IN_PROGRESS",
+            "attempt": 0,
+            "reason": "",
+            "message": "",
+        }
+        read = await api.get_object(TE, ns, "pruned")
+        assert read is not None and read["status"] == patched["status"]
+        assert read["spec"] == made["spec"]
+
+    run(side, scenario)
+
+
+def test_the_task_execution_spec_is_immutable(side: Side) -> None:
+    async def scenario(api: KubeApi, ns: str) -> None:
+        made = (await api.create_object(TE, ns, te("frozen"))).object
+        with pytest.raises(RejectedError) as err:
+            await api.patch_object(TE, ns, "frozen", {"spec": {"task": {"prompt": "changed"}}})
+        assert err.value.status == 422 and "spec is immutable" in err.value.message
+        read = await api.get_object(TE, ns, "frozen")
+        assert read is not None and read["spec"] == made["spec"]
+        assert read["metadata"]["resourceVersion"] == made["metadata"]["resourceVersion"]
+
+    run(side, scenario)

@@ -121,7 +121,7 @@ def test_generate_name_and_unknown_namespace() -> None:
 
 def test_status_is_its_own_subresource() -> None:
     async def scenario() -> None:
-        api = fake()
+        api = fake(schemas={})  # no structural schema: nothing pruned, defaulted or immutable
         await api.create_object(TE, NS, te("a"))
         patched = await api.patch_status(TE, NS, "a", {"state": "X"})
         assert patched is not None and patched["status"] == {"state": "X"}
@@ -133,6 +133,31 @@ def test_status_is_its_own_subresource() -> None:
         )
         assert main is not None and main["status"] == {"state": "X"}
         assert main["metadata"]["generation"] == 2 and main["spec"]["runId"] == "s"
+
+    run(scenario)
+
+
+def test_custom_resources_are_pruned_defaulted_and_keep_an_immutable_spec() -> None:
+    async def scenario() -> None:
+        api = fake()
+        body = te("a")
+        body["spec"] |= {"bogus": 1, "source": {"repo": "r", "baseCommit": "c" * 40}}
+        made = (await api.create_object(TE, NS, body)).object
+        assert "bogus" not in made["spec"] and made["spec"]["allowEmptyDiff"] is False
+        patched = await api.patch_status(TE, NS, "a", {"state": "IN_PROGRESS", "undeclared": 1})
+        assert patched is not None
+        assert patched["status"] == {
+            "state": "IN_PROGRESS",
+            "attempt": 0,
+            "reason": "",
+            "message": "",
+        }
+        with pytest.raises(RejectedError, match="spec is immutable") as err:
+            await api.patch_object(TE, NS, "a", {"spec": {"runId": "other"}})
+        assert err.value.status == 422
+        assert api.server.get(TE, NS, "a")["spec"]["runId"] == "r"
+        labelled = await api.patch_object(TE, NS, "a", {"metadata": {"labels": {"x": "y"}}})
+        assert labelled is not None and labelled["metadata"]["labels"] == {"x": "y"}
 
     run(scenario)
 
@@ -201,7 +226,7 @@ def test_preconditions() -> None:
         with pytest.raises(ConflictError) as err:
             await api.patch_status(TE, NS, "a", {"state": "B"}, resource_version=version)
         assert err.value.status == 409 and "the object has been modified" in err.value.message
-        assert api.server.get(TE, NS, "a")["status"] == {"state": "A"}
+        assert api.server.get(TE, NS, "a")["status"]["state"] == "A"
         with pytest.raises(ConflictError, match="UID in the precondition"):
             await api.delete_object(TE, NS, "a", uid="another")
         assert await api.delete_object(TE, NS, "a", uid=made["metadata"]["uid"])
@@ -341,7 +366,7 @@ def test_watch_replays_from_a_version_and_follows_live_changes() -> None:
         await task
         assert [(e.type, e.resource_version) for e in live] == [("DELETED", "3")]
         assert live[0].object["metadata"]["uid"] == made["metadata"]["uid"]
-        assert live[0].object["status"] == {"state": "S"}
+        assert live[0].object["status"]["state"] == "S"
 
     run(scenario)
 
