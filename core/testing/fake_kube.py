@@ -174,6 +174,15 @@ class FakeKubeApi:
 
     # ------------------------------------------------------------------ one "HTTP call"
 
+    def _faults_for(
+        self, verb: str, resource: str, namespace: str | None, name: str | None
+    ) -> tuple[float, FaultRule | None]:
+        """The latency to add and the first failing rule, for one call (every rule counts
+        the call, whether or not an earlier one fires)."""
+        fired = [r for r in self.faults if r.applies(verb, resource, namespace, name)]
+        failing = [r for r in fired if r.error]
+        return sum(r.delay_seconds for r in fired), (failing[0] if failing else None)
+
     async def _call(
         self,
         verb: str,
@@ -185,10 +194,10 @@ class FakeKubeApi:
     ) -> T:
         started = time.perf_counter()
         status: int | None = None
-        rule = next((r for r in self.faults if r.applies(verb, resource, namespace, name)), None)
+        delay, rule = self._faults_for(verb, resource, namespace, name)
         try:
-            if rule is not None and rule.delay_seconds:
-                await self._sleep(rule.delay_seconds)
+            if delay:
+                await self._sleep(delay)
             else:
                 await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
             if rule is not None and not rule.after:
@@ -426,10 +435,10 @@ class FakeKubeApi:
     ) -> AsyncIterator[WatchEvent]:
         started = time.perf_counter()
         status: int | None = None
-        rule = next((r for r in self.faults if r.applies("watch", resource, namespace, None)), None)
+        delay, rule = self._faults_for("watch", resource, namespace, None)
         try:
-            if rule is not None and rule.delay_seconds:
-                await self._sleep(rule.delay_seconds)
+            if delay:
+                await self._sleep(delay)
             else:
                 await asyncio.sleep(0)
             if rule is not None:
