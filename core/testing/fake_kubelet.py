@@ -16,9 +16,10 @@ Succeeded/Failed with the container's exit code (128 + signal when killed); the 
 ``startTime``/``active``, then ``SuccessCriteriaMet`` + ``Complete`` or ``FailureTarget`` +
 ``Failed`` (``BackoffLimitExceeded``, or ``DeadlineExceeded`` after
 ``activeDeadlineSeconds``, when the controller deletes the pod). A deleted pod gets SIGTERM,
-``terminationGracePeriodSeconds``, then SIGKILL for the container's whole process tree, and
-counts as a failure; ``backoffLimit`` failures are retried with a new pod. An environment
-variable from a missing Secret or ConfigMap keeps the pod Pending in
+``terminationGracePeriodSeconds``, then SIGKILL for the container's whole process tree (the
+processes below it at SIGTERM: a container is its cgroup, this is the closest a local
+process gets), and counts as a failure; ``backoffLimit`` failures are retried with a new
+pod. An environment variable from a missing Secret or ConfigMap keeps the pod Pending in
 ``CreateContainerConfigError``; a missing ConfigMap volume keeps it in ``ContainerCreating``.
 
 Not a security boundary: ``securityContext`` is not enforced and the process runs as the
@@ -113,7 +114,7 @@ class FakeKubelet:
         await asyncio.gather(*self._tasks.values(), *self._confirms, return_exceptions=True)
         self._tasks.clear()
         for proc in list(self._procs):
-            _kill_tree(proc.pid, signal.SIGKILL)
+            await _kill_all([proc.pid, *_descendants(proc.pid)])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 10)
 
@@ -331,7 +332,7 @@ class FakeKubelet:
         finally:
             self._procs.discard(proc)
             if proc.returncode is None:  # left early (an error, cancelled): never leak it
-                _kill_tree(proc.pid, signal.SIGKILL)
+                await _kill_all([proc.pid, *_descendants(proc.pid)])
                 await proc.wait()
         assert proc.returncode is not None
         code = _exit_code(proc.returncode)
@@ -380,15 +381,16 @@ class FakeKubelet:
         return code if deleted else "deadline"
 
     async def _terminate(self, proc: asyncio.subprocess.Process, grace: float) -> int:
-        """SIGTERM the container's process group; SIGKILL its whole tree after ``grace``."""
+        """SIGTERM the container's process group; after ``grace``, SIGKILL what is left of the
+        container (its processes as they were at SIGTERM, and any that are still below it),
+        and return once they are all gone."""
+        tree = _descendants(proc.pid)  # before SIGTERM: an exiting parent orphans its children
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            _kill_tree(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        _kill_tree(proc.pid, signal.SIGKILL)  # what the container left behind goes with it
+        await _kill_all([proc.pid, *tree, *_descendants(proc.pid)])
+        await proc.wait()
         assert proc.returncode is not None
         return _exit_code(proc.returncode)
 
@@ -500,11 +502,24 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _kill_tree(pid: int, sig: signal.Signals) -> None:
-    """Signal ``pid`` and every descendant (a container's processes die with it)."""
-    for target in [pid, *_descendants(pid)]:
+async def _kill_all(pids: list[int], patience: float = 10.0) -> None:
+    """SIGKILL ``pids`` and wait (bounded) until none is running any more."""
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(target, sig)
+            os.kill(pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + patience
+    while any(_running(pid) for pid in pids) and loop.time() < end:
+        await asyncio.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (dead, waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _descendants(pid: int) -> list[int]:

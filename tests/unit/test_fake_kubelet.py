@@ -342,3 +342,25 @@ def test_stopping_the_kubelet_leaves_no_process_behind(tmp_path: Path) -> None:
         assert kubelet.errors == []
 
     asyncio.run(main())
+
+
+def test_what_a_terminated_container_leaves_behind_is_killed_too(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    quitter = SURVIVOR.replace(
+        "lambda *a: print('got SIGTERM', flush=True)", "lambda *a: sys.exit(0)"
+    )  # exits at SIGTERM, its child (own session) would live on as an orphan
+    assert "sys.exit(0)" in quitter
+
+    async def scenario(api: FakeKubeApi, kubelet: FakeKubelet) -> None:
+        await api.create_job(
+            NS, job("orphans", quitter, env=[{"name": "PIDS", "value": str(pids)}])
+        )
+        while not pids.exists() or not pids.read_text():
+            await asyncio.sleep(0.05)
+        pod = (await api.job_pods(NS, "orphans"))[0]
+        api.server.delete("pods", NS, pod["metadata"]["name"])
+        await kubelet.wait_idle()
+        runner, child = (int(p) for p in pids.read_text().split())
+        assert not alive(runner) and not alive(child)
+
+    with_kubelet(tmp_path, scenario)
