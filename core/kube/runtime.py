@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.db.database import check_schema, default_url, make_engine, upgrade
 from core.db.store import Store
 from core.engine.monitoring.metrics import Metrics
-from core.kube.api import KubeApi
+from core.kube.client_api import ClientKubeApi
 from core.kube.reconciler import Controller, ControllerSettings
 
 
@@ -51,7 +51,7 @@ async def build_controller(settings: OperatorSettings) -> Controller:
     metrics = Metrics()
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port, settings.metrics_address)
-    api = await KubeApi.connect(settings.kubeconfig)
+    api = await ClientKubeApi.connect(settings.kubeconfig)
     return Controller(
         api,
         Store(engine),
