@@ -371,5 +371,8 @@ class KubeApi(Protocol):
     ) -> AsyncIterator[WatchEvent]:
         """Changes after ``resource_version``; without one, first an ADDED event per existing
         object. Ends after ``timeout_seconds``; a version the server no longer keeps raises
-        :class:`~core.errors.ExpiredError` (410)."""
+        :class:`~core.errors.ExpiredError` (410). An object whose labels start (stop) matching
+        ``label_selector`` arrives as ADDED (DELETED). Leaving the loop early keeps the stream
+        open until the generator is collected: wrap it in ``contextlib.aclosing`` to close it
+        at once."""
         ...
