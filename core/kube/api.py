@@ -122,6 +122,14 @@ class Created:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """A list answer: the items and the collection's resourceVersion to watch from."""
+
+    items: list[Body]
+    resource_version: str
+
+
+@dataclass(frozen=True)
 class ApiCall:
     """One HTTP call to the API server, as observers see it."""
 
@@ -358,6 +366,13 @@ class KubeApi(Protocol):
         """PUT the Lease. ``body.metadata.resourceVersion`` is the precondition (409 when the
         Lease changed since): leader election must always send it, the API server would
         otherwise accept an unconditional update."""
+        ...
+
+    async def list_resource(
+        self, resource: str, namespace: str | None, *, label_selector: str | None = None
+    ) -> Listing:
+        """Every object of ``resource`` (any plural of the resource table) and the list's
+        resourceVersion: a watch from it sees exactly the changes after this list."""
         ...
 
     def watch(

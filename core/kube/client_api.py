@@ -27,6 +27,7 @@ from core.kube.api import (
     ApiCall,
     Body,
     Created,
+    Listing,
     Observer,
     Observers,
     ResourceType,
@@ -184,12 +185,24 @@ class ClientKubeApi:
     async def _list(
         self, rt: ResourceType, namespace: str | None, label_selector: str | None
     ) -> list[Body]:
+        return (await self._listing(rt, namespace, label_selector)).items
+
+    async def _listing(
+        self, rt: ResourceType, namespace: str | None, label_selector: str | None
+    ) -> Listing:
         query = [("labelSelector", label_selector)] if label_selector else []
         status, raw = await self._send("GET", "list", rt, namespace, query=query)
         if status >= 300:
             raise self._fail(status, raw, "list", rt.plural, namespace, None)
-        items: list[Body] = json.loads(raw).get("items") or []
-        return [_with_kind(item, rt) for item in items]
+        answer = json.loads(raw)
+        items: list[Body] = answer.get("items") or []
+        version = str((answer.get("metadata") or {}).get("resourceVersion") or "")
+        return Listing([_with_kind(item, rt) for item in items], version)
+
+    async def list_resource(
+        self, resource: str, namespace: str | None, *, label_selector: str | None = None
+    ) -> Listing:
+        return await self._listing(resource_type(resource), namespace, label_selector)
 
     async def _create(self, rt: ResourceType, namespace: str, body: Body) -> Created:
         name = (body.get("metadata") or {}).get("name")

@@ -33,6 +33,7 @@ from core.kube.api import (
     ApiCall,
     Body,
     Created,
+    Listing,
     Observer,
     Observers,
     WatchEvent,
@@ -355,6 +356,15 @@ class FakeKubeApi:
 
     async def get_object(self, plural: str, namespace: str, name: str) -> Body | None:
         return await self._get(plural, namespace, name)
+
+    async def list_resource(
+        self, resource: str, namespace: str | None, *, label_selector: str | None = None
+    ) -> Listing:
+        def listing() -> Listing:
+            items = self.server.list_objects(resource, namespace, label_selector)
+            return Listing(items, str(self.server.revision))
+
+        return await self._call("list", resource, namespace, None, listing)
 
     async def list_objects(
         self, plural: str, namespace: str | None, label_selector: str | None = None

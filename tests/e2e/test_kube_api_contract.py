@@ -313,6 +313,21 @@ def test_a_watch_without_version_starts_with_the_existing_objects(side: Side) ->
     run(side, scenario)
 
 
+def test_a_watch_from_a_lists_version_sees_exactly_the_later_changes(side: Side) -> None:
+    async def scenario(api: KubeApi, ns: str) -> None:
+        before = (await api.create_configmap(ns, configmap("listed-1", {"lw": "1"}))).object
+        listing = await api.list_resource("configmaps", ns, label_selector="lw=1")
+        assert [o["metadata"]["uid"] for o in listing.items] == [before["metadata"]["uid"]]
+        assert int(listing.resource_version) >= rv(before)
+        after = (await api.create_configmap(ns, configmap("listed-2", {"lw": "1"}))).object
+        event = await first_event(
+            api, "configmaps", ns, listing.resource_version, lambda e: True, selector="lw=1"
+        )
+        assert event.type == "ADDED" and event.object["metadata"]["uid"] == after["metadata"]["uid"]
+
+    run(side, scenario)
+
+
 def test_label_selected_watch_sees_objects_enter_and_leave(side: Side) -> None:
     async def scenario(api: KubeApi, ns: str) -> None:
         made = (await api.create_object(TE, ns, te("mover", {"tier": "b"}))).object

@@ -76,7 +76,7 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
         controller = Controller(
             api,
             Store(engine),
-            ControllerSettings(workdir=workdir, runner_image="unused", namespace=NS),
+            ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
         )
         await api.create_object("adapters", NS, adapter("patch", "patch"))
         task = {"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
