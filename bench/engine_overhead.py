@@ -425,7 +425,8 @@ def median_run(tries: list[dict[str, Any]]) -> dict[str, Any]:
 
 #: Engine operations reported by cumulative time and calls per task: (file suffix, function).
 OPERATIONS: list[tuple[str, str, str]] = [
-    ("core/engine/process_spawner.py", "run_attempt", "backend attempt (everything below)"),
+    ("core/engine/process_spawner.py", "run_adapter", "backend adapter step (below)"),
+    ("core/engine/process_spawner.py", "run_gate", "backend gate step (below)"),
     ("core/engine/workspace.py", "git", "git subprocesses (all)"),
     ("core/engine/workspace.py", "ensure_mirror", "  ensure_mirror (cat-file -e per attempt)"),
     ("core/engine/workspace.py", "add_worktree", "  git worktree add"),
@@ -434,7 +435,7 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("core/engine/process_group.py", "run_process_group", "adapter + gate commands"),
     ("core/engine/test_gate.py", "run_gate", "test gate (checkout + checks)"),
     ("core/engine/test_gate.py", "run_checks", "  gate checks (incl. temp HOME)"),
-    ("core/engine/executor.py", "_record", "record attempt (ledger + DB + events)"),
+    ("core/engine/recorder.py", "record", "record attempt (ledger + DB + events)"),
     ("core/engine/patch_ledger.py", "append", "  ledger append"),
     ("core/db/store.py", "finish_attempt", "  Store.finish_attempt"),
     ("core/db/store.py", "begin_attempt", "Store.begin_attempt"),
@@ -442,11 +443,11 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("core/db/store.py", "set_validating", "Store.set_validating"),
     ("core/db/store.py", "task", "Store.task (read + pydantic)"),
     ("core/db/store.py", "_session", "Store transactions (calls = 2 x sessions)"),
-    ("core/db/breaker_store.py", "load", "breaker load"),
-    ("core/db/breaker_store.py", "compare_and_set", "breaker compare-and-set"),
+    ("core/db/breaker_rows.py", "load", "breaker load"),
+    ("core/db/breaker_rows.py", "compare_and_set", "breaker compare-and-set"),
     ("core/engine/events.py", "write", "executor.jsonl writes"),
     ("core/engine/task_log.py", "_write", "task log records"),
-    ("core/engine/executor.py", "_resilience_event", "resilience.jsonl writes"),
+    ("core/engine/recorder.py", "write", "resilience.jsonl writes"),
     ("core/engine/executor.py", "write_results", "execution_results.json (once)"),
     ("core/db/store.py", "sync_inputs", "sync_inputs (once)"),
     ("~", "<built-in method posix.fsync>", "os.fsync"),
@@ -457,7 +458,7 @@ OPERATIONS: list[tuple[str, str, str]] = [
 #: Hot functions whose callers are listed (who makes the git calls and DB round trips).
 CALLERS_OF: list[tuple[str, str]] = [
     ("core/engine/workspace.py", "git"),
-    ("core/db/breaker_store.py", "load"),
+    ("core/db/breaker_rows.py", "load"),
     ("core/engine/resilience/breaker_store.py", "view"),
     ("core/engine/resilience/breaker_store.py", "admits"),
     ("core/db/store.py", "task"),
@@ -665,12 +666,14 @@ TIMED: list[tuple[str, str, str, tuple[str, ...]]] = [
             "set_validating",
             "set_waiting",
             "finish_attempt",
-            "give_up",
+            "end_task",
+            "sync_adapters",
+            "sync_tasks",
             "run_event",
         )
     ),
-    ("database: breakers", "core.db.breaker_store", "SqlBreakerStore.load", ()),
-    ("database: breakers", "core.db.breaker_store", "SqlBreakerStore.compare_and_set", ()),
+    ("database: breakers", "core.db.breaker_rows", "SqlBreakerRows.load", ()),
+    ("database: breakers", "core.db.breaker_rows", "SqlBreakerRows.compare_and_set", ()),
     ("ledger append (fsync)", "core.engine.patch_ledger", "PatchLedger.append", ()),
     ("executor.jsonl", "core.engine.events", "EventLog.write", ()),
     ("task log (logs/execution)", "core.engine.task_log", "TaskLog.__init__", ()),
@@ -790,8 +793,8 @@ def profile_summary(report: dict[str, Any]) -> list[str]:
         "core/db/store.py:set_validating",
         "core/db/store.py:finish_attempt",
         "core/db/store.py:task",
-        "core/db/breaker_store.py:load",
-        "core/db/breaker_store.py:compare_and_set",
+        "core/db/breaker_rows.py:load",
+        "core/db/breaker_rows.py:compare_and_set",
     ]
     db_ms = sum(op(f)["cum_ms_per_task"] for f in db_ops)
     db_calls = sum(op(f)["calls_per_task"] for f in db_ops)

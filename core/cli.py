@@ -29,10 +29,10 @@ from core.engine.adapters import manual_paths
 from core.engine.executor import ExecutorConfig, build_executor
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import verify
-from core.engine.process_spawner import task_log_path
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
-from core.engine.task_log import read_records
+from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
+from core.identity import TaskKey
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -270,7 +270,7 @@ def status(
         if last and last.gate:
             gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
         table.add_row(
-            r.task_id,
+            r.key.display,
             r.status.value,
             r.failure_class.value if r.failure_class else "",
             r.current_adapter_id or r.adapter_id,
@@ -282,12 +282,15 @@ def status(
     console.print(table)
     breakers = [a for a in store.adapters() if a.breaker_state != "CLOSED"]
     for a in breakers:
-        console.print(f"circuit breaker {a.id}: {a.breaker_state}", highlight=False)
+        name = f"{a.scope}/{a.id}" if a.scope else a.id
+        console.print(f"circuit breaker {name}: {a.breaker_state}", highlight=False)
 
 
 @app.command()
 def logs(
-    task: Annotated[str, typer.Argument(help="Task id.")],
+    task: Annotated[
+        str, typer.Argument(help="Task id (on Kubernetes also <namespace>/<task id>).")
+    ],
     workdir: Workdir = CWD,
     attempt: Annotated[int | None, typer.Option(help="Only this attempt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Print the JSONL records as stored.")] = False,
@@ -296,9 +299,10 @@ def logs(
     ] = False,
 ) -> None:
     """Print a task's captured output (logs/execution/<task>.jsonl)."""
-    path = task_log_path(workdir, task)
-    if not path.exists():
-        raise _fail(f"{path}: no log for task {task!r} (has it run in this work dir?)")
+    path = find_task_log(workdir, task)
+    if path is None:
+        where = workdir / "logs" / "execution"
+        raise _fail(f"{where}: no log for task {task!r} (has it run in this work dir?)")
     seen = 0
     while True:
         records = list(read_records(path))
@@ -364,7 +368,7 @@ def adapters(workdir: Workdir = CWD, database_url: DatabaseUrl = None) -> None:
         table.add_column(col)
     for a in store.adapters():
         table.add_row(
-            a.id,
+            f"{a.scope}/{a.id}" if a.scope else a.id,
             a.kind,
             a.breaker_state,
             str(a.breaker_failures),
@@ -387,7 +391,7 @@ def manual_submit(
     """Hand in a human-made patch for a task waiting on a manual adapter."""
     store = _store(workdir, database_url)
     try:
-        record = store.task(run, task)
+        record = store.task(TaskKey(run, task))
     except KeyError:
         raise _fail(f"run {run!r} has no task {task!r}") from None
     if record.status.terminal:

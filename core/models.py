@@ -445,6 +445,17 @@ class AttemptResult(_Model):
     diff: DiffSummary | None = None
     gate: GateResult | None = None
     final: bool = Field(default=True, description="False when the task was tried again after.")
+    task_final_state: TaskState | None = Field(
+        default=None,
+        description="The state the task ended in, on its final attempt (the task's state can "
+        "differ from the attempt's: a budget spent after an adapter_error ends TIMEOUT).",
+    )
+    backoff_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Backoff scheduled after this attempt before the next one (0 when final); "
+        "charged to the task's budget like the attempt's own duration.",
+    )
 
 
 class TaskResult(_Model):
@@ -483,6 +494,13 @@ class LedgerEntry(_Model):
     seq: int = Field(ge=1)
     run_id: Identifier
     task_id: Identifier
+    task_uid: str | None = Field(
+        default=None, description="The TaskExecution's uid (Kubernetes); absent when embedded."
+    )
+    scope: str | None = Field(
+        default=None,
+        description="The TaskExecution's namespace (Kubernetes); absent when embedded.",
+    )
     attempt: int = Field(ge=1)
     adapter_id: Identifier
     base_commit: str = Field(pattern=COMMIT_PATTERN)

@@ -248,6 +248,8 @@ class AttemptStatus(_Api):
     finished_at: datetime | None = None
     diff: DiffStatus | None = None
     gate: GateSummary | None = None
+    log_bytes: int = Field(default=0, description="Bytes of the attempt's captured log.")
+    log_truncated: bool = Field(default=False, description="The log hit its cap.")
 
 
 class TaskExecutionStatus(_Api):

@@ -64,9 +64,9 @@ async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 
 @kopf.on.probe(id="executor_heartbeat")
 def executor_heartbeat(memo: kopf.Memo, **_: Any) -> float:
-    return float(memo.controller.metrics.executor_heartbeat._value.get())
+    return float(memo.controller.metrics.last_heartbeat)
 
 
 @kopf.on.probe(id="circuit_breaker_status")
 def circuit_breaker_status(memo: kopf.Memo, **_: Any) -> dict[str, str]:
-    return {a: memo.controller.breakers.view(a).state.value for a in memo.controller._policies}
+    return memo.controller.breaker_states()

@@ -1,9 +1,15 @@
 """All database writes of the engine, each one idempotent.
 
 A task's state change and the event it causes are written in one transaction, so the
-database never shows a state without its event or the other way round. Events and ledger
-mirrors are keyed (run/task/attempt/event, ledger seq and hash): replaying an attempt after
-a crash runs the same statements and changes nothing.
+database never shows a state without its event or the other way round. Finishing an attempt
+also feeds the adapter's circuit breaker in that same transaction, so a replayed attempt is
+never counted twice. Events and ledger mirrors are keyed (task identity/attempt/event,
+ledger seq and hash): replaying an attempt after a crash runs the same statements and changes
+nothing.
+
+Every task is addressed by its :class:`~core.identity.TaskKey` and every adapter by
+(scope, id); see :mod:`core.identity`. Which state a task ends in is decided by the
+lifecycle (``core.engine.lifecycle``) and handed in: this module records, it never decides.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core.db.breaker_rows import breaker_columns
 from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.errors import UnrecoverableError
+from core.identity import EMBEDDED_SCOPE, TaskKey
 from core.models import (
     AdapterSpec,
     AttemptResult,
@@ -31,6 +39,10 @@ from core.models import (
     TaskState,
     transition,
 )
+
+#: Applied to an adapter's breaker columns inside the recording transaction; returns the new
+#: columns or None (see ``core.engine.resilience.breaker_store.BreakerFeed``).
+BreakerUpdate = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 
 
 def _utcnow() -> datetime:
@@ -46,8 +58,7 @@ def _aware(value: datetime | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class TaskRecord:
-    run_id: str
-    task_id: str
+    key: TaskKey
     seq: int
     adapter_id: str
     current_adapter_id: str | None
@@ -63,6 +74,16 @@ class TaskRecord:
     started_at: datetime | None
     finished_at: datetime | None
     duration_seconds: float | None
+    attempt_started_at: datetime | None = None
+    attempt_timeout_seconds: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.key.run_id
+
+    @property
+    def task_id(self) -> str:
+        return self.key.task_id
 
     def result(self) -> TaskResult:
         return TaskResult(
@@ -90,9 +111,10 @@ class Event:
     state: str | None
     payload: dict[str, Any]
     created_at: datetime
+    task_uid: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        record = {
             "ts": self.created_at.isoformat(timespec="milliseconds"),
             "event": self.event,
             "event_key": self.key,
@@ -100,14 +122,15 @@ class Event:
             "task_id": self.task_id,
             "attempt": self.attempt,
             "state": self.state,
-            **self.payload,
         }
+        if self.task_uid:
+            record["task_uid"] = self.task_uid
+        return {**record, **self.payload}
 
 
 def _record(row: Task) -> TaskRecord:
     return TaskRecord(
-        run_id=row.run_id,
-        task_id=row.task_id,
+        key=TaskKey(row.run_id, row.task_id, row.uid, row.scope),
         seq=row.seq,
         adapter_id=row.adapter_id,
         current_adapter_id=row.current_adapter_id,
@@ -125,7 +148,21 @@ def _record(row: Task) -> TaskRecord:
         started_at=_aware(row.started_at),
         finished_at=_aware(row.finished_at),
         duration_seconds=row.duration_seconds,
+        attempt_started_at=_aware(row.attempt_started_at),
+        attempt_timeout_seconds=row.attempt_timeout_seconds,
     )
+
+
+def _event_key(key: TaskKey, attempt: int | None, event: EventName) -> str:
+    return f"{key.qualified}/{attempt}/{event.value}"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a finished attempt did: the events it added, and whether it was new."""
+
+    events: list[Event]
+    new: bool
 
 
 class Store:
@@ -147,69 +184,120 @@ class Store:
 
     # ------------------------------------------------------------------ inputs
 
+    def sync_adapters(self, scope: str, adapters: Sequence[AdapterSpec]) -> None:
+        """Make sure every adapter of ``scope`` has its row with its current spec.
+
+        Race-free: two processes seeing a new adapter at once both insert-or-ignore.
+        """
+        now = self._now()
+        with self._session() as s:
+            for spec in adapters:
+                data = spec.model_dump(mode="json")
+                values = {
+                    "scope": scope,
+                    "id": spec.id,
+                    "kind": spec.kind.value,
+                    "spec": data,
+                    "breaker_state": "CLOSED",
+                    "breaker_failures": 0,
+                    "breaker_half_open_in_flight": 0,
+                    "breaker_version": 0,
+                    "breaker_window": "",
+                    "updated_at": now,
+                }
+                if self._insert_ignore(s, Adapter.__table__, values):  # type: ignore[arg-type]
+                    continue
+                row = s.get(Adapter, (scope, spec.id))
+                if row is not None and row.spec != data:
+                    row.spec, row.kind, row.updated_at = data, spec.kind.value, now
+
+    def sync_tasks(self, tasks: Sequence[tuple[TaskKey, int, TaskSpec, str]]) -> None:
+        """Make sure every routed task (key, seq, spec, adapter id) has its row.
+
+        Existing rows keep their state: a restart resumes, it does not reset. A task whose
+        spec changed after it started is refused (its history would describe another task).
+        """
+        now = self._now()
+        with self._session() as s:
+            for key, seq, task, adapter_id in tasks:
+                data = task.model_dump(mode="json")
+                values = {
+                    "run_id": key.run_id,
+                    "task_id": key.task_id,
+                    "uid": key.uid,
+                    "scope": key.scope,
+                    "seq": seq,
+                    "adapter_id": adapter_id,
+                    "status": TaskState.PENDING.value,
+                    "attempts": 0,
+                    "spec": data,
+                    "result": {"attempts": []},
+                    "updated_at": now,
+                }
+                if self._insert_ignore(s, Task.__table__, values):  # type: ignore[arg-type]
+                    continue
+                row = s.get(Task, (key.run_id, key.task_id, key.uid))
+                if row is not None and row.spec != data and row.attempts > 0:
+                    where = "task_queue.json" if not key.uid else "its TaskExecution"
+                    raise UnrecoverableError(
+                        f"task {key.display!r} of run {key.run_id!r} changed in {where} after "
+                        "it started; a started task's spec is fixed.\n  fix: restore the "
+                        "original spec or queue the change as a new task"
+                    )
+
     def sync_inputs(
         self,
         run_id: str,
         adapters: Sequence[AdapterSpec],
         tasks: Sequence[tuple[int, TaskSpec, str]],
     ) -> None:
-        """Make sure every adapter and routed task (seq, spec, adapter_id) has its row.
-
-        Existing rows keep their state: a restart resumes, it does not reset.
-        """
-        now = self._now()
-        with self._session() as s:
-            for spec in adapters:
-                row = s.get(Adapter, spec.id)
-                data = spec.model_dump(mode="json")
-                if row is None:
-                    s.add(Adapter(id=spec.id, kind=spec.kind.value, spec=data, updated_at=now))
-                elif row.spec != data:
-                    row.spec, row.kind, row.updated_at = data, spec.kind.value, now
-            for seq, task, adapter_id in tasks:
-                row_t = s.get(Task, (run_id, task.task_id))
-                if row_t is None:
-                    s.add(
-                        Task(
-                            run_id=run_id,
-                            task_id=task.task_id,
-                            seq=seq,
-                            adapter_id=adapter_id,
-                            status=TaskState.PENDING.value,
-                            attempts=0,
-                            spec=task.model_dump(mode="json"),
-                            result={"attempts": []},
-                            updated_at=now,
-                        )
-                    )
-                elif row_t.spec != task.model_dump(mode="json") and row_t.attempts > 0:
-                    raise UnrecoverableError(
-                        f"task {task.task_id!r} of run {run_id!r} changed in task_queue.json after "
-                        "it started; a started task's spec is fixed.\n  fix: restore the original "
-                        "spec or queue the change as a new task id"
-                    )
+        """The embedded backend's inputs: adapters and (seq, spec, adapter id) of a run."""
+        self.sync_adapters(EMBEDDED_SCOPE, adapters)
+        self.sync_tasks([(TaskKey(run_id, t.task_id), seq, t, a) for seq, t, a in tasks])
 
     # ------------------------------------------------------------------ reads
 
-    def task(self, run_id: str, task_id: str) -> TaskRecord:
+    def task(self, key: TaskKey) -> TaskRecord:
         with self._session() as s:
-            row = s.get(Task, (run_id, task_id))
+            row = s.get(Task, (key.run_id, key.task_id, key.uid))
             if row is None:
-                raise KeyError(f"{run_id}/{task_id}")
+                raise KeyError(key.qualified)
             return _record(row)
 
-    def tasks(self, run_id: str) -> list[TaskRecord]:
+    def find_task(self, key: TaskKey) -> TaskRecord | None:
+        try:
+            return self.task(key)
+        except KeyError:
+            return None
+
+    def tasks(self, run_id: str, scope: str | None = None) -> list[TaskRecord]:
+        """A run's tasks in queue order; ``scope``: only those of one namespace."""
         with self._session() as s:
-            rows = s.scalars(select(Task).where(Task.run_id == run_id).order_by(Task.seq))
+            query = select(Task).where(Task.run_id == run_id)
+            if scope is not None:
+                query = query.where(Task.scope == scope)
+            rows = s.scalars(query.order_by(Task.seq, Task.scope, Task.task_id, Task.uid))
             return [_record(r) for r in rows]
+
+    def unfinished(self, scope: str | None = None) -> list[TaskRecord]:
+        """Every task not in a terminal state (optionally of one scope), any run."""
+        terminal = [s.value for s in TaskState if s.terminal]
+        with self._session() as s:
+            query = select(Task).where(Task.status.not_in(terminal))
+            if scope is not None:
+                query = query.where(Task.scope == scope)
+            return [_record(r) for r in s.scalars(query.order_by(Task.run_id, Task.seq))]
 
     def runs(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(select(Task.run_id).distinct().order_by(Task.run_id)))
 
-    def adapters(self) -> list[Adapter]:
+    def adapters(self, scope: str | None = None) -> list[Adapter]:
         with self._session() as s:
-            return list(s.scalars(select(Adapter).order_by(Adapter.id)))
+            query = select(Adapter).order_by(Adapter.scope, Adapter.id)
+            if scope is not None:
+                query = query.where(Adapter.scope == scope)
+            return list(s.scalars(query))
 
     def events(self, run_id: str | None = None) -> list[Event]:
         with self._session() as s:
@@ -226,6 +314,7 @@ class Store:
                     state=r.state,
                     payload=r.payload,
                     created_at=_aware(r.created_at) or self._now(),
+                    task_uid=r.task_uid,
                 )
                 for r in s.scalars(query)
             ]
@@ -243,29 +332,31 @@ class Store:
     def _event(
         self,
         s: Session,
+        key: TaskKey | None,
         run_id: str,
         event: EventName,
         *,
-        task_id: str | None = None,
         attempt: int | None = None,
         state: TaskState | None = None,
         payload: dict[str, Any] | None = None,
-        key: str | None = None,
+        event_key: str | None = None,
     ) -> Event | None:
         ev = Event(
-            key=key or f"{run_id}/{task_id}/{attempt}/{event.value}",
+            key=event_key or _event_key(key or TaskKey(run_id, ""), attempt, event),
             run_id=run_id,
-            task_id=task_id,
+            task_id=key.task_id if key else None,
             attempt=attempt,
             event=event.value,
             state=state.value if state else None,
             payload=payload or {},
             created_at=self._now(),
+            task_uid=key.uid if key else "",
         )
         values = {
             "event_key": ev.key,
             "run_id": ev.run_id,
             "task_id": ev.task_id,
+            "task_uid": ev.task_uid,
             "attempt": ev.attempt,
             "event": ev.event,
             "state": ev.state,
@@ -275,111 +366,127 @@ class Store:
         inserted = self._insert_ignore(s, ExecutionLog.__table__, values)  # type: ignore[arg-type]
         return ev if inserted else None
 
-    def _locked(self, s: Session, run_id: str, task_id: str) -> Task:
+    def _locked(self, s: Session, key: TaskKey) -> Task:
         row = s.scalars(
-            select(Task).where(Task.run_id == run_id, Task.task_id == task_id).with_for_update()
+            select(Task)
+            .where(Task.run_id == key.run_id, Task.task_id == key.task_id, Task.uid == key.uid)
+            .with_for_update()
         ).one_or_none()
         if row is None:
-            raise KeyError(f"{run_id}/{task_id}")
+            raise KeyError(key.qualified)
         return row
 
     def begin_attempt(
-        self, run_id: str, task_id: str, attempt: int, adapter_id: str
+        self,
+        key: TaskKey,
+        attempt: int,
+        adapter_id: str,
+        *,
+        timeout_seconds: float | None = None,
+        started_at: datetime | None = None,
     ) -> list[Event]:
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
+            row = self._locked(s, key)
             if row.status == TaskState.IN_PROGRESS.value and row.attempts == attempt:
                 return []  # replayed (e.g. an operator restarted after creating the Job)
             row.status = transition(TaskState(row.status), TaskState.IN_PROGRESS).value
-            now = self._now()
+            now = started_at or self._now()
             row.attempts, row.current_adapter_id, row.wait_reason = attempt, adapter_id, None
             row.started_at = row.started_at or now
+            row.attempt_started_at, row.attempt_timeout_seconds = now, timeout_seconds
             row.pid = row.workspace = None
-            row.updated_at = now
+            row.updated_at = self._now()
             ev = self._event(
                 s,
-                run_id,
+                key,
+                key.run_id,
                 EventName.TASK_STARTED,
-                task_id=task_id,
                 attempt=attempt,
                 state=TaskState.IN_PROGRESS,
                 payload={"adapter_id": adapter_id},
             )
             return [ev] if ev else []
 
-    def set_process(
-        self, run_id: str, task_id: str, pid: int | None, workspace: str | None
-    ) -> None:
+    def set_process(self, key: TaskKey, pid: int | None, workspace: str | None) -> None:
         with self._session() as s:
             s.execute(
                 update(Task)
-                .where(Task.run_id == run_id, Task.task_id == task_id)
+                .where(Task.run_id == key.run_id, Task.task_id == key.task_id, Task.uid == key.uid)
                 .values(pid=pid, workspace=workspace, updated_at=self._now())
             )
 
-    def set_validating(self, run_id: str, task_id: str) -> None:
+    def set_validating(self, key: TaskKey) -> None:
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
+            row = self._locked(s, key)
             if row.status == TaskState.VALIDATING.value:
                 return
             row.status = transition(TaskState(row.status), TaskState.VALIDATING).value
             row.updated_at = self._now()
 
-    def set_waiting(self, run_id: str, task_id: str, reason: str | None) -> None:
-        """Leave a PENDING task waiting (breaker open, human patch, safe mode) and say why."""
+    def set_waiting(self, key: TaskKey, reason: str | None) -> None:
+        """Leave a PENDING task waiting (backoff, breaker open, human patch, safe mode)."""
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
+            row = self._locked(s, key)
             if TaskState(row.status) is not TaskState.PENDING:
-                raise UnrecoverableError(f"task {task_id} is {row.status}, not PENDING")
-            row.wait_reason, row.updated_at = reason, self._now()
+                raise UnrecoverableError(f"task {key.display} is {row.status}, not PENDING")
+            if row.wait_reason != reason:
+                row.wait_reason, row.updated_at = reason, self._now()
 
     def finish_attempt(
         self,
-        run_id: str,
-        task_id: str,
+        key: TaskKey,
         result: AttemptResult,
         *,
-        final: bool,
+        final_state: TaskState | None,
+        final_message: str = "",
         entry: LedgerEntry | None,
         patch: bytes | None = None,
-    ) -> list[Event]:
-        """Record a finished attempt: the task becomes terminal (``final``) or PENDING again.
+        breaker: BreakerUpdate | None = None,
+    ) -> Recorded:
+        """Record a finished attempt: the task ends in ``final_state``, or is PENDING again
+        (``final_state=None``) for its next attempt; the adapter's breaker is fed by
+        ``breaker`` in the same transaction.
 
-        Idempotent: an attempt already recorded is not recorded twice.
+        Idempotent: an attempt already recorded is not recorded (nor counted) twice.
         """
-        events: list[Event] = []
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
+            row = self._locked(s, key)
             if entry is not None:
-                self._mirror(s, entry, patch)
+                self._mirror(s, entry, patch, key.scope)
             attempts = list((row.result or {}).get("attempts", []))
             if any(a["attempt"] == result.attempt for a in attempts):
-                return events
-            target = result.state if final else TaskState.PENDING
+                return Recorded([], new=False)
+            target = final_state or TaskState.PENDING
             row.status = transition(TaskState(row.status), target).value
             row.result = {"attempts": [*attempts, result.model_dump(mode="json")]}
             row.pid = row.workspace = None
+            row.attempt_started_at = row.attempt_timeout_seconds = None
             now = self._now()
             row.updated_at = now
             row.failure_class = result.failure_class.value if result.failure_class else None
-            row.failure_message = result.failure_message or None
-            if final:
+            message = final_message if final_state is not None else ""
+            row.failure_message = (
+                None if target is TaskState.COMPLETED else (message or result.failure_message)
+            ) or None
+            if final_state is not None:
                 row.finished_at = result.finished_at
                 started = _aware(row.started_at) or result.started_at
                 row.duration_seconds = round((result.finished_at - started).total_seconds(), 3)
+            if breaker is not None:
+                self._feed_breaker(s, row.scope, result.adapter_id, breaker)
             name = (
                 (
                     EventName.TASK_COMPLETED
                     if target is TaskState.COMPLETED
                     else EventName.TASK_FAILED
                 )
-                if final
+                if final_state is not None
                 else EventName.ATTEMPT_FAILED
             )
             payload: dict[str, Any] = {
                 "adapter_id": result.adapter_id,
                 "failure_class": row.failure_class,
-                "message": result.failure_message,
+                "message": row.failure_message or result.failure_message,
                 "duration_seconds": result.duration_seconds,
             }
             if result.diff is not None:
@@ -387,22 +494,41 @@ class Store:
                 payload["files_changed"] = result.diff.files_changed
             ev = self._event(
                 s,
-                run_id,
+                key,
+                key.run_id,
                 name,
-                task_id=task_id,
                 attempt=result.attempt,
                 state=target,
                 payload=payload,
             )
-            if ev:
-                events.append(ev)
-        return events
+            return Recorded([ev] if ev else [], new=True)
 
-    def set_health(self, adapter_id: str, healthy: bool, message: str, at: datetime) -> None:
+    def _feed_breaker(
+        self, s: Session, scope: str, adapter_id: str, breaker: BreakerUpdate
+    ) -> None:
+        row = s.scalars(
+            select(Adapter)
+            .where(Adapter.scope == scope, Adapter.id == adapter_id)
+            .with_for_update()
+        ).one_or_none()
+        if row is None:
+            return
+        columns = breaker(breaker_columns(row))
+        if columns is None:
+            return
+        version = row.breaker_version
+        for column, value in columns.items():
+            setattr(row, column, value)
+        row.breaker_version = version + 1
+        row.updated_at = self._now()
+
+    def set_health(
+        self, adapter_id: str, healthy: bool, message: str, at: datetime, scope: str = ""
+    ) -> None:
         with self._session() as s:
             s.execute(
                 update(Adapter)
-                .where(Adapter.id == adapter_id)
+                .where(Adapter.scope == scope, Adapter.id == adapter_id)
                 .values(
                     health_status="healthy" if healthy else "unhealthy",
                     health_message=message,
@@ -411,64 +537,55 @@ class Store:
                 )
             )
 
-    def give_up(self, run_id: str, task_id: str, reason: str) -> list[Event]:
-        """End a waiting task without another attempt (its policy or budget ran out)."""
+    def end_task(
+        self,
+        key: TaskKey,
+        state: TaskState,
+        failure_class: FailureClass | None,
+        message: str,
+    ) -> list[Event]:
+        """End a task without another attempt, in the state the lifecycle decided (a budget
+        spent while waiting, a cancellation, an unusable spec)."""
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
+            row = self._locked(s, key)
             current = TaskState(row.status)
             if current.terminal:
                 return []
-            timed_out = row.failure_class == FailureClass.ADAPTER_TIMEOUT.value
-            target = TaskState.TIMEOUT if timed_out else TaskState.FAILED
-            row.status = transition(current, target).value
+            row.status = transition(current, state).value
             now = self._now()
-            row.failure_message = f"{row.failure_message or ''}\n{reason}".strip()
+            if failure_class is not None:
+                row.failure_class = failure_class.value
+            previous = row.failure_message or ""
+            row.failure_message = (
+                message if not previous or message in previous else f"{previous}\n{message}"
+            )
             row.wait_reason, row.finished_at, row.updated_at = None, now, now
+            row.pid = row.workspace = None
+            row.attempt_started_at = row.attempt_timeout_seconds = None
             started = _aware(row.started_at)
             row.duration_seconds = round((now - started).total_seconds(), 3) if started else None
             ev = self._event(
                 s,
-                run_id,
+                key,
+                key.run_id,
                 EventName.TASK_FAILED,
-                task_id=task_id,
                 attempt=row.attempts,
-                state=target,
-                payload={"failure_class": row.failure_class, "message": reason},
+                state=state,
+                payload={"failure_class": row.failure_class, "message": message},
             )
             return [ev] if ev else []
 
-    def cancel(self, run_id: str, task_id: str, reason: str) -> list[Event]:
-        """A task cancelled from outside (e.g. its TaskExecution was deleted)."""
+    def mirror_ledger(self, entry: LedgerEntry, patch: bytes | None, scope: str = "") -> bool:
         with self._session() as s:
-            row = self._locked(s, run_id, task_id)
-            current = TaskState(row.status)
-            if current.terminal:
-                return []
-            row.status = transition(current, TaskState.CANCELLED).value
-            now = self._now()
-            row.failure_class, row.failure_message = FailureClass.CANCELLED.value, reason
-            row.wait_reason, row.finished_at, row.updated_at = None, now, now
-            row.pid = row.workspace = None
-            ev = self._event(
-                s,
-                run_id,
-                EventName.TASK_FAILED,
-                task_id=task_id,
-                attempt=row.attempts,
-                state=TaskState.CANCELLED,
-                payload={"failure_class": FailureClass.CANCELLED.value, "message": reason},
-            )
-            return [ev] if ev else []
+            return self._mirror(s, entry, patch, scope)
 
-    def mirror_ledger(self, entry: LedgerEntry, patch: bytes | None) -> bool:
-        with self._session() as s:
-            return self._mirror(s, entry, patch)
-
-    def _mirror(self, s: Session, entry: LedgerEntry, patch: bytes | None) -> bool:
+    def _mirror(self, s: Session, entry: LedgerEntry, patch: bytes | None, scope: str) -> bool:
         values = {
             "seq": entry.seq,
             "run_id": entry.run_id,
             "task_id": entry.task_id,
+            "task_uid": entry.task_uid or "",
+            "scope": entry.scope or scope,
             "attempt": entry.attempt,
             "adapter_id": entry.adapter_id,
             "base_commit": entry.base_commit,
@@ -491,5 +608,5 @@ class Store:
         self, run_id: str, event: EventName, payload: dict[str, Any], key: str
     ) -> list[Event]:
         with self._session() as s:
-            ev = self._event(s, run_id, event, payload=payload, key=key)
+            ev = self._event(s, None, run_id, event, payload=payload, event_key=key)
             return [ev] if ev else []

@@ -2,7 +2,11 @@
 ``patch_history``.
 
 Idempotency lives in the schema: every row an attempt writes has a natural unique key
-(run, task, attempt, event), so replaying an attempt hits the key instead of adding a row.
+(run, task, uid, attempt, event), so replaying an attempt hits the key instead of adding a row.
+
+Identity (see :mod:`core.identity`): ``scope`` is the Kubernetes namespace ('' on the embedded
+backend) and ``uid`` the TaskExecution's uid ('' on the embedded backend). An adapter and its
+breaker are (scope, id); a task is (run_id, task_id, uid).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from sqlalchemy import (
     JSON,
     DateTime,
     Float,
-    ForeignKey,
+    ForeignKeyConstraint,
     Integer,
     LargeBinary,
     MetaData,
@@ -40,6 +44,7 @@ class Base(DeclarativeBase):
 class Adapter(Base):
     __tablename__ = "adapters"
 
+    scope: Mapped[str] = mapped_column(String(63), primary_key=True, default="")
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]]
@@ -59,11 +64,18 @@ class Adapter(Base):
 
 class Task(Base):
     __tablename__ = "tasks"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["scope", "adapter_id"], ["adapters.scope", "adapters.id"], name="fk_tasks_adapter"
+        ),
+    )
 
     run_id: Mapped[str] = mapped_column(String(63), primary_key=True)
     task_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
     seq: Mapped[int] = mapped_column(Integer, comment="position in the phase-4 queue")
-    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id"))
+    adapter_id: Mapped[str] = mapped_column(String(63))
     current_adapter_id: Mapped[str | None] = mapped_column(String(63))
     status: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -74,6 +86,12 @@ class Task(Base):
     result: Mapped[dict[str, Any] | None]
     pid: Mapped[int | None] = mapped_column(Integer, comment="process group of the live attempt")
     workspace: Mapped[str | None] = mapped_column(Text, comment="worktree of the live attempt")
+    attempt_started_at: Mapped[datetime | None] = mapped_column(
+        comment="when the live attempt started (an interrupted one is charged from here)"
+    )
+    attempt_timeout_seconds: Mapped[float | None] = mapped_column(
+        Float, comment="the budget granted to the live attempt"
+    )
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     duration_seconds: Mapped[float | None] = mapped_column(Float)
@@ -88,6 +106,7 @@ class ExecutionLog(Base):
     event_key: Mapped[str] = mapped_column(String(255))
     run_id: Mapped[str] = mapped_column(String(63), index=True)
     task_id: Mapped[str | None] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
     attempt: Mapped[int | None] = mapped_column(Integer)
     event: Mapped[str] = mapped_column(String(32))
     state: Mapped[str | None] = mapped_column(String(16))
@@ -100,13 +119,17 @@ class PatchHistory(Base):
     __table_args__ = (
         UniqueConstraint("seq"),
         UniqueConstraint("entry_hash"),
-        UniqueConstraint("run_id", "task_id", "attempt", name="uq_patch_history_attempt"),
+        UniqueConstraint(
+            "run_id", "task_id", "task_uid", "attempt", name="uq_patch_history_attempt"
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     seq: Mapped[int] = mapped_column(Integer)
     run_id: Mapped[str] = mapped_column(String(63))
     task_id: Mapped[str] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
     attempt: Mapped[int] = mapped_column(Integer)
     adapter_id: Mapped[str] = mapped_column(String(63))
     base_commit: Mapped[str] = mapped_column(String(40))

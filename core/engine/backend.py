@@ -1,24 +1,27 @@
 """The backend interface: how the engine runs one attempt of one task.
 
 Like a transport in httpx, a backend knows *where* an attempt runs (a local process group in
-a git worktree, or a Kubernetes Job) and nothing about retries, state, ledger or database,
-which the executor owns. Both backends return the same evidence, so classification, gate
-semantics and recording are shared.
+a git worktree, or a Kubernetes Job) and nothing about retries, budget, gate decisions, state,
+ledger or database: those belong to the lifecycle (``core.engine.lifecycle``) and the
+recorder. An attempt runs in two steps, like the operator's adapter Job and gate Job: the
+adapter (:meth:`ExecutionBackend.run_adapter`), then, when the lifecycle says the diff is
+worth judging, the test gate (:meth:`ExecutionBackend.run_gate`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.engine.workspace import CapturedDiff
+from core.identity import TaskKey
 from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec
 
 
 @dataclass(frozen=True)
 class AttemptRequest:
-    run_id: str
+    key: TaskKey
     task: TaskSpec
     adapter: AdapterSpec
     attempt: int
@@ -30,10 +33,14 @@ class AttemptRequest:
     max_diff_bytes: int
     extra_input: str | None = None
 
+    @property
+    def run_id(self) -> str:
+        return self.key.run_id
+
 
 @dataclass(frozen=True)
 class AttemptOutcome:
-    """Evidence about one attempt; the executor classifies it."""
+    """Evidence about the adapter step of one attempt; the lifecycle classifies it."""
 
     exit_code: int | None = None
     signal: int | None = None
@@ -44,11 +51,27 @@ class AttemptOutcome:
     duration_seconds: float = 0.0
     output_tail: str = ""
     diff: CapturedDiff | None = None
-    gate: GateResult | None = None
     log_path: Path | None = None
     log_bytes: int = 0
     log_truncated: bool = False
-    waiting_reason: str | None = None
+
+
+@dataclass
+class AdapterRun:
+    """An attempt after its adapter step: the evidence, and what the gate step needs."""
+
+    outcome: AttemptOutcome
+    #: Backend-private state kept for the gate step and :meth:`ExecutionBackend.release`.
+    handle: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class LogCounts:
+    """The attempt's task log once closed (adapter and gate output together)."""
+
+    path: Path | None
+    bytes: int
+    truncated: bool
 
 
 class AttemptHooks(Protocol):
@@ -62,8 +85,14 @@ class AttemptHooks(Protocol):
 class ExecutionBackend(Protocol):
     name: str
 
-    def run_attempt(self, request: AttemptRequest, hooks: AttemptHooks) -> AttemptOutcome: ...
+    def run_adapter(self, request: AttemptRequest, hooks: AttemptHooks) -> AdapterRun: ...
 
-    def cleanup_attempt(self, run_id: str, task_id: str, attempt: int) -> None:
+    def run_gate(self, request: AttemptRequest, run: AdapterRun) -> GateResult: ...
+
+    def release(self, run: AdapterRun) -> LogCounts:
+        """Close the attempt's log and remove its worktrees (after the gate, if any)."""
+        ...
+
+    def cleanup_attempt(self, key: TaskKey, attempt: int) -> None:
         """Remove what an interrupted attempt left behind (worktrees, processes)."""
         ...

@@ -1,9 +1,11 @@
 """The executor: takes the routed tasks of a run and drives each to a terminal state.
 
-For every task, in queue order: pick an adapter (the routed one, or a fallback when its
-breaker is open), run an attempt on the backend within what is left of the task's budget,
-classify the evidence, append the attempt to the patch ledger, record state + event in the
-database in one transaction, and retry or finish as the policy says.
+The embedded driver of the one lifecycle: for every task, in queue order, it asks
+:func:`core.engine.lifecycle.next_step` what to do (start attempt N on adapter A with R
+seconds, wait, or finish), runs the attempt on the local backend (the adapter, then the test
+gate when :func:`~core.engine.lifecycle.needs_gate` says so), has the lifecycle conclude it,
+and hands the verdict to the :class:`~core.engine.recorder.Recorder`. It decides nothing
+about retries, budget, gates or final states itself.
 
 Resumable and retry-safe: state lives in the database and the ledger, never only in memory.
 A restart first reconciles attempts that a previous process left IN_PROGRESS/VALIDATING, then
@@ -17,59 +19,54 @@ Entry points: :func:`run_executor_loop` (Python), ``python -m core.engine.execut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.db.breaker_store import SqlBreakerStore
+from core.db.breaker_rows import SqlBreakerRows
 from core.db.database import check_schema, default_url, make_engine, redact
 from core.db.store import Store, TaskRecord
 from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
-from core.engine.backend import AttemptOutcome, AttemptRequest, ExecutionBackend
-from core.engine.events import EventLog
+from core.engine.backend import AttemptRequest, ExecutionBackend
 from core.engine.inputs import RoutedTask, RunInputs, load_inputs
+from core.engine.lifecycle import (
+    AttemptEvidence,
+    Finish,
+    Start,
+    TaskPlan,
+    Wait,
+    WaitCause,
+    conclude,
+    interrupted_evidence,
+    needs_gate,
+    next_step,
+)
 from core.engine.monitoring.metrics import Metrics
 from core.engine.monitoring.progress import ConsoleProgress, ProgressReporter
-from core.engine.patch_ledger import PatchLedger
 from core.engine.process_group import process_group_alive, terminate_group
 from core.engine.process_spawner import LocalBackend
-from core.engine.resilience.breaker_store import CircuitBreakers
-from core.engine.resilience.budget import TaskBudget
-from core.engine.resilience.circuit_breaker import BreakerTransition, retry_after
-from core.engine.resilience.classification import (
-    Classification,
-    FailureEvidence,
-    classify,
-    task_state,
-)
-from core.engine.resilience.retry import (
-    AdapterChain,
-    BackoffSchedule,
-    RetryDecision,
-    decide_retry,
-    first_adapter,
-    gate_feedback,
-)
-from core.engine.resilience.retry import AttemptOutcome as RetryHistoryItem
+from core.engine.recorder import Outcome as RecordedAttempt
+from core.engine.recorder import Recorder
+from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
+from core.engine.resilience.circuit_breaker import retry_after
+from core.engine.resilience.classification import Classification
 from core.engine.resilience.safe_mode import SafeModeConfig
-from core.engine.state_files import EXECUTION_RESULTS, PATCH_LEDGER, STATE_DIR, write_model
+from core.engine.state_files import EXECUTION_RESULTS, STATE_DIR, write_model
 from core.errors import OrchestratorError
+from core.identity import EMBEDDED_SCOPE, TaskKey
 from core.models import (
     AdapterKind,
-    AttemptResult,
     EventName,
     ExecutionResults,
     FailureClass,
-    RetryPolicy,
     TaskState,
 )
 
@@ -124,29 +121,20 @@ class Clocks:
     rng: random.Random = field(default_factory=random.Random)
 
 
-@dataclass
-class _TaskPlan:
-    chain: AdapterChain
-    policy: RetryPolicy
-    schedule: BackoffSchedule
-    budget: TaskBudget
-    history: list[RetryHistoryItem]
-
-
 class _Hooks:
-    def __init__(self, executor: Executor, task: RoutedTask) -> None:
-        self._executor, self._task = executor, task
+    def __init__(self, store: Store, key: TaskKey) -> None:
+        self._store, self._key = store, key
 
     def started(self, pgid: int | None, workspace: Path | None) -> None:
-        self._executor.store.set_process(
-            self._executor.run_id, self._task.task_id, pgid, str(workspace) if workspace else None
-        )
+        self._store.set_process(self._key, pgid, str(workspace) if workspace else None)
 
     def validating(self, diff: Any) -> None:
-        self._executor.store.set_validating(self._executor.run_id, self._task.task_id)
+        self._store.set_validating(self._key)
 
 
 class Executor:
+    """The embedded driver of the lifecycle: attempts run as local process groups."""
+
     def __init__(
         self,
         config: ExecutorConfig,
@@ -169,17 +157,14 @@ class Executor:
         self.metrics = metrics or Metrics()
         self.progress = progress or ConsoleProgress()
         self.stop = stop or threading.Event()
-        workdir = config.workdir
-        self.ledger = PatchLedger(
-            workdir / STATE_DIR / PATCH_LEDGER, workdir / ".ledger" / "patches", self.clocks.wall
+        self.recorder = Recorder(
+            store, config.workdir, metrics=self.metrics, clock=self.clocks.wall
         )
-        self.events = EventLog(workdir / "logs" / "executor.jsonl")
-        self.resilience_log = workdir / "logs" / "resilience.jsonl"
         self.breakers = breakers or CircuitBreakers(
-            SqlBreakerStore(store.engine),
+            RowBreakerStore(SqlBreakerRows(store.engine, EMBEDDED_SCOPE)),
             lambda adapter_id: inputs.adapters[adapter_id].breaker,
             self.clocks.wall,
-            self._breaker_transition,
+            self.recorder.on_breaker_transition,
         )
         self.health = AdapterHealth(
             inputs.adapters,
@@ -196,15 +181,24 @@ class Executor:
 
     # ------------------------------------------------------------------ the loop
 
+    def key(self, task: RoutedTask) -> TaskKey:
+        return TaskKey(self.run_id, task.task_id)
+
+    def plan(self, task: RoutedTask) -> TaskPlan:
+        decision = task.decision
+        return TaskPlan.of(
+            task.spec, [decision.adapter_id, *decision.fallback_adapter_ids], self.inputs.adapters
+        )
+
     def run(self) -> ExecutionResults:
         self.store.sync_inputs(
             self.run_id,
             list(self.inputs.adapters.values()),
             [(t.seq, t.spec, t.decision.adapter_id) for t in self.inputs.tasks],
         )
-        self._repair_logs()
+        self.recorder.repair(self.run_id)
         self.recover()
-        records = self.store.tasks(self.run_id)
+        records = self.store.tasks(self.run_id, EMBEDDED_SCOPE)
         done = sum(1 for r in records if r.status.terminal)
         self.progress.start(self.run_id, len(self.inputs.tasks), done)
         try:
@@ -223,7 +217,7 @@ class Executor:
             self.metrics.heartbeat()
             if self.stop.is_set():
                 break
-            if self.store.task(self.run_id, task.task_id).status.terminal:
+            if self.store.task(self.key(task)).status.terminal:
                 continue
             if self.config.max_tasks is not None and self._started >= self.config.max_tasks:
                 break
@@ -248,102 +242,41 @@ class Executor:
         candidates = [w for w in waits if w] + probes
         return min(max(min(candidates, default=5.0), 0.5), 60.0)
 
-    def _plan(self, task: RoutedTask, record: TaskRecord) -> _TaskPlan:
-        chain = AdapterChain.of(task.decision.adapter_id, task.decision.fallback_adapter_ids)
-        primary = self.inputs.adapters[chain.primary]
-        policy = task.spec.retry or primary.retry
-        history = [
-            RetryHistoryItem(
-                a.attempt,
-                a.adapter_id,
-                Classification.failure(a.failure_class, a.failure_message)
-                if a.failure_class
-                else Classification.success(),
-            )
-            for a in record.attempt_results
-        ]
-        return _TaskPlan(
-            chain=chain,
-            policy=policy,
-            schedule=BackoffSchedule(policy, self.clocks.rng),
-            budget=TaskBudget.resume(
-                task.spec.timeout_seconds or primary.timeout_seconds,
-                sum(a.duration_seconds for a in record.attempt_results),
-                self.clocks.monotonic,
-            ),
-            history=history,
-        )
-
-    def _decide(self, plan: _TaskPlan) -> RetryDecision:
-        return decide_retry(
-            plan.policy,
-            plan.chain,
-            plan.history,
-            remaining_seconds=plan.budget.remaining(),
-            admits=self.health.admits_map(plan.chain.adapter_ids),
-            schedule=plan.schedule,
-            min_attempt_seconds=plan.policy.min_attempt_seconds,
-        )
-
     def execute_task(self, task: RoutedTask) -> TaskRecord:
         """Run attempts of one task until it is terminal or has to wait."""
-        record = self.store.task(self.run_id, task.task_id)
-        plan = self._plan(task, record)
-        extra: str | None = None
-        if plan.history and not plan.history[-1].classification.succeeded:
-            # resuming after a failed attempt (crash recovery, or parked on a breaker)
-            decision = self._decide(plan)
-            if not decision.retry:
-                return self._give_up(task, decision.reason)
-            if decision.waiting_for_breaker:
-                return self._wait(task, decision.reason)
-            assert decision.next_adapter_id is not None
-            adapter_id = decision.next_adapter_id
-            last_gate = record.attempt_results[-1].gate
-            if decision.include_gate_feedback and last_gate is not None:
-                extra = gate_feedback(last_gate)
-        else:
-            selection = first_adapter(plan.chain, self.health.admits_map(plan.chain.adapter_ids))
-            if selection.waiting_for_breaker:
-                return self._wait(task, selection.reason)
-            adapter_id = selection.adapter_id
+        key, plan = self.key(task), self.plan(task)
+        served: datetime | None = None  # a backoff this process already waited out
         while True:
-            adapter = self.inputs.adapters[adapter_id]
+            record = self.store.task(key)
+            if record.status.terminal:
+                return record
+            now = self.clocks.wall()
+            step = next_step(
+                plan,
+                record.attempt_results,
+                now=max(now, served) if served else now,
+                admits=self.health.admits_map(plan.chain.adapter_ids),
+            )
+            if isinstance(step, Finish):
+                return self._end(task, step)
+            if isinstance(step, Wait):
+                if step.cause is not WaitCause.BACKOFF or step.until is None:
+                    return self._wait(task, step.reason)
+                self._sleep(max(0.0, (step.until - now).total_seconds()))
+                if self.stop.is_set():
+                    return record
+                served = step.until
+                continue
+            adapter = self.inputs.adapters[step.adapter_id]
             if adapter.kind is AdapterKind.MANUAL and not self._manual_patch_ready(task):
                 return self._wait(task, self._manual_wait(task), transient=False)
-            admission = self.breakers.acquire(adapter_id)
+            admission = self.breakers.acquire(step.adapter_id)
             if not admission.admitted:
                 return self._wait(task, admission.reason)
-            attempt = record.attempts + 1
-            result, classification, outcome, patch = self._attempt(
-                task, adapter_id, attempt, plan.budget, extra, trial=admission.trial
-            )
-            plan.history.append(RetryHistoryItem(attempt, adapter_id, classification))
-            interrupted = outcome.cancelled and self.stop.is_set()
-            decision = self._decide(plan)
-            final = not interrupted and not decision.retry
-            record = self._record(task, result.model_copy(update={"final": final}), final, patch)
-            if final or interrupted:
-                self.progress.task_done(record.result())
-                if final:
-                    self.metrics.task_finished(adapter_id, record.status, record.duration_seconds)
-                return record
-            assert decision.next_adapter_id is not None
-            self.metrics.retry(adapter_id, str(classification.failure_class))
-            self._resilience_event(
-                "retry_scheduled", task_id=task.task_id, attempt=attempt, reason=decision.reason
-            )
-            if decision.waiting_for_breaker:
-                return self._wait(task, decision.reason)
-            extra = (
-                gate_feedback(result.gate)
-                if decision.include_gate_feedback and result.gate
-                else None
-            )
-            self._sleep(decision.delay_seconds)
-            if self.stop.is_set():
-                return record
-            adapter_id = decision.next_adapter_id
+            outcome, interrupted = self._attempt(task, plan, record, step, trial=admission.trial)
+            if outcome.finish is not None or interrupted:
+                self.progress.task_done(outcome.record.result())
+                return outcome.record
 
     def _sleep(self, seconds: float) -> None:
         if self.clocks.sleep is None:
@@ -351,13 +284,10 @@ class Executor:
         else:
             self.clocks.sleep(seconds)
 
-    def _give_up(self, task: RoutedTask, reason: str) -> TaskRecord:
-        """A waiting task whose policy or budget ran out: terminal, without another attempt."""
-        self.events.write(self.store.give_up(self.run_id, task.task_id, reason))
-        record = self.store.task(self.run_id, task.task_id)
+    def _end(self, task: RoutedTask, finish: Finish) -> TaskRecord:
+        """A waiting task whose budget ran out: terminal, without another attempt."""
+        record = self.recorder.end(self.key(task), finish)
         self.progress.task_done(record.result())
-        adapter_id = record.current_adapter_id or record.adapter_id
-        self.metrics.task_finished(adapter_id, record.status, record.duration_seconds)
         return record
 
     # ------------------------------------------------------------------ one attempt
@@ -365,100 +295,91 @@ class Executor:
     def _attempt(
         self,
         task: RoutedTask,
-        adapter_id: str,
-        attempt: int,
-        budget: TaskBudget,
-        extra: str | None,
+        plan: TaskPlan,
+        record: TaskRecord,
+        start: Start,
         *,
         trial: bool,
-    ) -> tuple[AttemptResult, Classification, AttemptOutcome, bytes | None]:
-        adapter = self.inputs.adapters[adapter_id]
-        self.events.write(self.store.begin_attempt(self.run_id, task.task_id, attempt, adapter_id))
-        self.progress.task_started(task.task_id, attempt, adapter_id)
+    ) -> tuple[RecordedAttempt, bool]:
+        """Run one attempt on the backend, conclude it, record it; True if interrupted."""
+        key = self.key(task)
+        adapter = self.inputs.adapters[start.adapter_id]
         started_at, started = self.clocks.wall(), self.clocks.monotonic()
+        self.recorder.begin(key, start, started_at=started_at)
+        self.progress.task_started(task.task_id, start.attempt, start.adapter_id)
         request = AttemptRequest(
-            run_id=self.run_id,
+            key=key,
             task=task.spec,
             adapter=adapter,
-            attempt=attempt,
+            attempt=start.attempt,
             repo_url=self.inputs.repo_url(task.spec),
-            timeout_seconds=max(budget.attempt_timeout(adapter.timeout_seconds), 0.001),
-            gate_checks=tuple(task.spec.gate if task.spec.gate is not None else adapter.gate),
+            timeout_seconds=max(start.timeout_seconds, 0.001),
+            gate_checks=plan.gate_checks(start.adapter_id),
             gate_baseline=task.spec.gate_baseline,
             max_log_bytes=self.config.max_log_bytes,
             max_diff_bytes=self.config.max_diff_bytes,
-            extra_input=extra,
+            extra_input=start.feedback,
         )
-        outcome = self.backend.run_attempt(request, _Hooks(self, task))
-        diff = outcome.diff.summary if outcome.diff else None
-        gate = outcome.gate
-        classification = classify(
-            FailureEvidence(
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                timed_out=outcome.timed_out,
-                cancelled=outcome.cancelled,
-                start_error=outcome.start_error,
-                infrastructure_reason=outcome.infrastructure_reason,
-                diff_empty=diff.empty if diff else None,
-                allow_empty_diff=task.spec.allow_empty_diff,
-                gate_passed=gate.passed if gate else None,
-                gate_failed_checks=tuple(gate.failed_checks) if gate else (),
-                output_tail=outcome.output_tail,
+        hooks = _Hooks(self.store, key)
+        run = self.backend.run_adapter(request, hooks)
+        try:
+            out = run.outcome
+            evidence = AttemptEvidence(
+                attempt=start.attempt,
+                adapter_id=start.adapter_id,
+                started_at=started_at,
+                finished_at=started_at,
+                exit_code=out.exit_code,
+                signal=out.signal,
+                timed_out=out.timed_out,
+                cancelled=out.cancelled,
+                start_error=out.start_error,
+                infrastructure_reason=out.infrastructure_reason,
+                output_tail=out.output_tail,
+                diff=out.diff.summary if out.diff else None,
             )
+            if needs_gate(plan, evidence) and not self.stop.is_set():
+                hooks.validating(evidence.diff)
+                evidence = replace(evidence, gate=self.backend.run_gate(request, run))
+        finally:
+            log = self.backend.release(run)
+        evidence = replace(
+            evidence,
+            finished_at=self.clocks.wall(),
+            charged_seconds=self.clocks.monotonic() - started,
+            log_path=_relative(log.path, self.config.workdir),
+            log_bytes=log.bytes,
+            log_truncated=log.truncated,
         )
-        if outcome.cancelled and self.stop.is_set():
-            classification = Classification.failure(
+        interrupted = out.cancelled and self.stop.is_set()
+        verdict = conclude(
+            plan,
+            record.attempt_results,
+            evidence,
+            rng=self.clocks.rng,
+            classification=Classification.failure(
                 FailureClass.INFRASTRUCTURE, "interrupted: the executor was stopped"
             )
-        if gate is not None:
-            self.metrics.gate_finished(gate.passed)
-        self.breakers.record(adapter_id, classification, trial=trial)
-        result = AttemptResult(
-            attempt=attempt,
-            adapter_id=adapter_id,
-            state=task_state(classification),
-            failure_class=classification.failure_class,
-            failure_message="" if classification.succeeded else classification.message,
-            exit_code=outcome.exit_code,
-            signal=outcome.signal,
-            timed_out=outcome.timed_out,
-            started_at=started_at,
-            finished_at=self.clocks.wall(),
-            duration_seconds=round(self.clocks.monotonic() - started, 3),
-            log_path=_relative(outcome.log_path, self.config.workdir),
-            log_bytes=outcome.log_bytes,
-            log_truncated=outcome.log_truncated,
-            diff=diff,
-            gate=gate,
+            if interrupted
+            else None,
         )
-        patch = outcome.diff.stored_patch(self.config.max_diff_bytes) if outcome.diff else None
-        return result, classification, outcome, patch
-
-    def _record(
-        self, task: RoutedTask, result: AttemptResult, final: bool, patch: bytes | None
-    ) -> TaskRecord:
-        """Ledger first (fsynced), then state + event + ledger mirror in one DB transaction."""
-        entry = self.ledger.append(
-            run_id=self.run_id,
-            task_id=task.task_id,
-            base_commit=task.spec.base_commit,
-            result=result,
+        patch = out.diff.stored_patch(self.config.max_diff_bytes) if out.diff else None
+        outcome = self.recorder.record(
+            key,
+            task.spec.base_commit,
+            verdict,
+            breakers=self.breakers,
+            trial=trial,
             patch=patch,
         )
-        events = self.store.finish_attempt(
-            self.run_id, task.task_id, entry.result, final=final, entry=entry, patch=patch
-        )
-        self.events.write(events)
-        return self.store.task(self.run_id, task.task_id)
+        return outcome, interrupted
 
     # ------------------------------------------------------------------ waiting, manual
 
     def _wait(self, task: RoutedTask, reason: str, *, transient: bool = True) -> TaskRecord:
         """Park a task PENDING with a visible reason; ``transient`` ones clear by themselves."""
         self._parked |= transient
-        self.store.set_waiting(self.run_id, task.task_id, reason)
-        record = self.store.task(self.run_id, task.task_id)
+        record = self.recorder.park(self.key(task), reason)
         self.progress.task_done(record.result())
         return record
 
@@ -483,72 +404,52 @@ class Executor:
         If the ledger already holds the attempt, the process died after recording it: finish
         the database write from the ledger entry. Otherwise the attempt was interrupted: end
         its process group, remove its worktree, and record it as an ``infrastructure`` failure
-        so the task resumes under its retry policy.
+        charged with the time it ran, so the task resumes under its retry policy.
         """
         recovered = []
-        for record in self.store.tasks(self.run_id):
+        for record in self.store.tasks(self.run_id, EMBEDDED_SCOPE):
             if record.status not in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
                 continue
             recovered.append(record.task_id)
-            task = self.inputs.task(record.task_id)
-            entry = self.ledger.find(self.run_id, record.task_id, record.attempts)
+            key = record.key
+            entry = self.recorder.ledger.find(key, record.attempts)
             if entry is not None:
-                patch = self.ledger.read_patch(entry)
-                self.events.write(
-                    self.store.finish_attempt(
-                        self.run_id,
-                        record.task_id,
-                        entry.result,
-                        final=entry.result.final,
-                        entry=entry,
-                        patch=patch,
-                    )
-                )
+                self.recorder.replay(key, entry, breakers=self.breakers)
                 continue
             if record.pid is not None and process_group_alive(record.pid):
                 terminate_group(record.pid)
-            self.backend.cleanup_attempt(self.run_id, record.task_id, record.attempts)
+            self.backend.cleanup_attempt(key, record.attempts)
+            task = self.inputs.task(record.task_id)
             now = self.clocks.wall()
-            adapter_id = record.current_adapter_id or record.adapter_id
-            message = "interrupted: the executor stopped during this attempt"
-            plan = self._plan(task, record)
-            plan.history.append(
-                RetryHistoryItem(
-                    record.attempts,
-                    adapter_id,
-                    Classification.failure(FailureClass.INFRASTRUCTURE, message),
-                )
+            verdict = conclude(
+                self.plan(task),
+                record.attempt_results,
+                interrupted_evidence(
+                    attempt=record.attempts,
+                    adapter_id=record.current_adapter_id or record.adapter_id,
+                    started_at=record.attempt_started_at or record.started_at or now,
+                    granted_seconds=record.attempt_timeout_seconds,
+                    now=now,
+                ),
+                rng=self.clocks.rng,
             )
-            final = not self._decide(plan).retry
-            result = AttemptResult(
+            self.recorder.resilience.write(
+                "attempt_recovered",
+                run_id=self.run_id,
+                task_id=record.task_id,
                 attempt=record.attempts,
-                adapter_id=adapter_id,
-                state=TaskState.FAILED,
-                failure_class=FailureClass.INFRASTRUCTURE,
-                failure_message=message,
-                started_at=record.started_at or now,
-                finished_at=now,
-                duration_seconds=0.0,
-                final=final,
+                final=verdict.finish is not None,
+                charged_seconds=verdict.result.duration_seconds,
             )
-            self._resilience_event(
-                "attempt_recovered", task_id=record.task_id, attempt=record.attempts, final=final
+            self.recorder.record(
+                key, task.spec.base_commit, verdict, breakers=self.breakers, trial=False
             )
-            self._record(task, result, final, None)
         return recovered
-
-    def _repair_logs(self) -> None:
-        """Bring the JSONL event log and the DB ledger mirror up to date after a crash."""
-        self.events.repair(self.store.events(self.run_id))
-        mirrored = self.store.mirrored_seqs()
-        for entry in self.ledger.entries():
-            if entry.seq not in mirrored:
-                self.store.mirror_ledger(entry, self.ledger.read_patch(entry))
 
     # ------------------------------------------------------------------ outputs
 
     def write_results(self) -> ExecutionResults:
-        records = self.store.tasks(self.run_id)
+        records = self.store.tasks(self.run_id, EMBEDDED_SCOPE)
         summary = {state.value: 0 for state in TaskState}
         for record in records:
             summary[record.status.value] += 1
@@ -564,7 +465,7 @@ class Executor:
         )
         write_model(self.config.workdir / STATE_DIR / EXECUTION_RESULTS, results)
         if finished:
-            self.events.write(
+            self.recorder.events.write(
                 self.store.run_event(
                     self.run_id,
                     EventName.EXECUTION_FINISHED,
@@ -574,23 +475,15 @@ class Executor:
             )
         return results
 
-    def _breaker_transition(self, transition: BreakerTransition) -> None:
-        self.metrics.breaker(transition.adapter_id, transition.to_state.value)
-        self._resilience_event("circuit_breaker", **transition.to_record())
-
     def _announce(self, event: str, fields: dict[str, object]) -> None:
         """Health results and safe-mode changes: resilience log; safe mode also as an event."""
-        self._resilience_event(event, **fields)
+        self.recorder.resilience.write(event, run_id=self.run_id, **fields)
         if event.startswith("safe_mode_"):
             name = EventName.SAFE_MODE_ENTERED if fields.get("active") else EventName.SAFE_MODE_LEFT
             key = f"{self.run_id}//{name.value}/{fields.get('at')}"
-            self.events.write(self.store.run_event(self.run_id, name, dict(fields), key=key))
-
-    def _resilience_event(self, event: str, **fields: Any) -> None:
-        self.resilience_log.parent.mkdir(parents=True, exist_ok=True)
-        record = {"ts": self.clocks.wall().isoformat(), "run_id": self.run_id, "event": event}
-        with open(self.resilience_log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({**record, **fields}, default=str) + "\n")
+            self.recorder.events.write(
+                self.store.run_event(self.run_id, name, dict(fields), key=key)
+            )
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

@@ -5,7 +5,7 @@ breaks the chain at a place :func:`verify` can name. Cutting lines off the *end*
 chain, so verification also compares against an anchor kept elsewhere: the ``patch_history``
 mirror in the database (every entry is mirrored there with its hash).
 
-Appends are idempotent on (run, task, attempt) and serialised between processes with an
+Appends are idempotent on (task identity, attempt) and serialised between processes with an
 exclusive ``flock`` on the ledger file; each line is fsynced before the database mirror is
 written, so the file is always the leader and the mirror can be repaired from it.
 The diff bytes are stored content-addressed under ``.ledger/patches/``.
@@ -28,10 +28,16 @@ from pydantic import ValidationError
 
 from core.engine.state_files import atomic_write_bytes
 from core.engine.task_log import utcnow
+from core.identity import TaskKey
 from core.models import AttemptResult, LedgerEntry
 
 GENESIS = "0" * 64
-Key = tuple[str, str, int]
+#: (run, task, uid, attempt): the identity of one attempt (see :mod:`core.identity`).
+Key = tuple[str, str, str, int]
+
+
+def _key(entry: LedgerEntry) -> Key:
+    return (entry.run_id, entry.task_id, entry.task_uid or "", entry.attempt)
 
 
 def entry_hash(fields: dict[str, Any]) -> str:
@@ -50,10 +56,10 @@ class PatchLedger:
         self._index: dict[Key, LedgerEntry] = {}
         self._last: LedgerEntry | None = None
 
-    def find(self, run_id: str, task_id: str, attempt: int) -> LedgerEntry | None:
+    def find(self, key: TaskKey, attempt: int) -> LedgerEntry | None:
         with self._locked() as fh:
             self._catch_up(fh)
-        return self._index.get((run_id, task_id, attempt))
+        return self._index.get((key.run_id, key.task_id, key.uid, attempt))
 
     def entries(self) -> list[LedgerEntry]:
         with self._locked() as fh:
@@ -63,8 +69,7 @@ class PatchLedger:
     def append(
         self,
         *,
-        run_id: str,
-        task_id: str,
+        key: TaskKey,
         base_commit: str,
         result: AttemptResult,
         patch: bytes | None,
@@ -72,15 +77,19 @@ class PatchLedger:
         """Record one finished attempt; a replay of the same attempt returns the first entry."""
         with self._locked() as fh:
             self._catch_up(fh)
-            existing = self._index.get((run_id, task_id, result.attempt))
+            existing = self._index.get((key.run_id, key.task_id, key.uid, result.attempt))
             if existing is not None:
                 return existing
             patch_ref = self._store_patch(patch) if patch else None
             diff = result.diff
             fields: dict[str, Any] = {
                 "seq": (self._last.seq if self._last else 0) + 1,
-                "run_id": run_id,
-                "task_id": task_id,
+                "run_id": key.run_id,
+                "task_id": key.task_id,
+            }
+            if key.uid:  # absent on the embedded backend: older entries hash as they did
+                fields |= {"task_uid": key.uid, "scope": key.scope}
+            fields |= {
                 "attempt": result.attempt,
                 "adapter_id": result.adapter_id,
                 "base_commit": base_commit,
@@ -125,7 +134,7 @@ class PatchLedger:
         return f"{self.patches_dir.name}/{digest}.diff"
 
     def _remember(self, entry: LedgerEntry) -> None:
-        self._index[(entry.run_id, entry.task_id, entry.attempt)] = entry
+        self._index[_key(entry)] = entry
         self._last = entry
 
     def _catch_up(self, fh: IO[bytes]) -> None:

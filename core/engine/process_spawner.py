@@ -19,11 +19,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 from core.engine.adapters import manual_paths, run_process_adapter
-from core.engine.backend import AttemptHooks, AttemptOutcome, AttemptRequest
+from core.engine.backend import (
+    AdapterRun,
+    AttemptHooks,
+    AttemptOutcome,
+    AttemptRequest,
+    LogCounts,
+)
 from core.engine.process_group import ProcessResult
 from core.engine.task_log import PrefixedSink, TaskLog
 from core.engine.test_gate import run_gate
@@ -36,13 +43,23 @@ from core.engine.workspace import (
     remove_worktree,
 )
 from core.errors import InfrastructureError
-from core.models import AdapterKind
+from core.identity import TaskKey
+from core.models import AdapterKind, GateResult
 
 WORK_DIR = ".work"
 
 
-def task_log_path(workdir: Path, task_id: str) -> Path:
-    return workdir / "logs" / "execution" / f"{task_id}.jsonl"
+def task_log_path(workdir: Path, key: TaskKey) -> Path:
+    return workdir / "logs" / "execution" / f"{key.log_name}.jsonl"
+
+
+@dataclass
+class _Handle:
+    mirror: Path | None
+    tree: Path | None
+    adir: Path
+    log: TaskLog
+    base_commit: str
 
 
 class LocalBackend:
@@ -66,74 +83,77 @@ class LocalBackend:
         self.clock = clock
         self._mirrors = workdir / WORK_DIR / "mirrors"
 
-    def attempt_dir(self, run_id: str, task_id: str, attempt: int) -> Path:
-        return self.workdir / WORK_DIR / run_id / task_id / str(attempt)
+    def attempt_dir(self, key: TaskKey, attempt: int) -> Path:
+        return self.workdir / WORK_DIR / key.run_id / key.log_name / str(attempt)
 
-    def run_attempt(self, request: AttemptRequest, hooks: AttemptHooks) -> AttemptOutcome:
+    def run_adapter(self, request: AttemptRequest, hooks: AttemptHooks) -> AdapterRun:
         task, adapter = request.task, request.adapter
-        adir = self.attempt_dir(request.run_id, task.task_id, request.attempt)
+        adir = self.attempt_dir(request.key, request.attempt)
         log = TaskLog(
-            task_log_path(self.workdir, task.task_id),
+            task_log_path(self.workdir, request.key),
             task_id=task.task_id,
             attempt=request.attempt,
             max_bytes=request.max_log_bytes,
         )
+        handle = _Handle(None, None, adir, log, task.base_commit)
         started = self.clock()
         try:
-            mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
-            tree = add_worktree(mirror, adir / "tree", task.base_commit)
+            handle.mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
+            handle.tree = add_worktree(handle.mirror, adir / "tree", task.base_commit)
         except InfrastructureError as exc:
             log.note("attempt_not_started", error=str(exc))
-            log.close()
-            return AttemptOutcome(
+            outcome = AttemptOutcome(
                 start_error=str(exc),
                 infrastructure_reason=str(exc),
                 duration_seconds=self.clock() - started,
                 log_path=log.path,
             )
+            return AdapterRun(outcome, handle)
+        tree = handle.tree
         hooks.started(None, tree)
         log.note("attempt_started", adapter=adapter.id, kind=adapter.kind.value)
-        try:
-            proc = self._run_adapter(request, tree, adir, log, hooks)
-            diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
-            log.note(
-                "diff_captured",
-                bytes=diff.summary.bytes,
-                files=diff.summary.files_changed,
-            )
-            gate = None
-            usable = not diff.summary.empty or task.allow_empty_diff
-            if proc.succeeded and usable:
-                hooks.validating(diff.summary)
-                gate = run_gate(
-                    request.gate_checks,
-                    patch=diff.patch,
-                    checkout=lambda: self._gate_checkout(mirror, task.base_commit, adir),
-                    sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
-                    baseline=request.gate_baseline,
-                    python=self.python,
-                    clock=self.clock,
-                )
-                log.note("gate_finished", passed=gate.passed, applied=gate.applied)
-            return AttemptOutcome(
-                exit_code=proc.exit_code,
-                signal=proc.signal,
-                timed_out=proc.timed_out,
-                cancelled=proc.cancelled,
-                start_error=proc.start_error,
-                duration_seconds=self.clock() - started,
-                output_tail=proc.tail,
-                diff=diff,
-                gate=gate,
-                log_path=log.path,
-                log_bytes=log.written,
-                log_truncated=log.truncated,
-            )
-        finally:
-            log.close()
-            if not self.keep_worktrees:
-                remove_worktree(mirror, tree)
-                self._remove_attempt_dir(adir)
+        proc = self._run_adapter(request, tree, adir, log, hooks)
+        diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
+        log.note("diff_captured", bytes=diff.summary.bytes, files=diff.summary.files_changed)
+        outcome = AttemptOutcome(
+            exit_code=proc.exit_code,
+            signal=proc.signal,
+            timed_out=proc.timed_out,
+            cancelled=proc.cancelled,
+            start_error=proc.start_error,
+            duration_seconds=self.clock() - started,
+            output_tail=proc.tail,
+            diff=diff,
+            log_path=log.path,
+            log_bytes=log.written,
+            log_truncated=log.truncated,
+        )
+        return AdapterRun(outcome, handle)
+
+    def run_gate(self, request: AttemptRequest, run: AdapterRun) -> GateResult:
+        handle: _Handle = run.handle
+        assert handle.mirror is not None and run.outcome.diff is not None
+        mirror, log = handle.mirror, handle.log
+        gate = run_gate(
+            request.gate_checks,
+            patch=run.outcome.diff.patch,
+            checkout=lambda: self._gate_checkout(mirror, handle.base_commit, handle.adir),
+            sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
+            baseline=request.gate_baseline,
+            python=self.python,
+            clock=self.clock,
+        )
+        log.note("gate_finished", passed=gate.passed, applied=gate.applied)
+        return gate
+
+    def release(self, run: AdapterRun) -> LogCounts:
+        handle: _Handle = run.handle
+        handle.log.close()
+        if not self.keep_worktrees:
+            if handle.mirror is not None and handle.tree is not None:
+                remove_worktree(handle.mirror, handle.tree)
+            self._remove_attempt_dir(handle.adir)
+        return LogCounts(handle.log.path, handle.log.written, handle.log.truncated)
 
     def _run_adapter(
         self,
@@ -165,7 +185,7 @@ class LocalBackend:
         if adapter.kind is AdapterKind.PATCH:
             assert task.patch is not None
             return self._apply(tree, task.patch.encode(), log, "task patch")
-        _, submitted = manual_paths(self.workdir, request.run_id, task.task_id)
+        _, submitted = manual_paths(self.workdir, request.key.run_id, task.task_id)
         if not submitted.exists():
             raise InfrastructureError(f"manual task {task.task_id}: no submitted patch")
         return self._apply(tree, submitted.read_bytes(), log, "submitted patch")
@@ -199,8 +219,8 @@ class LocalBackend:
             except OSError:
                 break
 
-    def cleanup_attempt(self, run_id: str, task_id: str, attempt: int) -> None:
-        self._remove_attempt_dir(self.attempt_dir(run_id, task_id, attempt))
+    def cleanup_attempt(self, key: TaskKey, attempt: int) -> None:
+        self._remove_attempt_dir(self.attempt_dir(key, attempt))
         for mirror in self._mirrors.glob("*.git"):
             git("worktree", "prune", cwd=mirror)
 

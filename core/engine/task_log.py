@@ -111,3 +111,16 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(raw)
             except json.JSONDecodeError:
                 continue
+
+
+def find_task_log(workdir: Path, task: str) -> Path | None:
+    """The log file of ``task``: ``<task>.jsonl`` (embedded), or on Kubernetes
+    ``<namespace>.<task>.<uid>.jsonl`` for ``<namespace>/<task>`` or a bare task id (the
+    newest when a name was applied several times)."""
+    logs = workdir / "logs" / "execution"
+    if "/" not in task and (logs / f"{task}.jsonl").exists():
+        return logs / f"{task}.jsonl"
+    namespace, _, name = task.rpartition("/")
+    pattern = f"{namespace or '*'}.{name}.*.jsonl"
+    found = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

@@ -1,23 +1,42 @@
-"""Pure helpers of the reconciler: a TaskExecution's status <-> the engine's models.
+"""A TaskExecution's attempts: evidence from Jobs and pod logs in, status out (pure).
 
-Kept apart from the reconciler so the mapping (history for retry decisions, attempt state,
-gate and diff summaries) is unit-tested without a cluster.
+The operator's side of the one lifecycle: what an adapter or gate Job showed becomes
+:class:`~core.engine.lifecycle.AttemptEvidence` (the lifecycle classifies it), and what the
+recorder wrote becomes the TaskExecution's ``status`` (a projection of the database record,
+never a second source of decisions). Kept apart from the reconciler so the mapping is
+unit-tested without a cluster.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from core.engine.resilience.classification import Classification
-from core.engine.resilience.retry import AttemptOutcome as HistoryItem
+from core.engine.lifecycle import AttemptEvidence, Finish
+from core.kube.conditions import reason_for
+from core.kube.jobs import job_failure_reason
 from core.models import (
+    AttemptResult,
     CheckResult,
     CheckStatus,
     DiffSummary,
     GateResult,
     TaskState,
 )
-from core.resources import CheckSummary, DiffStatus, GateSummary, TaskExecutionStatus
+from core.resources import (
+    AttemptStatus,
+    CheckSummary,
+    DiffStatus,
+    GateSummary,
+    TaskExecutionStatus,
+    diff_status,
+)
+from core.runner.protocol import RunnerResult
+
+#: Why a runner that reported ``cancelled`` stopped: nobody but the platform sends SIGTERM to
+#: a pod of a TaskExecution that still exists (deleted, evicted, node drained).
+POD_STOPPED = "the pod was stopped (deleted or evicted) before the adapter finished"
 
 
 def parse_time(value: str | None) -> datetime:
@@ -26,18 +45,238 @@ def parse_time(value: str | None) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def history_of(status: TaskExecutionStatus, upto: int | None = None) -> list[HistoryItem]:
-    items = []
-    for a in status.attempts[:upto]:
-        if a.state in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
-            continue
-        c = (
-            Classification.failure(a.failure_class, a.message)
-            if a.failure_class
-            else Classification.success()
+def job_finished_at(job: dict[str, Any] | None) -> datetime | None:
+    """When a finished Job finished, as the Job controller recorded it."""
+    if job is None:
+        return None
+    status = job.get("status") or {}
+    if status.get("completionTime"):
+        return parse_time(status["completionTime"])
+    for cond in status.get("conditions") or []:
+        done = cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True"
+        if done and cond.get("lastTransitionTime"):
+            return parse_time(cond["lastTransitionTime"])
+    return None
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def adapter_evidence(
+    current: AttemptStatus,
+    job: dict[str, Any] | None,
+    result: RunnerResult | None,
+    *,
+    now: datetime,
+    log_path: str,
+) -> AttemptEvidence:
+    """What the adapter Job of ``current`` showed (``job`` None: it is gone)."""
+    started = current.started_at or now
+    finished = min(job_finished_at(job) or now, now)
+    base = AttemptEvidence(
+        attempt=current.attempt,
+        adapter_id=current.adapter,
+        started_at=started,
+        finished_at=max(finished, started),
+        log_path=log_path,
+    )
+    if result is None:
+        if job is None:
+            reason = f"adapter Job {current.job_name} was deleted before it reported"
+        else:
+            reason = job_failure_reason(job) or "the runner reported no result (pod lost)"
+        if "DeadlineExceeded" in reason:  # the Job's backstop deadline: the budget ran out
+            return replace(base, timed_out=True, output_tail=reason)
+        return replace(base, infrastructure_reason=reason)
+    return replace(
+        base,
+        exit_code=result.exit_code,
+        signal=result.signal,
+        timed_out=result.timed_out,
+        start_error=result.start_error,
+        infrastructure_reason=POD_STOPPED if result.cancelled else None,
+        output_tail=result.output_tail,
+        diff=result.diff,
+        log_bytes=result.log_bytes,
+        log_truncated=result.log_truncated,
+    )
+
+
+def gate_evidence(
+    current: AttemptStatus,
+    job: dict[str, Any] | None,
+    result: RunnerResult | None,
+    *,
+    now: datetime,
+    log_path: str,
+) -> AttemptEvidence:
+    """The attempt after its gate Job: the adapter's part comes from ``current``."""
+    started = current.started_at or now
+    finished = min(job_finished_at(job) or now, now)
+    base = AttemptEvidence(
+        attempt=current.attempt,
+        adapter_id=current.adapter,
+        started_at=started,
+        finished_at=max(finished, started),
+        exit_code=current.exit_code if current.exit_code is not None else 0,
+        diff=summary_from_status(current.diff),
+        log_path=log_path,
+        log_bytes=current.log_bytes + (result.log_bytes if result else 0),
+        log_truncated=current.log_truncated or bool(result and result.log_truncated),
+    )
+    if result is None or result.gate is None:
+        reason = (job_failure_reason(job) if job else None) or "gate Job lost before it reported"
+        return replace(base, infrastructure_reason=f"test gate: {reason}")
+    return replace(base, gate=result.gate)
+
+
+def diff_too_large(limit: int) -> GateResult:
+    """The gate's verdict on a diff the operator could not carry to the gate Job."""
+    return GateResult(
+        passed=False,
+        applied=False,
+        checks=[
+            CheckResult(
+                name="diff-too-large",
+                status=CheckStatus.ERROR,
+                exit_code=None,
+                duration_seconds=0.0,
+                output_tail=f"the diff exceeds the operator's limit of {limit} bytes",
+            )
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- status
+
+
+def attempt_started(
+    status: TaskExecutionStatus,
+    *,
+    attempt: int,
+    adapter: str,
+    job_name: str,
+    trial: bool,
+    now: datetime,
+) -> TaskExecutionStatus:
+    attempts = [
+        *(a for a in status.attempts if a.attempt < attempt),
+        AttemptStatus(
+            attempt=attempt,
+            adapter=adapter,
+            job_name=job_name,
+            state=TaskState.IN_PROGRESS,
+            started_at=now,
+            trial=trial,
+        ),
+    ]
+    return status.model_copy(
+        update={
+            "state": TaskState.IN_PROGRESS,
+            "attempt": attempt,
+            "adapter": adapter,
+            "job_name": job_name,
+            "gate_job_name": None,
+            "started_at": status.started_at or now,
+            "not_before": None,
+            "reason": "AdapterRunning",
+            "message": f"attempt {attempt} on adapter {adapter} (Job {job_name})",
+            "attempts": attempts,
+        }
+    )
+
+
+def gate_started(
+    status: TaskExecutionStatus, evidence: AttemptEvidence, gate_job: str
+) -> TaskExecutionStatus:
+    attempts = list(status.attempts)
+    attempts[-1] = attempts[-1].model_copy(
+        update={
+            "gate_job_name": gate_job,
+            "exit_code": evidence.exit_code,
+            "diff": diff_status(evidence.diff),
+            "log_bytes": evidence.log_bytes,
+            "log_truncated": evidence.log_truncated,
+        }
+    )
+    return status.model_copy(
+        update={
+            "state": TaskState.VALIDATING,
+            "gate_job_name": gate_job,
+            "diff": diff_status(evidence.diff),
+            "reason": "Validating",
+            "message": f"test gate Job {gate_job}",
+            "attempts": attempts,
+        }
+    )
+
+
+def attempt_recorded(
+    status: TaskExecutionStatus, result: AttemptResult, finish: Finish | None, why: str
+) -> TaskExecutionStatus:
+    """The status once ``result`` is recorded: terminal with ``finish``, else waiting for
+    the retry after the result's backoff."""
+    attempts = [
+        a.model_copy(
+            update={
+                "state": result.state,
+                "failure_class": result.failure_class,
+                "message": result.failure_message,
+                "finished_at": result.finished_at,
+                "exit_code": result.exit_code,
+                "diff": diff_status(result.diff),
+                "gate": gate_summary(result.gate),
+                "log_bytes": result.log_bytes,
+                "log_truncated": result.log_truncated,
+            }
         )
-        items.append(HistoryItem(a.attempt, a.adapter, c))
-    return items
+        if a.attempt == result.attempt
+        else a
+        for a in status.attempts
+    ]
+    update: dict[str, Any] = {
+        "attempts": attempts,
+        "failure_class": result.failure_class,
+        "diff": diff_status(result.diff),
+        "gate": gate_summary(result.gate),
+        "gate_job_name": None,
+    }
+    if finish is not None:
+        update |= {
+            "state": finish.state,
+            "finished_at": result.finished_at,
+            "not_before": None,
+            "reason": finish_reason(finish),
+            "message": finish.message if not finish.succeeded else "completed",
+        }
+    else:
+        update |= {
+            "state": TaskState.PENDING,
+            "not_before": result.finished_at + timedelta(seconds=result.backoff_seconds),
+            "reason": "RetryScheduled",
+            "message": why,
+        }
+    return status.model_copy(update=update)
+
+
+def task_ended(status: TaskExecutionStatus, finish: Finish, now: datetime) -> TaskExecutionStatus:
+    """The status of a task that ended without another attempt."""
+    return status.model_copy(
+        update={
+            "state": finish.state,
+            "finished_at": now,
+            "not_before": None,
+            "failure_class": finish.failure_class or status.failure_class,
+            "reason": finish_reason(finish),
+            "message": finish.message,
+        }
+    )
+
+
+def finish_reason(finish: Finish) -> str:
+    if finish.budget_exhausted:
+        return "BudgetExhausted"
+    return reason_for(finish.state, finish.failure_class)
 
 
 def gate_summary(gate: GateResult | None) -> GateSummary | None:

@@ -1,19 +1,24 @@
-"""The operator's reconciler: drives each TaskExecution through its attempts with Jobs.
+"""The operator's reconciler: the Kubernetes driver of the one attempt lifecycle.
 
-Level-triggered and idempotent: every call looks at the TaskExecution's status and the Jobs it
-names, and takes the next step. State lives in ``status`` (the API server) and is mirrored to
-the database, the ledger and the logs of the operator's work dir, with the same keyed writes
-as the embedded executor; Job names are deterministic, so a replayed step after a crash finds
-its Job (409) instead of making a second one.
+Level-triggered and idempotent: every call looks at a TaskExecution, the database record of
+its task and the Jobs its status names, and takes the next step. The decisions (which
+adapter, how much budget, whether to gate, retry or finish, in which state) are the
+lifecycle's (:mod:`core.engine.lifecycle`); the writes are the recorder's
+(:class:`~core.engine.recorder.Recorder`: ledger, database with the breaker, event log).
+Status is a projection of what was recorded, written through one code path.
 
-    PENDING     -> choose an adapter (retry policy, breakers), create the adapter Job
+    PENDING     -> lifecycle.next_step: start (create the adapter Job), wait, or finish
     IN_PROGRESS -> adapter Job done: read the runner's report from the pod log, save logs;
-                   a usable diff -> ConfigMap with the patch + gate Job; else finish
-    VALIDATING  -> gate Job done: finish with the gate's result
-    finish      -> classify, ledger, DB, breaker; retry later (PENDING, notBefore) or terminal
+                   lifecycle.needs_gate -> ConfigMap with the patch + gate Job; else conclude
+    VALIDATING  -> gate Job done: conclude with the gate's result
+    conclude    -> lifecycle.conclude, Recorder.record, then status and an Event
 
-Each step runs under a per-TaskExecution asyncio lock and re-reads the object first.
-Database and ledger calls are synchronous and run in a thread, off the event loop.
+Identity: a task is its TaskExecution's uid (plus namespace and run id), an adapter and its
+breaker are (namespace, name) -- see :mod:`core.identity`. Job names are deterministic, so a
+replayed step after a crash finds its Job (409) instead of making a second one.
+
+Each step runs under a per-TaskExecution asyncio lock. Database and ledger calls are
+synchronous and run in a thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -21,57 +26,180 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from typing import Any
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from core.engine.resilience.classification import FailureEvidence, classify
-from core.engine.resilience.retry import (
-    AdapterChain,
-    BackoffSchedule,
-    decide_retry,
-    first_adapter,
-    gate_feedback,
+from core.db.breaker_rows import SqlBreakerRows
+from core.db.store import Store, TaskRecord
+from core.engine.lifecycle import (
+    AttemptEvidence,
+    Finish,
+    Start,
+    TaskPlan,
+    Wait,
+    WaitCause,
+    conclude,
+    needs_gate,
+    next_step,
 )
+from core.engine.monitoring.metrics import Metrics
+from core.engine.recorder import Recorder, finish_of
+from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
+from core.engine.resilience.circuit_breaker import BreakerTransition
+from core.identity import TaskKey
+from core.kube.api import KubeApi
 from core.kube.attempts import (
-    gate_result,
-    history_of,
+    adapter_evidence,
+    attempt_recorded,
+    attempt_started,
+    diff_too_large,
+    gate_evidence,
+    gate_started,
     parse_time,
+    task_ended,
 )
-from core.kube.controller_base import (
-    ADAPTERS,
-    TE,
-    ControllerBase,
-    ControllerSettings,
-    _Context,
-    log,
-)
+from core.kube.conditions import set_conditions
 from core.kube.jobs import (
     PATCH_DIR,
     egress_policy,
-    job_failure_reason,
     job_finished,
     job_manifest,
     job_name,
 )
 from core.kube.jobs import patch_configmap as configmap_manifest
-from core.models import TaskState
+from core.models import AdapterSpec, FailureClass, TaskSpec, TaskState
 from core.resources import (
     AdapterResourceSpec,
-    AttemptStatus,
+    AdapterResourceStatus,
     TaskExecutionSpec,
     TaskExecutionStatus,
     adapter_spec,
-    diff_status,
     task_spec,
 )
 from core.runner.protocol import RunnerRequest, RunnerResult, parse_pod_log
 
-__all__ = ["Controller", "ControllerSettings"]
+log = logging.getLogger("orchestrator.operator")
+T = TypeVar("T")
+TE = "taskexecutions"
+ADAPTERS = "adapters"
+
+__all__ = ["Controller", "ControllerSettings", "TaskContext"]
 
 
-class Controller(ControllerBase):
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    workdir: Path
+    runner_image: str
+    namespace: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+    max_log_bytes: int = 2 * 1024 * 1024
+    max_diff_bytes: int = 512 * 1024  # the patch travels in a ConfigMap (1 MiB limit)
+    resync_seconds: float = 30.0
+
+
+@dataclass
+class TaskContext:
+    """One TaskExecution as the reconciler sees it in one step."""
+
+    te: dict[str, Any]
+    spec: TaskExecutionSpec
+    status: TaskExecutionStatus
+    task: TaskSpec
+    adapters: dict[str, AdapterResourceSpec]
+    plan: TaskPlan
+    key: TaskKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        meta = self.te["metadata"]
+        self.key = TaskKey(self.spec.run_id, self.task.task_id, meta["uid"], meta["namespace"])
+
+    @property
+    def ns(self) -> str:
+        return str(self.te["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.te["metadata"]["name"])
+
+    @property
+    def log_path(self) -> str:
+        return f"logs/execution/{self.key.log_name}.jsonl"
+
+
+class Controller:
     """Reconciles TaskExecutions: the state machine of the module docstring."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        store: Store,
+        settings: ControllerSettings,
+        *,
+        metrics: Metrics | None = None,
+        now: Callable[[], datetime] = _now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.now = now
+        self.rng = rng or random.Random()
+        # the database de-duplicates events (keyed inserts): no key set kept in memory
+        self.recorder = Recorder(
+            store, settings.workdir, metrics=self.metrics, clock=now, dedupe_events=False
+        )
+        self._breakers: dict[str, CircuitBreakers] = {}
+        self._policies: dict[tuple[str, str], AdapterSpec] = {}
+        self._breaker_changes: dict[str, list[BreakerTransition]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._egress_applied: set[tuple[str, str, int | None]] = set()
+        # newest known body of each unfinished TaskExecution, and the Adapters by name
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
+        self._adapters: dict[tuple[str, str], dict[str, Any]] = {}
+        self._synced: set[tuple[str, tuple[tuple[str, int | None], ...]]] = set()
+        self._written: dict[tuple[str, str], str | None] = {}
+
+    # ------------------------------------------------------------------ breakers
+
+    def breakers(self, namespace: str) -> CircuitBreakers:
+        """The circuit breakers of one namespace's Adapters (see :mod:`core.identity`)."""
+        found = self._breakers.get(namespace)
+        if found is None:
+            changes = self._breaker_changes.setdefault(namespace, [])
+
+            def on_transition(transition: BreakerTransition) -> None:
+                self.recorder.on_breaker_transition(transition)
+                changes.append(transition)
+
+            found = CircuitBreakers(
+                RowBreakerStore(SqlBreakerRows(self.store.engine, namespace)),
+                lambda adapter: self._policies[(namespace, adapter)].breaker,
+                self.now,
+                on_transition,
+            )
+            self._breakers[namespace] = found
+        return found
+
+    def breaker_states(self) -> dict[str, str]:
+        """``namespace/adapter`` -> breaker state, of every Adapter seen (health probe)."""
+        return {
+            f"{ns}/{name}": self.breakers(ns).view(name).state.value
+            for ns, name in sorted(self._policies)
+        }
 
     # ------------------------------------------------------------------ entry points
 
@@ -120,7 +248,8 @@ class Controller(ControllerBase):
 
         Its Jobs go with it through their owner references; no finalizer is needed.
         """
-        self.forget(te["metadata"]["namespace"], te["metadata"]["name"])
+        meta = te["metadata"]
+        self.forget(meta["namespace"], meta["name"])
         try:
             spec = TaskExecutionSpec.model_validate(te["spec"])
             status = TaskExecutionStatus.model_validate(te.get("status") or {})
@@ -128,13 +257,14 @@ class Controller(ControllerBase):
             return
         if status.state.terminal:
             return
-        task_id = spec.task_id or te["metadata"]["name"]
-        reason = "TaskExecution deleted while it was running"
-        try:
-            events = await self._db(self.store.cancel, spec.run_id, task_id, reason)
-        except KeyError:
-            return
-        self.events.write(events)
+        key = TaskKey(spec.run_id, spec.task_id or meta["name"], meta["uid"], meta["namespace"])
+        finish = Finish(
+            TaskState.CANCELLED,
+            FailureClass.CANCELLED,
+            "TaskExecution deleted while it was running",
+        )
+        if await self._db(self.store.find_task, key) is not None:
+            await self._db(self.recorder.end, key, finish)
 
     async def resync_forever(self) -> None:
         """The safety net of a level-triggered controller: re-reconcile unfinished objects."""
@@ -157,16 +287,55 @@ class Controller(ControllerBase):
         ctx = await self._context(te)
         if ctx is None or ctx.status.state.terminal:
             return
+        record: TaskRecord = await self._db(self.store.task, ctx.key)
+        if await self._caught_up(ctx, record):
+            return
         match ctx.status.state:
             case TaskState.PENDING:
-                await self._start(ctx)
+                await self._pending(ctx, record)
             case TaskState.IN_PROGRESS:
-                await self._after_adapter(ctx)
+                await self._after_adapter(ctx, record)
             case TaskState.VALIDATING:
-                await self._after_gate(ctx)
+                await self._after_gate(ctx, record)
 
-    async def _context(self, te: dict[str, Any]) -> _Context | None:
+    async def _caught_up(self, ctx: TaskContext, record: TaskRecord) -> bool:
+        """Bring status up to what the database recorded (a crash came between the two)."""
+        status = ctx.status
+        live = record.status in (TaskState.IN_PROGRESS, TaskState.VALIDATING)
+        if live and status.state is TaskState.PENDING and record.attempts > status.attempt:
+            # the Job of this attempt was created and recorded, its status write was lost
+            adapter = record.current_adapter_id or record.adapter_id
+            name = job_name(ctx.name, ctx.te["metadata"]["uid"], record.attempts, "adapter")
+            started = record.attempt_started_at or self.now()
+            new = attempt_started(
+                status, attempt=record.attempts, adapter=adapter, job_name=name, trial=False,
+                now=started,
+            )
+            await self._write_status(ctx.te, new)
+            return True
+        if status.state in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
+            done = next((a for a in record.attempt_results if a.attempt == status.attempt), None)
+            if done is not None:
+                finish = finish_of(done)
+                await self._write_status(ctx.te, attempt_recorded(status, done, finish, ""))
+                if finish is not None:
+                    await self._post_finish(ctx.te, finish, done.attempt)
+                return True
+        if record.status.terminal and not status.state.terminal:
+            last = record.attempt_results[-1] if record.attempt_results else None
+            finish = finish_of(last) if last is not None and last.final else None
+            if finish is None or finish.state is not record.status:
+                finish = Finish(
+                    record.status, record.failure_class, record.failure_message or ""
+                )
+            await self._write_status(ctx.te, task_ended(status, finish, self.now()))
+            await self._post_finish(ctx.te, finish, record.attempts)
+            return True
+        return False
+
+    async def _context(self, te: dict[str, Any]) -> TaskContext | None:
         name = te["metadata"]["name"]
+        namespace = te["metadata"]["namespace"]
         status = TaskExecutionStatus.model_validate(te.get("status") or {})
         try:
             spec = TaskExecutionSpec.model_validate(te["spec"])
@@ -176,7 +345,6 @@ class Controller(ControllerBase):
             return None
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
         adapters: dict[str, AdapterResourceSpec] = {}
-        namespace = te["metadata"]["namespace"]
         for adapter_name in names:
             obj = self._adapters.get((namespace, adapter_name))
             if obj is None:
@@ -191,15 +359,16 @@ class Controller(ControllerBase):
             adapters[adapter_name] = AdapterResourceSpec.model_validate(obj["spec"])
             await self._ensure_egress(obj, adapters[adapter_name])
         engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
-        self._policies.update(engine)
+        for adapter_name, adapter in engine.items():
+            self._policies[(namespace, adapter_name)] = adapter
+        ctx = TaskContext(te, spec, status, task, adapters, TaskPlan.of(task, names, engine))
         synced = (te["metadata"]["uid"], tuple(_generations(self._adapters, namespace, names)))
         if synced not in self._synced:
             seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
-            await self._db(
-                self.store.sync_inputs, spec.run_id, list(engine.values()), [(seq, task, names[0])]
-            )
+            await self._db(self.store.sync_adapters, namespace, list(engine.values()))
+            await self._db(self.store.sync_tasks, [(ctx.key, seq, task, names[0])])
             self._synced.add(synced)
-        return _Context(te, spec, status, task, adapters, engine)
+        return ctx
 
     async def _ensure_egress(self, adapter: dict[str, Any], spec: AdapterResourceSpec) -> None:
         """Keep the Adapter's egress NetworkPolicy in line with its spec (once per change)."""
@@ -210,118 +379,95 @@ class Controller(ControllerBase):
         await self.api.apply_network_policy(meta["namespace"], egress_policy(adapter, spec))
         self._egress_applied.add(key)
 
-    async def _start(self, ctx: _Context) -> None:
+    async def _pending(self, ctx: TaskContext, record: TaskRecord) -> None:
         now = self.now()
-        status = ctx.status
-        if status.not_before and status.not_before > now:
-            self._schedule(ctx.ns, ctx.name, (status.not_before - now).total_seconds())
+        breakers = self.breakers(ctx.ns)
+        admits = await self._db(breakers.admits_map, ctx.plan.chain.adapter_ids)
+        step = next_step(ctx.plan, record.attempt_results, now=now, admits=admits)
+        if isinstance(step, Finish):
+            await self._end(ctx, step)
             return
-        chain = AdapterChain.of(
-            ctx.spec.adapter_ref.name, [r.name for r in ctx.spec.fallback_adapter_refs]
-        )
-        primary = ctx.engine_adapters[chain.primary]
-        policy = ctx.task.retry or primary.retry
-        budget = ctx.task.timeout_seconds or primary.timeout_seconds
-        started_at = status.started_at or now
-        remaining = budget - (now - started_at).total_seconds()
-        history = history_of(status)
-        admits = await self._db(self.breakers.admits_map, chain.adapter_ids)
-        extra: str | None = None
-        if history and not history[-1].classification.succeeded:
-            decision = decide_retry(
-                policy,
-                chain,
-                history,
-                remaining_seconds=remaining,
-                admits=admits,
-                schedule=BackoffSchedule(policy, self.rng),
-                min_attempt_seconds=policy.min_attempt_seconds,
-            )
-            if not decision.retry:
-                await self._give_up(ctx, decision.reason)
-                return
-            if decision.waiting_for_breaker:
-                await self._park(ctx.te, status, "WaitingForBreaker", decision.reason)
-                self._schedule(ctx.ns, ctx.name, self.settings.resync_seconds)
-                return
-            assert decision.next_adapter_id is not None
-            adapter_name = decision.next_adapter_id
-            last_gate = status.attempts[-1].gate if status.attempts else None
-            if decision.include_gate_feedback and last_gate is not None:
-                extra = gate_feedback(gate_result(last_gate))
-        else:
-            selection = first_adapter(chain, admits)
-            if selection.waiting_for_breaker:
-                await self._park(ctx.te, status, "WaitingForBreaker", selection.reason)
-                self._schedule(ctx.ns, ctx.name, self.settings.resync_seconds)
-                return
-            adapter_name = selection.adapter_id
-        if remaining < policy.min_attempt_seconds:
-            await self._give_up(ctx, f"task budget of {budget:g}s exhausted")
+        if isinstance(step, Wait):
+            await self._wait(ctx, step, now)
             return
-        admission = await self._db(self.breakers.acquire, adapter_name)
+        admission = await self._db(breakers.acquire, step.adapter_id)
         if not admission.admitted:
-            await self._park(ctx.te, status, "WaitingForBreaker", admission.reason)
+            await self._park(ctx.te, ctx.status, "WaitingForBreaker", admission.reason)
+            await self._db(self.recorder.park, ctx.key, admission.reason)
             self._schedule(
                 ctx.ns, ctx.name, admission.retry_after_seconds or self.settings.resync_seconds
             )
             return
-        attempt = status.attempt + 1
-        adapter = ctx.engine_adapters[adapter_name]
-        timeout = min(remaining, adapter.timeout_seconds)
-        name = job_name(ctx.name, ctx.te["metadata"]["uid"], attempt, "adapter")
+        await self._start(ctx, step, trial=admission.trial, now=now)
+
+    async def _wait(self, ctx: TaskContext, wait: Wait, now: datetime) -> None:
+        if wait.cause is WaitCause.BACKOFF and wait.until is not None:
+            if ctx.status.not_before != wait.until:
+                await self._write_status(
+                    ctx.te, ctx.status.model_copy(update={"not_before": wait.until})
+                )
+            self._schedule(ctx.ns, ctx.name, (wait.until - now).total_seconds())
+            return
+        await self._park(ctx.te, ctx.status, "WaitingForBreaker", wait.reason)
+        await self._db(self.recorder.park, ctx.key, wait.reason)
+        self._schedule(ctx.ns, ctx.name, self.settings.resync_seconds)
+
+    async def _start(self, ctx: TaskContext, start: Start, *, trial: bool, now: datetime) -> None:
+        adapter = ctx.plan.adapters[start.adapter_id]
+        name = job_name(ctx.name, ctx.te["metadata"]["uid"], start.attempt, "adapter")
         request = RunnerRequest(
             kind="adapter",
-            run_id=ctx.run_id,
+            run_id=ctx.key.run_id,
             task=ctx.task,
             adapter=adapter,
-            attempt=attempt,
+            attempt=start.attempt,
             repo_url=ctx.task.repo,
-            timeout_seconds=timeout,
+            timeout_seconds=start.timeout_seconds,
             max_log_bytes=self.settings.max_log_bytes,
             max_diff_bytes=self.settings.max_diff_bytes,
-            extra_input=extra,
+            extra_input=start.feedback,
             gate_checks=[],
             gate_baseline=False,
             patch_file=None,
         )
-        await self.api.create_job(
-            ctx.ns, self._job(ctx, name, "adapter", attempt, request, timeout, adapter_name)
+        job = self._job(
+            ctx, name, "adapter", start.attempt, request, start.timeout_seconds, start.adapter_id
         )
-        self.events.write(
-            await self._db(self.store.begin_attempt, ctx.run_id, ctx.task_id, attempt, adapter_name)
-        )
-        attempts = [
-            *status.attempts,
-            AttemptStatus(
-                attempt=attempt,
-                adapter=adapter_name,
-                job_name=name,
-                state=TaskState.IN_PROGRESS,
-                started_at=now,
-                trial=admission.trial,
-            ),
-        ]
-        new = status.model_copy(
-            update={
-                "state": TaskState.IN_PROGRESS,
-                "attempt": attempt,
-                "adapter": adapter_name,
-                "job_name": name,
-                "gate_job_name": None,
-                "started_at": started_at,
-                "not_before": None,
-                "reason": "AdapterRunning",
-                "message": f"attempt {attempt} on adapter {adapter_name} (Job {name})",
-                "attempts": attempts,
-            }
+        await self.api.create_job(ctx.ns, job)
+        await self._db(self.recorder.begin, ctx.key, start, started_at=now)
+        new = attempt_started(
+            ctx.status,
+            attempt=start.attempt,
+            adapter=start.adapter_id,
+            job_name=name,
+            trial=trial,
+            now=now,
         )
         await self._write_status(ctx.te, new)
         await self.api.post_event(ctx.te, "Normal", "TASK_STARTED", new.message, "Start")
 
+    async def _end(self, ctx: TaskContext, finish: Finish) -> None:
+        """A task ends without another attempt (its budget ran out while it waited)."""
+        await self._db(self.recorder.end, ctx.key, finish)
+        await self._write_status(ctx.te, task_ended(ctx.status, finish, self.now()))
+        await self._post_finish(ctx.te, finish, ctx.status.attempt)
+
+    async def _post_finish(self, te: dict[str, Any], finish: Finish, attempts: int) -> None:
+        ok = finish.succeeded
+        message = f"{finish.state.value} after {attempts} attempt(s)"
+        if not ok:
+            message += f": {finish.failure_class}: {finish.message}"
+        await self.api.post_event(
+            te,
+            "Normal" if ok else "Warning",
+            "TASK_COMPLETED" if ok else "TASK_FAILED",
+            message,
+            "Finish",
+        )
+
     def _job(
         self,
-        ctx: _Context,
+        ctx: TaskContext,
         name: str,
         role: str,
         attempt: int,
@@ -335,8 +481,8 @@ class Controller(ControllerBase):
             te=ctx.te,
             name=name,
             role=role,  # type: ignore[arg-type]
-            run_id=ctx.run_id,
-            task_id=ctx.task_id,
+            run_id=ctx.key.run_id,
+            task_id=ctx.key.task_id,
             attempt=attempt,
             image=(resource.image if role == "adapter" and resource.image else None)
             or self.settings.runner_image,
@@ -349,7 +495,7 @@ class Controller(ControllerBase):
         )
 
     async def _collect(
-        self, ctx: _Context, job: str, role: str, attempt: int
+        self, ctx: TaskContext, job: str, role: str, attempt: int
     ) -> RunnerResult | None:
         """Read the runner's report from the pod log and save the log in the task's log file."""
         pods = await self.api.job_pods(ctx.ns, job)
@@ -357,13 +503,13 @@ class Controller(ControllerBase):
         if text is None:
             return None
         parsed = parse_pod_log(text)
-        await self._db(self._save_log, ctx.task_id, attempt, role, parsed.records)
+        await self._db(self._save_log, ctx.key, attempt, role, parsed.records)
         return parsed.result
 
     def _save_log(
-        self, task_id: str, attempt: int, role: str, records: list[dict[str, Any]]
+        self, key: TaskKey, attempt: int, role: str, records: list[dict[str, Any]]
     ) -> None:
-        path = self.settings.workdir / "logs" / "execution" / f"{task_id}.jsonl"
+        path = self.settings.workdir / "logs" / "execution" / f"{key.log_name}.jsonl"
         marker = {"event": f"{role}_log_saved", "attempt": attempt}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -376,12 +522,13 @@ class Controller(ControllerBase):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             for rec in records:
-                fh.write(json.dumps({**rec, "task_id": task_id, "attempt": attempt}) + "\n")
+                fh.write(json.dumps({**rec, "task_id": key.task_id, "attempt": attempt}) + "\n")
             fh.write(
-                json.dumps({"ts": self.now().isoformat(), "task_id": task_id, **marker}) + "\n"
+                json.dumps({"ts": self.now().isoformat(), "task_id": key.task_id, **marker})
+                + "\n"
             )
 
-    async def _after_adapter(self, ctx: _Context) -> None:
+    async def _after_adapter(self, ctx: TaskContext, record: TaskRecord) -> None:
         status = ctx.status
         assert status.job_name is not None
         job = await self.api.get_job(ctx.ns, status.job_name)
@@ -390,79 +537,29 @@ class Controller(ControllerBase):
         result = (
             await self._collect(ctx, status.job_name, "adapter", status.attempt) if job else None
         )
-        infra = None
-        if job is None:
-            infra = f"adapter Job {status.job_name} was deleted before it reported"
-        elif result is None:
-            infra = job_failure_reason(job) or "the runner reported no result (pod lost)"
-        deadline_hit = bool(infra and "DeadlineExceeded" in infra)
-        adapter_ok = (
-            result is not None
-            and result.exit_code == 0
-            and not (result.timed_out or result.cancelled or result.start_error)
-        )
-        diff = result.diff if result else None
-        usable = diff is not None and (not diff.empty or ctx.task.allow_empty_diff)
-        if adapter_ok and usable and result is not None:
-            if result.patch_b64 is None and diff is not None and not diff.empty:
-                evidence = self._evidence(
-                    result, ctx, gate_passed=False, failed=("diff-too-large",)
-                )
-                await self._finish(ctx, classify(evidence), result, None, None)
+        current = status.attempts[-1]
+        evidence = adapter_evidence(current, job, result, now=self.now(), log_path=ctx.log_path)
+        if needs_gate(ctx.plan, evidence) and result is not None:
+            if result.patch_b64 is None and evidence.diff is not None and not evidence.diff.empty:
+                evidence = replace(evidence, gate=diff_too_large(self.settings.max_diff_bytes))
+            else:
+                await self._start_gate(ctx, evidence, result.patch_b64 or "")
                 return
-            await self._start_gate(ctx, result)
-            return
-        evidence = (
-            self._evidence(result, ctx)
-            if result is not None
-            else FailureEvidence(
-                timed_out=deadline_hit, infrastructure_reason=None if deadline_hit else infra
-            )
-        )
         patch = base64.b64decode(result.patch_b64) if result and result.patch_b64 else None
-        await self._finish(ctx, classify(evidence), result, None, patch, infra_message=infra)
+        await self._conclude(ctx, record, evidence, patch)
 
-    def _evidence(
-        self,
-        result: RunnerResult,
-        ctx: _Context,
-        *,
-        gate_passed: bool | None = None,
-        failed: tuple[str, ...] = (),
-    ) -> FailureEvidence:
-        # The runner reports `cancelled` when its pod got SIGTERM. A TaskExecution that is
-        # deleted is never reconciled again, so here that means the platform stopped the pod
-        # (deleted, evicted, node drained): an infrastructure failure, retried by policy.
-        stopped = "the pod was stopped (deleted or evicted) before the adapter finished"
-        return FailureEvidence(
-            exit_code=result.exit_code,
-            signal=result.signal,
-            timed_out=result.timed_out,
-            infrastructure_reason=stopped if result.cancelled else None,
-            start_error=result.start_error,
-            diff_empty=result.diff.empty if result.diff else None,
-            allow_empty_diff=ctx.task.allow_empty_diff,
-            gate_passed=gate_passed,
-            gate_failed_checks=failed,
-            output_tail=result.output_tail,
-        )
-
-    async def _start_gate(self, ctx: _Context, result: RunnerResult) -> None:
+    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence, patch: str) -> None:
         status = ctx.status
         adapter_name = status.adapter or ctx.spec.adapter_ref.name
         name = job_name(ctx.name, ctx.te["metadata"]["uid"], status.attempt, "gate")
         cm = f"{name}-patch"
-        await self.api.create_configmap(
-            ctx.ns, configmap_manifest(ctx.te, cm, result.patch_b64 or "")
-        )
-        checks = (
-            ctx.task.gate if ctx.task.gate is not None else ctx.engine_adapters[adapter_name].gate
-        )
+        await self.api.create_configmap(ctx.ns, configmap_manifest(ctx.te, cm, patch))
+        checks = ctx.plan.gate_checks(adapter_name)
         request = RunnerRequest(
             kind="gate",
-            run_id=ctx.run_id,
+            run_id=ctx.key.run_id,
             task=ctx.task,
-            adapter=ctx.engine_adapters[adapter_name],
+            adapter=ctx.plan.adapters[adapter_name],
             attempt=status.attempt,
             repo_url=ctx.task.repo,
             timeout_seconds=sum(c.timeout_seconds for c in checks) or 60,
@@ -478,28 +575,10 @@ class Controller(ControllerBase):
             ctx.ns,
             self._job(ctx, name, "gate", status.attempt, request, deadline, adapter_name, cm),
         )
-        await self._db(self.store.set_validating, ctx.run_id, ctx.task_id)
-        attempts = list(status.attempts)
-        attempts[-1] = attempts[-1].model_copy(
-            update={
-                "gate_job_name": name,
-                "exit_code": result.exit_code,
-                "diff": diff_status(result.diff),
-            }
-        )
-        new = status.model_copy(
-            update={
-                "state": TaskState.VALIDATING,
-                "gate_job_name": name,
-                "diff": diff_status(result.diff),
-                "reason": "Validating",
-                "message": f"test gate Job {name}",
-                "attempts": attempts,
-            }
-        )
-        await self._write_status(ctx.te, new)
+        await self._db(self.store.set_validating, ctx.key)
+        await self._write_status(ctx.te, gate_started(status, evidence, name))
 
-    async def _after_gate(self, ctx: _Context) -> None:
+    async def _after_gate(self, ctx: TaskContext, record: TaskRecord) -> None:
         status = ctx.status
         assert status.gate_job_name is not None
         job = await self.api.get_job(ctx.ns, status.gate_job_name)
@@ -511,22 +590,154 @@ class Controller(ControllerBase):
         cm = await self.api.get_configmap(ctx.ns, f"{status.gate_job_name}-patch")
         raw = ((cm or {}).get("binaryData") or {}).get("patch")
         patch = base64.b64decode(raw) if raw else None
-        current = status.attempts[-1]
-        gate = result.gate if result else None
-        if result is None or gate is None:
-            reason = (
-                job_failure_reason(job) if job else None
-            ) or "gate Job lost before it reported"
-            evidence = FailureEvidence(infrastructure_reason=f"test gate: {reason}")
+        evidence = gate_evidence(
+            status.attempts[-1], job, result, now=self.now(), log_path=ctx.log_path
+        )
+        await self._conclude(ctx, record, evidence, patch)
+
+    async def _conclude(
+        self,
+        ctx: TaskContext,
+        record: TaskRecord,
+        evidence: AttemptEvidence,
+        patch: bytes | None,
+    ) -> None:
+        history = [a for a in record.attempt_results if a.attempt < evidence.attempt]
+        verdict = conclude(ctx.plan, history, evidence, rng=self.rng)
+        trial = ctx.status.attempts[-1].trial if ctx.status.attempts else False
+        outcome = await self._db(
+            self.recorder.record,
+            ctx.key,
+            ctx.task.base_commit,
+            verdict,
+            breakers=self.breakers(ctx.ns),
+            trial=trial,
+            patch=patch,
+        )
+        result = outcome.entry.result
+        why = verdict.decision.reason
+        await self._write_status(ctx.te, attempt_recorded(ctx.status, result, outcome.finish, why))
+        if outcome.finish is not None:
+            await self._post_finish(ctx.te, outcome.finish, result.attempt)
         else:
-            evidence = FailureEvidence(
-                exit_code=current.exit_code if current.exit_code is not None else 0,
-                diff_empty=current.diff.empty if current.diff else None,
-                allow_empty_diff=ctx.task.allow_empty_diff,
-                gate_passed=gate.passed,
-                gate_failed_checks=tuple(gate.failed_checks),
+            delay = (result.finished_at - self.now()).total_seconds() + result.backoff_seconds
+            self._schedule(ctx.ns, ctx.name, delay)
+
+    # ------------------------------------------------------------------ status writes
+
+    async def _park(
+        self, te: dict[str, Any], status: TaskExecutionStatus, reason: str, message: str
+    ) -> None:
+        if status.reason == reason and status.message == message:
+            return  # nothing new to say: no write
+        await self._write_status(
+            te, status.model_copy(update={"reason": reason, "message": message})
+        )
+
+    async def _terminal_invalid(
+        self, te: dict[str, Any], status: TaskExecutionStatus, problems: list[str]
+    ) -> None:
+        if status.state.terminal:
+            return
+        message = "invalid TaskExecution: " + " ".join(problems)
+        new = status.model_copy(
+            update={"state": TaskState.FAILED, "reason": "InvalidSpec", "message": message[:1000]}
+        )
+        await self._write_status(te, new)
+        await self.api.post_event(te, "Warning", "TASK_FAILED", message, "Validate")
+
+    async def _write_status(self, te: dict[str, Any], status: TaskExecutionStatus) -> None:
+        """The one code path that writes TaskExecution status (and owns its conditions)."""
+        generation = te["metadata"].get("generation")
+        status = set_conditions(status, self.now(), generation)
+        body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        body["observedGeneration"] = generation
+        # merge patch: explicitly clear fields that are now unset
+        for name in ("notBefore", "gateJobName", "failureClass"):
+            body.setdefault(name, None)
+        updated = await self.api.patch_status(
+            TE, te["metadata"]["namespace"], te["metadata"]["name"], body
+        )
+        if updated is not None:
+            te["status"] = updated.get("status", body)
+            self.remember(updated)
+            meta = updated["metadata"]
+            self._written[(meta["namespace"], meta["name"])] = meta.get("resourceVersion")
+
+    def _echo_of_own_write(self, body: dict[str, Any]) -> bool:
+        """A watch event carrying exactly our last status patch, while a Job runs."""
+        meta = body["metadata"]
+        written = self._written.get((meta["namespace"], meta["name"]))
+        state = (body.get("status") or {}).get("state")
+        running = state in (TaskState.IN_PROGRESS.value, TaskState.VALIDATING.value)
+        return running and written is not None and written == meta.get("resourceVersion")
+
+    def remember(self, body: dict[str, Any]) -> None:
+        """Keep ``body`` as the newest known state of its TaskExecution, unless it is older."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        known = self._latest.get(key)
+        if known is not None and _older(meta, known["metadata"]):
+            return
+        self._latest[key] = body
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._latest.pop((namespace, name), None)
+        self._written.pop((namespace, name), None)
+        self._locks.pop((namespace, name), None)
+
+    # ------------------------------------------------------------------ breakers, timers
+
+    async def _mirror_breakers(self, namespace: str) -> None:
+        """Copy breaker transitions into the Adapter resources' status (only on change)."""
+        changes = self._breaker_changes.get(namespace)
+        if not changes:
+            return
+        pending = list(changes)
+        changes.clear()
+        breakers = self.breakers(namespace)
+        for adapter in {c.adapter_id for c in pending}:
+            snap = await self._db(breakers.view, adapter)
+            status = AdapterResourceStatus(
+                breaker_state=snap.state.value,
+                consecutive_failures=snap.consecutive_failures,
+                opened_at=snap.opened_at,
+                message=[c for c in pending if c.adapter_id == adapter][-1].reason,
             )
-        await self._finish(ctx, classify(evidence), result, gate, patch, adapter_diff=current.diff)
+            await self.api.patch_status(
+                ADAPTERS, namespace, adapter, status.model_dump(mode="json", by_alias=True)
+            )
+
+    def _schedule(self, namespace: str, name: str, delay: float) -> None:
+        key = (namespace, name)
+        if (old := self._timers.pop(key, None)) is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            task = loop.create_task(self.reconcile(namespace, name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._timers[key] = loop.call_later(max(delay, 0.05), fire)
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _older(meta: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether ``meta`` describes an older version of the same object than ``than``.
+
+    resourceVersions are opaque in general but are etcd revisions (integers) in practice;
+    anything else (or another object with the same name: a new uid) counts as newer.
+    """
+    if meta.get("uid") != than.get("uid"):
+        return False
+    try:
+        return int(meta.get("resourceVersion", 0)) < int(than.get("resourceVersion", 0))
+    except ValueError:
+        return False
 
 
 def _generations(

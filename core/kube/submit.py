@@ -28,6 +28,7 @@ from core.engine.monitoring.progress import ProgressReporter
 from core.engine.patch_ledger import PatchLedger
 from core.engine.state_files import EXECUTION_RESULTS, PATCH_LEDGER, STATE_DIR, write_model
 from core.errors import EntryContractError
+from core.identity import TaskKey
 from core.kube.attempts import gate_result, summary_from_status
 from core.models import AdapterSpec, AttemptResult, ExecutionResults, TaskResult, TaskState
 from core.resources import API_VERSION, GROUP, VERSION, TaskExecutionStatus
@@ -274,13 +275,14 @@ class KubernetesSubmitter:
             result = self._task_result(item, status)
             results.append(result)
             for attempt, raw in zip(result.attempts, status.attempts, strict=False):
-                if ledger.find(self.run_id, task.task_id, attempt.attempt) is None:
+                meta = item["metadata"]
+                key = TaskKey(self.run_id, task.task_id, meta["uid"], meta["namespace"])
+                if ledger.find(key, attempt.attempt) is None:
                     self._save_logs(
                         task.task_id, attempt.attempt, [raw.job_name, raw.gate_job_name]
                     )
                     ledger.append(
-                        run_id=self.run_id,
-                        task_id=task.task_id,
+                        key=key,
                         base_commit=task.spec.base_commit,
                         result=attempt,
                         patch=None,

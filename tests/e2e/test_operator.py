@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from core.db.database import default_url, make_engine
 from core.db.tables import ExecutionLog, PatchHistory, Task
 from core.engine.patch_ledger import verify
+from core.engine.task_log import find_task_log
 from tests.e2e.operator_harness import (
     ROOT,
     OperatorProcess,
@@ -211,7 +212,8 @@ def test_adapter_over_budget_times_out_with_partial_logs(kubectl, env) -> None:
     apply(kubectl, env["ns"], obj)
     status = wait_state(kubectl, env, "too-slow", {"COMPLETED", "FAILED", "TIMEOUT"})["status"]
     assert status["state"] == "TIMEOUT" and status["failureClass"] == "adapter_timeout"
-    log = Path(env["workdir"]) / "logs/execution/too-slow.jsonl"
+    log = find_task_log(Path(env["workdir"]), f"{env['ns']}/too-slow")
+    assert log is not None and log.name.startswith(f"{env['ns']}.too-slow.")
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     worked = [r["line"] for r in lines if r.get("line", "").startswith("working")]
     assert 3 <= len(worked) < 30, worked

@@ -70,7 +70,7 @@ def test_kill_9_mid_attempt_then_restart_finishes_exactly_once(tmp_path: Path) -
 
     def live_row() -> Task | None:
         with Session(engine) as s:
-            row = s.get(Task, ("crash", "slow-write"))
+            row = s.get(Task, ("crash", "slow-write", ""))
             return row if row is not None and row.pid and row.workspace else None
 
     row = wait_for(live_row, what="the attempt's process group in the DB")
@@ -90,6 +90,8 @@ def test_kill_9_mid_attempt_then_restart_finishes_exactly_once(tmp_path: Path) -
     task = results.tasks[0]
     assert task.state is TaskState.COMPLETED
     assert [a.failure_class for a in task.attempts] == [FailureClass.INFRASTRUCTURE, None]
+    # the interrupted attempt is charged the time it ran (it ran until the kill -9)
+    assert task.attempts[0].duration_seconds > 0
     assert not process_group_alive(row.pid)
     assert not pid_alive(sleeper)
 

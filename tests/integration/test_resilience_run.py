@@ -101,7 +101,7 @@ def test_failing_adapter_opens_its_breaker_and_the_fallback_takes_over(tmp_path:
     }
     engine = make_engine(default_url(workdir))
     with Session(engine) as s:
-        row = s.get(Adapter, "broken")
+        row = s.get(Adapter, ("", "broken"))
         assert row is not None and row.breaker_state == "OPEN" and row.breaker_failures == 3
     engine.dispose()
     transitions = [r for r in resilience_log(workdir) if r["event"] == "circuit_breaker"]

@@ -27,6 +27,7 @@ from core.engine.backend import AttemptRequest
 from core.engine.command_line import base_path
 from core.engine.process_spawner import LocalBackend, task_log_path
 from core.engine.task_log import read_records
+from core.identity import TaskKey
 from core.models import AdapterSpec, CommandTemplate, DiffSummary, GateCheck, TaskSpec
 
 COMMIT = "c" * 40
@@ -376,7 +377,7 @@ def test_template_end_to_end_with_fake_tool(
         command=["/bin/sh", "-c", f"grep -rq --exclude-dir=.git 'touched by {tool}' ."],
     )
     request = AttemptRequest(
-        run_id="run1",
+        key=TaskKey("run1", "t1"),
         task=task,
         adapter=adapter,
         attempt=1,
@@ -388,7 +389,12 @@ def test_template_end_to_end_with_fake_tool(
         max_diff_bytes=1_000_000,
     )
     hooks = Hooks()
-    outcome = LocalBackend(workdir, grace_seconds=1).run_attempt(request, hooks)
+    backend = LocalBackend(workdir, grace_seconds=1)
+    run = backend.run_adapter(request, hooks)
+    outcome = run.outcome
+    gate = backend.run_gate(request, run)
+    log = backend.release(run)
+    assert log.bytes > 0 and not log.truncated
 
     assert outcome.start_error is None, outcome
     assert outcome.exit_code == 0 and not outcome.timed_out
@@ -432,13 +438,12 @@ def test_template_end_to_end_with_fake_tool(
     assert NASTY_PROMPT.encode() not in outcome.diff.patch
 
     # The gate ran on a fresh checkout with the patch applied.
-    assert outcome.gate is not None and outcome.gate.passed, outcome.gate
-    assert hooks.validated and hooks.validated[0].sha256 == summary.sha256
+    assert gate.passed and gate.applied, gate
     pgids = [p for p, _ in hooks.calls if p is not None]
     assert len(pgids) == 1 and pgids[0] > 1
 
     # Output was streamed into the task log.
-    recs = list(read_records(task_log_path(workdir, "t1")))
+    recs = list(read_records(task_log_path(workdir, TaskKey("run1", "t1"))))
     lines = [(r["stream"], r["line"]) for r in recs if "line" in r]
     assert ("stdout", f"fake {tool} done") in lines
     assert ("stderr", "a warning") in lines
@@ -456,7 +461,7 @@ def test_missing_tool_is_a_start_error(tmp_path: Path, git_repo: Any) -> None:
     )
     task = TaskSpec(task_id="t1", prompt="p", repo=str(repo.path), base_commit=repo.base)
     request = AttemptRequest(
-        run_id="run1",
+        key=TaskKey("run1", "t1"),
         task=task,
         adapter=adapter,
         attempt=1,
@@ -467,7 +472,9 @@ def test_missing_tool_is_a_start_error(tmp_path: Path, git_repo: Any) -> None:
         max_log_bytes=10_000,
         max_diff_bytes=10_000,
     )
-    outcome = LocalBackend(workdir).run_attempt(request, Hooks())
+    backend = LocalBackend(workdir)
+    run = backend.run_adapter(request, Hooks())
+    backend.release(run)
+    outcome = run.outcome
     assert outcome.start_error is not None and "opencode" in outcome.start_error
-    assert outcome.gate is None
     assert outcome.diff is not None and outcome.diff.summary.empty

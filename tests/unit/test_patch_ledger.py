@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.engine.patch_ledger import GENESIS, PatchLedger, entry_hash, verify
+from core.identity import TaskKey
 from core.models import AttemptResult, DiffSummary, FailureClass, TaskState
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -71,7 +72,7 @@ def fill(paths: Paths, n: int = 4) -> list:
         patch = f"diff --git a/f{i} b/f{i}\n+line {i}\n".encode()
         entries.append(
             ledger.append(
-                run_id="run", task_id=f"t{i}", base_commit=COMMIT, result=attempt(), patch=patch
+                key=TaskKey("run", f"t{i}"), base_commit=COMMIT, result=attempt(), patch=patch
             )
         )
     return entries
@@ -107,7 +108,7 @@ def test_entry_records_diff_summary_and_patch(paths: Paths) -> None:
     ledger = paths.open()
     patch = b"diff --git a/x b/x\n+hi\n"
     entry = ledger.append(
-        run_id="run", task_id="t1", base_commit=COMMIT, result=attempt(patch=patch), patch=patch
+        key=TaskKey("run", "t1"), base_commit=COMMIT, result=attempt(patch=patch), patch=patch
     )
     assert entry.diff_sha256 == hashlib.sha256(patch).hexdigest()
     assert entry.diff_bytes == len(patch)
@@ -119,7 +120,7 @@ def test_entry_records_diff_summary_and_patch(paths: Paths) -> None:
 
 def test_no_patch_means_no_patch_ref(paths: Paths) -> None:
     entry = paths.open().append(
-        run_id="run", task_id="t1", base_commit=COMMIT, result=attempt(), patch=None
+        key=TaskKey("run", "t1"), base_commit=COMMIT, result=attempt(), patch=None
     )
     assert entry.patch_ref is None
     assert paths.open().read_patch(entry) is None
@@ -129,11 +130,10 @@ def test_no_patch_means_no_patch_ref(paths: Paths) -> None:
 def test_idempotent_append(paths: Paths) -> None:
     ledger = paths.open()
     first = ledger.append(
-        run_id="run", task_id="t1", base_commit=COMMIT, result=attempt(1), patch=b"p1\n"
+        key=TaskKey("run", "t1"), base_commit=COMMIT, result=attempt(1), patch=b"p1\n"
     )
     again = ledger.append(
-        run_id="run",
-        task_id="t1",
+        key=TaskKey("run", "t1"),
         base_commit=COMMIT,
         result=attempt(1, state=TaskState.FAILED),
         patch=b"other\n",
@@ -142,25 +142,25 @@ def test_idempotent_append(paths: Paths) -> None:
     assert len(paths.lines()) == 1
     # A fresh instance (a restarted process) also sees the entry and does not duplicate it.
     replay = paths.open().append(
-        run_id="run", task_id="t1", base_commit=COMMIT, result=attempt(1), patch=b"p1\n"
+        key=TaskKey("run", "t1"), base_commit=COMMIT, result=attempt(1), patch=b"p1\n"
     )
     assert replay == first
     assert len(paths.lines()) == 1
     # A new attempt of the same task is a new entry.
     second = ledger.append(
-        run_id="run", task_id="t1", base_commit=COMMIT, result=attempt(2), patch=None
+        key=TaskKey("run", "t1"), base_commit=COMMIT, result=attempt(2), patch=None
     )
     assert second.seq == 2
     assert len(paths.lines()) == 2
-    assert paths.open().find("run", "t1", 2) == second
-    assert paths.open().find("run", "t1", 3) is None
+    assert paths.open().find(TaskKey("run", "t1"), 2) == second
+    assert paths.open().find(TaskKey("run", "t1"), 3) is None
 
 
 def test_same_patch_stored_once(paths: Paths) -> None:
     ledger = paths.open()
     for i in (1, 2):
         ledger.append(
-            run_id="run", task_id=f"t{i}", base_commit=COMMIT, result=attempt(), patch=b"same\n"
+            key=TaskKey("run", f"t{i}"), base_commit=COMMIT, result=attempt(), patch=b"same\n"
         )
     assert len(list(paths.patches.iterdir())) == 1
 
@@ -282,7 +282,7 @@ def test_append_after_torn_line_keeps_a_valid_chain(paths: Paths) -> None:
         fh.write(b'{"seq":3,"run_id":"run","task')
     ledger = paths.open()
     entry = ledger.append(
-        run_id="run", task_id="t9", base_commit=COMMIT, result=attempt(), patch=None
+        key=TaskKey("run", "t9"), base_commit=COMMIT, result=attempt(), patch=None
     )
     assert entry.seq == 3
     report = verify(paths.ledger, paths.patches)
@@ -327,8 +327,7 @@ def test_two_instances_interleaving_keep_a_valid_chain(paths: Paths) -> None:
         ledger = a if i % 2 == 0 else b
         made.append(
             ledger.append(
-                run_id="run",
-                task_id=f"t{i}",
+                key=TaskKey("run", f"t{i}"),
                 base_commit=COMMIT,
                 result=attempt(),
                 patch=f"p{i}\n".encode(),
@@ -340,9 +339,9 @@ def test_two_instances_interleaving_keep_a_valid_chain(paths: Paths) -> None:
     report = verify(paths.ledger, paths.patches, anchor=anchor_of(made))
     assert report.ok, report.problems
     # Each instance sees the other's entries, and does not duplicate them on replay.
-    assert a.find("run", "t1", 1) == made[1]
+    assert a.find(TaskKey("run", "t1"), 1) == made[1]
     assert (
-        b.append(run_id="run", task_id="t0", base_commit=COMMIT, result=attempt(), patch=b"p0\n")
+        b.append(key=TaskKey("run", "t0"), base_commit=COMMIT, result=attempt(), patch=b"p0\n")
         == made[0]
     )
     assert len(paths.lines()) == 6
@@ -355,8 +354,7 @@ def test_concurrent_threads_with_separate_instances(paths: Paths) -> None:
         ledger = paths.open()
         for i in range(per_thread):
             ledger.append(
-                run_id="run",
-                task_id=f"{name}-{i}",
+                key=TaskKey("run", f"{name}-{i}"),
                 base_commit=COMMIT,
                 result=attempt(),
                 patch=None,
@@ -376,8 +374,7 @@ def _process_worker(ledger_path: str, patches: str, name: str, n: int) -> None:
     ledger = PatchLedger(Path(ledger_path), Path(patches))
     for i in range(n):
         ledger.append(
-            run_id="run",
-            task_id=f"{name}-{i}",
+            key=TaskKey("run", f"{name}-{i}"),
             base_commit=COMMIT,
             result=attempt(),
             patch=f"{name} {i}\n".encode(),

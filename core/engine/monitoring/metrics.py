@@ -24,6 +24,7 @@ class Metrics:
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self._clock = clock
+        self._last_heartbeat = 0.0
         r = self.registry
         self.tasks_executed = Counter(
             "tasks_executed",
@@ -66,7 +67,13 @@ class Metrics:
         self._terminal = self._completed = self._gates = self._gates_passed = 0
 
     def heartbeat(self) -> None:
-        self.executor_heartbeat.set(self._clock())
+        self._last_heartbeat = self._clock()
+        self.executor_heartbeat.set(self._last_heartbeat)
+
+    @property
+    def last_heartbeat(self) -> float:
+        """The value of ``executor_heartbeat`` (0 before the first beat)."""
+        return self._last_heartbeat
 
     def task_finished(self, adapter: str, state: TaskState, duration: float | None) -> None:
         self.tasks_executed.labels(adapter, state.value).inc()

@@ -1,7 +1,7 @@
-"""Resilience for the execution engine: failure classes, retries, breakers, safe mode, recovery.
+"""Resilience for the execution engine: failure classes, retries, breakers, safe mode.
 
 Everything here is pure logic over injected clocks, randomness and stores, shared by the
-embedded and the Kubernetes backend; the executor does the I/O (see each module's docstring).
+embedded and the Kubernetes backend; the drivers do the I/O (see each module's docstring).
 """
 
 from __future__ import annotations
@@ -30,32 +30,20 @@ from core.engine.resilience.circuit_breaker import (
 )
 from core.engine.resilience.classification import (
     COUNTED_CLASSES,
-    ENTRY_POINT_GROUP,
     Classification,
     ErrorDetector,
     FailureEvidence,
     NamedDetector,
-    classify,
     classify_evidence,
-    default_detectors,
-    load_detectors,
     refine,
 )
-from core.engine.resilience.health import HealthResult, probe_due, probe_result
-from core.engine.resilience.recovery import (
-    InterruptedAttempt,
-    KillProcessGroup,
-    PosixProcessGroups,
-    RecordInterruptedAttempt,
-    RecoveryEnvironment,
-    RecoveryPlan,
-    RecoveryProbe,
-    RecoveryReport,
-    RemoveWorktree,
-    ResumeTask,
-    apply_plan,
-    plan_recovery,
+from core.engine.resilience.detectors import (
+    ENTRY_POINT_GROUP,
+    classify,
+    default_detectors,
+    load_detectors,
 )
+from core.engine.resilience.health import HealthResult, probe_due, probe_result
 from core.engine.resilience.retry import (
     AdapterChain,
     AdapterSelection,
@@ -98,25 +86,14 @@ __all__ = [
     "FailureEvidence",
     "HealthResult",
     "InMemoryBreakerStore",
-    "InterruptedAttempt",
-    "KillProcessGroup",
     "NamedDetector",
     "Outcome",
-    "PosixProcessGroups",
-    "RecordInterruptedAttempt",
-    "RecoveryEnvironment",
-    "RecoveryPlan",
-    "RecoveryProbe",
-    "RecoveryReport",
-    "RemoveWorktree",
-    "ResumeTask",
     "RetryDecision",
     "SafeMode",
     "SafeModeChange",
     "SafeModeConfig",
     "TaskBudget",
     "acquire",
-    "apply_plan",
     "classify",
     "classify_evidence",
     "decide_retry",
@@ -126,7 +103,6 @@ __all__ = [
     "gate_feedback",
     "load_detectors",
     "outcome_of",
-    "plan_recovery",
     "probe_due",
     "probe_result",
     "record",

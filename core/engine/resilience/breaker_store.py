@@ -9,7 +9,12 @@ are handed to ``on_transition`` only once their save succeeded, so each is logge
 when several processes race to observe the same elapsed cool-down.
 
 :class:`InMemoryBreakerStore` is the reference implementation, for tests and the embedded
-backend's unit tests (as httpx ships mock transports); the SQL store lives with the DB code.
+backend's unit tests (as httpx ships mock transports). :class:`RowBreakerStore` puts snapshots
+on any :class:`BreakerRows` (the ``adapters`` table's columns as dicts:
+``core.db.breaker_rows.SqlBreakerRows``), so the database layer never imports this one.
+
+Finishing an attempt feeds the breaker inside the attempt's own database transaction
+(:meth:`CircuitBreakers.feed`), so a replayed attempt can never be counted twice.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from core.engine.resilience.circuit_breaker import (
     Admission,
@@ -80,6 +85,78 @@ class InMemoryBreakerStore:
     def all(self) -> tuple[BreakerSnapshot, ...]:
         with self._lock:
             return tuple(self._rows[k] for k in sorted(self._rows))
+
+
+class BreakerRows(Protocol):
+    """The breaker columns of one scope's adapters (``breaker_*``), with compare-and-set."""
+
+    def load(self, adapter_id: str) -> dict[str, Any] | None: ...
+
+    def compare_and_set(self, adapter_id: str, version: int, columns: dict[str, Any]) -> bool: ...
+
+
+class RowBreakerStore:
+    """A :class:`BreakerStore` on :class:`BreakerRows` (the ``adapters`` table)."""
+
+    def __init__(self, rows: BreakerRows) -> None:
+        self.rows = rows
+
+    def load(self, adapter_id: str) -> BreakerSnapshot:
+        columns = self.rows.load(adapter_id)
+        if columns is None:
+            return BreakerSnapshot(adapter_id)
+        return BreakerSnapshot.from_columns(adapter_id, columns)
+
+    def compare_and_set(self, snapshot: BreakerSnapshot) -> BreakerSnapshot | None:
+        if not self.rows.compare_and_set(
+            snapshot.adapter_id, snapshot.version, snapshot.to_columns()
+        ):
+            return None
+        return replace(snapshot, version=snapshot.version + 1)
+
+
+class BreakerFeed:
+    """One finished attempt's effect on its adapter's breaker, applied by the database layer
+    inside the transaction that records the attempt (see :meth:`CircuitBreakers.feed`).
+
+    Call it with the row's breaker columns: it returns the new columns, or None when nothing
+    changes. Transitions are kept until :meth:`announce`, which the caller invokes after the
+    transaction committed, so a rolled-back or replayed attempt announces nothing.
+    """
+
+    def __init__(
+        self,
+        breakers: CircuitBreakers,
+        adapter_id: str,
+        outcome: Outcome,
+        *,
+        trial: bool,
+    ) -> None:
+        self.breakers = breakers
+        self.adapter_id = adapter_id
+        self.outcome = outcome
+        self.trial = trial
+        self.transitions: tuple[BreakerTransition, ...] = ()
+
+    def __call__(self, columns: dict[str, Any] | None) -> dict[str, Any] | None:
+        loaded = (
+            BreakerSnapshot.from_columns(self.adapter_id, columns)
+            if columns is not None
+            else BreakerSnapshot(self.adapter_id)
+        )
+        policy = self.breakers.policy_for(self.adapter_id)
+        update = record(
+            loaded, policy, self.breakers.clock(), self.outcome, trial=self.trial
+        )
+        self.transitions = tuple(update.transitions)
+        if not update.changed:
+            return None
+        return replace(update.snapshot, version=loaded.version).to_columns()
+
+    def announce(self) -> None:
+        if self.breakers.on_transition is not None:
+            for transition in self.transitions:
+                self.breakers.on_transition(transition)
 
 
 PolicySource = Callable[[str], BreakerPolicy | BreakerConfig]
@@ -150,6 +227,13 @@ class CircuitBreakers:
         """Admit (or refuse) an attempt; persists a trial slot and the lazy cool-down end."""
         admission, _ = self._mutate(adapter_id, acquire, lambda a: a.update)
         return admission
+
+    def feed(
+        self, adapter_id: str, result: Classification | Outcome, *, trial: bool
+    ) -> BreakerFeed:
+        """The breaker update of a finished attempt, for the recording transaction."""
+        outcome = result if isinstance(result, Outcome) else outcome_of(result)
+        return BreakerFeed(self, adapter_id, outcome, trial=trial)
 
     def record(
         self, adapter_id: str, result: Classification | Outcome, *, trial: bool

@@ -18,28 +18,25 @@ Precedence, highest first (the first that applies wins)::
 * ``empty_diff``: the tool exited cleanly but changed nothing (unless the task allows it).
 * ``gate_failed``: the change exists but the acceptance checks failed.
 
-Classification is extensible: *error detectors* (the seed's phase-6 hooks) registered in the
-entry-point group ``orchestrator.error_detectors`` may refine a failure's class and message
-from the captured output. A detector can never turn a failure into a success, a success into a
-failure, or touch a cancellation, and a detector that raises is logged and skipped.
+Classification is extensible: *error detectors* (the seed's phase-6 hooks) may refine a
+failure's class and message from the captured output (:func:`refine`). A detector can never
+turn a failure into a success, a success into a failure, or touch a cancellation, and a
+detector that raises is logged and skipped. Which detectors run -- the built-in one and those
+registered under an entry point -- is :mod:`core.engine.resilience.detectors`' business;
+:func:`~core.engine.resilience.detectors.classify` is the entry point for both backends.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal as signal_module
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, runtime_checkable
 
 from core.models import FailureClass, TaskState
 
 logger = logging.getLogger(__name__)
-
-#: Entry-point group through which packages register error detectors.
-ENTRY_POINT_GROUP = "orchestrator.error_detectors"
 
 #: Classes that feed the adapter's circuit breaker: the adapter itself misbehaved.
 COUNTED_CLASSES: frozenset[FailureClass] = frozenset(
@@ -230,67 +227,6 @@ def refine(
         if accepted is not None:
             current = accepted
     return current
-
-
-def classify(
-    evidence: FailureEvidence, detectors: Sequence[DetectorLike] | None = None
-) -> Classification:
-    """Classify an attempt: built-in rules, then the detectors.
-
-    ``detectors=None`` uses :func:`default_detectors` (the built-in detector plus every
-    installed entry point, loaded once); pass an explicit sequence (even empty) in tests.
-    """
-    if detectors is None:
-        detectors = default_detectors()
-    return refine(evidence, classify_evidence(evidence), detectors)
-
-
-EntryPointSource = Callable[[str], Iterable[EntryPoint]]
-
-
-def _installed(group: str) -> Iterable[EntryPoint]:
-    return entry_points(group=group)
-
-
-def load_detectors(
-    group: str = ENTRY_POINT_GROUP, *, source: EntryPointSource = _installed
-) -> tuple[NamedDetector, ...]:
-    """Load the detectors registered in ``group``, sorted by name for a stable order.
-
-    An entry point may name a callable or a class (instantiated without arguments). Ones
-    that fail to load or are not callable are logged and skipped.
-    """
-    loaded: list[NamedDetector] = []
-    for ep in sorted(source(group), key=lambda e: e.name):
-        try:
-            obj = ep.load()
-            if isinstance(obj, type):
-                obj = obj()
-        except Exception:
-            logger.warning(
-                "error detector %s (%s) failed to load",
-                ep.name,
-                ep.value,
-                exc_info=True,
-            )
-            continue
-        if not callable(obj):
-            logger.warning("error detector %s (%s) is not callable; skipped", ep.name, ep.value)
-            continue
-        loaded.append(NamedDetector(ep.name, obj))
-    return tuple(loaded)
-
-
-@functools.cache
-def default_detectors() -> tuple[NamedDetector, ...]:
-    """The built-in detector first, then the installed ones (loaded once per process).
-
-    The built-in one is not loaded twice if the distribution also registers it.
-    """
-    from core.engine.resilience.plugins.builtin import BUILTIN_DETECTOR
-
-    installed = (d for d in load_detectors() if d.detect is not BUILTIN_DETECTOR.detect)
-    return (BUILTIN_DETECTOR, *installed)
 
 
 def task_state(classification: Classification) -> TaskState:

@@ -143,6 +143,8 @@ class RetryDecision:
     #: Pass :func:`gate_feedback` of the failed gate to the next attempt.
     include_gate_feedback: bool = False
     alternatives: tuple[str, ...] = field(default=(), compare=False)
+    #: The retry was not made because the task's time budget would not cover it.
+    budget_exhausted: bool = False
 
 
 def select_adapter(candidates: Sequence[str], admits: Mapping[str, bool]) -> AdapterSelection:
@@ -162,8 +164,12 @@ def first_adapter(chain: AdapterChain, admits: Mapping[str, bool]) -> AdapterSel
     return select_adapter(chain.adapter_ids, admits)
 
 
-def _stop(reason: str, failure_class: FailureClass | None) -> RetryDecision:
-    return RetryDecision(False, None, 0.0, reason, failure_class=failure_class)
+def _stop(
+    reason: str, failure_class: FailureClass | None, *, budget: bool = False
+) -> RetryDecision:
+    return RetryDecision(
+        False, None, 0.0, reason, failure_class=failure_class, budget_exhausted=budget
+    )
 
 
 def decide_retry(
@@ -204,6 +210,7 @@ def decide_retry(
             f"task budget exhausted: a {delay:.2f}s backoff would leave too little of the "
             f"remaining {max(remaining_seconds, 0.0):.2f}s",
             failure,
+            budget=True,
         )
     switch = failure in SWITCHING_CLASSES
     candidates = chain.preference(last.adapter_id, switch=switch)

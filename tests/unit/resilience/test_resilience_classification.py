@@ -16,13 +16,15 @@ from hypothesis import strategies as st
 
 from core.engine.resilience.classification import (
     COUNTED_CLASSES,
-    ENTRY_POINT_GROUP,
     MAX_MESSAGE_CHARS,
     Classification,
     FailureEvidence,
     NamedDetector,
-    classify,
     classify_evidence,
+)
+from core.engine.resilience.detectors import (
+    ENTRY_POINT_GROUP,
+    classify,
     default_detectors,
     load_detectors,
 )

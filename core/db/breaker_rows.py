@@ -1,0 +1,76 @@
+"""Circuit-breaker columns of the ``adapters`` table, as plain dicts, with compare-and-set.
+
+Why dicts: the breaker's arithmetic lives in :mod:`core.engine.resilience`, a layer above the
+database; this module only persists the ``breaker_*`` columns of one scope's adapters.
+
+Compare-and-set on ``breaker_version``: an UPDATE that names the version it read changes one
+row or none, so two executors (or an executor and the operator) never lose each other's
+counts; the loser re-reads and recomputes (see ``CircuitBreakers._mutate``). Finishing an
+attempt updates the same columns inside the attempt's own transaction
+(:meth:`core.db.store.Store.finish_attempt`), bumping the same version.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from core.db.tables import Adapter
+
+#: The ``adapters`` columns that hold a breaker.
+BREAKER_COLUMNS = (
+    "breaker_state",
+    "breaker_failures",
+    "breaker_opened_at",
+    "breaker_half_open_in_flight",
+    "breaker_version",
+    "breaker_tripped_at",
+    "breaker_updated_at",
+    "breaker_window",
+)
+
+
+def aware(value: Any) -> Any:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def breaker_columns(row: Adapter) -> dict[str, Any]:
+    return {c: aware(getattr(row, c)) for c in BREAKER_COLUMNS}
+
+
+class SqlBreakerRows:
+    """The breaker columns of the adapters of one scope ('' embedded, else a namespace)."""
+
+    def __init__(self, engine: Engine, scope: str = "") -> None:
+        self.engine = engine
+        self.scope = scope
+
+    def load(self, adapter_id: str) -> dict[str, Any] | None:
+        with Session(self.engine) as s:
+            row = s.execute(
+                select(*(getattr(Adapter, c) for c in BREAKER_COLUMNS)).where(
+                    Adapter.scope == self.scope, Adapter.id == adapter_id
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return {c: aware(v) for c, v in zip(BREAKER_COLUMNS, row, strict=True)}
+
+    def compare_and_set(self, adapter_id: str, version: int, columns: dict[str, Any]) -> bool:
+        """Write ``columns`` (with ``breaker_version = version + 1``) iff the row is at
+        ``version``; False when another writer got there first (or there is no row)."""
+        values = {**columns, "breaker_version": version + 1}
+        with Session(self.engine) as s, s.begin():
+            result = s.execute(
+                update(Adapter)
+                .where(Adapter.scope == self.scope, Adapter.id == adapter_id)
+                .where(Adapter.breaker_version == version)
+                .values(**values, updated_at=datetime.now(UTC))
+            )
+            return getattr(result, "rowcount", 0) == 1
