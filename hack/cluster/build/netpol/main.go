@@ -127,6 +127,14 @@ func run() int {
 func serve(ctx context.Context, o options) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The cluster's state dir holds the kubeconfig; when it is gone the cluster was torn
+	// down (also by a `down` that does not know this process): stop, leaving no table.
+	go wait.UntilWithContext(ctx, func(context.Context) {
+		if _, err := os.Stat(o.kubeconfig); errors.Is(err, os.ErrNotExist) {
+			klog.InfoS("kubeconfig removed: the cluster is gone", "kubeconfig", o.kubeconfig)
+			cancel()
+		}
+	}, 2*time.Second)
 	config, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
 	if err != nil {
 		return fmt.Errorf("kubeconfig: %w", err)
@@ -164,6 +172,9 @@ func serve(ctx context.Context, o options) error {
 	klog.Info("waiting for the policy engine's informers")
 	if err := wait.PollUntilContextCancel(ctx, 200*time.Millisecond, true,
 		func(context.Context) (bool, error) { return engine.Ready(), nil }); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped (signal, or the cluster is gone) before enforcing anything
+		}
 		return fmt.Errorf("policy engine never became ready: %w", err)
 	}
 
@@ -215,14 +226,7 @@ func serve(ctx context.Context, o options) error {
 		return fmt.Errorf("install nftables table %s: %w", o.table, err)
 	}
 	klog.InfoS("enforcing NetworkPolicy", "table", o.table, "queue", o.queueID, "podCIDR", o.podCIDR, "node", o.nodeName)
-	// The cluster's state dir holds the kubeconfig; when it is gone the cluster was torn
-	// down (also by a `down` that does not know this process): leave no table behind.
-	wait.UntilWithContext(ctx, func(context.Context) {
-		if _, err := os.Stat(o.kubeconfig); errors.Is(err, os.ErrNotExist) {
-			klog.InfoS("kubeconfig removed: the cluster is gone", "kubeconfig", o.kubeconfig)
-			cancel()
-		}
-	}, 2*time.Second)
+	<-ctx.Done()
 	klog.Info("stopping: removing the nftables table")
 	return deleteTable(o.table)
 }
