@@ -20,11 +20,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core import __version__
 from core.db.database import check_schema, default_url, make_engine, redact, upgrade
 from core.db.store import Store
+from core.db.test_history import TestHistory
 from core.engine.adapters import manual_paths
 from core.engine.executor import ExecutorConfig, build_executor
 from core.engine.monitoring.metrics import Metrics
@@ -33,6 +35,7 @@ from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
 from core.identity import TaskKey
+from core.models import CheckStatus, GateResult
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -248,7 +251,11 @@ def status(
     database_url: DatabaseUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show each task's state, adapter, attempts, failure class and diff of a run."""
+    """Show each task's state, adapter, attempts, failure class, diff and gate of a run.
+
+    The gate column names new failing tests; below the table, the run's flaky tests with how
+    often each was flaky in any run.
+    """
     store = _store(workdir, database_url)
     records = store.tasks(run)
     if not records:
@@ -268,7 +275,7 @@ def status(
             diff = f"{d.files_changed}f +{d.insertions}/-{d.deletions}"
             diff += f" {d.binary_files}bin" if d.binary_files else ""
         if last and last.gate:
-            gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
+            gate = _gate_cell(last.gate)
         table.add_row(
             r.key.display,
             r.status.value,
@@ -284,6 +291,45 @@ def status(
     for a in breakers:
         name = f"{a.scope}/{a.id}" if a.scope else a.id
         console.print(f"circuit breaker {name}: {a.breaker_state}", highlight=False)
+    flaky = TestHistory(store.engine).flaky_tests(run_id=run)
+    if flaky:
+        console.print(
+            "flaky tests (passed when rerun alone; history of all runs):", highlight=False
+        )
+        for f in flaky:
+            console.print(
+                f"  {f.check}: {f.test_id}  {f.times}x, last {f.last_run}/{f.last_task} "
+                f"{f.last_seen:%Y-%m-%d %H:%M}",
+                highlight=False,
+                markup=False,
+            )
+
+
+def _gate_cell(gate: GateResult) -> str:
+    """The gate in one cell: what failed and why, or what passed with a caveat.
+
+    Escaped for rich: test ids carry brackets (``test_x[1-2]``) that are not markup.
+    """
+    tamper = ["tamper flagged"] if gate.tamper.flagged else []
+    if not gate.applied:
+        return "failed: diff does not apply"
+    if not gate.passed:
+        return escape("; ".join(["failed: " + "; ".join(gate.blamed), *tamper]))
+    extras = []
+    for label, count in (
+        ("pre-existing", sum(c.pre_existing_failures.count for c in gate.checks)),
+        ("flaky", sum(c.flaky.count for c in gate.checks)),
+        ("fixed", sum(c.fixed.count for c in gate.checks)),
+    ):
+        if count:
+            extras.append(f"{count} {label}")
+    extras += [
+        f"{c.name} failed before"
+        for c in gate.checks
+        if c.status is CheckStatus.PRE_EXISTING and c.granularity == "check"
+    ]
+    extras += tamper
+    return escape("passed" + (f" ({', '.join(extras)})" if extras else ""))
 
 
 @app.command()

@@ -52,3 +52,7 @@ class RetriesExhaustedError(OrchestratorError):
     def __init__(self, message: str, last: BaseException | None = None) -> None:
         self.last = last
         super().__init__(message)
+
+
+class QueueShutDownError(OrchestratorError):
+    """The work queue was shut down and has no key left to hand out: the worker stops."""

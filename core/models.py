@@ -11,7 +11,6 @@ that may change a task's state.
 from __future__ import annotations
 
 import re
-import string
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -19,12 +18,25 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import IllegalTransitionError
+from core.gate_models import CHECK_NAME_PATTERN as CHECK_NAME_PATTERN
+from core.gate_models import GATE_PLACEHOLDERS as GATE_PLACEHOLDERS
+from core.gate_models import MAX_TEST_NAMES as MAX_TEST_NAMES
+from core.gate_models import RERUN_PLACEHOLDERS as RERUN_PLACEHOLDERS
+from core.gate_models import CheckResult as CheckResult
+from core.gate_models import CheckStatus as CheckStatus
+from core.gate_models import GateCheck as GateCheck
+from core.gate_models import GatePolicy as GatePolicy
+from core.gate_models import GateResult as GateResult
+from core.gate_models import ReportFormat as ReportFormat
+from core.gate_models import TamperReport as TamperReport
+from core.gate_models import TestCounts as TestCounts
+from core.gate_models import TestNames as TestNames
+from core.gate_models import check_placeholders
 
 SCHEMA_VERSION = 1
 
 #: Identifiers end up in file names, DB keys, Job names and labels: DNS-label friendly.
 IDENTIFIER_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-CHECK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"
 
 Identifier = Annotated[
@@ -53,19 +65,6 @@ COMMAND_PLACEHOLDERS = frozenset(
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_placeholders(argv: list[str]) -> list[str]:
-    for arg in argv:
-        for _, name, _, _ in string.Formatter().parse(arg):
-            if name is None:
-                continue
-            if name not in COMMAND_PLACEHOLDERS:
-                known = ", ".join(sorted(COMMAND_PLACEHOLDERS))
-                raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {known}")
-            if name == "target_paths" and arg != "{target_paths}":
-                raise ValueError("{target_paths} must be a whole argument (it expands to many)")
-    return argv
 
 
 # --------------------------------------------------------------------------- task states
@@ -143,20 +142,6 @@ class EventName(StrEnum):
 
 
 # --------------------------------------------------------------------------- adapters
-
-
-class GateCheck(_Model):
-    """One acceptance check: a command (argv, no shell) run on the patched tree."""
-
-    name: str = Field(pattern=CHECK_NAME_PATTERN, description="Name shown in results.")
-    command: list[str] = Field(
-        min_length=1,
-        description="argv of the check, run in the tree; placeholders: {python}, {workspace}.",
-    )
-    timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, description="Per-check limit.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
-
-    _argv = field_validator("command")(_check_placeholders)
 
 
 class AdapterKind(StrEnum):
@@ -254,7 +239,7 @@ class AdapterSpec(_Model):
     @field_validator("command")
     @classmethod
     def _command_placeholders(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _check_placeholders(value)
+        return None if value is None else check_placeholders(value, COMMAND_PLACEHOLDERS)
 
     @field_validator("pass_env")
     @classmethod
@@ -306,6 +291,9 @@ class TaskSpec(_Model):
     gate_baseline: bool = Field(
         default=False,
         description="Run the gate on the unpatched base first (pre-existing).",
+    )
+    gate_policy: GatePolicy = Field(
+        default_factory=GatePolicy, description="Flaky reruns, tamper handling, fuzzy apply."
     )
     allow_empty_diff: bool = Field(default=False, description="An empty diff counts as success.")
     retry: RetryPolicy | None = Field(default=None, description="Overrides the adapter's policy.")
@@ -371,37 +359,6 @@ class RoutingCompleteFlag(_Model):
 
 # --------------------------------------------------------------------------- results
 
-
-class CheckStatus(StrEnum):
-    PASSED = "passed"
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    ERROR = "error"
-    PRE_EXISTING = "pre_existing"
-
-
-class CheckResult(_Model):
-    name: str
-    status: CheckStatus
-    exit_code: int | None
-    duration_seconds: float
-    output_tail: str = ""
-    baseline_status: CheckStatus | None = None
-
-
-class GateResult(_Model):
-    passed: bool
-    applied: bool = Field(description="Whether the diff applied to a fresh base checkout.")
-    apply_method: str | None = None
-    checks: list[CheckResult] = Field(default_factory=list)
-    duration_seconds: float = 0.0
-
-    @property
-    def failed_checks(self) -> list[str]:
-        return [c.name for c in self.checks if c.status not in _GATE_OK]
-
-
-_GATE_OK = frozenset({CheckStatus.PASSED, CheckStatus.PRE_EXISTING})
 
 FileStatus = Literal["added", "modified", "deleted", "renamed", "copied", "type_changed"]
 

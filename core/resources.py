@@ -25,6 +25,7 @@ from core.models import (
     DiffSummary,
     FailureClass,
     GateCheck,
+    GatePolicy,
     HealthProbe,
     Identifier,
     RetryPolicy,
@@ -175,7 +176,25 @@ class GateSpec(_Api):
         default=None, description="Checks on the patched tree; default: the adapter's."
     )
     baseline: bool = Field(
-        default=False, description="Run the checks on the base first (pre-existing failures)."
+        default=False,
+        description="Run the checks on the base first: only tests the patch broke fail the gate.",
+    )
+    flaky_reruns: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Rerun a failing test alone up to this many times; passing on a rerun makes "
+        "it flaky (recorded, not blamed).",
+    )
+    on_tamper: Literal["flag", "fail"] = Field(
+        default="flag",
+        description="Baseline failures removed/skipped by the patch, tracked files changed by a "
+        "check: flag them in the result, or also fail the gate.",
+    )
+    fuzzy_apply: bool = Field(
+        default=False,
+        description="Allow a fuzzy apply (less context, whitespace ignored) after git apply "
+        "--index and --3way.",
     )
 
 
@@ -211,11 +230,46 @@ class Condition(_Api):
     message: str = ""
 
 
+#: Test names a status keeps per list (the counts are exact; the DB has up to MAX_TEST_NAMES).
+STATUS_TEST_NAMES = 10
+
+
+class TestList(_Api):
+    """A set of tests in status: the exact count and the first few ids."""
+
+    __test__ = False
+
+    count: int = 0
+    names: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+
+
 class CheckSummary(_Api):
     name: str
     status: str
     exit_code: int | None = None
     duration_seconds: float = 0
+    granularity: Literal["test", "check"] = Field(
+        default="check", description="test: judged per test; check: by exit status only."
+    )
+    tests: int | None = Field(default=None, description="Tests in the patched tree's report.")
+    new_failures: TestList | None = Field(
+        default=None, description="Failing after the patch, not before: these fail the gate."
+    )
+    pre_existing_failures: TestList | None = None
+    fixed: TestList | None = None
+    flaky: TestList | None = Field(default=None, description="Passed when rerun alone.")
+    removed_failing: TestList | None = Field(
+        default=None, description="Failing at baseline, removed or skipped by the patch."
+    )
+    note: str = ""
+
+
+class TamperSummary(_Api):
+    flagged: bool = False
+    fails_gate: bool = False
+    modified_files: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+    deleted_test_files: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+    removed_failing_tests: TestList | None = None
 
 
 class GateSummary(_Api):
@@ -223,6 +277,9 @@ class GateSummary(_Api):
     applied: bool
     apply_method: str | None = None
     checks: list[CheckSummary] = Field(default_factory=list)
+    tamper: TamperSummary | None = Field(
+        default=None, description="Present when tampering was flagged."
+    )
 
 
 class DiffStatus(_Api):
@@ -314,6 +371,11 @@ def task_spec(name: str, spec: TaskExecutionSpec) -> TaskSpec:
         if checks is not None
         else None,
         gate_baseline=spec.gate.baseline,
+        gate_policy=GatePolicy(
+            flaky_reruns=spec.gate.flaky_reruns,
+            on_tamper=spec.gate.on_tamper,
+            fuzzy_apply=spec.gate.fuzzy_apply,
+        ),
         allow_empty_diff=spec.allow_empty_diff,
         retry=RetryPolicy.model_validate(spec.retry.model_dump()) if spec.retry else None,
     )

@@ -153,6 +153,14 @@ def _record(row: Task) -> TaskRecord:
     )
 
 
+def _same_spec(stored: dict[str, Any], task: TaskSpec) -> bool:
+    """Whether a stored spec is ``task``; fields added later with defaults do not count."""
+    try:
+        return TaskSpec.model_validate(stored) == task
+    except ValueError:
+        return False
+
+
 def _event_key(key: TaskKey, attempt: int | None, event: EventName) -> str:
     return f"{key.qualified}/{attempt}/{event.value}"
 
@@ -237,7 +245,7 @@ class Store:
                 if self._insert_ignore(s, Task.__table__, values):  # type: ignore[arg-type]
                     continue
                 row = s.get(Task, (key.run_id, key.task_id, key.uid))
-                if row is not None and row.spec != data and row.attempts > 0:
+                if row is not None and row.attempts > 0 and not _same_spec(row.spec, task):
                     where = "task_queue.json" if not key.uid else "its TaskExecution"
                     raise UnrecoverableError(
                         f"task {key.display!r} of run {key.run_id!r} changed in {where} after "

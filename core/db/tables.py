@@ -147,4 +147,41 @@ class PatchHistory(Base):
     recorded_at: Mapped[datetime]
 
 
+class GateTestResult(Base):
+    """One test of one check of one attempt's gate that did not simply pass.
+
+    Outcomes: ``new_failure`` (blamed), ``pre_existing``, ``fixed``, ``flaky`` (failed on the
+    patched tree, passed alone), ``baseline_flaky``, ``removed`` (failing at baseline, removed
+    or skipped by the patch). Passing tests are only counted, in the attempt's result. The
+    unique key makes recording an attempt twice a no-op; ``test_key`` (sha256 of the id)
+    keeps the key short for ids of any length.
+    """
+
+    __tablename__ = "gate_test_results"
+    __table_args__ = (
+        UniqueConstraint(
+            "run_id",
+            "task_id",
+            "task_uid",
+            "attempt",
+            "check_name",
+            "test_key",
+            "outcome",
+            name="uq_gate_test_results_attempt",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(63))
+    task_id: Mapped[str] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
+    attempt: Mapped[int] = mapped_column(Integer)
+    check_name: Mapped[str] = mapped_column(String(63))
+    test_key: Mapped[str] = mapped_column(String(64), index=True)
+    test_id: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    recorded_at: Mapped[datetime]
+
+
 REQUIRED_TABLES = {"tasks": {"adapter_id"}, "adapters": {"id"}}

@@ -325,7 +325,7 @@ def classify_attempt(plan: TaskPlan, evidence: AttemptEvidence) -> Classificatio
             diff_empty=evidence.diff.empty if evidence.diff is not None else None,
             allow_empty_diff=plan.allow_empty_diff,
             gate_passed=gate.passed if gate is not None else None,
-            gate_failed_checks=tuple(gate.failed_checks) if gate is not None else (),
+            gate_failed_checks=tuple(gate.blamed) if gate is not None else (),
             output_tail=evidence.output_tail,
         )
     )

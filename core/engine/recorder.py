@@ -5,6 +5,7 @@ Order of writes for a finished attempt, each idempotent per (task identity, atte
 1. the patch ledger (fsynced; the leader, from which the database mirror can be repaired);
 2. the database in one transaction: task row, ``execution_log`` event, ``patch_history``
    mirror and the adapter's circuit breaker (so a replay never counts a failure twice);
+   then the gate's per-test outcomes (keyed rows: ``gate_test_results``);
 3. ``logs/executor.jsonl`` (repaired from the database after a crash);
 4. metrics, breaker transitions and ``logs/resilience.jsonl``, only when step 2 was new,
    so a replayed attempt is never counted twice.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.db.store import Event, Recorded, Store, TaskRecord
+from core.db.test_history import record_gate_tests
 from core.engine.events import EventLog
 from core.engine.lifecycle import Finish, Start, Verdict, final_state
 from core.engine.monitoring.metrics import Metrics
@@ -167,6 +169,8 @@ class Recorder:
             breaker=feed,
         )
         self.events.write(recorded.events)
+        # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
+        record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
         record = self.store.task(key)
         if recorded.new:
             feed.announce()

@@ -23,13 +23,17 @@ from core.models import (
     DiffSummary,
     GateResult,
     TaskState,
+    TestNames,
 )
 from core.resources import (
+    STATUS_TEST_NAMES,
     AttemptStatus,
     CheckSummary,
     DiffStatus,
     GateSummary,
+    TamperSummary,
     TaskExecutionStatus,
+    TestList,
     diff_status,
 )
 from core.runner.protocol import RunnerResult
@@ -279,9 +283,21 @@ def finish_reason(finish: Finish) -> str:
     return reason_for(finish.state, finish.failure_class)
 
 
+def _test_list(names: TestNames) -> TestList | None:
+    if not names:
+        return None
+    return TestList(count=names.count, names=names.names[:STATUS_TEST_NAMES])
+
+
+def _test_names(listed: TestList | None) -> TestNames:
+    return TestNames() if listed is None else TestNames(count=listed.count, names=listed.names)
+
+
 def gate_summary(gate: GateResult | None) -> GateSummary | None:
+    """The gate as status carries it: counts exact, at most STATUS_TEST_NAMES names a list."""
     if gate is None:
         return None
+    t = gate.tamper
     return GateSummary(
         passed=gate.passed,
         applied=gate.applied,
@@ -292,13 +308,31 @@ def gate_summary(gate: GateResult | None) -> GateSummary | None:
                 status=c.status.value,
                 exit_code=c.exit_code,
                 duration_seconds=c.duration_seconds,
+                granularity=c.granularity,
+                tests=c.tests.total if c.tests else None,
+                new_failures=_test_list(c.new_failures),
+                pre_existing_failures=_test_list(c.pre_existing_failures),
+                fixed=_test_list(c.fixed),
+                flaky=_test_list(c.flaky),
+                removed_failing=_test_list(c.removed_failing),
+                note=c.note,
             )
             for c in gate.checks
         ],
+        tamper=TamperSummary(
+            flagged=t.flagged,
+            fails_gate=t.fails_gate,
+            modified_files=t.modified_files[:STATUS_TEST_NAMES],
+            deleted_test_files=t.deleted_test_files[:STATUS_TEST_NAMES],
+            removed_failing_tests=_test_list(t.removed_failing_tests),
+        )
+        if t.flagged
+        else None,
     )
 
 
 def gate_result(summary: GateSummary) -> GateResult:
+    """Back from status: what status kept, no more."""
     return GateResult(
         passed=summary.passed,
         applied=summary.applied,
@@ -309,6 +343,13 @@ def gate_result(summary: GateSummary) -> GateResult:
                 status=CheckStatus(c.status),
                 exit_code=c.exit_code,
                 duration_seconds=c.duration_seconds,
+                granularity=c.granularity,
+                new_failures=_test_names(c.new_failures),
+                pre_existing_failures=_test_names(c.pre_existing_failures),
+                fixed=_test_names(c.fixed),
+                flaky=_test_names(c.flaky),
+                removed_failing=_test_names(c.removed_failing),
+                note=c.note,
             )
             for c in summary.checks
         ],

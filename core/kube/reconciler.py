@@ -101,7 +101,8 @@ def _now() -> datetime:
 class ControllerSettings:
     workdir: Path
     runner_image: str
-    namespace: str | None = None
+    #: The namespaces served (empty: all).
+    namespaces: tuple[str, ...] = ()
     image_pull_policy: str = "IfNotPresent"
     max_log_bytes: int = 2 * 1024 * 1024
     max_diff_bytes: int = 512 * 1024  # the patch travels in a ConfigMap (1 MiB limit)
@@ -276,10 +277,11 @@ class Controller:
                 log.exception("resync failed")
 
     async def resync(self) -> None:
-        for te in await self.api.list_objects(TE, self.settings.namespace):
-            state = (te.get("status") or {}).get("state", "PENDING")
-            if not TaskState(state).terminal:
-                await self.reconcile(te["metadata"]["namespace"], te["metadata"]["name"], te)
+        for namespace in self.settings.namespaces or (None,):
+            for te in await self.api.list_objects(TE, namespace):
+                state = (te.get("status") or {}).get("state", "PENDING")
+                if not TaskState(state).terminal:
+                    await self.reconcile(te["metadata"]["namespace"], te["metadata"]["name"], te)
 
     # ------------------------------------------------------------------ the state machine
 

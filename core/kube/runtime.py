@@ -28,13 +28,10 @@ class OperatorSettings(BaseSettings):
     database_url: str | None = Field(default=None, description="Default: SQLite in workdir.")
     runner_image: str = Field(description="Image of adapter and gate pods (has the runner).")
     image_pull_policy: str = "IfNotPresent"
-    namespace: str | None = Field(default=None, description="Namespace watched; None: all.")
-    namespaces: str = Field(
-        default="",
-        description="Several served namespaces, comma-separated (the chart's watch.namespaces, "
-        "each with its own Role). kopf watches them (--namespace each); the controller's "
-        "periodic resync does not take a list yet and lists every namespace, which RBAC "
-        "refuses (logged) until ControllerSettings gets the list.",
+    namespace: str | None = Field(
+        default=None,
+        description="Namespaces watched, comma-separated (as kopf's --namespace flags); "
+        "None: all.",
     )
     metrics_port: int | None = Field(default=None, description="Serve Prometheus metrics here.")
     metrics_address: str = "0.0.0.0"  # noqa: S104 - the metrics Service scrapes the pod
@@ -42,12 +39,6 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = 30.0
     max_diff_bytes: int = 512 * 1024
     kubeconfig: str | None = None
-
-    @property
-    def served_namespaces(self) -> tuple[str, ...]:
-        """The namespaces served: ``namespaces`` if set, else ``namespace``, else () for all."""
-        listed = tuple(n.strip() for n in self.namespaces.split(",") if n.strip())
-        return listed or ((self.namespace,) if self.namespace else ())
 
 
 async def build_controller(settings: OperatorSettings) -> Controller:
@@ -67,7 +58,9 @@ async def build_controller(settings: OperatorSettings) -> Controller:
         ControllerSettings(
             workdir=settings.workdir,
             runner_image=settings.runner_image,
-            namespace=settings.namespace,
+            namespaces=tuple(
+                n.strip() for n in (settings.namespace or "").split(",") if n.strip()
+            ),
             image_pull_policy=settings.image_pull_policy,
             max_diff_bytes=settings.max_diff_bytes,
             resync_seconds=settings.resync_seconds,

@@ -468,7 +468,7 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
     ]
     assert "--all-namespaces" not in args
     env = {e["name"]: e.get("value") for e in c["containers"][0]["env"]}
-    assert env["ORCHESTRATOR_NAMESPACES"] == "team-a,team-b" and "ORCHESTRATOR_NAMESPACE" not in env
+    assert env["ORCHESTRATOR_NAMESPACE"] == "team-a,team-b"  # resync: each, nothing else
 
 
 def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:

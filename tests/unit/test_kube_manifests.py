@@ -283,23 +283,3 @@ def test_egress_policy_action(existing: str | None, spec: AdapterResourceSpec, a
         },
     }
     assert egress_policy_action(objs[existing], ADAPTER_OBJ, spec) == action
-
-
-@pytest.mark.parametrize(
-    ("env", "served"),
-    [
-        ({"ORCHESTRATOR_NAMESPACE": "a"}, ("a",)),  # the chart with one served namespace
-        ({"ORCHESTRATOR_NAMESPACES": "team-a, team-b"}, ("team-a", "team-b")),
-        ({}, ()),  # out of cluster without a namespace: all
-    ],
-)
-def test_served_namespaces_come_from_the_charts_environment(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], served: tuple[str, ...]
-) -> None:
-    from core.kube.runtime import OperatorSettings
-
-    for key in ("ORCHESTRATOR_NAMESPACE", "ORCHESTRATOR_NAMESPACES"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"ORCHESTRATOR_RUNNER_IMAGE": "i", **env}.items():
-        monkeypatch.setenv(key, value)
-    assert OperatorSettings().served_namespaces == served

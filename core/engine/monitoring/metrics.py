@@ -64,6 +64,19 @@ class Metrics:
             registry=r,
         )
         self.safe_mode = Gauge("executor_safe_mode", "1 while in safe mode.", registry=r)
+        self.gate_test_results = Counter(
+            "gate_test_results",
+            "Tests of gate checks that did not simply pass, by outcome (new_failure, "
+            "pre_existing, fixed, flaky, baseline_flaky, removed).",
+            ["check", "outcome"],
+            registry=r,
+        )
+        self.gate_flaky_tests = Counter(
+            "gate_flaky_tests",
+            "Tests that failed in a gate and passed when rerun alone (baseline included).",
+            ["check"],
+            registry=r,
+        )
         self._terminal = self._completed = self._gates = self._gates_passed = 0
 
     def heartbeat(self) -> None:
@@ -87,6 +100,12 @@ class Metrics:
         self._gates += 1
         self._gates_passed += passed
         self.acceptance_test_pass_rate.set(self._gates_passed / self._gates)
+
+    def gate_tests(self, check: str, outcome: str, count: int) -> None:
+        """Per-test gate outcomes newly recorded (see ``core.db.test_history``)."""
+        self.gate_test_results.labels(check, outcome).inc(count)
+        if outcome in ("flaky", "baseline_flaky"):
+            self.gate_flaky_tests.labels(check).inc(count)
 
     def retry(self, adapter: str, failure_class: str) -> None:
         self.retry_attempts.labels(adapter, failure_class).inc()
