@@ -136,8 +136,10 @@ class AdapterResourceSpec(_Api):
     health_check: Probe | None = Field(default=None, description="Optional probe command.")
     egress: list[EgressRule] = Field(
         default_factory=list,
-        description="Where this Adapter's pods may connect: the operator keeps a NetworkPolicy "
-        "`orchestrator-adapter-<name>` with these rules (added to the chart's default-deny).",
+        description="Where this Adapter's adapter pods may connect (its gate pods never): the "
+        "operator keeps a NetworkPolicy `orchestrator-adapter-<name>` with these rules (added "
+        "to the chart's default-deny). Policies see connections after a Service's DNAT: name "
+        "pod addresses, not Service IPs.",
     )
 
 

@@ -57,7 +57,8 @@ def env(
             "the default ServiceAccount",
         )
     repo = git_server(kubectl, first, project_image, image_pull_policy)
-    git_ip = repo.split("//")[1].split(":")[0]
+    # NetworkPolicy sees the connection after the Service's DNAT: name the git server pod.
+    git_ip = get_json(kubectl, "pod", "git-server", "-n", first)["status"]["podIP"]
     for ns in (first, second):
         apply(
             kubectl,
