@@ -178,6 +178,13 @@ class RetryPolicy(_Model):
         ],
         description="Failure classes that are tried again (gate_failed is off by default).",
     )
+    infrastructure_backoff_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Least backoff before retrying an infrastructure failure (a dependency "
+        "may still be starting), doubled per retry up to backoff_max_seconds.",
+    )
 
 
 class BreakerPolicy(_Model):

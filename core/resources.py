@@ -217,6 +217,14 @@ class TaskExecutionSpec(_Api):
         default_factory=GateSpec, description="The test gate run on the patched tree."
     )
     allow_empty_diff: bool = Field(default=False, description="An empty diff is a success.")
+    pending_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        description="How long an attempt's pod may take to start (scheduling, image pull, "
+        "mounts) before the attempt ends as an infrastructure failure; the adapter's budget "
+        "counts from the container's start.",
+    )
 
 
 class Condition(_Api):
@@ -309,6 +317,9 @@ class AttemptStatus(_Api):
     gate: GateSummary | None = None
     log_bytes: int = Field(default=0, description="Bytes of the attempt's captured log.")
     log_truncated: bool = Field(default=False, description="The log hit its cap.")
+    pod_started_at: datetime | None = Field(
+        default=None, description="When the adapter's container started (its budget's start)."
+    )
 
 
 class TaskExecutionStatus(_Api):

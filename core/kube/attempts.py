@@ -73,9 +73,15 @@ def adapter_evidence(
     *,
     now: datetime,
     log_path: str,
+    runner_error: str | None = None,
 ) -> AttemptEvidence:
-    """What the adapter Job of ``current`` showed (``job`` None: it is gone)."""
-    started = current.started_at or now
+    """What the adapter Job of ``current`` showed (``job`` None: it is gone).
+
+    The attempt is charged from its container's start (``pod_started_at``): pulling the
+    image and scheduling the pod do not eat the adapter's budget. ``runner_error``: the
+    runner's own words when it failed before reporting (a clone that failed, say).
+    """
+    started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
         attempt=current.attempt,
@@ -87,6 +93,8 @@ def adapter_evidence(
     if result is None:
         if job is None:
             reason = f"adapter Job {current.job_name} was deleted before it reported"
+        elif runner_error:
+            reason = f"the runner failed: {runner_error}"
         else:
             reason = job_failure_reason(job) or "the runner reported no result (pod lost)"
         if "DeadlineExceeded" in reason:  # the Job's backstop deadline: the budget ran out
@@ -113,9 +121,10 @@ def gate_evidence(
     *,
     now: datetime,
     log_path: str,
+    runner_error: str | None = None,
 ) -> AttemptEvidence:
     """The attempt after its gate Job: the adapter's part comes from ``current``."""
-    started = current.started_at or now
+    started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
         attempt=current.attempt,
@@ -129,7 +138,11 @@ def gate_evidence(
         log_truncated=current.log_truncated or bool(result and result.log_truncated),
     )
     if result is None or result.gate is None:
-        reason = (job_failure_reason(job) if job else None) or "gate Job lost before it reported"
+        reason = (
+            (f"the runner failed: {runner_error}" if runner_error else None)
+            or (job_failure_reason(job) if job else None)
+            or "gate Job lost before it reported"
+        )
         return replace(base, infrastructure_reason=f"test gate: {reason}")
     return replace(base, gate=result.gate)
 

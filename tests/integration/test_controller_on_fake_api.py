@@ -1,9 +1,9 @@
 """The operator's controller end to end without a cluster: FakeKubeApi + FakeKubelet.
 
-The watches are wired to the controller the way operator/handlers.py wires kopf's events
-(TaskExecutions and Adapters by watch body, finished Jobs to their owner); the Jobs run the
-real runner on examples/demo's repository; SQLite, ledger and logs are real. The assertions
-are the ones tests/e2e/test_operator.py makes on a cluster for the same task.
+The control loop (informers, work queue, workers) runs as operator/handlers.py runs it, on
+the fake API server; the Jobs run the real runner on examples/demo's repository; SQLite,
+ledger and logs are real. The assertions are the ones tests/e2e/test_operator.py makes on a
+cluster for the same task.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.db.tables import ExecutionLog, PatchHistory, Task
 from core.engine.patch_ledger import verify
-from core.kube.api import ApiCall, KubeApi
+from core.kube.api import ApiCall
+from core.kube.control_loop import ControlLoop
 from core.kube.jobs import job_finished
 from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
@@ -30,31 +31,6 @@ from tests.e2e.operator_harness import DEMO, adapter, demo_patch, task_execution
 
 NS = "demo"
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
-
-
-async def drive(api: KubeApi, controller: Controller) -> None:
-    """What operator/handlers.py does with kopf's watch events, on the fake's watches."""
-
-    async def task_executions() -> None:
-        async for event in api.watch("taskexecutions", NS, timeout_seconds=600):
-            if event.type == "DELETED":
-                await controller.deleted(event.object)
-            else:
-                await controller.reconcile(NS, event.object["metadata"]["name"], event.object)
-
-    async def adapters() -> None:
-        async for event in api.watch("adapters", NS, timeout_seconds=600):
-            controller.adapter_event(event.type, event.object)
-
-    async def jobs() -> None:
-        async for event in api.watch("jobs", NS, timeout_seconds=600):
-            if event.type != "DELETED" and job_finished(event.object) is None:
-                continue
-            for owner in event.object["metadata"].get("ownerReferences", []):
-                if owner.get("kind") == "TaskExecution":
-                    await controller.reconcile(NS, owner["name"])
-
-    await asyncio.gather(adapters(), task_executions(), jobs())
 
 
 def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path: Path) -> None:
@@ -85,7 +61,8 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
         )
         api.add_observer(calls.append)  # from here on: the controller's calls only
         async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
-            driver = asyncio.create_task(drive(api, controller))
+            loop = ControlLoop(controller, api, namespaces=(NS,), resync_seconds=5)
+            driver = asyncio.create_task(loop.run())
             since = made.object["metadata"]["resourceVersion"]
             async for event in api.watch(
                 "taskexecutions", NS, resource_version=since, timeout_seconds=300
