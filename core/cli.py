@@ -261,9 +261,9 @@ def _integrate(
     per_merge = f"{st.gate_runs_per_merge:g}" if st.gate_runs_per_merge is not None else "-"
     console.print(
         f"integration of run {r.run_id}: {st.merged} merged, {st.conflict} conflict, "
-        f"{st.gate_failed} gate_failed, {st.skipped} skipped; {st.gate_runs} gate runs in "
-        f"{st.batches} batches ({per_merge} per merged change, one-by-one: "
-        f"{st.one_by_one_gate_runs})",
+        f"{st.gate_failed} gate_failed, {st.skipped} skipped; merged-tree gate runs: "
+        f"{st.gate_runs} in {st.batches} batch(es), {per_merge} per merged change "
+        f"(one-by-one: {st.one_by_one_gate_runs})",
         highlight=False,
     )
     where = r.repository if r.pushed else r.local_repository

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -82,10 +83,11 @@ def execute(workdir: Path, run_id: str, url: str) -> ExecutionResults:
 
 def integrate(workdir: Path, run_id: str, url: str, **config: object) -> IntegrationRun:
     gate = config.pop("gate", None)
+    metrics = config.pop("metrics", None) or Metrics()
     worker = build_integration_worker(
         IntegrationConfig(run_id=run_id, workdir=workdir, **config),  # type: ignore[arg-type]
         database_url=url,
-        metrics=Metrics(),
+        metrics=metrics,  # type: ignore[arg-type]
         gate=gate,  # type: ignore[arg-type]
     )
     return worker.run()
@@ -336,7 +338,9 @@ def test_a_batch_of_8_with_one_culprit_is_bisected_in_at_most_4_gate_runs(
     assert all(t.state is TaskState.COMPLETED for t in execute(workdir, "batch", url).tasks)
 
     gate = RecordingGate(workdir)
-    run = integrate(workdir, "batch", url, batch=BatchPolicy(size=8, adaptive=False), gate=gate)
+    metrics = Metrics()
+    policy = BatchPolicy(size=8, adaptive=False)
+    run = integrate(workdir, "batch", url, batch=policy, gate=gate, metrics=metrics)
     outcome = {t.task_id: t.outcome for t in run.results.tasks}
     assert outcome == {
         **{f"t{i}": IntegrationOutcome.MERGED for i in (1, 2, 3, 4, 5, 7, 8)},
@@ -367,6 +371,12 @@ def test_a_batch_of_8_with_one_culprit_is_bisected_in_at_most_4_gate_runs(
 
     stats = run.results.stats
     assert (stats.gate_runs, stats.one_by_one_gate_runs, stats.merged) == (5, 8, 7)
+    exposition = generate_latest(metrics.registry).decode()
+    assert "integration_gate_runs_total 5.0" in exposition
+    assert 'integration_outcomes_total{outcome="merged"} 7.0' in exposition
+    assert 'integration_outcomes_total{outcome="gate_failed"} 1.0' in exposition
+    assert "integration_merge_latency_seconds_count 7.0" in exposition
+    assert "integration_queue_depth 0.0" in exposition
     assert stats.gate_runs_per_merge == round(5 / 7, 3)
     assert branch_log(run) == [f"t{i}: Feature {i}" for i in (1, 2, 3, 4, 5, 7, 8)]
     engine = make_engine(url)
