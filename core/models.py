@@ -32,6 +32,10 @@ from core.gate_models import TamperReport as TamperReport
 from core.gate_models import TestCounts as TestCounts
 from core.gate_models import TestNames as TestNames
 from core.gate_models import check_placeholders
+from core.integration_models import IntegrationFailure as IntegrationFailure
+from core.integration_models import IntegrationOutcome as IntegrationOutcome
+from core.integration_models import IntegrationRecord as IntegrationRecord
+from core.integration_models import IntegrationResults as IntegrationResults
 
 SCHEMA_VERSION = 1
 
@@ -121,6 +125,18 @@ def transition(current: TaskState, target: TaskState) -> TaskState:
     return target
 
 
+def reopen(current: TaskState) -> TaskState:
+    """The one way out of a terminal state: COMPLETED -> PENDING, when the integration worker
+    sends a completed change back to its adapter (merge conflict, merged-tree gate failure).
+
+    Not an edge of :data:`TRANSITIONS`, so that no ordinary write can re-open a finished task
+    by accident; only the store's ``reopen_task`` calls this.
+    """
+    if current is not TaskState.COMPLETED:
+        raise IllegalTransitionError(f"only a COMPLETED task can be reopened, not a {current} one")
+    return TaskState.PENDING
+
+
 class FailureClass(StrEnum):
     INFRASTRUCTURE = "infrastructure"
     ADAPTER_ERROR = "adapter_error"
@@ -128,6 +144,17 @@ class FailureClass(StrEnum):
     EMPTY_DIFF = "empty_diff"
     GATE_FAILED = "gate_failed"
     CANCELLED = "cancelled"
+    #: The completed change conflicts with the changes merged before it (integration).
+    MERGE_CONFLICT = "merge_conflict"
+    #: The completed change fails the gate on the merged tree (integration).
+    MERGE_GATE_FAILED = "merge_gate_failed"
+
+
+#: The failure class of an integration verdict that sends a task back to its adapter.
+INTEGRATION_FAILURE_CLASSES: dict[IntegrationOutcome, FailureClass] = {
+    IntegrationOutcome.CONFLICT: FailureClass.MERGE_CONFLICT,
+    IntegrationOutcome.GATE_FAILED: FailureClass.MERGE_GATE_FAILED,
+}
 
 
 class EventName(StrEnum):
@@ -139,6 +166,14 @@ class EventName(StrEnum):
     ATTEMPT_FAILED = "ATTEMPT_FAILED"
     SAFE_MODE_ENTERED = "SAFE_MODE_ENTERED"
     SAFE_MODE_LEFT = "SAFE_MODE_LEFT"
+    #: The integration worker (core.engine.integration_worker): one per verdict, one per run.
+    INTEGRATION_MERGED = "INTEGRATION_MERGED"
+    INTEGRATION_CONFLICT = "INTEGRATION_CONFLICT"
+    INTEGRATION_GATE_FAILED = "INTEGRATION_GATE_FAILED"
+    INTEGRATION_SKIPPED = "INTEGRATION_SKIPPED"
+    INTEGRATION_FINISHED = "INTEGRATION_FINISHED"
+    #: A completed task sent back to its adapter by the integration worker.
+    TASK_REOPENED = "TASK_REOPENED"
 
 
 # --------------------------------------------------------------------------- adapters
@@ -420,6 +455,11 @@ class AttemptResult(_Model):
         description="Backoff scheduled after this attempt before the next one (0 when final); "
         "charged to the task's budget like the attempt's own duration.",
     )
+    integration: IntegrationFailure | None = Field(
+        default=None,
+        description="Set when the integration worker sent this completed attempt's change back "
+        "(merge conflict or merged-tree gate failure): the attempt is then not final.",
+    )
 
 
 class TaskResult(_Model):
@@ -453,9 +493,16 @@ class ExecutionResults(_Model):
 
 
 class LedgerEntry(_Model):
-    """One line of ``.state/patch_ledger.jsonl``; ``hash`` chains it to the line before."""
+    """One line of ``.state/patch_ledger.jsonl``; ``hash`` chains it to the line before.
+
+    ``kind`` ``attempt`` (absent from the line): one finished attempt. ``integration``: the
+    integration worker's verdict on a completed attempt's change (``integration``); its other
+    fields repeat that attempt's (the same ``patch_ref``, ``result``...), ``state`` and
+    ``failure_class`` say what the verdict made of the task.
+    """
 
     seq: int = Field(ge=1)
+    kind: Literal["attempt", "integration"] = "attempt"
     run_id: Identifier
     task_id: Identifier
     task_uid: str | None = Field(
@@ -478,6 +525,7 @@ class LedgerEntry(_Model):
     truncated: bool = False
     patch_ref: str | None = Field(default=None, description="Content-addressed copy of the diff.")
     result: AttemptResult
+    integration: IntegrationRecord | None = None
     recorded_at: datetime
     prev_hash: str
     hash: str
@@ -491,4 +539,5 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "execution_results.schema.json": ExecutionResults,
     "patch_ledger_entry.schema.json": LedgerEntry,
     "adapter.schema.json": AdapterSpec,
+    "integration_results.schema.json": IntegrationResults,
 }

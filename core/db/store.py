@@ -29,6 +29,7 @@ from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.errors import UnrecoverableError
 from core.identity import EMBEDDED_SCOPE, TaskKey
 from core.models import (
+    INTEGRATION_FAILURE_CLASSES,
     AdapterSpec,
     AttemptResult,
     EventName,
@@ -37,6 +38,7 @@ from core.models import (
     TaskResult,
     TaskSpec,
     TaskState,
+    reopen,
     transition,
 )
 
@@ -580,6 +582,45 @@ class Store:
                 attempt=row.attempts,
                 state=state,
                 payload={"failure_class": row.failure_class, "message": message},
+            )
+            return [ev] if ev else []
+
+    def reopen_task(self, key: TaskKey, result: AttemptResult) -> list[Event]:
+        """A COMPLETED task sent back by the integration worker: PENDING again, its completed
+        attempt replaced by ``result`` (not final, carrying the verdict; decided by the
+        lifecycle's ``reopen``), with a TASK_REOPENED event in the same transaction.
+
+        Idempotent: a task already reopened for that attempt is left as it is.
+        """
+        with self._session() as s:
+            row = self._locked(s, key)
+            attempts = list((row.result or {}).get("attempts", []))
+            if not attempts or attempts[-1]["attempt"] != result.attempt:
+                return []
+            if attempts[-1].get("integration") is not None:
+                return []  # replayed
+            verdict = result.integration
+            assert verdict is not None
+            row.status = reopen(TaskState(row.status)).value
+            row.result = {"attempts": [*attempts[:-1], result.model_dump(mode="json")]}
+            row.failure_class = INTEGRATION_FAILURE_CLASSES[verdict.outcome].value
+            row.failure_message = verdict.message
+            row.finished_at = row.duration_seconds = None
+            row.updated_at = self._now()
+            ev = self._event(
+                s,
+                key,
+                key.run_id,
+                EventName.TASK_REOPENED,
+                attempt=result.attempt,
+                state=TaskState.PENDING,
+                payload={
+                    "adapter_id": result.adapter_id,
+                    "failure_class": row.failure_class,
+                    "message": verdict.message,
+                    "backoff_seconds": result.backoff_seconds,
+                    "rebase_commit": verdict.rebase_commit,
+                },
             )
             return [ev] if ev else []
 

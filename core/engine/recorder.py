@@ -14,6 +14,8 @@ Drivers (the embedded executor, the operator) call :meth:`Recorder.begin` when a
 starts, :meth:`Recorder.record` when the lifecycle concluded it, :meth:`Recorder.end` when a
 task ends without another attempt, and :meth:`Recorder.park` when it has to wait. They add
 their own projections afterwards (the results file, the TaskExecution status and Events).
+The integration worker calls :meth:`Recorder.reopen` after the ledger holds its verdict on a
+completed task that the lifecycle's ``reopen`` sends back to its adapter.
 """
 
 from __future__ import annotations
@@ -202,6 +204,25 @@ class Recorder:
             self.metrics.task_finished(adapter, record.status, record.duration_seconds)
         return record
 
+    def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
+        """A completed task sent back by the integration worker (the ledger already holds the
+        verdict): PENDING again with ``result`` (its amended last attempt) and TASK_REOPENED
+        in one transaction; counted as a retry only when that write was new."""
+        events = self.store.reopen_task(key, result)
+        self.events.write(events)
+        if events:
+            failure = events[0].payload.get("failure_class")
+            self.metrics.retry(result.adapter_id, str(failure))
+            self.resilience.write(
+                "retry_scheduled",
+                run_id=key.run_id,
+                task_id=key.task_id,
+                task_uid=key.uid or None,
+                attempt=result.attempt,
+                reason=why,
+            )
+        return self.store.task(key)
+
     def park(self, key: TaskKey, reason: str) -> TaskRecord:
         self.store.set_waiting(key, reason)
         return self.store.task(key)
@@ -213,7 +234,8 @@ class Recorder:
         self.events.repair(self.store.events(run_id))
         mirrored = self.store.mirrored_seqs()
         for entry in self.ledger.entries():
-            if entry.seq not in mirrored:
+            # integration verdicts are mirrored by the integration worker, not patch_history
+            if entry.kind == "attempt" and entry.seq not in mirrored:
                 self.store.mirror_ledger(entry, self.ledger.read_patch(entry), entry.scope or "")
 
 
