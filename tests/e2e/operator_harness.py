@@ -40,7 +40,9 @@ class OperatorProcess:
         workdir: Path,
         mode: tuple[str, ...] = ("--standalone",),
         also_namespaces: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = env or {}
         self.mode = mode
         self.namespaces = (namespace, *also_namespaces)
         self.kubeconfig = kubeconfig
@@ -63,6 +65,7 @@ class OperatorProcess:
             "ORCHESTRATOR_METRICS_PORT": str(self.metrics_port),
             "ORCHESTRATOR_METRICS_ADDRESS": "127.0.0.1",
             "ORCHESTRATOR_RESYNC_SECONDS": "5",
+            **self.extra_env,
         }
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:

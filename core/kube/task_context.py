@@ -1,0 +1,144 @@
+"""What a TaskExecution needs before a step: a valid spec, its Adapters, their egress
+policies, and its rows in the database.
+
+Every object gets an answer: a spec the API server accepted but the operator cannot use
+ends FAILED with the fields named, a missing or unusable Adapter is said in the status (and
+the TaskExecution starts by itself once the Adapter is there: its watch event re-queues it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from core.db.store import Store
+from core.engine.lifecycle import TaskPlan
+from core.identity import TaskKey
+from core.kube.adapter_breakers import AdapterBreakers
+from core.kube.api import Body, KubeApi
+from core.kube.attempts import parse_time
+from core.kube.egress import EgressPolicies
+from core.kube.status_writer import StatusWriter
+from core.kube.watch_cache import WatchCache, trim
+from core.models import TaskSpec
+from core.resources import (
+    AdapterResourceSpec,
+    TaskExecutionSpec,
+    TaskExecutionStatus,
+    adapter_spec,
+    task_spec,
+)
+
+ADAPTERS = "adapters"
+
+
+@dataclass
+class TaskContext:
+    """One TaskExecution as the reconciler sees it in one step."""
+
+    te: Body
+    spec: TaskExecutionSpec
+    status: TaskExecutionStatus
+    task: TaskSpec
+    adapters: dict[str, AdapterResourceSpec]
+    plan: TaskPlan
+    key: TaskKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        meta = self.te["metadata"]
+        self.key = TaskKey(self.spec.run_id, self.task.task_id, meta["uid"], meta["namespace"])
+
+    @property
+    def ns(self) -> str:
+        return str(self.te["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.te["metadata"]["name"])
+
+    @property
+    def uid(self) -> str:
+        return str(self.te["metadata"]["uid"])
+
+    @property
+    def log_path(self) -> str:
+        return f"logs/execution/{self.key.log_name}.jsonl"
+
+
+class TaskContexts:
+    def __init__(
+        self,
+        api: KubeApi,
+        store: Store,
+        cache: WatchCache,
+        status: StatusWriter,
+        breakers: AdapterBreakers,
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.cache = cache
+        self.status = status
+        self.breakers = breakers
+        self.egress = EgressPolicies(api)
+        self._synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
+
+    async def build(self, te: Body) -> TaskContext | None:
+        """The context of one step, or None after saying in the status why there is none."""
+        name = te["metadata"]["name"]
+        namespace = te["metadata"]["namespace"]
+        status = TaskExecutionStatus.model_validate(te.get("status") or {})
+        try:
+            spec = TaskExecutionSpec.model_validate(te["spec"])
+            task = task_spec(name, spec)
+        except ValidationError as exc:
+            await self.status.invalid(te, status, problems_of(exc))
+            return None
+        names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
+        adapters: dict[str, AdapterResourceSpec] = {}
+        for adapter_name in names:
+            obj = self.cache.adapters.get((namespace, adapter_name))
+            if obj is None:
+                obj = await self.api.get_object(ADAPTERS, namespace, adapter_name)
+                if obj is not None:
+                    self.cache.adapters[(namespace, adapter_name)] = trim(obj)
+            if obj is None:
+                field = (
+                    "spec.adapterRef" if adapter_name == names[0] else "spec.fallbackAdapterRefs"
+                )
+                await self.status.park(
+                    te,
+                    status,
+                    "AdapterNotFound",
+                    f"{field}: Adapter {adapter_name!r} not found in namespace {namespace}; "
+                    "create it (kubectl apply) and this TaskExecution starts",
+                )
+                return None
+            try:
+                adapters[adapter_name] = AdapterResourceSpec.model_validate(obj["spec"])
+            except ValidationError as exc:
+                problems = [f"Adapter {adapter_name}: {p}" for p in problems_of(exc)]
+                await self.status.park(te, status, "InvalidAdapter", " ".join(problems)[:1000])
+                return None
+            await self.egress.ensure(obj, adapters[adapter_name])
+        engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
+        for adapter in engine.values():
+            self.breakers.know(namespace, adapter)
+        ctx = TaskContext(te, spec, status, task, adapters, TaskPlan.of(task, names, engine))
+        synced = (ctx.uid, self.cache.generations(namespace, names))
+        if synced not in self._synced:
+            seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
+            await asyncio.to_thread(self.store.sync_adapters, namespace, list(engine.values()))
+            await asyncio.to_thread(self.store.sync_tasks, [(ctx.key, seq, task, names[0])])
+            self._synced.add(synced)
+        return ctx
+
+
+def problems_of(exc: ValidationError) -> list[str]:
+    """Each problem as ``field: message`` (the field named as in the manifest)."""
+    out = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"])
+        out.append(f"spec.{where}: {err['msg']}" if where else str(err["msg"]))
+    return out[:5]
