@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, Table, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core.db.insert import insert_ignore
 from core.db.store import Event
 from core.db.tables import ExecutionLog, Integration, IntegrationTask
 from core.identity import EMBEDDED_SCOPE, TaskKey
@@ -105,10 +105,7 @@ class IntegrationRows:
 
     @staticmethod
     def _insert_ignore(session: Session, table: Table, values: dict[str, Any]) -> bool:
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        result = session.execute(insert(table).values(**values).on_conflict_do_nothing())
-        return bool(getattr(result, "rowcount", 0))
+        return insert_ignore(session, table, values)
 
     # ------------------------------------------------------------------ the branch
 

@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.db.breaker_rows import breaker_columns
+from core.db.insert import insert_ignore
 from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.errors import UnrecoverableError
 from core.identity import EMBEDDED_SCOPE, TaskKey
@@ -186,11 +186,7 @@ class Store:
             yield session
 
     def _insert_ignore(self, session: Session, table: Table, values: dict[str, Any]) -> bool:
-        """INSERT that is a no-op on a unique-key conflict; True if a row was added."""
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        result = session.execute(insert(table).values(**values).on_conflict_do_nothing())
-        return bool(getattr(result, "rowcount", 0))
+        return insert_ignore(session, table, values)
 
     # ------------------------------------------------------------------ inputs
 

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from core.db.insert import insert_ignore
 from core.db.tables import GateTestResult
 from core.identity import TaskKey
 from core.models import CheckResult, GateResult
@@ -75,27 +75,21 @@ class TestHistory:
         added: dict[tuple[str, str], int] = {}
         now = self._now()
         with Session(self.engine) as s, s.begin():
-            dialect = s.get_bind().dialect.name
-            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
             for check in gate.checks:
                 for test, outcome in _rows(check):
-                    result = s.execute(
-                        insert(GateTestResult)
-                        .values(
-                            run_id=key.run_id,
-                            task_id=key.task_id,
-                            task_uid=key.uid,
-                            scope=key.scope,
-                            attempt=attempt,
-                            check_name=check.name,
-                            test_key=key_of(test),
-                            test_id=test,
-                            outcome=outcome,
-                            recorded_at=now,
-                        )
-                        .on_conflict_do_nothing()
-                    )
-                    if getattr(result, "rowcount", 0):
+                    values = {
+                        "run_id": key.run_id,
+                        "task_id": key.task_id,
+                        "task_uid": key.uid,
+                        "scope": key.scope,
+                        "attempt": attempt,
+                        "check_name": check.name,
+                        "test_key": key_of(test),
+                        "test_id": test,
+                        "outcome": outcome,
+                        "recorded_at": now,
+                    }
+                    if insert_ignore(s, GateTestResult.__table__, values):  # type: ignore[arg-type]
                         kind = (check.name, outcome)
                         added[kind] = added.get(kind, 0) + 1
         return added
