@@ -24,7 +24,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -337,8 +337,14 @@ class Executor:
                 infrastructure_reason=out.infrastructure_reason,
                 output_tail=out.output_tail,
                 diff=out.diff.summary if out.diff else None,
+                adapter_error=out.adapter_error,
+                retry_after_seconds=out.retry_after_seconds,
+                usage=out.usage,
             )
-            if needs_gate(plan, evidence) and not self.stop.is_set():
+            # a stop request between the adapter and the gate: the attempt is interrupted,
+            # never concluded as a success without its gate
+            gate_skipped = needs_gate(plan, evidence) and self.stop.is_set()
+            if needs_gate(plan, evidence) and not gate_skipped:
                 hooks.validating(evidence.diff)
                 evidence = replace(evidence, gate=self.backend.run_gate(request, run))
         finally:
@@ -351,7 +357,7 @@ class Executor:
             log_bytes=log.bytes,
             log_truncated=log.truncated,
         )
-        interrupted = out.cancelled and self.stop.is_set()
+        interrupted = (out.cancelled and self.stop.is_set()) or gate_skipped
         verdict = conclude(
             plan,
             record.attempt_results,
@@ -503,9 +509,14 @@ def build_executor(
     metrics: Metrics | None = None,
     clocks: Clocks | None = None,
     stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Executor:
-    """Check the entry contracts (inputs, database) and assemble an executor."""
-    inputs = load_inputs(config.workdir, config.run_id)
+    """Check the entry contracts (inputs, database) and assemble an executor.
+
+    ``env``: where ``api`` adapters' key variables are read (default: this process's).
+    """
+    env = os.environ if env is None else env
+    inputs = load_inputs(config.workdir, config.run_id, env=env)
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
     stop = stop or threading.Event()
@@ -520,6 +531,7 @@ def build_executor(
             keep_worktrees=config.keep_worktrees,
             stop=stop,
             clock=clocks.monotonic,
+            env=env,
         ),
         metrics=metrics,
         progress=progress,

@@ -174,6 +174,8 @@ class Recorder:
         record = self.store.task(key)
         if recorded.new:
             feed.announce()
+            if result.usage is not None:
+                self.metrics.tokens(result.adapter_id, result.usage)
             if result.gate is not None:
                 self.metrics.gate_finished(result.gate.passed)
             if finish is not None:
