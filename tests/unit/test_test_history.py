@@ -47,7 +47,7 @@ def gate(flaky: list[str], new: list[str] = (), check: str = "pytest") -> GateRe
 
 
 def test_the_migration_creates_exactly_the_table_of_the_model(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0005"
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diffs if "gate_test_results" in repr(d)] == []
@@ -105,3 +105,4 @@ def test_flake_history_counts_across_runs_most_frequent_first(engine: Engine) ->
     long_id = "tests/test_x.py::test_param[" + "x" * 5000 + "]"
     history.record(TaskKey("r3", "a"), 1, gate([long_id]))
     assert any(f.test_id == long_id for f in history.flaky_tests(run_id="r3"))
+
