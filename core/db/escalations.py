@@ -45,8 +45,15 @@ class EscalationRows:
         with Session(self.engine) as s, s.begin():
             dialect = s.get_bind().dialect.name
             insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-            result = s.execute(insert(Escalation).values(**values).on_conflict_do_nothing())
-            return bool(getattr(result, "rowcount", 0))
+            # RETURNING, not rowcount: with psycopg an INSERT that fetches its new id reports
+            # rowcount -1, conflict or not; a conflict returns no row
+            statement = (
+                insert(Escalation)
+                .values(**values)
+                .on_conflict_do_nothing()
+                .returning(Escalation.id)
+            )
+            return s.execute(statement).first() is not None
 
     def notified(self, key: str, error: str | None) -> None:
         """Record a webhook delivery (``error`` None) or its final failure."""

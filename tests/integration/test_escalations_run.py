@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from core.db.database import default_url, make_engine, upgrade
@@ -48,11 +49,12 @@ def workdir_with_trouble(root: Path) -> Path:
     )
 
 
-def execute(workdir: Path, policy: EscalationPolicy):
-    upgrade(default_url(workdir))
+def execute(workdir: Path, policy: EscalationPolicy, url: str | None = None):
+    url = url or default_url(workdir)
+    upgrade(url)
     metrics = Metrics()
     executor = build_executor(
-        ExecutorConfig(run_id="trouble", workdir=workdir, escalation=policy),
+        ExecutorConfig(run_id="trouble", workdir=workdir, database_url=url, escalation=policy),
         progress=SilentProgress(),
         metrics=metrics,
         clocks=Clocks(sleep=lambda _: None),
@@ -64,15 +66,22 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return default_url(tmp_path / "w")
+    return str(request.getfixturevalue("postgres_url"))
+
+
 def test_breaker_open_and_repeated_gate_failures_reach_file_db_metric_and_webhook(
-    tmp_path: Path,
+    tmp_path: Path, url: str
 ) -> None:
     workdir = workdir_with_trouble(tmp_path / "w")
     # the receiver fails the first delivery: the sender retries it
     with scripted_server(Reply(status=503, body={}), Reply(status=200, body={})) as receiver:
         webhook = WebhookConfig(url=receiver.url + "/hooks/escalations", backoff_seconds=0.05)
         policy = EscalationPolicy(gate_failures=2, webhook=webhook)
-        results, metrics = execute(workdir, policy)
+        results, metrics = execute(workdir, policy, url)
         assert [t.state for t in results.tasks] == [TaskState.FAILED] * 4
 
         records = lines(workdir / "logs/escalations.jsonl")
@@ -96,7 +105,7 @@ def test_breaker_open_and_repeated_gate_failures_reach_file_db_metric_and_webhoo
         assert gates["evidence"]["ledger_streak_from_seq"] == "3"
 
         # the database holds the same, and the webhook took every one of them
-        rows = EscalationRows(make_engine(default_url(workdir))).rows("trouble")
+        rows = EscalationRows(make_engine(url)).rows("trouble")
         assert [r["escalation_key"] for r in rows] == [r["escalation_key"] for r in records]
         assert all(r["notified_at"] is not None and r["notify_error"] is None for r in rows)
         delivered = [s.json() for s in receiver.seen]
@@ -112,7 +121,7 @@ def test_breaker_open_and_repeated_gate_failures_reach_file_db_metric_and_webhoo
 
         # a second execution (a restart, a replay) tells nobody again
         seen_before = len(receiver.seen)
-        _, again = execute(workdir, policy)
+        _, again = execute(workdir, policy, url)
         assert lines(workdir / "logs/escalations.jsonl") == records
         assert len(receiver.seen) == seen_before
         assert "escalations_total{" not in generate_latest(again.registry).decode()
@@ -144,3 +153,39 @@ def test_alertmanager_format_and_a_lost_file_repaired_from_the_database(tmp_path
         execute(workdir, EscalationPolicy(webhook=webhook, reasons=frozenset({"breaker_open"})))
     assert lines(path) == before
     assert alertmanager.seen == []  # delivered before: not sent again
+
+
+def test_escalation_rows_on_postgresql(postgres_url: str) -> None:
+    """The keyed insert, the delivery record and the gate-failure streak on PostgreSQL."""
+    from datetime import UTC, datetime
+
+    from core.db.store import Store
+    from core.models import AttemptResult, LedgerEntry
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    rows = EscalationRows(engine)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    row = {
+        "escalation_key": "task_timeout/run/t", "reason": "task_timeout", "severity": "warning",
+        "run_id": "run", "task_id": "t", "message": "m", "evidence": {"a": "b"}, "created_at": now,
+    }
+    assert rows.insert(row) and not rows.insert(row)
+    rows.notified("task_timeout/run/t", None)
+    [stored] = rows.rows("run")
+    assert stored["notified_at"] is not None and rows.undelivered() == []
+    store = Store(engine)
+    for seq, cls in enumerate(["adapter_error", "gate_failed", "gate_failed"], start=1):
+        result = AttemptResult(
+            attempt=seq, adapter_id="a", state=TaskState.FAILED, failure_class=cls,
+            started_at=now, finished_at=now, duration_seconds=0,
+        )
+        entry = LedgerEntry(
+            seq=seq, run_id="run", task_id="t", attempt=seq, adapter_id="a", base_commit="c" * 40,
+            state=TaskState.FAILED, failure_class=cls, result=result, recorded_at=now,
+            prev_hash=str(seq - 1) * 64, hash=str(seq) * 64,
+        )
+        store.mirror_ledger(entry, None)
+    streak = rows.streak("", "a", "gate_failed")
+    assert (streak.count, streak.first_seq) == (2, 2)
+    engine.dispose()
