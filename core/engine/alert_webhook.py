@@ -103,10 +103,9 @@ class WebhookSender:
         self.config = config
         self.on_result = on_result
         self.sleep = sleep
-        self._client = httpx.Client(
-            timeout=config.timeout_seconds, transport=transport, trust_env=False
-        )
-        self._queue: queue.Queue[Mapping[str, Any]] = queue.Queue(MAX_QUEUE)
+        self._transport = transport
+        self._client: httpx.Client | None = None
+        self._queue: queue.Queue[Mapping[str, Any] | None] = queue.Queue(MAX_QUEUE)
         self._idle = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
@@ -131,6 +130,27 @@ class WebhookSender:
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
+    def close(self, timeout: float = 30.0) -> bool:
+        """Flush, then end the thread and the connection pool (``send`` starts them again)."""
+        flushed = self.flush(timeout)
+        with self._idle:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)  # the worker's signal to end
+        if thread is not None:
+            thread.join(timeout)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return flushed
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(
+                timeout=self.config.timeout_seconds, transport=self._transport, trust_env=False
+            )
+        return self._client
+
     def deliver(self, record: Mapping[str, Any]) -> str | None:
         """POST one record with retries; None when delivered, else why not."""
         cfg = self.config
@@ -141,7 +161,7 @@ class WebhookSender:
 
         def post() -> None:
             try:
-                response = self._client.post(cfg.url, content=body, headers=headers)
+                response = self._http().post(cfg.url, content=body, headers=headers)
             except httpx.TransportError as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             status = response.status_code
@@ -168,6 +188,8 @@ class WebhookSender:
     def _work(self) -> None:
         while True:
             record = self._queue.get()
+            if record is None:
+                return
             try:
                 error = self.deliver(record)
                 self.on_result(str(record["escalation_key"]), error)

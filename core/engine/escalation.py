@@ -327,6 +327,10 @@ class Escalations:
         """Wait for the webhook's queue (call before the process ends)."""
         return self.webhook.flush(timeout) if self.webhook is not None else True
 
+    def close(self, timeout: float = 30.0) -> bool:
+        """Flush, then release the webhook's thread and connections (until the next one)."""
+        return self.webhook.close(timeout) if self.webhook is not None else True
+
     # ------------------------------------------------------------------ helpers
 
     def _make(

@@ -222,7 +222,7 @@ class Executor:
                 self._sleep(delay)
         finally:
             self.progress.stop()
-            self.recorder.escalations.flush()
+            self.recorder.escalations.close()  # webhook deliveries flushed
         return self.write_results()
 
     def _pass(self) -> bool:

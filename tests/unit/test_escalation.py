@@ -5,6 +5,7 @@ against a real local receiver (retries on 5xx, none on 4xx)."""
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -137,7 +138,11 @@ def test_the_sender_retries_server_errors_and_gives_up_on_refusals() -> None:
         )
         sender.send(record)
         assert sender.flush(30)
-    assert outcomes == [("k", None)] and len(hook.seen) == 3 and len(sleeps) == 2
+        assert outcomes == [("k", None)] and len(hook.seen) == 3 and len(sleeps) == 2
+        assert sender.close() and not any(t.name == "escalation-webhook" for t in threading.enumerate())
+        sender.send({**record, "escalation_key": "k2"})  # a closed sender starts again
+        assert sender.close()
+    assert outcomes == [("k", None), ("k2", None)] and len(hook.seen) == 4
     assert hook.seen[0].headers["authorization"] == "Bearer hook-token"
     assert hook.seen[2].json() == record
     assert "hook-token" not in repr(sender.config)
