@@ -29,7 +29,9 @@ from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
 from core.db.test_history import TestHistory
 from core.engine.adapters import manual_paths
-from core.engine.executor import ExecutorConfig, build_executor
+from core.engine.alert_webhook import WebhookConfig
+from core.engine.escalation import EscalationPolicy
+from core.engine.executor import ExecutorConfig, build_executor, serve_continuously
 from core.engine.integration_worker import (
     IntegrationConfig,
     IntegrationRun,
@@ -38,11 +40,12 @@ from core.engine.integration_worker import (
 from core.engine.merge_queue import BatchPolicy
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import verify
+from core.engine.run_watcher import RunWatcher
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
 from core.identity import TaskKey
-from core.models import CheckStatus, GateResult
+from core.models import CheckStatus, ExecutionResults, GateResult
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -123,9 +126,22 @@ def _root(
     pass
 
 
+class EscalationFormat(StrEnum):
+    generic = "generic"
+    alertmanager = "alertmanager"
+
+
 @app.command()
 def execute(
-    run: RunId,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            "-r",
+            help="Run id, as in .state/task_queue.json (with --watch: only this run; "
+            "default there: every run ROUTING_COMPLETE names).",
+        ),
+    ] = None,
     workdir: Workdir = CWD,
     database_url: DatabaseUrl = None,
     backend: Annotated[
@@ -179,20 +195,80 @@ def execute(
             "again, until none is.",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Continuous mode: after the run, wait for new runs (a new ROUTING_COMPLETE, "
+            "changed tasks, a submitted manual patch) and execute them, until SIGTERM/SIGINT "
+            "(the running attempt is stopped and resumed on the next start; exit code 0).",
+        ),
+    ] = False,
+    poll_seconds: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="--watch: poll the work dir every N seconds instead of file-system "
+            "notifications (for network file systems). Default: notifications.",
+        ),
+    ] = None,
+    escalation_webhook: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_ESCALATION_WEBHOOK",
+            help="POST escalations here (with retries); a bearer token may come from "
+            "$ORCHESTRATOR_ESCALATION_WEBHOOK_TOKEN. They always go to logs/escalations.jsonl, "
+            "the database and escalations_total.",
+            show_envvar=True,
+        ),
+    ] = None,
+    escalation_format: Annotated[
+        EscalationFormat,
+        typer.Option(
+            help="generic: the escalation record as JSON; alertmanager: an alert for "
+            "Alertmanager's /api/v2/alerts."
+        ),
+    ] = EscalationFormat.generic,
+    escalate_gate_failures: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Escalate when this many attempts of an adapter in a row fail the gate."
+        ),
+    ] = 2,
+    escalate_breaker_open_after: Annotated[
+        float,
+        typer.Option(min=1, help="Escalate a circuit breaker not closed for this many seconds."),
+    ] = 900.0,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
     Reads .state/routing_decisions.json, .state/task_queue.json and .state/ROUTING_COMPLETE;
     writes .state/execution_results.json, .state/patch_ledger.jsonl, logs/ and the database.
-    Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
+    Escalations (breaker opened or open too long, repeated gate failures, task timeout,
+    adapter crash, safe mode) go to logs/escalations.jsonl, the database, a metric and the
+    optional webhook. Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left
+    waiting, 2 bad input; with --watch 0 after a clean stop.
     """
     if backend is Backend.kubernetes:
         if integrate_after:
             raise _fail("--integrate runs on the local backend only (see README: integration)")
+        if run is None or watch:
+            raise _fail("the kubernetes backend needs --run and does not --watch")
         _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
         return
+    if run is None and not watch:
+        raise _fail("which run? pass --run <id> (or --watch to execute every run that arrives)")
+    if integrate_after and (watch or run is None):
+        raise _fail("--integrate needs --run <id> and does not --watch")
+    webhook = None
+    if escalation_webhook:
+        webhook = WebhookConfig(
+            url=escalation_webhook,
+            format=escalation_format.value,
+            token=os.environ.get("ORCHESTRATOR_ESCALATION_WEBHOOK_TOKEN") or None,
+        )
     config = ExecutorConfig(
-        run_id=run,
+        run_id=run or "",
         workdir=workdir,
         database_url=database_url,
         max_log_bytes=max_log_bytes,
@@ -201,25 +277,27 @@ def execute(
         max_tasks=max_tasks,
         wait_for_breakers=wait,
         safe_mode_max_open_seconds=safe_mode_after,
+        escalation=EscalationPolicy(
+            gate_failures=escalate_gate_failures,
+            breaker_open_seconds=escalate_breaker_open_after,
+            webhook=webhook,
+        ),
     )
     stop = threading.Event()
     metrics = Metrics()
+    if watch:
+        _watch(config, stop, metrics, metrics_port, poll_seconds)
+        return
     try:
         executor = build_executor(config, metrics=metrics, stop=stop)
     except OrchestratorError as exc:
         raise _fail(str(exc)) from exc
     if metrics_port is not None:
         metrics.serve(metrics_port)
-
-    def _stop(signum: int, _frame: object) -> None:
-        err.print(f"received {signal.Signals(signum).name}: stopping after the current attempt")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    _stop_on_signals(stop, "stopping after the current attempt")
     try:
         results = executor.run()
-        while integrate_after and not stop.is_set():
+        while integrate_after and run is not None and not stop.is_set():
             integration = _integrate(
                 IntegrationConfig(run_id=run, workdir=workdir), database_url, metrics
             )
@@ -233,15 +311,65 @@ def execute(
             results = build_executor(config, metrics=metrics, stop=stop).run()
     except OrchestratorError as exc:
         raise _fail(str(exc)) from exc
+    _summary(results, workdir)
+    if stop.is_set() or not results.finished:
+        raise typer.Exit(3)
+
+
+def _stop_on_signals(stop: threading.Event, what: str) -> None:
+    def _stop(signum: int, _frame: object) -> None:
+        err.print(f"received {signal.Signals(signum).name}: {what}")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def _summary(results: ExecutionResults, workdir: Path) -> None:
     s = results.summary
     console.print(
-        f"run {run}: {s['COMPLETED']} completed, {s['FAILED']} failed, {s['TIMEOUT']} timeout, "
-        f"{s['CANCELLED']} cancelled, {s['PENDING']} waiting (of {s['total']})",
+        f"run {results.run_id}: {s['COMPLETED']} completed, {s['FAILED']} failed, "
+        f"{s['TIMEOUT']} timeout, {s['CANCELLED']} cancelled, {s['PENDING']} waiting "
+        f"(of {s['total']})",
         highlight=False,
     )
     console.print(f"results: {workdir / STATE_DIR / 'execution_results.json'}", highlight=False)
-    if stop.is_set() or not results.finished:
-        raise typer.Exit(3)
+
+
+def _watch(
+    config: ExecutorConfig,
+    stop: threading.Event,
+    metrics: Metrics,
+    metrics_port: int | None,
+    poll_seconds: float | None,
+) -> None:
+    """``execute --watch``: the executor loop until SIGTERM/SIGINT."""
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
+    _stop_on_signals(stop, "stopping: the running attempt ends and is resumed on the next start")
+    watcher = RunWatcher(
+        config.workdir,
+        stop,
+        force_polling=poll_seconds is not None,
+        poll_seconds=poll_seconds or 1.0,
+        on_tick=metrics.heartbeat,
+    )
+    console.print(
+        f"watching {config.workdir} for runs ({watcher.mode}); SIGTERM or Ctrl-C stops",
+        highlight=False,
+    )
+    try:
+        serve_continuously(
+            config,
+            stop=stop,
+            watcher=watcher,
+            metrics=metrics,
+            on_results=lambda results: _summary(results, config.workdir),
+            report=lambda message: err.print(message, highlight=False, markup=False),
+        )
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    console.print("stopped", highlight=False)
 
 
 def _integrate(

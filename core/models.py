@@ -174,6 +174,9 @@ class EventName(StrEnum):
     INTEGRATION_FINISHED = "INTEGRATION_FINISHED"
     #: A completed task sent back to its adapter by the integration worker.
     TASK_REOPENED = "TASK_REOPENED"
+    #: Not in the seed's event list: one of its ``ai_escalation_triggers`` fired (a person
+    #: should look); see ``core.engine.escalation``.
+    ESCALATION = "ESCALATION"
 
 
 # --------------------------------------------------------------------------- adapters
@@ -183,6 +186,78 @@ class AdapterKind(StrEnum):
     PROCESS = "process"
     PATCH = "patch"
     MANUAL = "manual"
+    API = "api"
+
+
+class ApiProtocol(StrEnum):
+    """What an ``api`` adapter's endpoint speaks (see ``core.engine.api_adapter``)."""
+
+    OPENAI_CHAT = "openai-chat"
+    WEBHOOK = "webhook"
+
+
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ApiSpec(_Model):
+    """How an ``api`` adapter reaches its HTTP endpoint."""
+
+    protocol: ApiProtocol = Field(
+        description="openai-chat: OpenAI-compatible Chat Completions (vLLM, llama.cpp, Ollama, "
+        "gateways); webhook: POST the task as JSON, receive {\"patch\": \"<unified diff>\"}."
+    )
+    url: str = Field(
+        pattern=r"^https?://[^/@\s]+(/\S*)?$",
+        description="openai-chat: the API's base URL (e.g. http://host:8000/v1; "
+        "/chat/completions is appended); webhook: the URL the task is POSTed to. No "
+        "credentials in the URL: use api_key_env.",
+    )
+    model: str | None = Field(
+        default=None, min_length=1, description="Model name (required for openai-chat)."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_PATTERN,
+        description="Environment variable holding the API key (on Kubernetes: set it from a "
+        "Secret in the Adapter's env). Sent only in the auth header, never logged.",
+    )
+    api_key_header: str = Field(
+        default="Authorization",
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Header carrying the key: Authorization gets 'Bearer <key>', any other "
+        "header the bare key.",
+    )
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    read_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400,
+        description="Longest wait for the reply (never more than the attempt's budget); "
+        "exceeding it is an adapter_timeout.",
+    )
+    max_context_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        le=16 * 1024 * 1024,
+        description="Budget for the target files' contents sent with the task.",
+    )
+    max_retry_after_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description="Longest server-requested delay (Retry-After of a 429/503) honoured.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    system_prompt: str | None = Field(
+        default=None, description="openai-chat: replaces the built-in system prompt."
+    )
+
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> ApiSpec:
+        if self.protocol is ApiProtocol.OPENAI_CHAT and not self.model:
+            raise ValueError("an openai-chat endpoint needs `model`")
+        return self
 
 
 class CommandTemplate(StrEnum):
@@ -277,6 +352,7 @@ class AdapterSpec(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     health_check: HealthProbe | None = None
+    api: ApiSpec | None = Field(default=None, description="The endpoint (kind=api).")
 
     @field_validator("command")
     @classmethod
@@ -298,6 +374,8 @@ class AdapterSpec(_Model):
                 raise ValueError("a process adapter needs exactly one of `command` or `template`")
         elif self.command is not None or self.template is not None:
             raise ValueError(f"a {self.kind} adapter takes no `command`/`template`")
+        if (self.kind is AdapterKind.API) != (self.api is not None):
+            raise ValueError("`api` is required for an api adapter and only allowed there")
         return self
 
 
@@ -426,6 +504,14 @@ class DiffSummary(_Model):
     files: list[FileChange] = Field(default_factory=list)
 
 
+class TokenUsage(_Model):
+    """Tokens an ``api`` adapter's endpoint reported for one attempt."""
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+
+
 class AttemptResult(_Model):
     attempt: int = Field(ge=1)
     adapter_id: Identifier
@@ -459,6 +545,9 @@ class AttemptResult(_Model):
         default=None,
         description="Set when the integration worker sent this completed attempt's change back "
         "(merge conflict or merged-tree gate failure): the attempt is then not final.",
+    )
+    usage: TokenUsage | None = Field(
+        default=None, description="Tokens the endpoint reported (api adapters)."
     )
 
 

@@ -20,6 +20,7 @@ from pydantic.alias_generators import to_camel
 from core.models import (
     COMMIT_PATTERN,
     AdapterSpec,
+    ApiSpec,
     BreakerPolicy,
     CommandTemplate,
     DiffSummary,
@@ -60,6 +61,10 @@ class Probe(HealthProbe):
     model_config = _Api.model_config
 
 
+class Api(ApiSpec):
+    model_config = _Api.model_config
+
+
 class LocalObjectReference(_Api):
     name: str = Field(min_length=1, max_length=253, description="Name in the same namespace.")
 
@@ -94,6 +99,7 @@ class AdapterKind(StrEnum):
     PROCESS = "process"
     PATCH = "patch"
     MANUAL = "manual"
+    API = "api"
 
 
 class AdapterResourceSpec(_Api):
@@ -101,7 +107,8 @@ class AdapterResourceSpec(_Api):
 
     kind: AdapterKind = Field(
         description="process: run a command; patch: apply spec.task.patch; manual: a human's "
-        "patch in spec.task.patch."
+        "patch in spec.task.patch; api: call an HTTP endpoint (spec.api) from the adapter pod "
+        "and apply the diff it answers with."
     )
     description: str = Field(default="", max_length=1000, description="What this adapter is.")
     image: str | None = Field(
@@ -134,6 +141,11 @@ class AdapterResourceSpec(_Api):
         default_factory=Breaker, description="Circuit breaker thresholds of this adapter."
     )
     health_check: Probe | None = Field(default=None, description="Optional probe command.")
+    api: Api | None = Field(
+        default=None,
+        description="kind=api: the endpoint. Set apiKeyEnv to a variable of `env` taken from a "
+        "Secret (secretKeyRef), and list the endpoint in `egress`.",
+    )
     egress: list[EgressRule] = Field(
         default_factory=list,
         description="Where this Adapter's adapter pods may connect (its gate pods never): the "
@@ -363,6 +375,7 @@ def adapter_spec(name: str, spec: AdapterResourceSpec) -> AdapterSpec:
         health_check=HealthProbe.model_validate(spec.health_check.model_dump())
         if spec.health_check
         else None,
+        api=ApiSpec.model_validate(spec.api.model_dump()) if spec.api else None,
     )
 
 

@@ -498,6 +498,8 @@ class Store:
             if result.diff is not None:
                 payload["diff_sha256"] = result.diff.sha256
                 payload["files_changed"] = result.diff.files_changed
+            if result.usage is not None:
+                payload["usage"] = result.usage.model_dump()
             ev = self._event(
                 s,
                 key,

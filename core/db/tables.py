@@ -237,4 +237,32 @@ class IntegrationTask(Base):
     recorded_at: Mapped[datetime]
 
 
+class Escalation(Base):
+    """One escalation (a seed ``ai_escalation_trigger`` fired; see ``core.engine.escalation``).
+
+    ``escalation_key`` names the fact (the breaker trip, the task, the attempt...), so a
+    replayed recording inserts nothing and nobody is told twice. ``notified_at`` /
+    ``notify_error`` record the webhook's delivery.
+    """
+
+    __tablename__ = "escalations"
+    __table_args__ = (UniqueConstraint("escalation_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    escalation_key: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(String(32), index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[str] = mapped_column(String(63), default="")
+    task_id: Mapped[str | None] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    adapter_id: Mapped[str | None] = mapped_column(String(63))
+    message: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    notified_at: Mapped[datetime | None]
+    notify_error: Mapped[str | None] = mapped_column(Text)
+
+
 REQUIRED_TABLES = {"tasks": {"adapter_id"}, "adapters": {"id"}}

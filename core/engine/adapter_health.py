@@ -24,6 +24,7 @@ from core.engine.command_line import base_path
 from core.engine.monitoring.metrics import Metrics
 from core.engine.process_group import run_process_group
 from core.engine.resilience.breaker_store import CircuitBreakers
+from core.engine.resilience.circuit_breaker import BreakerSnapshot
 from core.engine.resilience.health import HealthResult, probe_due, probe_result
 from core.engine.resilience.safe_mode import (
     AdapterCondition,
@@ -35,6 +36,8 @@ from core.engine.resilience.safe_mode import (
 from core.models import AdapterSpec
 
 Announce = Callable[[str, dict[str, object]], None]
+#: Receives the breakers each safe-mode check looked at (the escalations' "open too long").
+BreakerWatch = Callable[[list[BreakerSnapshot], datetime], object]
 
 
 class _TailSink:
@@ -57,8 +60,10 @@ class AdapterHealth:
         wall: Callable[[], datetime],
         monotonic: Callable[[], float] = time.monotonic,
         safe_mode: SafeModeConfig | None = None,
+        watch: BreakerWatch | None = None,
     ) -> None:
         self.adapters = adapters
+        self.watch = watch
         self.store = store
         self.breakers = breakers
         self.metrics = metrics
@@ -122,6 +127,8 @@ class AdapterHealth:
             for adapter_id in self.adapters
         ]
         now = self.wall()
+        if self.watch is not None:
+            self.watch([c.breaker for c in conditions if c.breaker is not None], now)
         current = evaluate_safe_mode(conditions, now, self.safe_mode_config)
         change = safe_mode_change(self.safe_mode, current, now)
         self.safe_mode = current

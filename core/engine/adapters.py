@@ -6,9 +6,10 @@ the tool as ``{prompt_file}`` or on stdin; task text is never put into a command
 environment is built from scratch: nothing from the executor's environment reaches the
 adapter unless the adapter lists the name in ``pass_env`` (its own API key, typically).
 
-``patch`` applies the diff carried by the task (deterministic: tests and the demo), and
-``manual`` writes instructions for a human and waits for a patch submitted with
-``orchestrator manual submit``.
+``api`` sends the task to an HTTP endpoint and applies the diff it answers with
+(:mod:`core.engine.api_adapter`); ``patch`` applies the diff carried by the task
+(deterministic: tests and the demo), and ``manual`` writes instructions for a human and waits
+for a patch submitted with ``orchestrator manual submit``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.engine.api_adapter import ApiCaller, ApiOutcome
 from core.engine.command_line import base_path, expand_argv
 from core.engine.process_group import LineSink, ProcessResult, run_process_group
 from core.models import AdapterKind, AdapterSpec, CommandTemplate, TaskSpec
@@ -215,6 +217,40 @@ def run_process_adapter(
         stop=stop,
         on_start=on_start,
         clock=clock,
+    )
+
+
+def run_api_adapter(
+    adapter: AdapterSpec,
+    task: TaskSpec,
+    *,
+    run_id: str,
+    attempt: int,
+    extra_input: str | None,
+    tree: Path,
+    timeout: float,
+    log: LineSink,
+    note: Callable[..., None],
+    stop: threading.Event | None = None,
+    env: Mapping[str, str] = os.environ,
+    clock: Callable[[], float] = time.monotonic,
+) -> ApiOutcome:
+    """Send the task to the adapter's endpoint and apply its diff to ``tree``.
+
+    Shared by the embedded backend (the call is made by the executor) and the runner in
+    adapter pods (made from the pod, through the Adapter's egress policy). ``env`` holds the
+    API key variable (``api.api_key_env``); nothing else of it is used.
+    """
+    assert adapter.kind is AdapterKind.API and adapter.api is not None
+    return ApiCaller(adapter.api, log=log, note=note, env=env, stop=stop, clock=clock).run(
+        task,
+        tree,
+        prompt=prompt_text(task, extra_input),
+        run_id=run_id,
+        attempt=attempt,
+        feedback=extra_input,
+        timeout=timeout,
+        fuzzy=task.gate_policy.fuzzy_apply,
     )
 
 

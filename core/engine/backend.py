@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from core.engine.workspace import CapturedDiff
 from core.identity import TaskKey
-from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec
+from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec, TokenUsage
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class AttemptOutcome:
     log_path: Path | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    #: ``api`` adapters: a failure the adapter named, the server's Retry-After, token usage.
+    adapter_error: str | None = None
+    retry_after_seconds: float | None = None
+    usage: TokenUsage | None = None
 
 
 @dataclass

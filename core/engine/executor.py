@@ -19,16 +19,18 @@ Entry points: :func:`run_executor_loop` (Python), ``python -m core.engine.execut
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from core.db.breaker_rows import SqlBreakerRows
 from core.db.database import check_schema, default_url, make_engine, redact
@@ -36,6 +38,7 @@ from core.db.store import Store, TaskRecord
 from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
 from core.engine.backend import AttemptRequest, ExecutionBackend
+from core.engine.escalation import EscalationPolicy
 from core.engine.inputs import RoutedTask, RunInputs, load_inputs
 from core.engine.lifecycle import (
     AttemptEvidence,
@@ -60,6 +63,7 @@ from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStor
 from core.engine.resilience.circuit_breaker import retry_after
 from core.engine.resilience.classification import Classification
 from core.engine.resilience.safe_mode import SafeModeConfig
+from core.engine.run_watcher import RunWatcher, serve_runs, stop_on_signals
 from core.engine.state_files import EXECUTION_RESULTS, STATE_DIR, write_model
 from core.errors import OrchestratorError
 from core.identity import EMBEDDED_SCOPE, TaskKey
@@ -70,6 +74,8 @@ from core.models import (
     FailureClass,
     TaskState,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_DIFF_BYTES = 5 * 1024 * 1024
@@ -90,6 +96,7 @@ class ExecutorConfig:
     max_tasks: int | None = None
     wait_for_breakers: bool = True
     safe_mode_max_open_seconds: float | None = 900.0
+    escalation: EscalationPolicy = field(default_factory=EscalationPolicy)
 
     @property
     def upgrade_hint(self) -> str:
@@ -159,7 +166,11 @@ class Executor:
         self.progress = progress or ConsoleProgress()
         self.stop = stop or threading.Event()
         self.recorder = Recorder(
-            store, config.workdir, metrics=self.metrics, clock=self.clocks.wall
+            store,
+            config.workdir,
+            metrics=self.metrics,
+            clock=self.clocks.wall,
+            escalation=config.escalation,
         )
         self.breakers = breakers or CircuitBreakers(
             RowBreakerStore(SqlBreakerRows(store.engine, EMBEDDED_SCOPE)),
@@ -176,6 +187,9 @@ class Executor:
             wall=self.clocks.wall,
             monotonic=self.clocks.monotonic,
             safe_mode=SafeModeConfig(max_open_seconds=config.safe_mode_max_open_seconds),
+            watch=lambda snaps, now: self.recorder.escalations.breakers_seen(
+                snaps, now, run_id=self.run_id
+            ),
         )
         self._parked = False
         self._started = 0
@@ -209,6 +223,7 @@ class Executor:
                 self._sleep(delay)
         finally:
             self.progress.stop()
+            self.recorder.escalations.close()  # webhook deliveries flushed
         return self.write_results()
 
     def _pass(self) -> bool:
@@ -343,8 +358,14 @@ class Executor:
                 infrastructure_reason=out.infrastructure_reason,
                 output_tail=out.output_tail,
                 diff=out.diff.summary if out.diff else None,
+                adapter_error=out.adapter_error,
+                retry_after_seconds=out.retry_after_seconds,
+                usage=out.usage,
             )
-            if needs_gate(plan, evidence) and not self.stop.is_set():
+            # a stop request between the adapter and the gate: the attempt is interrupted,
+            # never concluded as a success without its gate
+            gate_skipped = needs_gate(plan, evidence) and self.stop.is_set()
+            if needs_gate(plan, evidence) and not gate_skipped:
                 hooks.validating(evidence.diff)
                 evidence = replace(evidence, gate=self.backend.run_gate(request, run))
         finally:
@@ -357,7 +378,7 @@ class Executor:
             log_bytes=log.bytes,
             log_truncated=log.truncated,
         )
-        interrupted = out.cancelled and self.stop.is_set()
+        interrupted = (out.cancelled and self.stop.is_set()) or gate_skipped
         verdict = conclude(
             plan,
             record.attempt_results,
@@ -490,6 +511,13 @@ class Executor:
             self.recorder.events.write(
                 self.store.run_event(self.run_id, name, dict(fields), key=key)
             )
+            if fields.get("active"):
+                reasons = fields.get("reasons")
+                self.recorder.escalations.safe_mode_entered(
+                    self.run_id,
+                    [str(r) for r in reasons] if isinstance(reasons, list) else [],
+                    str(fields.get("at")),
+                )
 
 
 def _relative(path: Path | None, root: Path) -> str | None:
@@ -509,9 +537,14 @@ def build_executor(
     metrics: Metrics | None = None,
     clocks: Clocks | None = None,
     stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Executor:
-    """Check the entry contracts (inputs, database) and assemble an executor."""
-    inputs = load_inputs(config.workdir, config.run_id)
+    """Check the entry contracts (inputs, database) and assemble an executor.
+
+    ``env``: where ``api`` adapters' key variables are read (default: this process's).
+    """
+    env = os.environ if env is None else env
+    inputs = load_inputs(config.workdir, config.run_id, env=env)
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
     stop = stop or threading.Event()
@@ -526,6 +559,7 @@ def build_executor(
             keep_worktrees=config.keep_worktrees,
             stop=stop,
             clock=clocks.monotonic,
+            env=env,
         ),
         metrics=metrics,
         progress=progress,
@@ -534,31 +568,129 @@ def build_executor(
     )
 
 
-def run_executor_loop(config: ExecutorConfig | None = None, **kwargs: Any) -> ExecutionResults:
+@overload
+def run_executor_loop(
+    config: ExecutorConfig | None = None,
+    *,
+    run_id: str | None = None,
+    workdir: Path | str | None = None,
+    database_url: str | None = None,
+    continuous: Literal[False] = False,
+    **kwargs: Any,
+) -> ExecutionResults: ...
+
+
+@overload
+def run_executor_loop(
+    config: ExecutorConfig | None = None,
+    *,
+    run_id: str | None = None,
+    workdir: Path | str | None = None,
+    database_url: str | None = None,
+    continuous: Literal[True],
+    **kwargs: Any,
+) -> list[ExecutionResults]: ...
+
+
+def run_executor_loop(
+    config: ExecutorConfig | None = None,
+    *,
+    run_id: str | None = None,
+    workdir: Path | str | None = None,
+    database_url: str | None = None,
+    continuous: bool = False,
+    **kwargs: Any,
+) -> ExecutionResults | list[ExecutionResults]:
     """Execute every runnable task of a run and return the results (seed entry point).
 
-    ``config`` defaults to ``ExecutorConfig(run_id=$ORCHESTRATOR_RUN_ID, workdir=cwd)``;
-    keyword arguments go to :func:`build_executor`.
+    ``run_executor_loop(run_id="demo", workdir="/path/to/workdir")``, or a full
+    :class:`ExecutorConfig`. Without either, the run is ``$ORCHESTRATOR_RUN_ID`` in the
+    current directory. Other keyword arguments go to :func:`build_executor` (``stop``,
+    ``metrics``, ``progress``, ``clocks``...).
+
+    ``continuous=True``: the executor loop of the seed -- execute the run the work dir's
+    ``ROUTING_COMPLETE`` names (only ``run_id``'s, when given), then wait for the next run or
+    new tasks (file-system notifications, no busy polling) and execute them, until the
+    ``stop`` event is set; in the main thread without a ``stop`` of the caller's, SIGTERM and
+    SIGINT set it (the running attempt is stopped and recorded as interrupted, to resume on
+    the next start). Returns the results of every run executed. See
+    :func:`serve_continuously`.
     """
     if config is None:
-        run_id = os.environ.get("ORCHESTRATOR_RUN_ID")
-        if not run_id:
-            raise OrchestratorError("set ORCHESTRATOR_RUN_ID or pass an ExecutorConfig")
-        config = ExecutorConfig(run_id=run_id, workdir=Path.cwd())
-    return build_executor(config, **kwargs).run()
+        run_id = run_id or os.environ.get("ORCHESTRATOR_RUN_ID")
+        if not run_id and not continuous:
+            raise OrchestratorError(
+                "which run? pass run_id='<id>' (and workdir=...), set ORCHESTRATOR_RUN_ID, "
+                "or pass an ExecutorConfig"
+            )
+        config = ExecutorConfig(
+            run_id=run_id or "",
+            workdir=Path(workdir).resolve() if workdir is not None else Path.cwd(),
+            database_url=database_url,
+        )
+    elif run_id is not None or workdir is not None or database_url is not None:
+        raise OrchestratorError("pass either an ExecutorConfig or run_id/workdir/database_url")
+    if not continuous:
+        return build_executor(config, **kwargs).run()
+    return serve_continuously(config, **kwargs)
+
+
+def serve_continuously(
+    config: ExecutorConfig,
+    *,
+    stop: threading.Event | None = None,
+    watcher: RunWatcher | None = None,
+    on_results: Callable[[ExecutionResults], None] | None = None,
+    report: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> list[ExecutionResults]:
+    """Continuous mode (``config.run_id`` empty: every run; else only that one); see
+    :func:`core.engine.run_watcher.serve_runs`. Other keyword arguments go to
+    :func:`build_executor` for each run."""
+    if kwargs.get("metrics") is None:
+        kwargs["metrics"] = Metrics()
+    metrics: Metrics = kwargs["metrics"]
+    own_stop = stop is None
+    stop = stop or threading.Event()
+    watcher = watcher or RunWatcher(config.workdir, stop, on_tick=metrics.heartbeat)
+
+    def execute(run: str) -> ExecutionResults:
+        executor = build_executor(replace(config, run_id=run), stop=stop, **kwargs)
+        try:
+            results = executor.run()
+        finally:
+            executor.store.engine.dispose()
+        if on_results is not None:
+            on_results(results)
+        return results
+
+    with stop_on_signals(stop) if own_stop else nullcontext():
+        return serve_runs(
+            watcher,
+            execute,
+            only_run=config.run_id or None,
+            report=report or logger.info,
+            heartbeat=metrics.heartbeat,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m core.engine.executor --run <id>``: the executor without the full CLI."""
+    """``python -m core.engine.executor --run <id>``: the executor without the full CLI;
+    ``--watch``: the executor loop (continuous mode) until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m core.engine.executor")
-    parser.add_argument("--run", required=True, help="run id (as in .state/task_queue.json)")
+    parser.add_argument("--run", help="run id (as in .state/task_queue.json)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="phase-4 work dir")
     parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite)")
+    parser.add_argument("--watch", action="store_true", help="keep executing new runs")
     args = parser.parse_args(argv)
+    if not args.run and not args.watch:
+        parser.error("--run is required (or --watch)")
+    config = ExecutorConfig(args.run or "", args.workdir.resolve(), args.database_url)
     try:
-        results = run_executor_loop(
-            ExecutorConfig(args.run, args.workdir.resolve(), args.database_url)
-        )
+        if args.watch:
+            run_executor_loop(config, continuous=True, report=print)
+            return 0
+        results = run_executor_loop(config)
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ field and the fix; nothing is executed or recorded before all inputs are known t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +69,10 @@ def resolve_repo(workdir: Path, repo: str) -> str:
     return str(path if path.is_absolute() else (workdir / path).resolve())
 
 
-def load_inputs(workdir: Path, run_id: str) -> RunInputs:
+def load_inputs(
+    workdir: Path, run_id: str, *, env: Mapping[str, str] = os.environ
+) -> RunInputs:
+    """The run's inputs, checked; ``env``: where ``api`` adapters' key variables must be set."""
     if not workdir.is_dir():
         raise EntryContractError(
             str(workdir), "work dir does not exist", "pass --workdir <phase-4 work dir>"
@@ -106,6 +111,16 @@ def load_inputs(workdir: Path, run_id: str) -> RunInputs:
                     f"(known: {', '.join(sorted(adapters))})",
                     "add the adapter to `adapters` or route the task to a known one",
                 )
+
+    used = {a for d in routing.decisions for a in [d.adapter_id, *d.fallback_adapter_ids]}
+    for i, adapter in enumerate(routing.adapters):
+        key_env = adapter.api.api_key_env if adapter.api is not None else None
+        if adapter.id in used and key_env and not env.get(key_env):
+            raise EntryContractError(
+                f"{where}: field `adapters.{i}.api.api_key_env`",
+                f"adapter {adapter.id!r} reads its API key from ${key_env}, which is not set",
+                f"export {key_env} in the executor's environment (its value is never logged)",
+            )
 
     tasks = []
     for i, spec in enumerate(queue.tasks):

@@ -70,6 +70,7 @@ from core.models import (
     RetryPolicy,
     TaskSpec,
     TaskState,
+    TokenUsage,
 )
 
 # --------------------------------------------------------------------------- the task's plan
@@ -298,6 +299,14 @@ class AttemptEvidence:
     #: Budget to charge when it is not ``finished_at - started_at`` (an interrupted attempt
     #: is charged what it ran, at most what it was granted).
     charged_seconds: float | None = None
+    #: The adapter failed for a reason it named (an ``api`` adapter: HTTP error, no diff in
+    #: the reply, a diff that does not apply): ``adapter_error`` with this message.
+    adapter_error: str | None = None
+    #: The server asked to wait this long before trying again (HTTP ``Retry-After``): the
+    #: backoff after this attempt is at least this long.
+    retry_after_seconds: float | None = None
+    #: Tokens the endpoint reported (``api`` adapters).
+    usage: TokenUsage | None = None
 
     @property
     def duration_seconds(self) -> float:
@@ -341,6 +350,7 @@ def adapter_succeeded(evidence: AttemptEvidence) -> bool:
         and not evidence.cancelled
         and evidence.start_error is None
         and evidence.infrastructure_reason is None
+        and evidence.adapter_error is None
     )
 
 
@@ -361,6 +371,7 @@ def classify_attempt(plan: TaskPlan, evidence: AttemptEvidence) -> Classificatio
             cancelled=evidence.cancelled,
             start_error=evidence.start_error,
             infrastructure_reason=evidence.infrastructure_reason,
+            adapter_error=evidence.adapter_error,
             diff_empty=evidence.diff.empty if evidence.diff is not None else None,
             allow_empty_diff=plan.allow_empty_diff,
             gate_passed=gate.passed if gate is not None else None,
@@ -405,6 +416,7 @@ def conclude(
         remaining_seconds=remaining,
         schedule=BackoffSchedule(plan.retry, rng),
         min_attempt_seconds=plan.retry.min_attempt_seconds,
+        min_delay_seconds=evidence.retry_after_seconds or 0.0,
     )
     finish: Finish | None = None
     if not decision.retry:
@@ -434,6 +446,7 @@ def conclude(
         final=finish is not None,
         task_final_state=finish.state if finish is not None else None,
         backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,
+        usage=evidence.usage,
     )
     return Verdict(result, verdict, finish, decision)
 

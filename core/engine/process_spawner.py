@@ -8,22 +8,26 @@ Layout under the work dir (all disposable, rebuilt as needed)::
     .work/<run>/<task>/<attempt>/home           $HOME of the adapter (not the user's)
     .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate
 
-The diff is captured even after a timeout, so partial work is recorded as evidence.
+The diff is captured even after a timeout, so partial work is recorded as evidence. An
+``api`` adapter's call is made from this process (``core.engine.api_adapter``); its reply's
+diff is applied to the worktree and captured like any other change.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from core.engine.adapters import manual_paths, run_process_adapter
+from core.engine.adapters import manual_paths, run_api_adapter, run_process_adapter
+from core.engine.api_adapter import ApiOutcome
 from core.engine.backend import (
     AdapterRun,
     AttemptHooks,
@@ -74,8 +78,11 @@ class LocalBackend:
         grace_seconds: float = 5.0,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        env: Mapping[str, str] = os.environ,
     ) -> None:
+        """``env``: where ``api`` adapters find their API key variable."""
         self.workdir = workdir
+        self.env = env
         self.python = python
         self.keep_worktrees = keep_worktrees
         self.grace_seconds = grace_seconds
@@ -112,7 +119,27 @@ class LocalBackend:
         tree = handle.tree
         hooks.started(None, tree)
         log.note("attempt_started", adapter=adapter.id, kind=adapter.kind.value)
-        proc = self._run_adapter(request, tree, adir, log, hooks)
+        api: ApiOutcome | None = None
+        if adapter.kind is AdapterKind.API:
+            api = run_api_adapter(
+                adapter,
+                task,
+                run_id=request.key.run_id,
+                attempt=request.attempt,
+                extra_input=request.extra_input,
+                tree=tree,
+                timeout=request.timeout_seconds,
+                log=log,
+                note=log.note,
+                stop=self.stop,
+                env=self.env,
+                clock=self.clock,
+            )
+            proc = ProcessResult(
+                api.exit_code, None, api.timed_out, api.cancelled, None, api.duration_seconds, ""
+            )
+        else:
+            proc = self._run_adapter(request, tree, adir, log, hooks)
         diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
         log.note("diff_captured", bytes=diff.summary.bytes, files=diff.summary.files_changed)
         outcome = AttemptOutcome(
@@ -122,11 +149,15 @@ class LocalBackend:
             cancelled=proc.cancelled,
             start_error=proc.start_error,
             duration_seconds=self.clock() - started,
-            output_tail=proc.tail,
+            output_tail=api.tail if api else proc.tail,
             diff=diff,
             log_path=log.path,
             log_bytes=log.written,
             log_truncated=log.truncated,
+            adapter_error=api.adapter_error if api else None,
+            infrastructure_reason=api.infrastructure_reason if api else None,
+            retry_after_seconds=api.retry_after_seconds if api else None,
+            usage=api.usage if api else None,
         )
         return AdapterRun(outcome, handle)
 

@@ -8,7 +8,8 @@ Order of writes for a finished attempt, each idempotent per (task identity, atte
    then the gate's per-test outcomes (keyed rows: ``gate_test_results``);
 3. ``logs/executor.jsonl`` (repaired from the database after a crash);
 4. metrics, breaker transitions and ``logs/resilience.jsonl``, only when step 2 was new,
-   so a replayed attempt is never counted twice.
+   so a replayed attempt is never counted twice; then the escalations the attempt raises
+   (``core.engine.escalation``: keyed, so nobody is told twice).
 
 Drivers (the embedded executor, the operator) call :meth:`Recorder.begin` when an attempt
 starts, :meth:`Recorder.record` when the lifecycle concluded it, :meth:`Recorder.end` when a
@@ -29,6 +30,7 @@ from typing import Any
 
 from core.db.store import Event, Recorded, Store, TaskRecord
 from core.db.test_history import record_gate_tests
+from core.engine.escalation import EscalationPolicy, Escalations
 from core.engine.events import EventLog
 from core.engine.lifecycle import Finish, Start, Verdict, final_state
 from core.engine.monitoring.metrics import Metrics
@@ -75,6 +77,7 @@ class Recorder:
         metrics: Metrics,
         clock: Callable[[], datetime],
         dedupe_events: bool = True,
+        escalation: EscalationPolicy | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -84,6 +87,9 @@ class Recorder:
         )
         self.events = EventLog(workdir / "logs" / "executor.jsonl", dedupe=dedupe_events)
         self.resilience = ResilienceLog(workdir / "logs" / "resilience.jsonl", clock)
+        self.escalations = Escalations(
+            store.engine, workdir, metrics=metrics, clock=clock, policy=escalation
+        )
 
     def on_breaker_transition(self, transition: BreakerTransition) -> None:
         """Give this to :class:`CircuitBreakers` as its ``on_transition``."""
@@ -176,6 +182,8 @@ class Recorder:
         record = self.store.task(key)
         if recorded.new:
             feed.announce()
+            if result.usage is not None:
+                self.metrics.tokens(result.adapter_id, result.usage)
             if result.gate is not None:
                 self.metrics.gate_finished(result.gate.passed)
             if finish is not None:
@@ -192,6 +200,13 @@ class Recorder:
                     attempt=result.attempt,
                     reason=why,
                 )
+            self.escalations.attempt_recorded(
+                key,
+                result,
+                final_state=finish.state if finish is not None else None,
+                ledger_seq=entry.seq,
+                transitions=feed.transitions,
+            )
         return Outcome(entry, record, recorded.events, recorded.new, finish)
 
     def end(self, key: TaskKey, finish: Finish) -> TaskRecord:
@@ -202,6 +217,7 @@ class Recorder:
         if events:
             adapter = record.current_adapter_id or record.adapter_id
             self.metrics.task_finished(adapter, record.status, record.duration_seconds)
+            self.escalations.task_ended(key, record.status, adapter, finish.message)
         return record
 
     def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
@@ -237,6 +253,7 @@ class Recorder:
             # integration verdicts are mirrored by the integration worker, not patch_history
             if entry.kind == "attempt" and entry.seq not in mirrored:
                 self.store.mirror_ledger(entry, self.ledger.read_patch(entry), entry.scope or "")
+        self.escalations.repair()
 
 
 def finish_of(recorded: AttemptResult, verdict: Verdict | None = None) -> Finish | None:

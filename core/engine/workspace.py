@@ -210,14 +210,22 @@ def apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> str | None:
     the gate's tamper check relies on. ``fuzzy`` adds the last rung: off by default, because
     a diff that needs fuzz may land somewhere other than where its author meant.
     """
+    return try_apply_patch(tree, patch, fuzzy=fuzzy)[0]
+
+
+def try_apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> tuple[str | None, str]:
+    """:func:`apply_patch`, also returning why it did not apply: git's message for the
+    strictest rung (the one that names the first hunk or line that is wrong)."""
     if not patch:
-        return "empty"
+        return "empty", ""
     ladder = (*APPLY_LADDER, FUZZY_APPLY) if fuzzy else APPLY_LADDER
+    first_error = ""
     for method in ladder:
         try:
             git(*method, "-", cwd=tree, input=patch)
-        except InfrastructureError:
+        except InfrastructureError as exc:
+            first_error = first_error or str(exc)
             git("reset", "--hard", "--quiet", cwd=tree)
             continue
-        return "git " + " ".join(method)
-    return None
+        return "git " + " ".join(method), ""
+    return None, first_error

@@ -106,9 +106,12 @@ def adapter_evidence(
         signal=result.signal,
         timed_out=result.timed_out,
         start_error=result.start_error,
-        infrastructure_reason=POD_STOPPED if result.cancelled else None,
+        infrastructure_reason=POD_STOPPED if result.cancelled else result.infrastructure_reason,
         output_tail=result.output_tail,
         diff=result.diff,
+        adapter_error=result.adapter_error,
+        retry_after_seconds=result.retry_after_seconds,
+        usage=result.usage,
         log_bytes=result.log_bytes,
         log_truncated=result.log_truncated,
     )

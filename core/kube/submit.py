@@ -63,6 +63,8 @@ def adapter_resource(spec: AdapterSpec) -> dict[str, Any]:
         body["command"] = spec.command
     if spec.health_check is not None:
         body["healthCheck"] = _camel(spec.health_check.model_dump(mode="json"))
+    if spec.api is not None:
+        body["api"] = _camel(spec.api.model_dump(mode="json", exclude_none=True))
     return {
         "apiVersion": API_VERSION,
         "kind": "Adapter",

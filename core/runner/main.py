@@ -7,7 +7,9 @@ local attempt produce the same evidence:
 
 * adapter: bare clone of the repository (:func:`ensure_mirror`), a worktree at the pinned base
   commit, the adapter run as its own process group under the inner budget (SIGTERM, grace,
-  SIGKILL), then :func:`capture_diff` (also after a timeout: partial work is evidence);
+  SIGKILL) -- or, for an ``api`` adapter, the HTTP call made from the pod (through the
+  Adapter's egress policy, the API key from the pod's environment, i.e. a Secret) and its
+  diff applied -- then :func:`capture_diff` (also after a timeout: partial work is evidence);
 * gate: :func:`run_gate` on fresh checkouts of the base commit with the mounted diff applied.
 
 Layout of the work dir (nothing is written outside it; ``/tmp`` is left to the tools)::
@@ -45,7 +47,8 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from core import __version__
-from core.engine.adapters import run_process_adapter
+from core.engine.adapters import run_api_adapter, run_process_adapter
+from core.engine.api_adapter import ApiOutcome
 from core.engine.process_group import ProcessResult
 from core.engine.task_log import PrefixedSink, TaskLog
 from core.engine.test_gate import TAIL_CHARS, run_gate
@@ -196,8 +199,26 @@ def _adapter(
         runner_version=__version__,
         timeout_seconds=request.timeout_seconds,
     )
+    api: ApiOutcome | None = None
     if adapter.kind is AdapterKind.PROCESS:
         proc = _run_process(request, workdir, adir, tree, log, stop, grace_seconds)
+    elif adapter.kind is AdapterKind.API:
+        api = run_api_adapter(
+            adapter,
+            task,
+            run_id=request.run_id,
+            attempt=request.attempt,
+            extra_input=request.extra_input,
+            tree=tree,
+            timeout=request.timeout_seconds,
+            log=log,
+            note=log.note,
+            stop=stop,
+            env=os.environ,
+        )
+        proc = ProcessResult(
+            api.exit_code, None, api.timed_out, api.cancelled, None, api.duration_seconds, api.tail
+        )
     else:  # patch, and manual: the human's patch travels in the task's `patch` field
         assert task.patch is not None  # checked by RunnerRequest
         proc = _apply(tree, task.patch.encode(), log)
@@ -230,6 +251,10 @@ def _adapter(
         diff=diff.summary,
         patch_b64=None if diff.summary.truncated else base64.b64encode(diff.patch).decode(),
         runner_version=__version__,
+        adapter_error=api.adapter_error if api else None,
+        infrastructure_reason=api.infrastructure_reason if api else None,
+        retry_after_seconds=api.retry_after_seconds if api else None,
+        usage=api.usage if api else None,
     )
 
 

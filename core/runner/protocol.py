@@ -37,6 +37,7 @@ from core.models import (
     GateResult,
     Identifier,
     TaskSpec,
+    TokenUsage,
 )
 
 #: Environment variable holding the request (JSON of :class:`RunnerRequest`).
@@ -120,6 +121,16 @@ class RunnerResult(BaseModel):
         "than max_diff_bytes (then diff.truncated is true) or when no diff was captured.",
     )
     gate: GateResult | None = None
+    adapter_error: str | None = Field(
+        default=None, description="api adapters: the failure the adapter named."
+    )
+    infrastructure_reason: str | None = Field(
+        default=None, description="api adapters: throttled / unavailable (HTTP 429, 503)."
+    )
+    retry_after_seconds: float | None = Field(
+        default=None, ge=0, description="api adapters: the server's Retry-After."
+    )
+    usage: TokenUsage | None = Field(default=None, description="api adapters: tokens used.")
     log_bytes: int = Field(default=0, ge=0)
     log_truncated: bool = False
     runner_version: str = ""

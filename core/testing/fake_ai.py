@@ -12,6 +12,7 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: delete <path>                remove a file
     fake-ai: say <text...>                print a line
     fake-ai: sleep <seconds>              sleep, printing a line each second
+    fake-ai: wait-file <path> <seconds>   wait until <path> exists (exit 1 after <seconds>)
     fake-ai: spawn-sleeper <seconds>      start a grandchild that sleeps (for group-kill tests)
     fake-ai: flood <lines>                print many lines
     fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
@@ -78,6 +79,14 @@ def main() -> int:
             for i in range(int(float(rest[0]))):
                 print(f"fake-ai: thinking ({i + 1}s)", flush=True)
                 time.sleep(1)
+        elif op == "wait-file":
+            print(f"fake-ai: waiting for {rest[0]}", flush=True)
+            deadline = time.monotonic() + float(rest[1])
+            while not Path(rest[0]).exists():
+                if time.monotonic() > deadline:
+                    print(f"fake-ai: {rest[0]} never appeared", flush=True)
+                    return 1
+                time.sleep(0.1)
         elif op == "spawn-sleeper":
             child = subprocess.Popen(["sleep", rest[0]])
             Path("sleeper.pid").write_text(str(child.pid))

@@ -41,6 +41,15 @@ def test_help_texts_describe_every_command() -> None:
     for option in ("--run", "--workdir", "--database-url", "--backend", "--metrics-port"):
         assert option in execute.stdout
     assert "ORCHESTRATOR_DATABASE_URL" in execute.stdout
+    for option in ("--watch", "--poll-seconds", "--escalation-webhook", "--escalation-format"):
+        assert option in execute.stdout
+    assert "ORCHESTRATOR_ESCALATION_WEBHOOK" in execute.stdout
+
+
+def test_execute_needs_a_run_unless_it_watches(tmp_path: Path) -> None:
+    result = cli("execute", "--workdir", str(tmp_path))
+    assert result.returncode == 2
+    assert "pass --run <id> (or --watch" in result.stderr
 
 
 def test_missing_database_is_refused_before_any_work(demo: Path) -> None:

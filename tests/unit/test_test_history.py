@@ -105,3 +105,4 @@ def test_flake_history_counts_across_runs_most_frequent_first(engine: Engine) ->
     long_id = "tests/test_x.py::test_param[" + "x" * 5000 + "]"
     history.record(TaskKey("r3", "a"), 1, gate([long_id]))
     assert any(f.test_id == long_id for f in history.flaky_tests(run_id="r3"))
+

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.models import TaskState
+from core.models import TaskState, TokenUsage
 
 BREAKER_VALUES = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
 
@@ -102,6 +102,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.adapter_tokens = Counter(
+            "adapter_tokens",
+            "Tokens reported by api adapters' endpoints, by type (prompt, completion).",
+            ["adapter", "type"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "escalations",
+            "Escalations raised (a person should look), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._terminal = self._completed = self._gates = self._gates_passed = 0
 
     def heartbeat(self) -> None:
@@ -145,6 +157,15 @@ class Metrics:
         self.integration_queue_depth.set(depth)
         if merged:
             self.integration_gate_runs_per_merge.set(gate_runs / merged)
+
+    def tokens(self, adapter: str, usage: TokenUsage) -> None:
+        """Token usage of one recorded attempt (counted once: the recorder calls this only
+        for a new record)."""
+        self.adapter_tokens.labels(adapter, "prompt").inc(usage.prompt_tokens)
+        self.adapter_tokens.labels(adapter, "completion").inc(usage.completion_tokens)
+
+    def escalation(self, reason: str) -> None:
+        self.escalations.labels(reason).inc()
 
     def retry(self, adapter: str, failure_class: str) -> None:
         self.retry_attempts.labels(adapter, failure_class).inc()

@@ -14,7 +14,8 @@ Precedence, highest first (the first that applies wins)::
 * ``infrastructure``: the platform failed (could not start, evicted, node lost, image pull,
   OOM-killed by the platform, pod deleted). A timeout or exit code seen afterwards is a symptom.
 * ``adapter_timeout``: the budget ran out; the kill signal / exit code that follows is ours.
-* ``adapter_error``: the tool exited non-zero or died of a signal.
+* ``adapter_error``: the tool exited non-zero or died of a signal, or the adapter named its
+  own failure (``adapter_error``: an ``api`` adapter's HTTP error or unusable reply).
 * ``empty_diff``: the tool exited cleanly but changed nothing (unless the task allows it).
 * ``gate_failed``: the change exists but the acceptance checks failed.
 
@@ -59,6 +60,9 @@ class FailureEvidence:
     start_error: str | None = None
     #: A platform reason from Kubernetes (Evicted, NodeLost, ImagePullBackOff, OOMKilled...).
     infrastructure_reason: str | None = None
+    #: The adapter failed for a reason it could name (an ``api`` adapter: HTTP error, no diff
+    #: in the reply, a diff that does not apply).
+    adapter_error: str | None = None
     #: None: no diff was taken (e.g. the attempt never got that far).
     diff_empty: bool | None = None
     allow_empty_diff: bool = False
@@ -163,6 +167,8 @@ def classify_evidence(evidence: FailureEvidence) -> Classification:
             FailureClass.ADAPTER_TIMEOUT,
             "adapter did not finish within its time budget",
         )
+    if evidence.adapter_error is not None:
+        return Classification.failure(FailureClass.ADAPTER_ERROR, evidence.adapter_error)
     sig = evidence.effective_signal
     if sig is not None:
         return Classification.failure(

@@ -20,8 +20,9 @@ Rules (defaults follow :class:`core.models.RetryPolicy`):
 * The backoff comes from tenacity's ``wait_exponential`` plus jitter from an injected
   :class:`random.Random`, capped at ``backoff_max_seconds`` *after* the jitter; an
   ``infrastructure`` failure waits at least ``infrastructure_backoff_seconds`` (doubling per
-  retry, same cap): the platform or a dependency may still be coming up. A retry whose
-  delay would leave less than ``min_attempt_seconds`` of the task budget is not made.
+  retry, same cap): the platform or a dependency may still be coming up; a delay the server
+  asked for (``min_delay_seconds``, an HTTP ``Retry-After``) is honoured when longer. A retry
+  whose delay would leave less than ``min_attempt_seconds`` of the task budget is not made.
 """
 
 from __future__ import annotations
@@ -183,10 +184,12 @@ def decide_retry(
     admits: Mapping[str, bool] | None = None,
     schedule: BackoffSchedule | None = None,
     min_attempt_seconds: float = DEFAULT_MIN_ATTEMPT_SECONDS,
+    min_delay_seconds: float = 0.0,
 ) -> RetryDecision:
     """Decide about the next attempt after ``history[-1]`` (the attempt just finished).
 
     ``admits`` maps adapter id to whether its breaker admits work now (missing: admits).
+    ``min_delay_seconds``: the server's requested delay; the backoff is at least this long.
     """
     if not history:
         raise ValueError("decide_retry needs at least the attempt that just finished")
@@ -206,12 +209,13 @@ def decide_retry(
         )
     if schedule is None:
         schedule = BackoffSchedule(policy)
-    delay = schedule.delay(attempts_made)
+    policy_delay = schedule.delay(attempts_made)
     if failure is FailureClass.INFRASTRUCTURE:
         floor = policy.infrastructure_backoff_seconds * policy.backoff_multiplier ** (
             attempts_made - 1
         )
-        delay = max(delay, min(floor, policy.backoff_max_seconds))
+        policy_delay = max(policy_delay, min(floor, policy.backoff_max_seconds))
+    delay = max(policy_delay, min_delay_seconds)
     if remaining_seconds - delay < max(min_attempt_seconds, 0.0) or remaining_seconds <= delay:
         return _stop(
             f"task budget exhausted: a {delay:.2f}s backoff would leave too little of the "
@@ -233,6 +237,8 @@ def decide_retry(
         f"{failure} on {last.adapter_id} (attempt {attempts_made}): "
         f"retry as attempt {attempts_made + 1} on {where} after {delay:.2f}s"
     )
+    if delay > policy_delay:
+        reason += " (the server's Retry-After)"
     if selection.waiting_for_breaker:
         reason += f"; waiting: {selection.reason}"
     return RetryDecision(
