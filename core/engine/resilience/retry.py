@@ -20,9 +20,11 @@ Rules (defaults follow :class:`core.models.RetryPolicy`):
 * The backoff comes from tenacity's ``wait_exponential`` plus jitter from an injected
   :class:`random.Random`, capped at ``backoff_max_seconds`` *after* the jitter; an
   ``infrastructure`` failure waits at least ``infrastructure_backoff_seconds`` (doubling per
-  retry, same cap): the platform or a dependency may still be coming up; a delay the server
-  asked for (``min_delay_seconds``, an HTTP ``Retry-After``) is honoured when longer. A retry
-  whose delay would leave less than ``min_attempt_seconds`` of the task budget is not made.
+  retry, same cap): the platform or a dependency may still be coming up -- unless the server
+  said when to come back: a delay it asked for (``min_delay_seconds``, an HTTP
+  ``Retry-After``) replaces that floor and is honoured when longer than the policy's
+  backoff. A retry whose delay would leave less than ``min_attempt_seconds`` of the task
+  budget is not made.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def decide_retry(
     if schedule is None:
         schedule = BackoffSchedule(policy)
     policy_delay = schedule.delay(attempts_made)
-    if failure is FailureClass.INFRASTRUCTURE:
+    if failure is FailureClass.INFRASTRUCTURE and not min_delay_seconds:
         floor = policy.infrastructure_backoff_seconds * policy.backoff_multiplier ** (
             attempts_made - 1
         )
