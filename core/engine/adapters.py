@@ -2,7 +2,11 @@
 
 ``process`` adapters run a command (a built-in template for an AI CLI, or the adapter's own)
 in the attempt's worktree. The prompt is written to a file outside the worktree and reaches
-the tool as ``{prompt_file}`` or on stdin; task text is never put into a command. The
+the tool as ``{prompt_file}`` or on stdin, byte for byte as the task carries it (nothing
+added, nothing stripped); task text is never put into a command. What we add -- the task's
+id and title, its target paths, the previous attempt's gate feedback -- goes to a separate
+file, ``$ORCHESTRATOR_CONTEXT_FILE`` (and the feedback alone to
+``$ORCHESTRATOR_FEEDBACK_FILE`` when there is one), for the tools that want it. The
 environment is built from scratch: nothing from the executor's environment reaches the
 adapter unless the adapter lists the name in ``pass_env`` (its own API key, typically).
 
@@ -82,12 +86,9 @@ class Invocation:
     stdin_file: Path | None
 
 
-def prompt_text(task: TaskSpec, extra: str | None = None) -> str:
-    parts = [
-        f"# Task {task.task_id}: {task.title}".rstrip(": "),
-        "",
-        task.prompt.strip(),
-    ]
+def task_context(task: TaskSpec, extra: str | None = None) -> str:
+    """What we know about the task besides its prompt (``$ORCHESTRATOR_CONTEXT_FILE``)."""
+    parts = [f"# Task {task.task_id}: {task.title}".rstrip(": ")]
     if task.target_paths:
         parts += ["", "Files to change:", *(f"- {p}" for p in task.target_paths)]
     if extra:
@@ -104,6 +105,8 @@ def adapter_environment(
     prompt_file: Path,
     workspace: Path,
     parent_env: Mapping[str, str] = os.environ,
+    context_file: Path | None = None,
+    feedback_file: Path | None = None,
 ) -> dict[str, str]:
     env = {
         "PATH": base_path(),
@@ -118,6 +121,10 @@ def adapter_environment(
         "ORCHESTRATOR_PROMPT_FILE": str(prompt_file),
         "ORCHESTRATOR_WORKSPACE": str(workspace),
     }
+    if context_file is not None:
+        env["ORCHESTRATOR_CONTEXT_FILE"] = str(context_file)
+    if feedback_file is not None:
+        env["ORCHESTRATOR_FEEDBACK_FILE"] = str(feedback_file)
     env.update({name: parent_env[name] for name in adapter.pass_env if name in parent_env})
     env.update(adapter.env)
     return env
@@ -134,6 +141,8 @@ def process_invocation(
     workdir: Path,
     python: str,
     parent_env: Mapping[str, str] = os.environ,
+    context_file: Path | None = None,
+    feedback_file: Path | None = None,
 ) -> Invocation:
     assert adapter.kind is AdapterKind.PROCESS
     if adapter.template is not None:
@@ -163,6 +172,8 @@ def process_invocation(
         prompt_file=prompt_file,
         workspace=workspace,
         parent_env=parent_env,
+        context_file=context_file,
+        feedback_file=feedback_file,
     )
     return Invocation(argv=argv, env=env, stdin_file=prompt_file if stdin == "prompt" else None)
 
@@ -190,7 +201,13 @@ def run_process_adapter(
     Shared by the embedded backend and the runner in adapter pods.
     """
     prompt = attempt_dir / "prompt.md"
-    prompt.write_text(prompt_text(task, extra_input), encoding="utf-8")
+    prompt.write_bytes(task.prompt.encode("utf-8"))  # byte for byte: nothing added
+    context = attempt_dir / "context.md"
+    context.write_text(task_context(task, extra_input), encoding="utf-8")
+    feedback: Path | None = None
+    if extra_input:
+        feedback = attempt_dir / "feedback.md"
+        feedback.write_text(extra_input, encoding="utf-8")
     home = attempt_dir / "home"
     home.mkdir(exist_ok=True)
     inv = process_invocation(
@@ -202,6 +219,8 @@ def run_process_adapter(
         home=home,
         workdir=workdir,
         python=python,
+        context_file=context,
+        feedback_file=feedback,
     )
     note("adapter_command", argv=inv.argv)
     return run_process_group(
@@ -229,7 +248,10 @@ def manual_paths(workdir: Path, run_id: str, task_id: str) -> tuple[Path, Path]:
 
 def manual_instructions(task: TaskSpec, run_id: str, repo_url: str) -> str:
     return (
-        prompt_text(task)
+        task_context(task)
+        + "\n"
+        + task.prompt
+        + ("" if task.prompt.endswith("\n") else "\n")
         + f"""
 ## How to hand in the change
 
