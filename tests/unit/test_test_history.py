@@ -47,7 +47,7 @@ def gate(flaky: list[str], new: list[str] = (), check: str = "pytest") -> GateRe
 
 
 def test_the_migration_creates_exactly_the_table_of_the_model(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diffs if "gate_test_results" in repr(d)] == []
