@@ -267,6 +267,10 @@ class AdapterSpec(_Model):
 class TaskSpec(_Model):
     """One task as phase 4 queued it: what to change, where, and how to check it."""
 
+    # an error message never repeats the input: a refused repository URL carries
+    # credentials, a prompt may be a megabyte (both reach status messages and Events)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     task_id: Identifier
     title: str = ""
     prompt: str = Field(min_length=1, description="Instructions for the adapter.")

@@ -170,7 +170,7 @@ class TaskLog:
     def note(self, event: str, **fields: Any) -> None:
         """Our own record; within the attempt's share for notes, fields clipped and masked."""
         record = self.encode(
-            stream="orchestrator", event=event, **self.redactor.value(_clip(fields))
+            stream="orchestrator", event=event, **_clip(self.redactor.value(fields))
         )
         if self._notes + len(record) > self.notes_budget:
             self.dropped += len(record)

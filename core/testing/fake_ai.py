@@ -16,7 +16,8 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: flood <lines>                print many lines
     fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
     fake-ai: exit <code>                  stop with that exit code
-    fake-ai: on-feedback write <path> :: <text>   only when the prompt carries gate feedback
+    fake-ai: on-feedback write <path> :: <text>   only on a retry with gate feedback
+                                          (``$ORCHESTRATOR_FEEDBACK_FILE``)
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> int:
         words, _, text = raw.removeprefix("fake-ai:").partition(" :: ")
         op, *rest = shlex.split(words)
         if op == "on-feedback":
-            if "## Feedback from the previous attempt" not in prompt:
+            feedback = os.environ.get("ORCHESTRATOR_FEEDBACK_FILE")
+            if not feedback or not Path(feedback).read_text(encoding="utf-8").strip():
                 continue
             op, *rest = rest
         text = text.replace("\\n", "\n")

@@ -101,3 +101,13 @@ def test_an_adapters_secrets_are_its_pass_env_and_secret_named_env() -> None:
 )
 def test_repository_urls_with_credentials(url: str, problem: str | None) -> None:
     assert url_credentials(url) == problem
+
+
+def test_a_refused_repository_url_is_not_repeated_in_the_error() -> None:
+    from pydantic import ValidationError
+
+    from core.models import TaskSpec
+
+    with pytest.raises(ValidationError) as exc:
+        TaskSpec(task_id="t", prompt="p", repo="https://u:hunter2@h/r", base_commit="a" * 40)
+    assert "hunter2" not in str(exc.value) and "carries a password" in str(exc.value)
