@@ -401,3 +401,39 @@ def test_entry_contract_refuses_before_any_work(tmp_path: Path) -> None:
     )
     assert cli.exit_code == 0, cli.output
     assert os.path.exists(big / ".state/execution_results.json")
+
+
+def test_gc_keeps_what_the_ledger_references_unless_told(tmp_path: Path) -> None:
+    workdir = make_workdir(
+        tmp_path / "w",
+        run_id="big",
+        tasks=[{"task_id": "t", "prompt": "p", "gate": []}],
+        adapters=[{"id": "w", **py(WRITER)}],
+        routes={"t": "w"},
+    )
+    results, _ = run(workdir, "big")
+    ref = results.tasks[0].attempts[-1].diff.patch_ref
+    assert ref is not None and (workdir / ".ledger" / ref).exists()
+    orphan = workdir / ".ledger/patches" / ("0" * 64 + ".diff.gz")
+    orphan.write_bytes(b"left by a crash")
+    os.utime(orphan, (0, 0))
+    cli = CliRunner()
+    gc = ["gc", "--workdir", str(workdir), "--older-than-days", "0"]
+
+    dry = cli.invoke(app, [*gc, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete orphan" in dry.output and "would delete log t.jsonl" in dry.output
+    assert orphan.exists() and (workdir / "logs/execution/t.jsonl").exists()
+
+    done = cli.invoke(app, gc)
+    assert done.exit_code == 0 and "1 referenced patch(es) kept" in done.output
+    assert not orphan.exists() and not (workdir / "logs/execution/t.jsonl").exists()
+    assert (workdir / ".ledger" / ref).exists()
+    assert (workdir / ".state/patch_ledger.jsonl").exists()
+
+    pruned = cli.invoke(app, [*gc, "--include-referenced"])
+    assert pruned.exit_code == 0 and not (workdir / ".ledger" / ref).exists()
+    verify = cli.invoke(app, ["ledger", "verify", "--workdir", str(workdir)])
+    assert verify.exit_code == 0 and "1 pruned by gc" in verify.output
+    gone = export(workdir, "t", tmp_path / "t.diff")
+    assert gone.returncode == 2 and "pruned" in gone.stderr
