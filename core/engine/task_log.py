@@ -64,7 +64,8 @@ class _Section:
         self.closed = False
 
     def line(self, stream: str, text: str) -> None:
-        if self.closed:
+        if self.closed:  # late output of a step that has ended: counted, not written
+            self.log.dropped += len(text.encode("utf-8", errors="replace")) + 1
             return
         redact = self.streams.get(stream)
         if redact is None:
