@@ -677,8 +677,9 @@ TIMED: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("ledger append (fsync)", "core.engine.patch_ledger", "PatchLedger.append", ()),
     ("executor.jsonl", "core.engine.events", "EventLog.write", ()),
     ("task log (logs/execution)", "core.engine.task_log", "TaskLog.__init__", ()),
-    ("task log (logs/execution)", "core.engine.task_log", "TaskLog._write", ()),
+    ("task log (logs/execution)", "core.engine.task_log", "TaskLog.emit", ()),
     ("task log (logs/execution)", "core.engine.task_log", "TaskLog.close", ()),
+    ("evidence store (full diffs)", "core.engine.evidence", "LocalEvidenceStore.put_file", ()),
     ("execution_results.json", "core.engine.state_files", "write_model", ("core.engine.executor",)),
     (
         "attempt dir housekeeping",

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from core import __version__
+from core.cli_evidence import export, gc
 from core.db.database import check_schema, default_url, make_engine, redact, upgrade
 from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
@@ -31,7 +32,15 @@ from core.db.test_history import TestHistory
 from core.engine.adapters import manual_paths
 from core.engine.alert_webhook import WebhookConfig
 from core.engine.escalation import EscalationPolicy
-from core.engine.executor import ExecutorConfig, build_executor, serve_continuously
+from core.engine.evidence import local_store
+from core.engine.executor import (
+    DEFAULT_MAX_DIFF_BYTES,
+    DEFAULT_MAX_LOG_BYTES,
+    ExecutorConfig,
+    build_executor,
+    serve_continuously,
+)
+from core.engine.inputs import DEFAULT_MAX_PROMPT_BYTES
 from core.engine.integration_worker import (
     IntegrationConfig,
     IntegrationRun,
@@ -40,6 +49,7 @@ from core.engine.integration_worker import (
 from core.engine.merge_queue import BatchPolicy
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import verify
+from core.engine.retention import pruned_keys
 from core.engine.run_watcher import RunWatcher
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
@@ -61,6 +71,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(manual_app, name="manual")
 app.add_typer(schema_app, name="schema")
+app.command("export")(export)
+app.command("gc")(gc)
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and CI get full lines, not 80 columns
 CWD = Path(".")  # resolved by typer (resolve_path=True) when the command runs
@@ -157,11 +169,29 @@ def execute(
         int | None, typer.Option(min=1, help="Start at most N tasks, then stop (resumable).")
     ] = None,
     max_log_bytes: Annotated[
-        int, typer.Option(min=1024, help="Cap of a task attempt's log in logs/execution/.")
-    ] = 2 * 1024 * 1024,
+        int,
+        typer.Option(
+            min=1024,
+            help="Cap of an attempt's log in logs/execution/ (adapter output and notes, every "
+            "byte written counted); head and tail are kept around a truncation marker.",
+        ),
+    ] = DEFAULT_MAX_LOG_BYTES,
+    max_gate_log_bytes: Annotated[
+        int | None,
+        typer.Option(min=1024, help="Cap of each gate check's log. Default: --max-log-bytes."),
+    ] = None,
     max_diff_bytes: Annotated[
-        int, typer.Option(min=1024, help="Cap of the diff copy kept in the ledger and DB.")
-    ] = 5 * 1024 * 1024,
+        int,
+        typer.Option(
+            min=1024,
+            help="Hard limit of an attempt's diff. Every diff up to it is kept whole in the "
+            "evidence store; a larger one is not kept and fails the attempt as diff_too_large.",
+        ),
+    ] = DEFAULT_MAX_DIFF_BYTES,
+    max_prompt_bytes: Annotated[
+        int,
+        typer.Option(min=1, help="Refuse (exit 2) a task whose prompt is larger than this."),
+    ] = DEFAULT_MAX_PROMPT_BYTES,
     wait: Annotated[
         bool,
         typer.Option(
@@ -272,7 +302,9 @@ def execute(
         workdir=workdir,
         database_url=database_url,
         max_log_bytes=max_log_bytes,
+        max_gate_log_bytes=max_gate_log_bytes,
         max_diff_bytes=max_diff_bytes,
+        max_prompt_bytes=max_prompt_bytes,
         keep_worktrees=keep_worktrees,
         max_tasks=max_tasks,
         wait_for_breakers=wait,
@@ -635,10 +667,14 @@ def ledger_verify(workdir: Workdir = CWD, database_url: DatabaseUrl = None) -> N
         raise _fail(f"{path}: no ledger in this work dir")
     store = _store(workdir, database_url)
     anchor = store.ledger_anchor() + IntegrationRows(store.engine).ledger_anchor()
-    report = verify(path, workdir / ".ledger" / "patches", anchor)
+    evidence = local_store(workdir)
+    pruned = pruned_keys(evidence)
+    report = verify(path, evidence, anchor, pruned)
     if report.ok:
+        note = f" ({len(pruned)} pruned by gc)" if pruned else ""
         console.print(
-            f"ledger OK: {report.entries} entries, chain and patches intact", highlight=False
+            f"ledger OK: {report.entries} entries, chain and patches intact{note}",
+            highlight=False,
         )
         return
     err.print(f"ledger BROKEN ({len(report.problems)} problems):", highlight=False)
@@ -656,7 +692,7 @@ def db_upgrade(
     """Create or migrate the database schema (idempotent)."""
     url = database_url or default_url(workdir)
     try:
-        upgrade(url, revision)
+        upgrade(url, revision, evidence_root=local_store(workdir).root)
     except Exception as exc:
         raise _fail(f"migration of {redact(url)} failed: {exc}") from exc
     console.print(f"database {redact(url)} at revision {revision}", highlight=False)

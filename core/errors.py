@@ -45,6 +45,14 @@ class DatabaseSchemaError(UnrecoverableError):
     """The database is missing tables or is not at the expected migration."""
 
 
+class EvidenceError(UnrecoverableError):
+    """Stored evidence (a patch) is missing, unreadable or does not match its hash."""
+
+
+class MissingCommitError(UnrecoverableError):
+    """A task's base commit is not in its repository (fetched): no attempt can start."""
+
+
 class RetryableError(OrchestratorError):
     """A transient failure: the same operation may succeed when tried again."""
 

@@ -144,6 +144,8 @@ class FailureClass(StrEnum):
     EMPTY_DIFF = "empty_diff"
     GATE_FAILED = "gate_failed"
     CANCELLED = "cancelled"
+    #: The diff exceeded the hard limit of what is kept: nothing was stored or judged.
+    DIFF_TOO_LARGE = "diff_too_large"
     #: The completed change conflicts with the changes merged before it (integration).
     MERGE_CONFLICT = "merge_conflict"
     #: The completed change fails the gate on the merged tree (integration).
@@ -385,6 +387,10 @@ class AdapterSpec(_Model):
 class TaskSpec(_Model):
     """One task as phase 4 queued it: what to change, where, and how to check it."""
 
+    # an error message never repeats the input: a refused repository URL carries
+    # credentials, a prompt may be a megabyte (both reach status messages and Events)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     task_id: Identifier
     title: str = ""
     prompt: str = Field(min_length=1, description="Instructions for the adapter.")
@@ -418,6 +424,19 @@ class TaskSpec(_Model):
     allow_empty_diff: bool = Field(default=False, description="An empty diff counts as success.")
     retry: RetryPolicy | None = Field(default=None, description="Overrides the adapter's policy.")
 
+    @field_validator("repo")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        problem = url_credentials(value)
+        if problem:
+            raise ValueError(
+                f"the repository URL carries {problem}; credentials would be stored in the "
+                "database, the ledger and the logs. Remove them from the URL and give git "
+                "access another way (a credential helper, an SSH key, a token in the adapter's "
+                "environment)"
+            )
+        return value
+
     @field_validator("target_paths")
     @classmethod
     def _relative_paths(cls, value: list[str]) -> list[str]:
@@ -425,6 +444,24 @@ class TaskSpec(_Model):
             if path.startswith("/") or ".." in path.split("/"):
                 raise ValueError(f"target path {path!r} must be relative and stay in the repo")
         return value
+
+
+def url_credentials(url: str) -> str | None:
+    """What credential a repository URL carries, if any: a password in its userinfo, or a
+    user name (a token) on http(s). ``git@host:path`` and ``ssh://git@host`` name a user
+    only, which is not a secret."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    authority = rest.split("/", 1)[0]
+    if "@" not in authority:
+        return None
+    userinfo = authority.rsplit("@", 1)[0]
+    if ":" in userinfo:
+        return "a password (user:password@)"
+    if scheme.lower() in ("http", "https", "ftp", "ftps"):
+        return "a user name or token (token@)"
+    return None
 
 
 def _unique(ids: list[str], what: str) -> None:
@@ -493,15 +530,33 @@ class FileChange(_Model):
 
 
 class DiffSummary(_Model):
-    sha256: str = Field(description="sha256 of the full diff, also when the stored copy is cut.")
-    bytes: int = Field(ge=0)
-    files_changed: int = Field(ge=0)
+    sha256: str = Field(
+        description="sha256 of the full diff; '' when it exceeded the hard limit (capture "
+        "stopped there)."
+    )
+    bytes: int = Field(
+        ge=0, description="Size of the full diff (when truncated: the bytes seen, > the limit)."
+    )
+    files_changed: int = Field(ge=0, description="All changed files (the list may be shorter).")
     insertions: int = Field(ge=0)
     deletions: int = Field(ge=0)
     binary_files: int = Field(default=0, ge=0)
-    truncated: bool = False
+    truncated: bool = Field(
+        default=False,
+        description="The diff exceeded the hard limit: it was not kept (class diff_too_large).",
+    )
     empty: bool
-    files: list[FileChange] = Field(default_factory=list)
+    files: list[FileChange] = Field(
+        default_factory=list, description="The first 200 changed files (files_changed: all)."
+    )
+    patch_ref: str | None = Field(
+        default=None,
+        description="Evidence-store key of the full diff (content-addressed, compressed); "
+        "`orchestrator export` writes it out.",
+    )
+    patch_stored_bytes: int | None = Field(
+        default=None, ge=0, description="Bytes the evidence store keeps for it (compressed)."
+    )
 
 
 class TokenUsage(_Model):

@@ -311,6 +311,8 @@ class DiffStatus(_Api):
     binary_files: int = 0
     truncated: bool = False
     empty: bool = False
+    patch_ref: str | None = Field(default=None, description="Evidence-store key of the diff.")
+    patch_stored_bytes: int | None = None
 
 
 class AttemptStatus(_Api):

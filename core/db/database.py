@@ -60,12 +60,20 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Run Alembic migrations up to ``revision`` (creates the SQLite file if needed)."""
+def upgrade(url: str, revision: str = "head", *, evidence_root: Path | None = None) -> None:
+    """Run Alembic migrations up to ``revision`` (creates the SQLite file if needed).
+
+    ``evidence_root``: the work dir's evidence store (``<workdir>/.ledger``), for migrations
+    that move bulk out of the database (``0004``); default for a SQLite file: beside it.
+    """
     parsed = make_url(url)
+    cfg = alembic_config(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
+        evidence_root = evidence_root or Path(parsed.database).resolve().parent / ".ledger"
+    if evidence_root is not None:
+        cfg.attributes["evidence_root"] = str(evidence_root)
+    command.upgrade(cfg, revision)
 
 
 def head_revision() -> str:

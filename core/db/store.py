@@ -329,6 +329,24 @@ class Store:
         with self._session() as s:
             return [tuple(r) for r in s.execute(select(PatchHistory.seq, PatchHistory.entry_hash))]  # type: ignore[misc]
 
+    def patch_refs(self) -> set[str]:
+        """Every evidence key the ``patch_history`` mirror references."""
+        with self._session() as s:
+            query = select(PatchHistory.patch_ref).where(PatchHistory.patch_ref.is_not(None))
+            return {r for r in s.scalars(query) if r}
+
+    def patch_ref(self, key: TaskKey, attempt: int) -> str | None:
+        """The evidence key of one recorded attempt's full diff."""
+        with self._session() as s:
+            return s.scalars(
+                select(PatchHistory.patch_ref).where(
+                    PatchHistory.run_id == key.run_id,
+                    PatchHistory.task_id == key.task_id,
+                    PatchHistory.task_uid == key.uid,
+                    PatchHistory.attempt == attempt,
+                )
+            ).one_or_none()
+
     def mirrored_seqs(self) -> set[int]:
         with self._session() as s:
             return set(s.scalars(select(PatchHistory.seq)))
@@ -446,7 +464,6 @@ class Store:
         final_state: TaskState | None,
         final_message: str = "",
         entry: LedgerEntry | None,
-        patch: bytes | None = None,
         breaker: BreakerUpdate | None = None,
     ) -> Recorded:
         """Record a finished attempt: the task ends in ``final_state``, or is PENDING again
@@ -458,7 +475,7 @@ class Store:
         with self._session() as s:
             row = self._locked(s, key)
             if entry is not None:
-                self._mirror(s, entry, patch, key.scope)
+                self._mirror(s, entry, key.scope)
             attempts = list((row.result or {}).get("attempts", []))
             if any(a["attempt"] == result.attempt for a in attempts):
                 return Recorded([], new=False)
@@ -622,11 +639,12 @@ class Store:
             )
             return [ev] if ev else []
 
-    def mirror_ledger(self, entry: LedgerEntry, patch: bytes | None, scope: str = "") -> bool:
+    def mirror_ledger(self, entry: LedgerEntry, scope: str = "") -> bool:
         with self._session() as s:
-            return self._mirror(s, entry, patch, scope)
+            return self._mirror(s, entry, scope)
 
-    def _mirror(self, s: Session, entry: LedgerEntry, patch: bytes | None, scope: str) -> bool:
+    def _mirror(self, s: Session, entry: LedgerEntry, scope: str) -> bool:
+        """The ledger entry's row; the patch itself stays in the evidence store (by key)."""
         values = {
             "seq": entry.seq,
             "run_id": entry.run_id,
@@ -644,7 +662,7 @@ class Store:
             "insertions": entry.insertions,
             "deletions": entry.deletions,
             "truncated": entry.truncated,
-            "patch": patch,
+            "patch_ref": entry.patch_ref,
             "prev_hash": entry.prev_hash,
             "entry_hash": entry.hash,
             "recorded_at": entry.recorded_at,

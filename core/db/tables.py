@@ -20,7 +20,6 @@ from sqlalchemy import (
     Float,
     ForeignKeyConstraint,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
@@ -141,7 +140,9 @@ class PatchHistory(Base):
     insertions: Mapped[int] = mapped_column(Integer, default=0)
     deletions: Mapped[int] = mapped_column(Integer, default=0)
     truncated: Mapped[bool] = mapped_column(default=False)
-    patch: Mapped[bytes | None] = mapped_column(LargeBinary)
+    patch_ref: Mapped[str | None] = mapped_column(
+        String(255), comment="evidence-store key of the full diff (never the bytes)"
+    )
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime]

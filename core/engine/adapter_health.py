@@ -13,6 +13,7 @@ conditions clear.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +24,7 @@ from core.db.store import Store
 from core.engine.command_line import base_path
 from core.engine.monitoring.metrics import Metrics
 from core.engine.process_group import run_process_group
+from core.engine.redaction import adapter_redactor
 from core.engine.resilience.breaker_store import CircuitBreakers
 from core.engine.resilience.circuit_breaker import BreakerSnapshot
 from core.engine.resilience.health import HealthResult, probe_due, probe_result
@@ -106,7 +108,8 @@ class AdapterHealth:
             exit_code=proc.exit_code,
             timed_out=proc.timed_out,
             start_error=proc.start_error,
-            output_tail="\n".join(sink.lines),
+            # the probe's output reaches the DB, the resilience log and events: masked
+            output_tail=adapter_redactor(spec, os.environ)("\n".join(sink.lines)),
         )
 
     def healthy(self, adapter_id: str) -> bool:

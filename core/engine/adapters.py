@@ -2,7 +2,12 @@
 
 ``process`` adapters run a command (a built-in template for an AI CLI, or the adapter's own)
 in the attempt's worktree. The prompt is written to a file outside the worktree and reaches
-the tool as ``{prompt_file}`` or on stdin; task text is never put into a command. The
+the tool as ``{prompt_file}`` or on stdin, byte for byte as the task carries it (no header,
+nothing stripped); task text is never put into a command. On a retry with feedback (the
+previous attempt's gate failure, a merge conflict) the feedback follows the prompt after the
+line :data:`FEEDBACK_MARKER`, so every tool sees it -- the AI CLIs' built-in templates pass
+nothing else -- and it is also alone in ``$ORCHESTRATOR_FEEDBACK_FILE``. What else we know
+(the task's id and title, its target paths) goes to ``$ORCHESTRATOR_CONTEXT_FILE``. The
 environment is built from scratch: nothing from the executor's environment reaches the
 adapter unless the adapter lists the name in ``pass_env`` (its own API key, typically).
 
@@ -84,12 +89,20 @@ class Invocation:
     stdin_file: Path | None
 
 
-def prompt_text(task: TaskSpec, extra: str | None = None) -> str:
-    parts = [
-        f"# Task {task.task_id}: {task.title}".rstrip(": "),
-        "",
-        task.prompt.strip(),
-    ]
+#: The line between the task's prompt and the feedback of the previous attempt.
+FEEDBACK_MARKER = "--- feedback from the previous attempt ---"
+
+
+def prompt_bytes(prompt: str, feedback: str | None) -> bytes:
+    """What the tool reads: the prompt byte for byte, then the feedback on a retry."""
+    if not feedback:
+        return prompt.encode("utf-8")
+    return f"{prompt}\n\n{FEEDBACK_MARKER}\n{feedback}\n".encode()
+
+
+def task_context(task: TaskSpec, extra: str | None = None) -> str:
+    """What we know about the task besides its prompt (``$ORCHESTRATOR_CONTEXT_FILE``)."""
+    parts = [f"# Task {task.task_id}: {task.title}".rstrip(": ")]
     if task.target_paths:
         parts += ["", "Files to change:", *(f"- {p}" for p in task.target_paths)]
     if extra:
@@ -106,6 +119,8 @@ def adapter_environment(
     prompt_file: Path,
     workspace: Path,
     parent_env: Mapping[str, str] = os.environ,
+    context_file: Path | None = None,
+    feedback_file: Path | None = None,
 ) -> dict[str, str]:
     env = {
         "PATH": base_path(),
@@ -120,6 +135,10 @@ def adapter_environment(
         "ORCHESTRATOR_PROMPT_FILE": str(prompt_file),
         "ORCHESTRATOR_WORKSPACE": str(workspace),
     }
+    if context_file is not None:
+        env["ORCHESTRATOR_CONTEXT_FILE"] = str(context_file)
+    if feedback_file is not None:
+        env["ORCHESTRATOR_FEEDBACK_FILE"] = str(feedback_file)
     env.update({name: parent_env[name] for name in adapter.pass_env if name in parent_env})
     env.update(adapter.env)
     return env
@@ -136,6 +155,8 @@ def process_invocation(
     workdir: Path,
     python: str,
     parent_env: Mapping[str, str] = os.environ,
+    context_file: Path | None = None,
+    feedback_file: Path | None = None,
 ) -> Invocation:
     assert adapter.kind is AdapterKind.PROCESS
     if adapter.template is not None:
@@ -165,6 +186,8 @@ def process_invocation(
         prompt_file=prompt_file,
         workspace=workspace,
         parent_env=parent_env,
+        context_file=context_file,
+        feedback_file=feedback_file,
     )
     return Invocation(argv=argv, env=env, stdin_file=prompt_file if stdin == "prompt" else None)
 
@@ -192,7 +215,13 @@ def run_process_adapter(
     Shared by the embedded backend and the runner in adapter pods.
     """
     prompt = attempt_dir / "prompt.md"
-    prompt.write_text(prompt_text(task, extra_input), encoding="utf-8")
+    prompt.write_bytes(prompt_bytes(task.prompt, extra_input))
+    context = attempt_dir / "context.md"
+    context.write_text(task_context(task, extra_input), encoding="utf-8")
+    feedback: Path | None = None
+    if extra_input:
+        feedback = attempt_dir / "feedback.md"
+        feedback.write_text(extra_input, encoding="utf-8")
     home = attempt_dir / "home"
     home.mkdir(exist_ok=True)
     inv = process_invocation(
@@ -204,6 +233,8 @@ def run_process_adapter(
         home=home,
         workdir=workdir,
         python=python,
+        context_file=context,
+        feedback_file=feedback,
     )
     note("adapter_command", argv=inv.argv)
     return run_process_group(
@@ -245,7 +276,7 @@ def run_api_adapter(
     return ApiCaller(adapter.api, log=log, note=note, env=env, stop=stop, clock=clock).run(
         task,
         tree,
-        prompt=prompt_text(task, extra_input),
+        prompt=prompt_bytes(task.prompt, extra_input).decode("utf-8"),
         run_id=run_id,
         attempt=attempt,
         feedback=extra_input,
@@ -265,7 +296,10 @@ def manual_paths(workdir: Path, run_id: str, task_id: str) -> tuple[Path, Path]:
 
 def manual_instructions(task: TaskSpec, run_id: str, repo_url: str) -> str:
     return (
-        prompt_text(task)
+        task_context(task)
+        + "\n"
+        + task.prompt
+        + ("" if task.prompt.endswith("\n") else "\n")
         + f"""
 ## How to hand in the change
 

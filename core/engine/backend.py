@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.engine.redaction import SHAPES_ONLY, Redactor
 from core.engine.workspace import CapturedDiff
 from core.identity import TaskKey
 from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec, TokenUsage
@@ -29,9 +30,15 @@ class AttemptRequest:
     timeout_seconds: float
     gate_checks: tuple[GateCheck, ...]
     gate_baseline: bool
+    #: Cap of the attempt's log (adapter output and notes, framing included).
     max_log_bytes: int
+    #: Hard limit of the diff: a larger one is not kept (the attempt is diff_too_large).
     max_diff_bytes: int
     extra_input: str | None = None
+    #: Masks the secrets the adapter receives in everything the attempt writes.
+    redactor: Redactor = SHAPES_ONLY
+    #: Cap of each gate check's output in the log (None: ``max_log_bytes``).
+    max_gate_log_bytes: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -40,7 +47,9 @@ class AttemptRequest:
 
 @dataclass(frozen=True)
 class AttemptOutcome:
-    """Evidence about the adapter step of one attempt; the lifecycle classifies it."""
+    """Evidence about the adapter step of one attempt; the lifecycle classifies it.
+
+    A kept diff is already in the evidence store: ``diff.summary.patch_ref`` names it."""
 
     exit_code: int | None = None
     signal: int | None = None

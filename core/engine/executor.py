@@ -39,7 +39,13 @@ from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
 from core.engine.backend import AttemptRequest, ExecutionBackend
 from core.engine.escalation import EscalationPolicy
-from core.engine.inputs import RoutedTask, RunInputs, load_inputs
+from core.engine.inputs import (
+    DEFAULT_MAX_PROMPT_BYTES,
+    RoutedTask,
+    RunInputs,
+    check_base_commits,
+    load_inputs,
+)
 from core.engine.lifecycle import (
     AttemptEvidence,
     Finish,
@@ -54,11 +60,12 @@ from core.engine.lifecycle import (
     next_step,
 )
 from core.engine.monitoring.metrics import Metrics
-from core.engine.monitoring.progress import ConsoleProgress, ProgressReporter
+from core.engine.monitoring.progress import ConsoleProgress, ProgressReporter, RedactingProgress
 from core.engine.process_group import process_group_alive, terminate_group
-from core.engine.process_spawner import LocalBackend
+from core.engine.process_spawner import WORK_DIR, LocalBackend
 from core.engine.recorder import Outcome as RecordedAttempt
 from core.engine.recorder import Recorder
+from core.engine.redaction import SHAPES_ONLY, adapter_redactor
 from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
 from core.engine.resilience.circuit_breaker import retry_after
 from core.engine.resilience.classification import Classification
@@ -78,7 +85,8 @@ from core.models import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
-DEFAULT_MAX_DIFF_BYTES = 5 * 1024 * 1024
+#: Hard limit of one attempt's diff: a larger one is not kept and fails as diff_too_large.
+DEFAULT_MAX_DIFF_BYTES = 100 * 1024 * 1024
 
 
 def _utcnow() -> datetime:
@@ -92,6 +100,9 @@ class ExecutorConfig:
     database_url: str | None = None
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     max_diff_bytes: int = DEFAULT_MAX_DIFF_BYTES
+    #: Cap of each gate check's output in the task log (None: ``max_log_bytes``).
+    max_gate_log_bytes: int | None = None
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     keep_worktrees: bool = False
     max_tasks: int | None = None
     wait_for_breakers: bool = True
@@ -163,14 +174,20 @@ class Executor:
         self.backend = backend
         self.clocks = clocks or Clocks()
         self.metrics = metrics or Metrics()
-        self.progress = progress or ConsoleProgress()
         self.stop = stop or threading.Event()
+        self.env: Mapping[str, str] = os.environ
+        # run-wide sinks (the console) mask the secrets of every adapter of the run
+        self.redactor = SHAPES_ONLY
+        for spec in inputs.adapters.values():
+            self.redactor = self.redactor.merge(adapter_redactor(spec, self.env))
+        self.progress = RedactingProgress(progress or ConsoleProgress(), self.redactor)
         self.recorder = Recorder(
             store,
             config.workdir,
             metrics=self.metrics,
             clock=self.clocks.wall,
             escalation=config.escalation,
+            evidence=getattr(backend, "evidence", None),
         )
         self.breakers = breakers or CircuitBreakers(
             RowBreakerStore(SqlBreakerRows(store.engine, EMBEDDED_SCOPE)),
@@ -326,6 +343,8 @@ class Executor:
             spec = spec.model_copy(update={"base_commit": start.base.commit})
             repo_url = start.base.repository
         started_at, started = self.clocks.wall(), self.clocks.monotonic()
+        gate_checks = plan.gate_checks(start.adapter_id)
+        redactor = adapter_redactor(adapter, self.env, gate_checks)
         self.recorder.begin(key, start, started_at=started_at)
         self.progress.task_started(task.task_id, start.attempt, start.adapter_id)
         request = AttemptRequest(
@@ -335,11 +354,13 @@ class Executor:
             attempt=start.attempt,
             repo_url=repo_url,
             timeout_seconds=max(start.timeout_seconds, 0.001),
-            gate_checks=plan.gate_checks(start.adapter_id),
+            gate_checks=gate_checks,
             gate_baseline=task.spec.gate_baseline,
             max_log_bytes=self.config.max_log_bytes,
             max_diff_bytes=self.config.max_diff_bytes,
             extra_input=start.feedback,
+            redactor=redactor,
+            max_gate_log_bytes=self.config.max_gate_log_bytes,
         )
         hooks = _Hooks(self.store, key)
         run = self.backend.run_adapter(request, hooks)
@@ -389,15 +410,10 @@ class Executor:
             )
             if interrupted
             else None,
+            redactor=redactor,
         )
-        patch = out.diff.stored_patch(self.config.max_diff_bytes) if out.diff else None
         outcome = self.recorder.record(
-            key,
-            spec.base_commit,
-            verdict,
-            breakers=self.breakers,
-            trial=trial,
-            patch=patch,
+            key, spec.base_commit, verdict, breakers=self.breakers, trial=trial
         )
         return outcome, interrupted
 
@@ -539,14 +555,18 @@ def build_executor(
     stop: threading.Event | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Executor:
-    """Check the entry contracts (inputs, database) and assemble an executor.
+    """Check the entry contracts (inputs, base commits, database) and assemble an executor.
 
     ``env``: where ``api`` adapters' key variables are read (default: this process's).
     """
     env = os.environ if env is None else env
-    inputs = load_inputs(config.workdir, config.run_id, env=env)
+    inputs = load_inputs(
+        config.workdir, config.run_id, env=env, max_prompt_bytes=config.max_prompt_bytes
+    )
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
+    if backend is None:
+        check_base_commits(inputs, config.workdir / WORK_DIR / "mirrors")
     stop = stop or threading.Event()
     clocks = clocks or Clocks()
     return Executor(

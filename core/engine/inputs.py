@@ -1,7 +1,9 @@
 """Entry contracts: the phase-4 inputs a run needs, checked before any work starts.
 
 Every problem stops the run with one :class:`EntryContractError` that names the file, the
-field and the fix; nothing is executed or recorded before all inputs are known to be good.
+field and the fix; nothing is executed or recorded before all inputs are known to be good:
+a prompt over the size limit, a repository URL with credentials in it, a base commit that is
+not in its repository (:func:`check_base_commits`) are refused here, not retried later.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from core.engine.state_files import (
     TASK_QUEUE,
     read_model,
 )
-from core.errors import EntryContractError
+from core.engine.workspace import ensure_mirror
+from core.errors import EntryContractError, InfrastructureError, MissingCommitError
 from core.models import (
     AdapterKind,
     AdapterSpec,
@@ -69,8 +72,15 @@ def resolve_repo(workdir: Path, repo: str) -> str:
     return str(path if path.is_absolute() else (workdir / path).resolve())
 
 
+DEFAULT_MAX_PROMPT_BYTES = 1024 * 1024
+
+
 def load_inputs(
-    workdir: Path, run_id: str, *, env: Mapping[str, str] = os.environ
+    workdir: Path,
+    run_id: str,
+    *,
+    env: Mapping[str, str] = os.environ,
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
 ) -> RunInputs:
     """The run's inputs, checked; ``env``: where ``api`` adapters' key variables must be set."""
     if not workdir.is_dir():
@@ -140,6 +150,15 @@ def load_inputs(
                 f"task {spec.task_id!r} is routed to a `patch` adapter but carries no patch",
                 "add the unified diff to `patch` or route the task to another adapter",
             )
+        size = len(spec.prompt.encode("utf-8"))
+        if size > max_prompt_bytes:
+            raise EntryContractError(
+                f"{qwhere}.prompt`",
+                f"task {spec.task_id!r} has a prompt of {size} bytes, over the limit of "
+                f"{max_prompt_bytes} bytes",
+                "shorten the prompt (put long material in the repository and name it), or "
+                "raise the limit with --max-prompt-bytes",
+            )
         repo = resolve_repo(workdir, spec.repo)
         if "://" not in repo and not Path(repo).exists():
             raise EntryContractError(
@@ -149,3 +168,24 @@ def load_inputs(
             )
         tasks.append(RoutedTask(seq=i, spec=spec, decision=decision))
     return RunInputs(run_id=run_id, workdir=workdir, tasks=tasks, adapters=adapters)
+
+
+def check_base_commits(inputs: RunInputs, mirrors: Path) -> None:
+    """Refuse a task whose ``base_commit`` is not in its repository, before any work.
+
+    Fetches each repository once into ``mirrors`` (the cache the attempts use). A repository
+    that cannot be reached is not refused here: that is a platform failure its attempts
+    record and retry.
+    """
+    queue = inputs.workdir / STATE_DIR / TASK_QUEUE
+    for task in inputs.tasks:
+        try:
+            ensure_mirror(mirrors, inputs.repo_url(task.spec), task.spec.base_commit)
+        except MissingCommitError as exc:
+            raise EntryContractError(
+                f"{queue}: field `tasks.{task.seq}.base_commit`",
+                f"task {task.task_id!r}: {exc}",
+                "pin a commit that exists in the repository (`git rev-parse <branch>` there)",
+            ) from exc
+        except InfrastructureError:
+            continue

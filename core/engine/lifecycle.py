@@ -12,7 +12,9 @@ same answer on both backends, in crash recovery and in tests.
 * :func:`needs_gate` -- after the adapter ran: is there a change for the test gate to judge?
 * :func:`conclude` -- after an attempt: classify the evidence, build the
   :class:`~core.models.AttemptResult` (the only place one is built from evidence) and decide
-  between a retry after a backoff and the task's final state.
+  between a retry after a backoff and the task's final state. Evidence goes in as observed;
+  what comes out (result, classification, messages) has passed the attempt's
+  :class:`~core.engine.redaction.Redactor`, so every record written from it is masked.
 * :func:`reopen` -- after the integration worker found a completed task's change conflicting
   with (or failing the gate together with) the changes merged before it: send it back for
   another attempt under the same retry policy and budget, or leave it completed.
@@ -38,10 +40,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from core.engine.redaction import SHAPES_ONLY, Redactor
 from core.engine.resilience.classification import (
     Classification,
     FailureEvidence,
@@ -355,8 +358,9 @@ def adapter_succeeded(evidence: AttemptEvidence) -> bool:
 
 
 def needs_gate(plan: TaskPlan, evidence: AttemptEvidence) -> bool:
-    """Whether the test gate runs: the adapter succeeded and left a usable diff."""
-    if not adapter_succeeded(evidence) or evidence.diff is None:
+    """Whether the test gate runs: the adapter succeeded and left a usable diff (one that
+    was kept whole: a diff over the hard limit is not judged)."""
+    if not adapter_succeeded(evidence) or evidence.diff is None or evidence.diff.truncated:
         return False
     return not evidence.diff.empty or plan.allow_empty_diff
 
@@ -373,6 +377,9 @@ def classify_attempt(plan: TaskPlan, evidence: AttemptEvidence) -> Classificatio
             infrastructure_reason=evidence.infrastructure_reason,
             adapter_error=evidence.adapter_error,
             diff_empty=evidence.diff.empty if evidence.diff is not None else None,
+            diff_too_large_bytes=evidence.diff.bytes
+            if evidence.diff is not None and evidence.diff.truncated
+            else None,
             allow_empty_diff=plan.allow_empty_diff,
             gate_passed=gate.passed if gate is not None else None,
             gate_failed_checks=tuple(gate.blamed) if gate is not None else (),
@@ -399,14 +406,25 @@ def conclude(
     *,
     rng: random.Random,
     classification: Classification | None = None,
+    redactor: Redactor = SHAPES_ONLY,
 ) -> Verdict:
     """Classify one finished attempt, decide retry or finish, and build its result.
 
     ``history``: the task's attempts finished before this one. ``classification``
     overrides the evidence's (only for an attempt the driver knows more about, e.g.
-    interrupted by a stop request).
+    interrupted by a stop request). ``redactor``: the attempt's (the secrets its adapter
+    was given); known credential shapes are masked without one.
     """
+    evidence = replace(
+        evidence,
+        output_tail=redactor(evidence.output_tail),
+        start_error=redactor(evidence.start_error) if evidence.start_error else None,
+        infrastructure_reason=redactor(evidence.infrastructure_reason)
+        if evidence.infrastructure_reason
+        else None,
+    )
     verdict = classification or classify_attempt(plan, evidence)
+    verdict = replace(verdict, message=redactor(verdict.message))
     duration = evidence.duration_seconds
     remaining = plan.budget_seconds - spent_seconds(history) - duration
     decision = decide_retry(
@@ -418,6 +436,7 @@ def conclude(
         min_attempt_seconds=plan.retry.min_attempt_seconds,
         min_delay_seconds=evidence.retry_after_seconds or 0.0,
     )
+    decision = replace(decision, reason=redactor(decision.reason))
     finish: Finish | None = None
     if not decision.retry:
         exhausted = decision.budget_exhausted
@@ -426,27 +445,29 @@ def conclude(
         if exhausted:
             message = f"{message}; {budget_spent(plan)}"
         finish = Finish(state, verdict.failure_class, message, decision.reason, exhausted)
-    result = AttemptResult(
-        attempt=evidence.attempt,
-        adapter_id=evidence.adapter_id,
-        state=task_state(verdict),
-        failure_class=verdict.failure_class,
-        failure_message="" if verdict.succeeded else verdict.message,
-        exit_code=evidence.exit_code,
-        signal=evidence.signal,
-        timed_out=evidence.timed_out,
-        started_at=evidence.started_at,
-        finished_at=evidence.finished_at,
-        duration_seconds=round(duration, 3),
-        log_path=evidence.log_path,
-        log_bytes=evidence.log_bytes,
-        log_truncated=evidence.log_truncated,
-        diff=evidence.diff,
-        gate=evidence.gate,
-        final=finish is not None,
-        task_final_state=finish.state if finish is not None else None,
-        backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,
-        usage=evidence.usage,
+    result = redactor.model(
+        AttemptResult(
+            attempt=evidence.attempt,
+            adapter_id=evidence.adapter_id,
+            state=task_state(verdict),
+            failure_class=verdict.failure_class,
+            failure_message="" if verdict.succeeded else verdict.message,
+            exit_code=evidence.exit_code,
+            signal=evidence.signal,
+            timed_out=evidence.timed_out,
+            started_at=evidence.started_at,
+            finished_at=evidence.finished_at,
+            duration_seconds=round(duration, 3),
+            log_path=evidence.log_path,
+            log_bytes=evidence.log_bytes,
+            log_truncated=evidence.log_truncated,
+            diff=evidence.diff,
+            gate=evidence.gate,
+            final=finish is not None,
+            task_final_state=finish.state if finish is not None else None,
+            backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,
+            usage=evidence.usage,
+        )
     )
     return Verdict(result, verdict, finish, decision)
 

@@ -8,12 +8,14 @@ mirror in the database (every entry is mirrored there with its hash).
 Appends are idempotent on (task identity, attempt, kind) and serialised between processes
 with an exclusive ``flock`` on the ledger file; each line is fsynced before the database mirror
 is written, so the file is always the leader and the mirror can be repaired from it.
-The diff bytes are stored content-addressed under ``.ledger/patches/``.
+The full diff is not in the ledger: an entry's ``patch_ref`` is its key in the evidence store
+(:mod:`core.engine.evidence`, ``.ledger/patches/<sha256>.diff.gz`` on the embedded backend),
+where the backend put it before the attempt was recorded.
 
 Two kinds of entries share the one chain: ``attempt`` (one per finished attempt; the line has
 no ``kind`` field, so entries written before kinds existed hash as they did) and
 ``integration`` (the integration worker's verdict on a completed attempt's change; it refers
-to the same patch file). :func:`verify` checks both the same way.
+to the same patch). :func:`verify` checks both the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +33,7 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from core.engine.state_files import atomic_write_bytes
+from core.engine.evidence import EvidenceStore, check, put_bytes, read_all
 from core.engine.task_log import utcnow
 from core.identity import TaskKey
 from core.models import (
@@ -65,9 +67,11 @@ def entry_hash(fields: dict[str, Any]) -> str:
 
 
 class PatchLedger:
-    def __init__(self, path: Path, patches_dir: Path, now: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, path: Path, evidence: EvidenceStore, now: Callable[[], datetime] = utcnow
+    ) -> None:
         self.path = path
-        self.patches_dir = patches_dir
+        self.evidence = evidence
         self._now = now
         self._offset = 0
         self._index: dict[Key, LedgerEntry] = {}
@@ -95,16 +99,22 @@ class PatchLedger:
         key: TaskKey,
         base_commit: str,
         result: AttemptResult,
-        patch: bytes | None,
+        patch: bytes | None = None,
     ) -> LedgerEntry:
-        """Record one finished attempt; a replay of the same attempt returns the first entry."""
+        """Record one finished attempt; a replay of the same attempt returns the first entry.
+
+        The patch is referenced by ``result.diff.patch_ref`` (already in the evidence store);
+        ``patch`` (bytes) is stored first for a driver that holds the diff in memory only.
+        """
         with self._locked() as fh:
             self._catch_up(fh)
             existing = self._index.get(_lookup(key, result.attempt))
             if existing is not None:
                 return existing
-            patch_ref = self._store_patch(patch) if patch else None
             diff = result.diff
+            patch_ref = diff.patch_ref if diff is not None else None
+            if patch_ref is None and patch:
+                patch_ref = put_bytes(self.evidence, patch, self.path.parent).key
             fields: dict[str, Any] = {
                 "seq": (self._last.seq if self._last else 0) + 1,
                 "run_id": key.run_id,
@@ -201,14 +211,7 @@ class PatchLedger:
     def read_patch(self, entry: LedgerEntry) -> bytes | None:
         if entry.patch_ref is None:
             return None
-        return (self.patches_dir.parent / entry.patch_ref).read_bytes()
-
-    def _store_patch(self, patch: bytes) -> str:
-        digest = hashlib.sha256(patch).hexdigest()
-        target = self.patches_dir / f"{digest}.diff"
-        if not target.exists():
-            atomic_write_bytes(target, patch)
-        return f"{self.patches_dir.name}/{digest}.diff"
+        return read_all(self.evidence, entry.patch_ref)
 
     def _remember(self, entry: LedgerEntry) -> None:
         self._index[_key(entry)] = entry
@@ -244,9 +247,16 @@ class VerifyReport:
 
 
 def verify(
-    path: Path, patches_dir: Path | None = None, anchor: Iterable[tuple[int, str]] = ()
+    path: Path,
+    evidence: EvidenceStore | None = None,
+    anchor: Iterable[tuple[int, str]] = (),
+    pruned: Collection[str] = (),
 ) -> VerifyReport:
-    """Check the chain line by line; ``anchor`` is (seq, hash) pairs from the DB mirror."""
+    """Check the chain line by line; ``anchor`` is (seq, hash) pairs from the DB mirror.
+
+    With ``evidence``, every referenced patch must be there and hash to its key, except
+    those in ``pruned`` (removed on purpose by ``orchestrator gc --include-referenced``).
+    """
     problems: list[str] = []
     prev = GENESIS
     hashes: dict[int, str] = {}
@@ -269,12 +279,12 @@ def verify(
             )
         if entry_hash(fields) != entry.hash:
             problems.append(f"line {lineno} (seq {entry.seq}): content edited (hash mismatch)")
-        if patches_dir is not None and entry.patch_ref:
-            patch = patches_dir.parent / entry.patch_ref
-            if not patch.exists():
-                problems.append(f"line {lineno} (seq {entry.seq}): patch {entry.patch_ref} missing")
-            elif hashlib.sha256(patch.read_bytes()).hexdigest() != patch.stem:
-                problems.append(f"line {lineno} (seq {entry.seq}): patch {entry.patch_ref} edited")
+        if evidence is not None and entry.patch_ref and entry.patch_ref not in pruned:
+            problem = check(evidence, entry.patch_ref)
+            if problem is not None:
+                problems.append(
+                    f"line {lineno} (seq {entry.seq}): patch {entry.patch_ref} {problem}"
+                )
         prev = entry.hash
         hashes[entry.seq] = entry.hash
     for seq, mirrored in anchor:

@@ -5,10 +5,13 @@ Layout under the work dir (all disposable, rebuilt as needed)::
     .work/mirrors/<repo>-<hash>.git            bare mirror, fetched once per repository
     .work/<run>/<task>/<attempt>/tree           the adapter's worktree at the base commit
     .work/<run>/<task>/<attempt>/prompt.md      the prompt, outside the tree (not in the diff)
+    .work/<run>/<task>/<attempt>/diff.patch     the captured diff, spooled (then in the store)
     .work/<run>/<task>/<attempt>/home           $HOME of the adapter (not the user's)
     .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate
 
-The diff is captured even after a timeout, so partial work is recorded as evidence. An
+The diff is captured even after a timeout, so partial work is recorded as evidence, and put
+in the evidence store (content-addressed, compressed) before the attempt is recorded: the
+records carry its key, never the bytes. A diff over the hard limit is not kept at all. An
 ``api`` adapter's call is made from this process (``core.engine.api_adapter``); its reply's
 diff is applied to the worktree and captured like any other change.
 """
@@ -35,10 +38,12 @@ from core.engine.backend import (
     AttemptRequest,
     LogCounts,
 )
+from core.engine.evidence import EvidenceStore, local_store
 from core.engine.process_group import ProcessResult
-from core.engine.task_log import PrefixedSink, TaskLog
+from core.engine.task_log import TaskLog
 from core.engine.test_gate import run_gate
 from core.engine.workspace import (
+    CapturedDiff,
     add_worktree,
     apply_patch,
     capture_diff,
@@ -46,7 +51,7 @@ from core.engine.workspace import (
     git,
     remove_worktree,
 )
-from core.errors import InfrastructureError
+from core.errors import InfrastructureError, MissingCommitError
 from core.identity import TaskKey
 from core.models import AdapterKind, GateResult
 
@@ -79,10 +84,12 @@ class LocalBackend:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         env: Mapping[str, str] = os.environ,
+        evidence: EvidenceStore | None = None,
     ) -> None:
         """``env``: where ``api`` adapters find their API key variable."""
         self.workdir = workdir
         self.env = env
+        self.evidence = evidence or local_store(workdir)
         self.python = python
         self.keep_worktrees = keep_worktrees
         self.grace_seconds = grace_seconds
@@ -101,13 +108,15 @@ class LocalBackend:
             task_id=task.task_id,
             attempt=request.attempt,
             max_bytes=request.max_log_bytes,
+            redactor=request.redactor,
+            section_bytes=request.max_gate_log_bytes,
         )
         handle = _Handle(None, None, adir, log, task.base_commit)
         started = self.clock()
         try:
             handle.mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
             handle.tree = add_worktree(handle.mirror, adir / "tree", task.base_commit)
-        except InfrastructureError as exc:
+        except (InfrastructureError, MissingCommitError) as exc:
             log.note("attempt_not_started", error=str(exc))
             outcome = AttemptOutcome(
                 start_error=str(exc),
@@ -140,8 +149,8 @@ class LocalBackend:
             )
         else:
             proc = self._run_adapter(request, tree, adir, log, hooks)
-        diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
-        log.note("diff_captured", bytes=diff.summary.bytes, files=diff.summary.files_changed)
+        log.end_section()
+        diff = self._keep(request, tree, adir, log)
         outcome = AttemptOutcome(
             exit_code=proc.exit_code,
             signal=proc.signal,
@@ -161,15 +170,41 @@ class LocalBackend:
         )
         return AdapterRun(outcome, handle)
 
+    def _keep(self, request: AttemptRequest, tree: Path, adir: Path, log: TaskLog) -> CapturedDiff:
+        """Capture the diff (up to the hard limit) and put it in the evidence store."""
+        spool = adir / "diff.patch"
+        diff = capture_diff(tree, request.task.base_commit, request.max_diff_bytes, spool)
+        summary = diff.summary
+        if diff.path is not None and not summary.empty:
+            ref = self.evidence.put_file(diff.path, summary.sha256)
+            summary = summary.model_copy(
+                update={"patch_ref": ref.key, "patch_stored_bytes": ref.stored_bytes}
+            )
+            diff = CapturedDiff(diff.path, summary)
+            if request.redactor.secret_count and request.redactor.contains_value(diff.patch):
+                log.note("diff_contains_secret", hint="a secret the adapter was given is in it")
+        log.note(
+            "diff_captured",
+            bytes=summary.bytes,
+            files=summary.files_changed,
+            sha256=summary.sha256,
+            patch_ref=summary.patch_ref,
+            stored_bytes=summary.patch_stored_bytes,
+            over_limit=summary.truncated,
+            limit=request.max_diff_bytes,
+        )
+        return diff
+
     def run_gate(self, request: AttemptRequest, run: AdapterRun) -> GateResult:
         handle: _Handle = run.handle
         assert handle.mirror is not None and run.outcome.diff is not None
         mirror, log = handle.mirror, handle.log
+        assert run.outcome.diff.path is not None  # needs_gate: only a kept diff is judged
         gate = run_gate(
             request.gate_checks,
-            patch=run.outcome.diff.patch,
+            patch=run.outcome.diff.path,
             checkout=lambda: self._gate_checkout(mirror, handle.base_commit, handle.adir),
-            sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
+            sinks=lambda name: log.section(f"gate:{name}"),
             baseline=request.gate_baseline,
             policy=request.task.gate_policy,
             python=self.python,
@@ -227,9 +262,9 @@ class LocalBackend:
         _, submitted = manual_paths(self.workdir, request.key.run_id, task.task_id)
         if not submitted.exists():
             raise InfrastructureError(f"manual task {task.task_id}: no submitted patch")
-        return self._apply(tree, submitted.read_bytes(), log, "submitted patch")
+        return self._apply(tree, submitted, log, "submitted patch")
 
-    def _apply(self, tree: Path, patch: bytes, log: TaskLog, what: str) -> ProcessResult:
+    def _apply(self, tree: Path, patch: bytes | Path, log: TaskLog, what: str) -> ProcessResult:
         started = self.clock()
         method = apply_patch(tree, patch)
         took = self.clock() - started

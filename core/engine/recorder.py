@@ -2,6 +2,7 @@
 
 Order of writes for a finished attempt, each idempotent per (task identity, attempt):
 
+0. (before: the backend put the full diff in the evidence store; the result references it)
 1. the patch ledger (fsynced; the leader, from which the database mirror can be repaired);
 2. the database in one transaction: task row, ``execution_log`` event, ``patch_history``
    mirror and the adapter's circuit breaker (so a replay never counts a failure twice);
@@ -32,6 +33,7 @@ from core.db.store import Event, Recorded, Store, TaskRecord
 from core.db.test_history import record_gate_tests
 from core.engine.escalation import EscalationPolicy, Escalations
 from core.engine.events import EventLog
+from core.engine.evidence import EvidenceStore, local_store
 from core.engine.lifecycle import Finish, Start, Verdict, final_state
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import PatchLedger
@@ -78,13 +80,13 @@ class Recorder:
         clock: Callable[[], datetime],
         dedupe_events: bool = True,
         escalation: EscalationPolicy | None = None,
+        evidence: EvidenceStore | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
-        self.ledger = PatchLedger(
-            workdir / STATE_DIR / PATCH_LEDGER, workdir / ".ledger" / "patches", clock
-        )
+        self.evidence = evidence or local_store(workdir)
+        self.ledger = PatchLedger(workdir / STATE_DIR / PATCH_LEDGER, self.evidence, clock)
         self.events = EventLog(workdir / "logs" / "executor.jsonl", dedupe=dedupe_events)
         self.resilience = ResilienceLog(workdir / "logs" / "resilience.jsonl", clock)
         self.escalations = Escalations(
@@ -126,7 +128,6 @@ class Recorder:
         return self._commit(
             key,
             entry,
-            patch,
             verdict.classification,
             finish_of(entry.result, verdict),
             breakers=breakers,
@@ -145,7 +146,6 @@ class Recorder:
         return self._commit(
             key,
             entry,
-            self.ledger.read_patch(entry),
             classification,
             finish_of(result),
             breakers=breakers,
@@ -157,7 +157,6 @@ class Recorder:
         self,
         key: TaskKey,
         entry: LedgerEntry,
-        patch: bytes | None,
         classification: Classification,
         finish: Finish | None,
         *,
@@ -173,7 +172,6 @@ class Recorder:
             final_state=finish.state if finish else None,
             final_message=finish.message if finish else "",
             entry=entry,
-            patch=patch,
             breaker=feed,
         )
         self.events.write(recorded.events)
@@ -252,7 +250,7 @@ class Recorder:
         for entry in self.ledger.entries():
             # integration verdicts are mirrored by the integration worker, not patch_history
             if entry.kind == "attempt" and entry.seq not in mirrored:
-                self.store.mirror_ledger(entry, self.ledger.read_patch(entry), entry.scope or "")
+                self.store.mirror_ledger(entry, entry.scope or "")
         self.escalations.repair()
 
 

@@ -331,7 +331,7 @@ def run_checks(
 def run_gate(
     checks: Sequence[GateCheck],
     *,
-    patch: bytes,
+    patch: bytes | Path,
     checkout: Checkout,
     sinks: SinkFactory,
     baseline: bool = False,

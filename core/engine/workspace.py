@@ -12,10 +12,11 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import InfrastructureError
+from core.errors import InfrastructureError, MissingCommitError
 from core.models import DiffSummary, FileChange, FileStatus
 
 #: Our own git calls never read the user's or system config and never prompt.
@@ -66,7 +67,9 @@ def ensure_mirror(cache_dir: Path, repo_url: str, commit: str) -> Path:
     if not has_commit(mirror, commit):
         git("fetch", "--quiet", repo_url, "+refs/heads/*:refs/heads/*", cwd=mirror)
         if not has_commit(mirror, commit):
-            raise InfrastructureError(f"commit {commit} not found in {repo_url}")
+            raise MissingCommitError(
+                f"commit {commit} is not in repository {repo_url} (all branches fetched)"
+            )
     return mirror
 
 
@@ -95,20 +98,24 @@ def remove_worktree(mirror: Path, path: Path) -> None:
         git("worktree", "prune", cwd=mirror)
 
 
+#: Files listed in a diff summary (``files_changed`` keeps the full count).
+MAX_DIFF_FILES = 200
+_CHUNK = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class CapturedDiff:
-    """The full diff bytes (for the gate) and its summary (for results and the ledger)."""
+    """The full diff (spooled to a file, for the gate and the evidence store) and its
+    summary (for results and the ledger). ``path`` is None when the diff exceeded the hard
+    limit: then nothing was kept and ``summary.truncated`` is set."""
 
-    patch: bytes
+    path: Path | None
     summary: DiffSummary
 
-    def stored_patch(self, max_bytes: int) -> bytes:
-        """The copy kept in the ledger/DB: at most ``max_bytes``, with a visible marker."""
-        if len(self.patch) <= max_bytes:
-            return self.patch
-        dropped = len(self.patch) - max_bytes
-        marker = f"\n# orchestrator: diff truncated, {dropped} bytes dropped\n"
-        return self.patch[:max_bytes] + marker.encode()
+    @property
+    def patch(self) -> bytes:
+        """The diff's bytes, read from the spool file (b"" when none was kept)."""
+        return self.path.read_bytes() if self.path is not None else b""
 
 
 _STATUS: dict[str, FileStatus] = {
@@ -121,31 +128,73 @@ _STATUS: dict[str, FileStatus] = {
 }
 
 
-def capture_diff(tree: Path, base_commit: str, max_bytes: int) -> CapturedDiff:
+def capture_diff(
+    tree: Path, base_commit: str, max_bytes: int, spool: Path | None = None
+) -> CapturedDiff:
     """Diff of everything in ``tree`` (tracked, new, deleted, renamed, binary) vs the base.
 
     Untracked files are staged first (``.gitignore`` is honoured), so commits the adapter made
-    itself and uncommitted edits are both captured relative to the pinned base commit.
+    itself and uncommitted edits are both captured relative to the pinned base commit. The
+    diff streams into ``spool`` (default: ``diff.patch`` beside the tree) with its sha256
+    computed on the way; past ``max_bytes`` git is stopped and the spool removed, so an
+    adapter cannot make us hold (or store) more than the hard limit.
     """
     git("add", "--all", cwd=tree)
     common = ("diff", "--cached", "--find-renames", "--no-ext-diff", "--no-textconv")
-    patch = git(*common, "--binary", "--full-index", base_commit, cwd=tree)
+    spool = spool or tree.parent / "diff.patch"
+    sha256, size, complete = _spool(
+        [*common, "--binary", "--full-index", base_commit], tree, spool, max_bytes
+    )
     files = _file_changes(
         git(*common, "--name-status", "-z", base_commit, cwd=tree),
         git(*common, "--numstat", "-z", base_commit, cwd=tree),
     )
     summary = DiffSummary(
-        sha256=hashlib.sha256(patch).hexdigest(),
-        bytes=len(patch),
+        sha256=sha256 if complete else "",
+        bytes=size,
         files_changed=len(files),
         insertions=sum(f.insertions for f in files),
         deletions=sum(f.deletions for f in files),
         binary_files=sum(1 for f in files if f.binary),
-        truncated=len(patch) > max_bytes,
-        empty=not patch,
-        files=files,
+        truncated=not complete,
+        empty=size == 0,
+        files=files[:MAX_DIFF_FILES],
     )
-    return CapturedDiff(patch=patch, summary=summary)
+    return CapturedDiff(path=spool if complete else None, summary=summary)
+
+
+def _spool(args: list[str], cwd: Path, target: Path, limit: int) -> tuple[str, int, bool]:
+    """Run ``git <args>`` into ``target``: (sha256, bytes seen, whether all of it fit)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **GIT_ENV}
+    digest, size = hashlib.sha256(), 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            ["git", "-c", "core.quotepath=off", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+        assert proc.stdout is not None
+        with proc.stdout:
+            while chunk := proc.stdout.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    proc.kill()
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+        code = proc.wait()
+        if size > limit:
+            out.close()
+            target.unlink(missing_ok=True)
+            return "", size, False
+        if code != 0:
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()
+            raise InfrastructureError(f"git diff failed: {message}")
+    return digest.hexdigest(), size, True
 
 
 def _file_changes(name_status: bytes, numstat: bytes) -> list[FileChange]:
@@ -203,8 +252,9 @@ APPLY_LADDER: tuple[tuple[str, ...], ...] = (
 FUZZY_APPLY = ("apply", "--index", "--binary", "-C1", "--ignore-whitespace")
 
 
-def apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> str | None:
-    """Apply ``patch`` to a fresh checkout; return the method that worked, None if none did.
+def apply_patch(tree: Path, patch: bytes | Path, *, fuzzy: bool = False) -> str | None:
+    """Apply ``patch`` (bytes, or a file: a large diff is never read into memory) to a fresh
+    checkout; return the method that worked, None if none did.
 
     Every rung leaves the result in the index too (``--3way`` implies ``--index``), which
     the gate's tamper check relies on. ``fuzzy`` adds the last rung: off by default, because
@@ -213,16 +263,24 @@ def apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> str | None:
     return try_apply_patch(tree, patch, fuzzy=fuzzy)[0]
 
 
-def try_apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> tuple[str | None, str]:
+def try_apply_patch(
+    tree: Path, patch: bytes | Path, *, fuzzy: bool = False
+) -> tuple[str | None, str]:
     """:func:`apply_patch`, also returning why it did not apply: git's message for the
     strictest rung (the one that names the first hunk or line that is wrong)."""
-    if not patch:
+    if isinstance(patch, Path):
+        if patch.stat().st_size == 0:
+            return "empty", ""
+        source, data = str(patch.resolve()), None
+    elif not patch:
         return "empty", ""
+    else:
+        source, data = "-", patch
     ladder = (*APPLY_LADDER, FUZZY_APPLY) if fuzzy else APPLY_LADDER
     first_error = ""
     for method in ladder:
         try:
-            git(*method, "-", cwd=tree, input=patch)
+            git(*method, source, cwd=tree, input=data)
         except InfrastructureError as exc:
             first_error = first_error or str(exc)
             git("reset", "--hard", "--quiet", cwd=tree)

@@ -21,6 +21,7 @@ _REASONS = {
     FailureClass.EMPTY_DIFF: "EmptyDiff",
     FailureClass.GATE_FAILED: "GateFailed",
     FailureClass.CANCELLED: "Cancelled",
+    FailureClass.DIFF_TOO_LARGE: "DiffTooLarge",
 }
 
 

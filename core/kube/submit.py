@@ -23,6 +23,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from core.engine.evidence import local_store
 from core.engine.inputs import RoutedTask, RunInputs, load_inputs
 from core.engine.monitoring.progress import ProgressReporter
 from core.engine.patch_ledger import PatchLedger
@@ -260,9 +261,7 @@ class KubernetesSubmitter:
 
     def write_outputs(self, items: list[dict[str, Any]]) -> ExecutionResults:
         by_task = {(i["spec"].get("taskId") or i["metadata"]["name"]): i for i in items}
-        ledger = PatchLedger(
-            self.workdir / STATE_DIR / PATCH_LEDGER, self.workdir / ".ledger" / "patches"
-        )
+        ledger = PatchLedger(self.workdir / STATE_DIR / PATCH_LEDGER, local_store(self.workdir))
         results = []
         for task in self.inputs.tasks:
             item = by_task.get(task.task_id)

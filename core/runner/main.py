@@ -50,6 +50,7 @@ from core import __version__
 from core.engine.adapters import run_api_adapter, run_process_adapter
 from core.engine.api_adapter import ApiOutcome
 from core.engine.process_group import ProcessResult
+from core.engine.redaction import adapter_redactor
 from core.engine.task_log import PrefixedSink, TaskLog
 from core.engine.test_gate import TAIL_CHARS, run_gate
 from core.engine.workspace import (
@@ -59,7 +60,7 @@ from core.engine.workspace import (
     ensure_mirror,
     git,
 )
-from core.errors import InfrastructureError
+from core.errors import InfrastructureError, MissingCommitError
 from core.models import AdapterKind
 from core.runner.protocol import (
     DEFAULT_GRACE_SECONDS,
@@ -160,6 +161,7 @@ def run(
         attempt=request.attempt,
         max_bytes=request.max_log_bytes,
         mirror=out,
+        redactor=adapter_redactor(request.adapter, os.environ, request.gate_checks),
     )
     try:
         if request.kind == "adapter":
@@ -222,6 +224,7 @@ def _adapter(
     else:  # patch, and manual: the human's patch travels in the task's `patch` field
         assert task.patch is not None  # checked by RunnerRequest
         proc = _apply(tree, task.patch.encode(), log)
+    log.end_section()
     diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
     log.note(
         "diff_captured",
@@ -247,7 +250,7 @@ def _adapter(
         cancelled=proc.cancelled,
         start_error=proc.start_error,
         duration_seconds=round(time.monotonic() - started, 3),
-        output_tail=proc.tail[-TAIL_CHARS:],
+        output_tail=log.redactor(proc.tail[-TAIL_CHARS:]),
         diff=diff.summary,
         patch_b64=None if diff.summary.truncated else base64.b64encode(diff.patch).decode(),
         runner_version=__version__,
@@ -359,7 +362,7 @@ def _mirror(request: RunnerRequest, workdir: Path, log: TaskLog) -> Path:
         # embedded in) the source URL through the worktree's git config
         if b"origin" in git("remote", cwd=mirror).split():
             git("remote", "remove", "origin", cwd=mirror)
-    except InfrastructureError as exc:
+    except (InfrastructureError, MissingCommitError) as exc:
         raise RunnerFailure(f"clone of the source failed: {exc}") from exc
     return mirror
 

@@ -17,8 +17,9 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: flood <lines>                print many lines
     fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
     fake-ai: exit <code>                  stop with that exit code
-    fake-ai: on-feedback write <path> :: <text>   only when the prompt carries gate feedback
-    fake-ai: echo-feedback                print the prompt's feedback section, line by line
+    fake-ai: on-feedback write <path> :: <text>   only on a retry with gate feedback
+                                          (``$ORCHESTRATOR_FEEDBACK_FILE``)
+    fake-ai: echo-feedback                print the retry's feedback, line by line
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from core.engine.adapters import FEEDBACK_MARKER
 
 
 def main() -> int:
@@ -44,13 +47,15 @@ def main() -> int:
     else:
         prompt = sys.stdin.read()
     print(f"fake-ai: read a prompt of {len(prompt)} characters", flush=True)
+    prompt, _, _ = prompt.partition(FEEDBACK_MARKER)  # the ops are the task's, not feedback
     for raw in prompt.splitlines():
         if not raw.startswith("fake-ai:"):
             continue
         words, _, text = raw.removeprefix("fake-ai:").partition(" :: ")
         op, *rest = shlex.split(words)
         if op == "on-feedback":
-            if "## Feedback from the previous attempt" not in prompt:
+            feedback = os.environ.get("ORCHESTRATOR_FEEDBACK_FILE")
+            if not feedback or not Path(feedback).read_text(encoding="utf-8").strip():
                 continue
             op, *rest = rest
         text = text.replace("\\n", "\n")
@@ -70,8 +75,9 @@ def main() -> int:
         elif op == "delete":
             Path(rest[0]).unlink()
         elif op == "echo-feedback":
-            _, found, feedback = prompt.partition("## Feedback from the previous attempt")
-            for line in feedback.strip().splitlines() if found else []:
+            given = os.environ.get("ORCHESTRATOR_FEEDBACK_FILE")
+            feedback = Path(given).read_text(encoding="utf-8") if given else ""
+            for line in feedback.strip().splitlines():
                 print(f"feedback: {line}", flush=True)
         elif op == "say":
             print(" ".join(rest), flush=True)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import make_engine
 from core.db.tables import ExecutionLog, PatchHistory, Task
+from core.engine.evidence import local_store
 from core.engine.patch_ledger import verify
 from core.engine.task_log import read_records
 from core.models import ExecutionResults, FailureClass, LedgerEntry, TaskState
@@ -78,7 +79,7 @@ def assert_consistent(workdir: Path, db_url: str, repo_root: Path) -> ExecutionR
     assert [(h.seq, h.entry_hash) for h in history] == [(e.seq, e.hash) for e in entries]
     report = verify(
         workdir / ".state/patch_ledger.jsonl",
-        workdir / ".ledger/patches",
+        local_store(workdir),
         [(h.seq, h.entry_hash) for h in history],
     )
     assert report.ok, report.problems

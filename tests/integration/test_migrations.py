@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from core.db.database import alembic_config, make_engine, upgrade
@@ -116,3 +116,46 @@ def test_0002_downgrades_while_identities_do_not_collide(url: str) -> None:
         assert c.execute(text("SELECT id, breaker_version FROM adapters")).all() == [("fake-ai", 7)]
     engine.dispose()
     upgrade(url)
+
+
+def test_0004_moves_patches_out_of_the_database_and_back(url: str, tmp_path: Path) -> None:
+    """patch_history.patch (bytes) becomes a key of the evidence store; no byte is lost."""
+    import hashlib
+
+    from core.engine.evidence import LocalEvidenceStore, read_all
+
+    upgrade(url, "0003")
+    patch = b"diff --git a/x b/x\n+\x00binary-ish\n"
+    engine = make_engine(url)
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO patch_history (seq, run_id, task_id, task_uid, scope, attempt, "
+                "adapter_id, base_commit, state, diff_bytes, files_changed, insertions, "
+                "deletions, truncated, patch, prev_hash, entry_hash, recorded_at) VALUES "
+                "(1, 'r', 't', '', '', 1, 'a', :commit, 'COMPLETED', :n, 1, 1, 0, false, "
+                ":patch, :zero, :hash, :now)"
+            ),
+            {"commit": COMMIT, "n": len(patch), "patch": patch, "zero": "0" * 64,
+             "hash": "1" * 64, "now": NOW},
+        )
+    engine.dispose()
+    root = tmp_path / "work" / ".ledger"
+    upgrade(url, evidence_root=root)
+    key = f"patches/{hashlib.sha256(patch).hexdigest()}.diff"
+    engine = make_engine(url)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT seq, patch_ref FROM patch_history")).all() == [(1, key)]
+        columns = {col["name"] for col in inspect(engine).get_columns("patch_history")}
+    engine.dispose()
+    assert "patch" not in columns
+    assert read_all(LocalEvidenceStore(root), key) == patch
+    assert Store(make_engine(url)).patch_ref(TaskKey("r", "t"), 1) == key
+
+    cfg = alembic_config(url)
+    cfg.attributes["evidence_root"] = str(root)
+    command.downgrade(cfg, "0003")
+    engine = make_engine(url)
+    with engine.connect() as c:
+        assert bytes(c.execute(text("SELECT patch FROM patch_history")).scalar_one()) == patch
+    engine.dispose()

@@ -7,6 +7,7 @@ environment, edit files like the real tool would, and run through the real local
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -21,10 +22,11 @@ from core.engine.adapters import (
     manual_instructions,
     manual_paths,
     process_invocation,
-    prompt_text,
+    task_context,
 )
 from core.engine.backend import AttemptRequest
 from core.engine.command_line import base_path
+from core.engine.evidence import read_all
 from core.engine.process_spawner import LocalBackend, task_log_path
 from core.engine.task_log import read_records
 from core.identity import TaskKey
@@ -268,13 +270,14 @@ def test_explicit_parent_env_and_adapter_env_precedence(tmp_path: Path) -> None:
     assert "OTHER" not in env
 
 
-def test_prompt_text_contents() -> None:
-    text = prompt_text(make_task(), extra="gate failed: test_x")
+def test_task_context_contents() -> None:
+    """What we add to a task goes to the context file; the prompt is not in it."""
+    text = task_context(make_task(), extra="gate failed: test_x")
     assert text.startswith(f"# Task t1: {TITLE}\n\n")
-    assert NASTY_PROMPT in text
+    assert NASTY_PROMPT not in text
     assert "- src/a.py\n- docs/read me.md" in text
     assert "## Feedback from the previous attempt\n\ngate failed: test_x\n" in text
-    assert prompt_text(make_task(title="", target_paths=[])).startswith("# Task t1\n\n")
+    assert task_context(make_task(title="", target_paths=[])) == "# Task t1\n"
 
 
 def test_manual_instructions(tmp_path: Path) -> None:
@@ -403,8 +406,10 @@ def test_template_end_to_end_with_fake_tool(
     # argv: the template, never the task text.
     assert rec["argv"][0].endswith(f"fake-bin/{tool}")
     assert_no_prompt_in_argv(rec["argv"][1:], task)
-    expected_prompt = prompt_text(task)
+    expected_prompt = task.prompt  # byte for byte: no header, nothing stripped
     assert rec["prompt"] == expected_prompt
+    assert Path(rec["env"]["ORCHESTRATOR_CONTEXT_FILE"]).name == "context.md"
+    assert "ORCHESTRATOR_FEEDBACK_FILE" not in rec["env"]  # first attempt: no feedback
     assert rec["prompt_file_env"] == expected_prompt
     if VIA_STDIN[template]:
         assert rec["stdin"] == expected_prompt
@@ -422,7 +427,14 @@ def test_template_end_to_end_with_fake_tool(
     assert env["TOOL_API_KEY"] == "tool-key-123"
     assert env["HOME"] != os.environ.get("HOME")
     assert env["ORCHESTRATOR_TASK_ID"] == "t1"
-    assert set(env) <= BASE_ENV_NAMES | {"TOOL_API_KEY", "FAKE_RECORD", "PWD", "_", "SHLVL"}
+    assert set(env) <= BASE_ENV_NAMES | {
+        "TOOL_API_KEY",
+        "FAKE_RECORD",
+        "PWD",
+        "_",
+        "SHLVL",
+        "ORCHESTRATOR_CONTEXT_FILE",
+    }
 
     # The diff: what the fake tool did, against the base commit.
     assert outcome.diff is not None
@@ -433,9 +445,13 @@ def test_template_end_to_end_with_fake_tool(
     assert changed[f"made by {tool}.bin"].binary
     for path in touched:
         assert changed[path].status == "modified" and changed[path].insertions == 1
-    assert f"+touched by {tool}".encode() in outcome.diff.patch
-    assert b"prompt.md" not in outcome.diff.patch
-    assert NASTY_PROMPT.encode() not in outcome.diff.patch
+    # the spool went with the attempt dir: the full diff is in the evidence store
+    assert summary.patch_ref is not None and summary.patch_stored_bytes
+    patch = read_all(backend.evidence, summary.patch_ref)
+    assert hashlib.sha256(patch).hexdigest() == summary.sha256
+    assert f"+touched by {tool}".encode() in patch
+    assert b"prompt.md" not in patch
+    assert NASTY_PROMPT.encode() not in patch
 
     # The gate ran on a fresh checkout with the patch applied.
     assert gate.passed and gate.applied, gate

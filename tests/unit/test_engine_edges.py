@@ -73,17 +73,11 @@ def test_only_checks_that_failed_on_both_trees_are_pre_existing() -> None:
     assert {c.granularity for c in judged} == {"check"}
 
 
-def test_a_cut_log_stays_a_prefix_of_the_output(tmp_path: Path) -> None:
+def test_a_tiny_cap_keeps_nothing_but_says_so(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     with TaskLog(path, task_id="t", attempt=1, max_bytes=10) as log:
         log.line("stdout", "12345")
-        log.line("stdout", "1234567890")  # does not fit: cut here
-        log.line("stdout", "ab")  # would fit, but comes after the cut
+        log.line("stdout", "1234567890")
     records = list(read_records(path))
-    lines = [r["line"] for r in records if "line" in r]
-    assert lines == ["12345"]
-    assert [r.get("event") for r in records if "event" in r] == [
-        "output_truncated",
-        "output_dropped",
-    ]
-    assert records[-1]["bytes"] == 12
+    assert [r for r in records if "line" in r] == []
+    assert log.truncated and log.written == path.stat().st_size

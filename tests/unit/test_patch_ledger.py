@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from core.engine.evidence import LocalEvidenceStore
 from core.engine.patch_ledger import GENESIS, PatchLedger, entry_hash, verify
 from core.identity import TaskKey
 from core.models import AttemptResult, DiffSummary, FailureClass, TaskState
@@ -49,9 +51,10 @@ class Paths:
     def __init__(self, root: Path) -> None:
         self.ledger = root / ".state" / "patch_ledger.jsonl"
         self.patches = root / ".ledger" / "patches"
+        self.store = LocalEvidenceStore(root / ".ledger")
 
     def open(self) -> PatchLedger:
-        return PatchLedger(self.ledger, self.patches)
+        return PatchLedger(self.ledger, self.store)
 
     def lines(self) -> list[bytes]:
         return self.ledger.read_bytes().splitlines(keepends=True)
@@ -91,7 +94,7 @@ def test_append_and_verify_ok(paths: Paths) -> None:
     assert entries[0].prev_hash == GENESIS
     assert entries[1].prev_hash == entries[0].hash
     assert entries[2].prev_hash == entries[1].hash
-    report = verify(paths.ledger, paths.patches, anchor=anchor_of(entries))
+    report = verify(paths.ledger, paths.store, anchor=anchor_of(entries))
     assert report.ok, report.problems
     assert report.entries == 3
     assert len(paths.lines()) == 3
@@ -113,7 +116,9 @@ def test_entry_records_diff_summary_and_patch(paths: Paths) -> None:
     assert entry.diff_sha256 == hashlib.sha256(patch).hexdigest()
     assert entry.diff_bytes == len(patch)
     assert (entry.files_changed, entry.insertions, entry.deletions) == (1, 2, 1)
-    assert entry.patch_ref == f"patches/{hashlib.sha256(patch).hexdigest()}.diff"
+    # the full patch is in the evidence store, compressed, under its sha256
+    assert entry.patch_ref == f"patches/{hashlib.sha256(patch).hexdigest()}.diff.gz"
+    assert gzip.decompress(paths.store.path(entry.patch_ref).read_bytes()) == patch
     assert ledger.read_patch(entry) == patch
     assert entry.base_commit == COMMIT
 
@@ -124,7 +129,7 @@ def test_no_patch_means_no_patch_ref(paths: Paths) -> None:
     )
     assert entry.patch_ref is None
     assert paths.open().read_patch(entry) is None
-    assert verify(paths.ledger, paths.patches).ok
+    assert verify(paths.ledger, paths.store).ok
 
 
 def test_idempotent_append(paths: Paths) -> None:
@@ -166,7 +171,7 @@ def test_same_patch_stored_once(paths: Paths) -> None:
 
 
 def test_missing_ledger_verifies_as_empty(paths: Paths) -> None:
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert report.ok and report.entries == 0
 
 
@@ -181,10 +186,10 @@ def test_edited_field_in_middle_line_detected_and_located(paths: Paths) -> None:
     lines[1] = (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
     paths.write_lines(lines)
 
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert not report.ok
     assert report.problems == ["line 2 (seq 2): content edited (hash mismatch)"]
-    with_anchor = verify(paths.ledger, paths.patches, anchor=anchor_of(entries))
+    with_anchor = verify(paths.ledger, paths.store, anchor=anchor_of(entries))
     assert "line 2 (seq 2): content edited (hash mismatch)" in with_anchor.problems
 
 
@@ -197,10 +202,10 @@ def test_edit_with_recomputed_hash_breaks_the_next_link(paths: Paths) -> None:
     lines[1] = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
     paths.write_lines(lines)
 
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert len(report.problems) == 1
     assert report.problems[0].startswith("line 3 (seq 3): prev_hash does not match")
-    anchored = verify(paths.ledger, paths.patches, anchor=anchor_of(entries))
+    anchored = verify(paths.ledger, paths.store, anchor=anchor_of(entries))
     assert "seq 2: hash differs from patch_history (rewritten)" in anchored.problems
 
 
@@ -210,7 +215,7 @@ def test_swapped_lines_detected_and_located(paths: Paths) -> None:
     lines[1], lines[2] = lines[2], lines[1]
     paths.write_lines(lines)
 
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert not report.ok
     assert "line 2: seq 3, expected 2 (reordered?)" in report.problems
     assert "line 3: seq 2, expected 3 (reordered?)" in report.problems
@@ -224,7 +229,7 @@ def test_deleted_middle_line_detected_and_located(paths: Paths) -> None:
     del lines[1]
     paths.write_lines(lines)
 
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert not report.ok
     assert "line 2: seq 3, expected 2 (reordered?)" in report.problems
     assert any(p.startswith("line 2 (seq 3): prev_hash does not match") for p in report.problems)
@@ -236,11 +241,11 @@ def test_cut_off_tail_needs_the_anchor(paths: Paths) -> None:
     paths.write_lines(paths.lines()[:3])
 
     # The remaining chain is internally valid: without the DB mirror nothing is wrong.
-    alone = verify(paths.ledger, paths.patches)
+    alone = verify(paths.ledger, paths.store)
     assert alone.ok, alone.problems
     assert alone.entries == 3
 
-    anchored = verify(paths.ledger, paths.patches, anchor=anchor_of(entries))
+    anchored = verify(paths.ledger, paths.store, anchor=anchor_of(entries))
     assert not anchored.ok
     assert anchored.problems == [
         "seq 4: recorded in patch_history but missing from the ledger (truncated)",
@@ -250,7 +255,7 @@ def test_cut_off_tail_needs_the_anchor(paths: Paths) -> None:
 
 def test_anchor_matching_the_file_is_ok(paths: Paths) -> None:
     entries = fill(paths, 3)
-    assert verify(paths.ledger, paths.patches, anchor=anchor_of(entries)).ok
+    assert verify(paths.ledger, paths.store, anchor=anchor_of(entries)).ok
 
 
 def test_torn_last_line_detected(paths: Paths) -> None:
@@ -259,7 +264,7 @@ def test_torn_last_line_detected(paths: Paths) -> None:
     full = paths.lines()
     paths.ledger.write_bytes(raw + full[0][:40])  # a crash in the middle of a write
 
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert report.problems == ["line 4: incomplete last line (torn write or cut file)"]
     assert report.entries == 3
     # Readers ignore the torn line.
@@ -270,7 +275,7 @@ def test_cut_inside_last_line_detected(paths: Paths) -> None:
     fill(paths, 3)
     raw = paths.ledger.read_bytes()
     paths.ledger.write_bytes(raw[:-10])
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert "line 3: incomplete last line (torn write or cut file)" in report.problems
     assert report.entries == 2
 
@@ -285,7 +290,7 @@ def test_append_after_torn_line_keeps_a_valid_chain(paths: Paths) -> None:
         key=TaskKey("run", "t9"), base_commit=COMMIT, result=attempt(), patch=None
     )
     assert entry.seq == 3
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert report.ok, report.problems
     assert [e.task_id for e in paths.open().entries()] == ["t1", "t2", "t9"]
 
@@ -295,25 +300,27 @@ def test_garbage_middle_line_detected(paths: Paths) -> None:
     lines = paths.lines()
     lines[1] = b"not json at all\n"
     paths.write_lines(lines)
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert any(p.startswith("line 2: not a valid ledger entry") for p in report.problems)
 
 
 def test_edited_patch_file_detected(paths: Paths) -> None:
     entries = fill(paths, 3)
-    target = paths.patches.parent / entries[1].patch_ref
-    target.write_bytes(target.read_bytes() + b"+sneaky\n")
+    target = paths.store.path(entries[1].patch_ref)
+    target.write_bytes(gzip.compress(gzip.decompress(target.read_bytes()) + b"+sneaky\n"))
 
-    report = verify(paths.ledger, paths.patches)
-    assert report.problems == [f"line 2 (seq 2): patch {entries[1].patch_ref} edited"]
+    report = verify(paths.ledger, paths.store)
+    assert report.problems == [
+        f"line 2 (seq 2): patch {entries[1].patch_ref} edited (content does not match its sha256)"
+    ]
     # Without the patches dir, only the chain is checked.
     assert verify(paths.ledger).ok
 
 
 def test_missing_patch_file_detected(paths: Paths) -> None:
     entries = fill(paths, 3)
-    (paths.patches.parent / entries[2].patch_ref).unlink()
-    report = verify(paths.ledger, paths.patches)
+    paths.store.path(entries[2].patch_ref).unlink()
+    report = verify(paths.ledger, paths.store)
     assert report.problems == [f"line 3 (seq 3): patch {entries[2].patch_ref} missing"]
 
 
@@ -336,7 +343,7 @@ def test_two_instances_interleaving_keep_a_valid_chain(paths: Paths) -> None:
     assert [e.seq for e in made] == list(range(1, 7))
     for prev, cur in itertools.pairwise(made):
         assert cur.prev_hash == prev.hash
-    report = verify(paths.ledger, paths.patches, anchor=anchor_of(made))
+    report = verify(paths.ledger, paths.store, anchor=anchor_of(made))
     assert report.ok, report.problems
     # Each instance sees the other's entries, and does not duplicate them on replay.
     assert a.find(TaskKey("run", "t1"), 1) == made[1]
@@ -365,13 +372,13 @@ def test_concurrent_threads_with_separate_instances(paths: Paths) -> None:
         t.start()
     for t in threads:
         t.join()
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert report.ok, report.problems
     assert report.entries == 3 * per_thread
 
 
 def _process_worker(ledger_path: str, patches: str, name: str, n: int) -> None:
-    ledger = PatchLedger(Path(ledger_path), Path(patches))
+    ledger = PatchLedger(Path(ledger_path), LocalEvidenceStore(Path(patches).parent))
     for i in range(n):
         ledger.append(
             key=TaskKey("run", f"{name}-{i}"),
@@ -394,7 +401,7 @@ def test_concurrent_processes_keep_a_valid_chain(paths: Paths) -> None:
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
-    report = verify(paths.ledger, paths.patches)
+    report = verify(paths.ledger, paths.store)
     assert report.ok, report.problems
     assert report.entries == 20
     assert {e.task_id for e in paths.open().entries()} == {

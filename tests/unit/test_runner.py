@@ -170,7 +170,9 @@ def test_patch_adapter_reports_the_diff_and_the_patch_round_trips(
     full = base64.b64decode(result.patch_b64)
     assert full == patch
     assert hashlib.sha256(full).hexdigest() == result.diff.sha256 and len(full) == result.diff.bytes
-    assert result.runner_version and result.log_bytes == 0 and not result.log_truncated
+    # every byte of the log counts (our notes too), and it is the size of the log file
+    assert result.runner_version and not result.log_truncated
+    assert result.log_bytes == (workdir / "attempt" / "log.jsonl").stat().st_size > 0
 
     # the reported patch applies to a fresh checkout of the base and gives the same tree
     fresh = add_worktree(repo.path, tmp_path / "fresh", repo.base)
@@ -195,8 +197,10 @@ def test_diff_over_the_cap_is_truncated_explicitly(
     result = ok_result(*run_runner("adapter", workdir, req))
     assert result.diff is not None and result.diff.truncated
     assert result.patch_b64 is None
-    assert result.diff.sha256 == hashlib.sha256(patch).hexdigest()
-    assert result.diff.bytes == len(patch)
+    # capture stopped past the limit: nothing kept, no hash of a diff nobody holds
+    assert result.diff.sha256 == ""
+    assert 100 < result.diff.bytes <= len(patch)
+    assert result.diff.insertions == 200  # the stats still describe the whole change
 
 
 def test_patch_that_does_not_apply_is_an_adapter_failure(repo: Any, workdir: Path) -> None:
@@ -260,7 +264,7 @@ def test_process_adapter_nonzero_exit_env_from_scratch_and_log_cap(
         repo,
         adapter=adapter,
         task={"prompt": "TASK-MARKER; $(touch /tmp/pwned) && `id`"},
-        max_log_bytes=2000,
+        max_log_bytes=8000,
     )
     result = ok_result(
         *(run := run_runner("adapter", workdir, req, TOOL_TOKEN="s3cr3t", OTHER_SECRET="x"))
@@ -269,13 +273,21 @@ def test_process_adapter_nonzero_exit_env_from_scratch_and_log_cap(
     assert result.exit_code == 3 and result.signal is None and not result.timed_out
     assert result.diff is not None and result.diff.empty
     out = lines_of(parsed, "stdout")
-    assert out[:4] == ["prompt-has-task-text True", "token s3cr3t", "leak None None", "home True"]
+    # the secret the tool was given is masked before it reaches the log (and the pod log)
+    assert out[:4] == [
+        "prompt-has-task-text True",
+        "token [REDACTED:TOOL_TOKEN]",
+        "leak None None",
+        "home True",
+    ]
+    assert "s3cr3t" not in run[0].stdout
     # no task text in the command line
     argv = next(r["argv"] for r in parsed.records if r.get("event") == "adapter_command")
     assert not any("TASK-MARKER" in a or "touch" in a for a in argv)
-    # the log cap: a prefix is kept, then one explicit marker, the drop counted at the end
-    assert result.log_truncated and result.log_bytes <= 2000
-    assert "output_truncated" in events(parsed) and "output_dropped" in events(parsed)
+    # the log cap counts every byte: head and tail kept around one explicit marker
+    assert result.log_truncated and result.log_bytes <= 8000
+    assert events(parsed).count("output_truncated") == 1
+    assert out[-1] == "filler line 499"
     assert "boom" in result.output_tail  # the tail is kept even when the log is cut
     assert not Path("/tmp/pwned").exists()
 
@@ -587,16 +599,15 @@ def test_task_log_mirror_gets_every_record_as_written(tmp_path: Path) -> None:
     from core.engine.task_log import TaskLog, read_records
 
     mirror = io.StringIO()
-    log = TaskLog(tmp_path / "t.jsonl", task_id="t1", attempt=1, max_bytes=8, mirror=mirror)
+    log = TaskLog(tmp_path / "t.jsonl", task_id="t1", attempt=1, max_bytes=4096, mirror=mirror)
     log.line("stdout", "12345")
     assert mirror.getvalue().count("\n") == 1  # flushed per record, not at close
-    log.line("stdout", "67890")  # over the cap: the truncation marker instead
+    for i in range(200):  # over the cap: head, marker, tail
+        log.line("stdout", f"line {i}")
     log.close()
     assert [json.loads(x) for x in mirror.getvalue().splitlines()] == list(
         read_records(tmp_path / "t.jsonl")
     )
-    assert [r.get("event") for r in parse_pod_log(mirror.getvalue()).records] == [
-        None,
-        "output_truncated",
-        "output_dropped",
-    ]
+    assert mirror.getvalue().encode() == (tmp_path / "t.jsonl").read_bytes()
+    events = [r.get("event") for r in parse_pod_log(mirror.getvalue()).records]
+    assert events.count("output_truncated") == 1 and events[0] is None and events[-1] is None

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from core.engine.workspace import (
+    MAX_DIFF_FILES,
     CapturedDiff,
     add_worktree,
     apply_patch,
@@ -19,7 +20,7 @@ from core.engine.workspace import (
     mirror_path,
     remove_worktree,
 )
-from core.errors import InfrastructureError
+from core.errors import InfrastructureError, MissingCommitError
 
 BIG = 10 * 1024 * 1024
 
@@ -198,27 +199,34 @@ def test_gitignored_files_are_not_captured(gt: Any, git_repo: Any, tmp_path: Pat
     assert [f.path for f in diff.summary.files] == ["a.txt"]
 
 
-def test_truncation_flag_and_stored_patch_marker(gt: Any, repo: Any, tmp_path: Path) -> None:
+def test_over_the_hard_limit_nothing_is_kept(gt: Any, repo: Any, tmp_path: Path) -> None:
     tree = worktree(repo, tmp_path, "adapter")
     gt.write_files(tree, {"big.txt": "".join(f"line {i}\n" for i in range(2000))})
     full = capture_diff(tree, repo.base, BIG)
+    assert full.path is not None and not full.summary.truncated
+    assert full.summary.sha256 == hashlib.sha256(full.patch).hexdigest()
+    assert full.summary.bytes == len(full.patch) == full.path.stat().st_size
+    full_size = len(full.patch)
     limit = 1000
     diff = capture_diff(tree, repo.base, limit)
 
-    assert diff.summary.truncated
-    assert not full.summary.truncated
-    # The summary describes the whole diff, not the cut copy.
-    assert diff.patch == full.patch
-    assert diff.summary.sha256 == hashlib.sha256(full.patch).hexdigest()
-    assert diff.summary.bytes == len(full.patch) > limit
-    assert diff.summary.insertions == 2000
+    # capture stopped at the limit: no spool, no bytes, no sha of a diff nobody holds
+    assert diff.summary.truncated and diff.path is None and diff.patch == b""
+    assert not (tree.parent / "diff.patch").exists()
+    assert diff.summary.sha256 == ""
+    assert limit < diff.summary.bytes <= full_size
+    # the stats (from git's numstat) still describe the whole change
+    assert diff.summary.insertions == 2000 and diff.summary.files_changed == 1
+    assert not diff.summary.empty
 
-    stored = diff.stored_patch(limit)
-    dropped = len(full.patch) - limit
-    assert stored.startswith(full.patch[:limit])
-    assert stored[limit:] == f"\n# orchestrator: diff truncated, {dropped} bytes dropped\n".encode()
-    assert full.stored_patch(BIG) == full.patch
-    assert diff.stored_patch(len(full.patch)) == full.patch
+
+def test_file_list_is_capped_and_the_count_kept(gt: Any, repo: Any, tmp_path: Path) -> None:
+    tree = worktree(repo, tmp_path, "adapter")
+    gt.write_files(tree, {f"many/f{i:04}.txt": f"{i}\n" for i in range(MAX_DIFF_FILES + 50)})
+    summary = capture_diff(tree, repo.base, BIG).summary
+    assert summary.files_changed == MAX_DIFF_FILES + 50
+    assert len(summary.files) == MAX_DIFF_FILES
+    assert summary.insertions == MAX_DIFF_FILES + 50
 
 
 def test_truncation_boundary(gt: Any, repo: Any, tmp_path: Path) -> None:
@@ -345,9 +353,9 @@ def test_ensure_mirror_from_bundle(repo: Any, tmp_path: Path) -> None:
     assert (tree / "b.txt").read_text() == "b\n"
 
 
-def test_missing_commit_is_infrastructure_error(repo: Any, tmp_path: Path) -> None:
+def test_missing_commit_is_refused_not_retried(repo: Any, tmp_path: Path) -> None:
     missing = "f" * 40
-    with pytest.raises(InfrastructureError) as exc:
+    with pytest.raises(MissingCommitError) as exc:
         ensure_mirror(tmp_path / "cache", str(repo.path), missing)
     assert missing in str(exc.value)
 

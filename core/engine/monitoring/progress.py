@@ -1,7 +1,9 @@
 """What a person watching ``orchestrator execute`` sees.
 
 On a terminal: a rich progress bar plus one coloured line per finished task. Elsewhere (CI,
-pipes, log collectors): the same lines in plain text, no control sequences.
+pipes, log collectors): the same lines in plain text, no control sequences. The executor
+wraps its reporter in :class:`RedactingProgress`, so what reaches the console has passed the
+run's redactor (the secrets of every adapter of the run, and known credential shapes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from core.engine.redaction import Redactor
 from core.models import TaskResult, TaskState
 
 STYLE = {
@@ -122,3 +125,25 @@ class SilentProgress:
 
     def stop(self) -> None:
         pass
+
+
+class RedactingProgress:
+    """A :class:`ProgressReporter` that masks secrets before handing anything on."""
+
+    def __init__(self, inner: ProgressReporter, redactor: Redactor) -> None:
+        self.inner, self.redactor = inner, redactor
+
+    def start(self, run_id: str, total: int, done: int) -> None:
+        self.inner.start(run_id, total, done)
+
+    def task_started(self, task_id: str, attempt: int, adapter_id: str) -> None:
+        self.inner.task_started(task_id, attempt, adapter_id)
+
+    def task_done(self, result: TaskResult) -> None:
+        self.inner.task_done(self.redactor.model(result))
+
+    def note(self, message: str) -> None:
+        self.inner.note(self.redactor(message))
+
+    def stop(self) -> None:
+        self.inner.stop()

@@ -8,7 +8,8 @@ retried on one and not on the other. Both backends therefore reduce what they sa
 
 Precedence, highest first (the first that applies wins)::
 
-    cancelled > infrastructure > adapter_timeout > adapter_error > empty_diff > gate_failed
+    cancelled > infrastructure > adapter_timeout > adapter_error > diff_too_large
+      > empty_diff > gate_failed
 
 * ``cancelled``: an operator asked for it; nothing else matters.
 * ``infrastructure``: the platform failed (could not start, evicted, node lost, image pull,
@@ -16,6 +17,8 @@ Precedence, highest first (the first that applies wins)::
 * ``adapter_timeout``: the budget ran out; the kill signal / exit code that follows is ours.
 * ``adapter_error``: the tool exited non-zero or died of a signal, or the adapter named its
   own failure (``adapter_error``: an ``api`` adapter's HTTP error or unusable reply).
+* ``diff_too_large``: the tool exited cleanly but its diff exceeded the hard limit of what is
+  kept; nothing was stored, and a change that cannot be kept is not judged.
 * ``empty_diff``: the tool exited cleanly but changed nothing (unless the task allows it).
 * ``gate_failed``: the change exists but the acceptance checks failed.
 
@@ -65,6 +68,8 @@ class FailureEvidence:
     adapter_error: str | None = None
     #: None: no diff was taken (e.g. the attempt never got that far).
     diff_empty: bool | None = None
+    #: The diff exceeded the hard limit (its size, in bytes; None: within it).
+    diff_too_large_bytes: int | None = None
     allow_empty_diff: bool = False
     #: None: the gate did not run.
     gate_passed: bool | None = None
@@ -177,6 +182,12 @@ def classify_evidence(evidence: FailureEvidence) -> Classification:
     if evidence.exit_code is not None and evidence.exit_code != 0:
         return Classification.failure(
             FailureClass.ADAPTER_ERROR, f"adapter exited with code {evidence.exit_code}"
+        )
+    if evidence.diff_too_large_bytes is not None:
+        return Classification.failure(
+            FailureClass.DIFF_TOO_LARGE,
+            f"the diff exceeded the hard limit ({evidence.diff_too_large_bytes} bytes seen); "
+            "nothing was kept (raise --max-diff-bytes or split the task)",
         )
     if evidence.diff_empty is True and not evidence.allow_empty_diff:
         return Classification.failure(

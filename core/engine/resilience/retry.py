@@ -7,13 +7,13 @@ lets the executor own the waiting and lets tests (including hypothesis) explore 
 
 Rules (defaults follow :class:`core.models.RetryPolicy`):
 
-* Only classes in ``policy.retry_on`` are retried; ``cancelled`` never is, ``gate_failed`` and
-  ``empty_diff`` only when listed. Never more than ``policy.max_attempts`` attempts in total,
-  on all adapters together.
+* Only classes in ``policy.retry_on`` are retried; ``cancelled`` never is, ``gate_failed``,
+  ``empty_diff`` and ``diff_too_large`` only when listed. Never more than
+  ``policy.max_attempts`` attempts in total, on all adapters together.
 * ``infrastructure`` and ``gate_failed`` retry the *same* adapter (the platform failed / the
   change needs fixing, with the gate's summary as extra input: :func:`gate_feedback`).
-* ``adapter_error``, ``adapter_timeout`` and ``empty_diff`` move to the next fallback adapter
-  of the chain when there is one, else stay on the same adapter.
+* ``adapter_error``, ``adapter_timeout``, ``empty_diff`` and ``diff_too_large`` move to the
+  next fallback adapter of the chain when there is one, else stay on the same adapter.
 * An adapter whose breaker does not admit work is skipped in favour of the next candidate; if
   no candidate admits work the decision says ``waiting_for_breaker`` (the task stays PENDING
   with a visible reason) instead of spinning.
@@ -41,7 +41,12 @@ from core.models import CheckStatus, FailureClass, GateResult, RetryPolicy
 
 #: Classes that move the task to the next fallback adapter (the adapter did the wrong thing).
 SWITCHING_CLASSES: frozenset[FailureClass] = frozenset(
-    {FailureClass.ADAPTER_ERROR, FailureClass.ADAPTER_TIMEOUT, FailureClass.EMPTY_DIFF}
+    {
+        FailureClass.ADAPTER_ERROR,
+        FailureClass.ADAPTER_TIMEOUT,
+        FailureClass.EMPTY_DIFF,
+        FailureClass.DIFF_TOO_LARGE,
+    }
 )
 
 #: An attempt that would get less than this many seconds of budget is not worth starting.

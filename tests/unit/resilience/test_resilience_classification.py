@@ -444,3 +444,21 @@ def test_builtin_throttling_traceback_names_exception() -> None:
     result = classify(FailureEvidence(exit_code=1, output_tail=tail), [BUILTIN_DETECTOR])
     assert result.failure_class is FailureClass.INFRASTRUCTURE
     assert "openai.RateLimitError" in result.message
+
+
+def test_diff_too_large_is_its_own_class_below_adapter_failures() -> None:
+    from dataclasses import replace as _replace
+
+    from core.engine.resilience.classification import FailureEvidence, classify_evidence
+    from core.models import FailureClass
+
+    ev = FailureEvidence(
+        exit_code=0, diff_empty=False, diff_too_large_bytes=2_000_000, gate_passed=False
+    )
+    verdict = classify_evidence(ev)
+    assert verdict.failure_class is FailureClass.DIFF_TOO_LARGE
+    assert "2000000 bytes" in verdict.message and not verdict.counts_against_adapter
+    assert classify_evidence(_replace(ev, exit_code=1)).failure_class is FailureClass.ADAPTER_ERROR
+    assert classify_evidence(_replace(ev, timed_out=True)).failure_class is (
+        FailureClass.ADAPTER_TIMEOUT
+    )
