@@ -159,3 +159,19 @@ def test_0004_moves_patches_out_of_the_database_and_back(url: str, tmp_path: Pat
     with engine.connect() as c:
         assert bytes(c.execute(text("SELECT patch FROM patch_history")).scalar_one()) == patch
     engine.dispose()
+
+
+def test_the_migrations_make_exactly_the_tables_of_the_models(url: str) -> None:
+    """Alembic's head and core/db/tables.py agree (a model change without a migration, or
+    the other way round, fails here)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from core.db.tables import Base
+
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diffs == []

@@ -1,7 +1,7 @@
 """evidence: patch_history references the evidence store instead of holding the diff
 
 Revision ID: 0004
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-06 12:00:00
 
 ``patch_history.patch`` (the bytes) becomes ``patch_history.patch_ref`` (a key of the
@@ -28,7 +28,7 @@ from alembic import context, op
 
 
 revision = '0004'
-down_revision = '0003'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
