@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import default_url, make_engine
 from core.db.tables import ExecutionLog, PatchHistory, Task
+from core.engine.evidence import local_store
 from core.engine.patch_ledger import verify
 from core.engine.task_log import find_task_log
 from tests.e2e.operator_harness import (
@@ -168,7 +169,7 @@ def test_patch_task_completes_with_diff_and_gate_in_status_and_db(kubectl, env) 
     assert entry.diff_sha256 == status["diff"]["sha256"]
     report = verify(
         env["workdir"] / ".state/patch_ledger.jsonl",
-        env["workdir"] / ".ledger/patches",
+        local_store(env["workdir"]),
         [(h.seq, h.entry_hash) for h in history],
     )
     assert report.ok, report.problems

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import default_url, make_engine
 from core.db.tables import Adapter, PatchHistory, Task
+from core.engine.evidence import local_store
 from core.engine.patch_ledger import verify
 from core.models import LedgerEntry
 from tests.e2e.operator_harness import (
@@ -176,7 +177,7 @@ def test_the_same_name_in_two_namespaces_is_two_tasks(kubectl, env) -> None:
     }
     report = verify(
         env["workdir"] / ".state/patch_ledger.jsonl",
-        env["workdir"] / ".ledger/patches",
+        local_store(env["workdir"]),
         [(h.seq, h.entry_hash) for h in history],
     )
     assert report.ok, report.problems

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import default_url, make_engine, upgrade
 from core.db.tables import Adapter, ExecutionLog
+from core.engine.evidence import local_store, read_all
 from core.engine.executor import ExecutorConfig, build_executor
 from core.engine.monitoring.metrics import Metrics
 from core.engine.monitoring.progress import SilentProgress
@@ -125,7 +126,7 @@ def test_chat_completions_reply_is_applied_gated_and_completed(tmp_path: Path) -
     assert "def add(a, b):" in user and "- calc.py" in user
     # the ledger's patch is the server's diff as git applied it
     ledger = [json.loads(x) for x in (workdir / ".state/patch_ledger.jsonl").read_text().splitlines()]
-    patch = (workdir / ".ledger/patches" / f"{ledger[0]['diff_sha256']}.diff").read_text()
+    patch = read_all(local_store(workdir), ledger[0]["patch_ref"]).decode()
     assert "+def multiply(a, b):" in patch and "+    return a * b" in patch
     # usage in the database (event payload) and the metric, once
     engine = make_engine(default_url(workdir))

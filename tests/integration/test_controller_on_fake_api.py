@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.db.tables import ExecutionLog, PatchHistory, Task
+from core.engine.evidence import local_store
 from core.engine.patch_ledger import verify
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
@@ -100,7 +101,7 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
     assert [h.diff_sha256 for h in history] == [status["diff"]["sha256"]]
     report = verify(
         workdir / ".state/patch_ledger.jsonl",
-        workdir / ".ledger/patches",
+        local_store(workdir),
         [(h.seq, h.entry_hash) for h in history],
     )
     assert report.ok, report.problems

@@ -185,7 +185,7 @@ def test_escalation_rows_on_postgresql(postgres_url: str) -> None:
             state=TaskState.FAILED, failure_class=cls, result=result, recorded_at=now,
             prev_hash=str(seq - 1) * 64, hash=str(seq) * 64,
         )
-        store.mirror_ledger(entry, None)
+        store.mirror_ledger(entry)
     streak = rows.streak("", "a", "gate_failed")
     assert (streak.count, streak.first_seq) == (2, 2)
     engine.dispose()

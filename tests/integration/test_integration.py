@@ -22,6 +22,7 @@ from core.db.database import default_url, make_engine, upgrade
 from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
 from core.db.tables import ExecutionLog, Integration, IntegrationTask
+from core.engine.evidence import local_store
 from core.engine.executor import Clocks, ExecutorConfig, build_executor
 from core.engine.integration_gate import LocalTreeGate, TreeGateRequest
 from core.engine.integration_worker import (
@@ -122,7 +123,7 @@ def assert_ledger_ok(workdir: Path, url: str) -> None:
     store = Store(engine)
     anchor = store.ledger_anchor() + IntegrationRows(engine).ledger_anchor()
     engine.dispose()
-    report = verify(workdir / ".state/patch_ledger.jsonl", workdir / ".ledger/patches", anchor)
+    report = verify(workdir / ".state/patch_ledger.jsonl", local_store(workdir), anchor)
     assert report.ok, report.problems
     assert len(anchor) == len(ledger(workdir))
 

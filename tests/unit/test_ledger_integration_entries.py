@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from core.engine.evidence import local_store
 from core.engine.patch_ledger import PatchLedger, verify
 from core.identity import TaskKey
 from core.models import (
@@ -58,7 +59,7 @@ def merged(commit: str = HEAD) -> IntegrationRecord:
 
 
 def setup(tmp_path: Path) -> tuple[PatchLedger, LedgerEntry, LedgerEntry]:
-    ledger = PatchLedger(tmp_path / ".state/patch_ledger.jsonl", tmp_path / ".ledger/patches")
+    ledger = PatchLedger(tmp_path / ".state/patch_ledger.jsonl", local_store(tmp_path))
     attempt = ledger.append(key=KEY, base_commit=COMMIT, result=result(), patch=PATCH)
     verdict = ledger.append_integration(
         key=KEY,
@@ -77,7 +78,7 @@ def test_an_integration_entry_chains_onto_the_attempts_and_verifies(tmp_path: Pa
     assert verdict.patch_ref == attempt.patch_ref and verdict.result == attempt.result
     assert verdict.integration == merged()
     anchor = [(attempt.seq, attempt.hash), (verdict.seq, verdict.hash)]
-    report = verify(ledger.path, ledger.patches_dir, anchor)
+    report = verify(ledger.path, ledger.evidence, anchor)
     assert report.ok and report.entries == 2, report.problems
     # an attempt line has no kind: entries written before kinds existed hash as they did
     first, second = (json.loads(x) for x in ledger.path.read_text().splitlines())
@@ -86,7 +87,7 @@ def test_an_integration_entry_chains_onto_the_attempts_and_verifies(tmp_path: Pa
 
 def test_the_two_kinds_are_keyed_apart_and_appends_are_idempotent(tmp_path: Path) -> None:
     ledger, attempt, verdict = setup(tmp_path)
-    fresh = PatchLedger(ledger.path, ledger.patches_dir)
+    fresh = PatchLedger(ledger.path, ledger.evidence)
     assert fresh.find(KEY, 1) == attempt
     assert fresh.find_integration(KEY, 1) == verdict
     # a replay returns the first verdict, the ledger's word: nothing is appended
@@ -107,8 +108,8 @@ def test_editing_or_cutting_an_integration_entry_is_found(tmp_path: Path) -> Non
     lines = ledger.path.read_text().splitlines(keepends=True)
     edited = lines[1].replace(HEAD, "e" * 40)
     ledger.path.write_text(lines[0] + edited)
-    report = verify(ledger.path, ledger.patches_dir, anchor)
+    report = verify(ledger.path, ledger.evidence, anchor)
     assert any("content edited" in p for p in report.problems)
     ledger.path.write_text(lines[0])  # the verdict cut off the tail: the anchor notices
-    report = verify(ledger.path, ledger.patches_dir, anchor)
+    report = verify(ledger.path, ledger.evidence, anchor)
     assert any("seq 2" in p and "missing" in p for p in report.problems)
