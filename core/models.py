@@ -11,14 +11,28 @@ that may change a task's state.
 from __future__ import annotations
 
 import re
-import string
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.argv import (
+    COMMAND_PLACEHOLDERS,
+    ENV_NAMES_RULE,
+    GATE_PLACEHOLDERS,
+    MAX_CHECKS,
+    MAX_ENV,
+    MAX_ENV_VALUE,
+    PROBE_PLACEHOLDERS,
+    AdapterArgv,
+    GateArgv,
+    ProbeArgv,
+    TargetPaths,
+    argv_description,
+)
 from core.errors import IllegalTransitionError
+from core.rules import RuledModel, Unique
 
 SCHEMA_VERSION = 1
 
@@ -35,37 +49,9 @@ Identifier = Annotated[
     ),
 ]
 
-#: Placeholders an adapter command template may use. Values are paths and ids the executor
-#: makes itself; task text is never substituted into a command (it reaches the tool as a file
-#: or on stdin).
-COMMAND_PLACEHOLDERS = frozenset(
-    {
-        "prompt_file",
-        "workspace",
-        "task_id",
-        "attempt",
-        "python",
-        "workdir",
-        "target_paths",
-    }
-)
 
-
-class _Model(BaseModel):
+class _Model(RuledModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_placeholders(argv: list[str]) -> list[str]:
-    for arg in argv:
-        for _, name, _, _ in string.Formatter().parse(arg):
-            if name is None:
-                continue
-            if name not in COMMAND_PLACEHOLDERS:
-                known = ", ".join(sorted(COMMAND_PLACEHOLDERS))
-                raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {known}")
-            if name == "target_paths" and arg != "{target_paths}":
-                raise ValueError("{target_paths} must be a whole argument (it expands to many)")
-    return argv
 
 
 # --------------------------------------------------------------------------- task states
@@ -149,14 +135,19 @@ class GateCheck(_Model):
     """One acceptance check: a command (argv, no shell) run on the patched tree."""
 
     name: str = Field(pattern=CHECK_NAME_PATTERN, description="Name shown in results.")
-    command: list[str] = Field(
-        min_length=1,
-        description="argv of the check, run in the tree; placeholders: {python}, {workspace}.",
+    command: GateArgv = Field(
+        description=argv_description("The check, run in the patched tree", GATE_PLACEHOLDERS)
     )
     timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, description="Per-check limit.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    env: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_ENV_VALUE)]],
+        Field(max_length=MAX_ENV),
+        ENV_NAMES_RULE,
+    ] = Field(default_factory=dict, description="Extra environment variables.")
 
-    _argv = field_validator("command")(_check_placeholders)
+
+#: A list of gate checks: names unique (results are reported by name).
+GateChecks = Annotated[list[GateCheck], Field(max_length=MAX_CHECKS), Unique("name")]
 
 
 class AdapterKind(StrEnum):
@@ -185,7 +176,7 @@ class RetryPolicy(_Model):
     min_attempt_seconds: float = Field(
         default=1.0, ge=0, le=3600, description="No retry that would get less budget than this."
     )
-    retry_on: list[FailureClass] = Field(
+    retry_on: Annotated[list[FailureClass], Field(max_length=len(FailureClass)), Unique()] = Field(
         default_factory=lambda: [
             FailureClass.INFRASTRUCTURE,
             FailureClass.ADAPTER_ERROR,
@@ -215,7 +206,9 @@ class BreakerPolicy(_Model):
 
 
 class HealthProbe(_Model):
-    command: list[str] = Field(min_length=1)
+    command: ProbeArgv = Field(
+        description=argv_description("The probe, run in an empty directory", PROBE_PLACEHOLDERS)
+    )
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
@@ -230,10 +223,9 @@ class AdapterSpec(_Model):
         default=None,
         description="Use a built-in command for an AI CLI instead of `command`.",
     )
-    command: list[str] | None = Field(
+    command: AdapterArgv | None = Field(
         default=None,
-        description="argv run in the workspace (kind=process). Placeholders: "
-        + ", ".join("{" + p + "}" for p in sorted(COMMAND_PLACEHOLDERS)),
+        description=argv_description("Run in the workspace (kind=process)", COMMAND_PLACEHOLDERS),
     )
     stdin: Literal["none", "prompt"] = Field(
         default="none",
@@ -246,15 +238,10 @@ class AdapterSpec(_Model):
         "own API key). Nothing else from the executor's environment reaches the adapter.",
     )
     timeout_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
-    gate: list[GateCheck] = Field(default_factory=list, description="Default test gate.")
+    gate: GateChecks = Field(default_factory=list, description="Default test gate.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     health_check: HealthProbe | None = None
-
-    @field_validator("command")
-    @classmethod
-    def _command_placeholders(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _check_placeholders(value)
 
     @field_validator("pass_env")
     @classmethod
@@ -291,7 +278,9 @@ class TaskSpec(_Model):
         pattern=COMMIT_PATTERN,
         description="Full 40-hex commit the attempt starts from.",
     )
-    target_paths: list[str] = Field(default_factory=list)
+    target_paths: TargetPaths = Field(
+        default_factory=list, description="Files to change (relative paths in the repository)."
+    )
     patch: str | None = Field(
         default=None,
         description="Unified diff (git --binary) applied by the `patch` adapter.",
@@ -302,21 +291,13 @@ class TaskSpec(_Model):
         le=7 * 86_400,
         description="Budget for all attempts; else adapter's.",
     )
-    gate: list[GateCheck] | None = Field(default=None, description="Overrides the adapter's gate.")
+    gate: GateChecks | None = Field(default=None, description="Overrides the adapter's gate.")
     gate_baseline: bool = Field(
         default=False,
         description="Run the gate on the unpatched base first (pre-existing).",
     )
     allow_empty_diff: bool = Field(default=False, description="An empty diff counts as success.")
     retry: RetryPolicy | None = Field(default=None, description="Overrides the adapter's policy.")
-
-    @field_validator("target_paths")
-    @classmethod
-    def _relative_paths(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if path.startswith("/") or ".." in path.split("/"):
-                raise ValueError(f"target path {path!r} must be relative and stay in the repo")
-        return value
 
 
 def _unique(ids: list[str], what: str) -> None:
