@@ -62,7 +62,7 @@ def _placeholder_list(names: frozenset[str]) -> str:
 def _argument_regex(names: frozenset[str]) -> str:
     """One argv element: text with ``{{``/``}}`` escapes and ``{name}`` placeholders only."""
     inline = "|".join(sorted(names - WHOLE_ARGUMENT_PLACEHOLDERS))
-    regex = r"^(?:[^{}]|\{\{|\}\}|\{(?:" + inline + r")\})*$"
+    regex = r"^(?:[^{}\x00]|\{\{|\}\}|\{(?:" + inline + r")\})*$"
     for name in sorted(names & WHOLE_ARGUMENT_PLACEHOLDERS):
         regex += r"|^\{" + name + r"\}$"
     return regex
@@ -70,6 +70,8 @@ def _argument_regex(names: frozenset[str]) -> str:
 
 def _argument_problem(arg: str, names: frozenset[str]) -> str | None:
     """What is wrong with one argv element, in the terms of ``str.format`` (None: nothing)."""
+    if "\x00" in arg:
+        return f"{arg!r} contains a NUL character, which no command line can hold"
     try:
         parsed = list(string.Formatter().parse(arg))
     except ValueError as exc:
@@ -133,6 +135,8 @@ ENV_NAMES_RULE = Rule(
 )
 MAX_ENV = 64
 MAX_ENV_VALUE = 32768
+#: An environment value (no NUL: no process environment can hold one).
+EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE, pattern=r"^[^\x00]*$")]
 
 
 # --------------------------------------------------------------------------- target paths
@@ -157,7 +161,7 @@ def _target_path_problem(path: str) -> str | None:
 
 _TARGET_PATH_MESSAGE = (
     "a target path is relative to the repository root: not empty, not starting with '/' or "
-    "'-' (write ./-name for a file whose name starts with '-'), no '..' segment"
+    "'-' (write ./-name for a file whose name starts with '-'), no '..' segment, no NUL"
 )
 TARGET_PATH_RULE = Rule(
     cel=f"self.matches({cel_string(_PATH_START)}) && !self.matches({cel_string(_PATH_UP)})",

@@ -23,9 +23,9 @@ from core.argv import (
     GATE_PLACEHOLDERS,
     MAX_CHECKS,
     MAX_ENV,
-    MAX_ENV_VALUE,
     PROBE_PLACEHOLDERS,
     AdapterArgv,
+    EnvValue,
     GateArgv,
     ProbeArgv,
     TargetPaths,
@@ -140,7 +140,7 @@ class GateCheck(_Model):
     )
     timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, description="Per-check limit.")
     env: Annotated[
-        dict[str, Annotated[str, Field(max_length=MAX_ENV_VALUE)]],
+        dict[str, EnvValue],
         Field(max_length=MAX_ENV),
         ENV_NAMES_RULE,
     ] = Field(default_factory=dict, description="Extra environment variables.")

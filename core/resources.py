@@ -24,8 +24,8 @@ from core.argv import (
     ENV_NAME_PATTERN,
     MAX_CHECKS,
     MAX_ENV,
-    MAX_ENV_VALUE,
     AdapterArgv,
+    EnvValue,
     TargetPaths,
     argv_description,
 )
@@ -146,7 +146,7 @@ class EnvVar(_Api):
             check=lambda name: not name.startswith(RESERVED_ENV_PREFIX),
         ),
     ] = Field(max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
-    value: str | None = Field(default=None, max_length=MAX_ENV_VALUE, description="Literal value.")
+    value: EnvValue | None = Field(default=None, description="Literal value.")
     secret_key_ref: SecretKeySelector | None = Field(
         default=None, description="Take the value from a Secret (e.g. the tool's API key)."
     )

@@ -80,7 +80,10 @@ def test_case_ids_are_unique() -> None:
 
 
 def format_verdict(arg: str, names: frozenset[str]) -> bool:
-    """Whether ``arg`` is usable, by how ``str.format`` reads it (the expansion's parser)."""
+    """Whether ``arg`` is usable, by how ``str.format`` reads it (the expansion's parser) and
+    what ``exec`` takes (no NUL)."""
+    if "\x00" in arg:
+        return False
     try:
         parsed = list(string.Formatter().parse(arg))
     except ValueError:
@@ -97,7 +100,8 @@ def format_verdict(arg: str, names: frozenset[str]) -> bool:
 
 ARG_PIECES = st.lists(
     st.sampled_from(
-        ["{", "}", "{{", "}}", "a", " ", "-", ":", "!r", ":03d", "\n", "é", *COMMAND_PLACEHOLDERS]
+        ["{", "}", "{{", "}}", "a", " ", "-", ":", "!r", ":03d", "\n", "\x00", "é"]
+        + sorted(COMMAND_PLACEHOLDERS)
         + [f"{{{n}}}" for n in COMMAND_PLACEHOLDERS]
         + ["{foo}", "{i:07d}", "{0}", "{}", "{task_id.x}", "{attempt[0]}"]
     ),
