@@ -324,8 +324,18 @@ class TaskQueue(_Model):
 class RoutingDecision(_Model):
     task_id: Identifier
     adapter_id: Identifier
-    fallback_adapter_ids: list[Identifier] = Field(default_factory=list)
+    fallback_adapter_ids: Annotated[list[Identifier], Field(max_length=10), Unique()] = Field(
+        default_factory=list
+    )
     rationale: str = ""
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> RoutingDecision:
+        # what a TaskExecution's CRD refuses too: a run the embedded backend accepts can
+        # also be submitted to Kubernetes
+        if self.adapter_id in self.fallback_adapter_ids:
+            raise ValueError("fallback_adapter_ids must not repeat adapter_id")
+        return self
 
 
 class RoutingDecisions(_Model):

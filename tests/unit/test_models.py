@@ -365,3 +365,19 @@ def test_random_walks_never_leave_a_terminal_state(path: list[TaskState]) -> Non
             continue
         assert not state.terminal, f"left terminal state {state}"
         state = new
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "where", "says"),
+    [
+        (["b", "b"], ("fallback_adapter_ids", 1), "duplicate item 'b'"),
+        (["b", "a"], (), "must not repeat adapter_id"),
+    ],
+)
+def test_fallbacks_are_refused_where_a_task_execution_would_refuse_them(
+    fallbacks: list[str], where: tuple[Any, ...], says: str
+) -> None:
+    with pytest.raises(ValidationError) as exc:
+        RoutingDecision(task_id="t", adapter_id="a", fallback_adapter_ids=fallbacks)
+    err = only_error(exc)
+    assert tuple(err["loc"]) == where and says in err["msg"]
