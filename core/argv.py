@@ -119,8 +119,8 @@ ProbeArgv = Annotated[list[ProbeArgument], Field(min_length=1, max_length=MAX_CH
 
 def argv_description(what: str, names: frozenset[str]) -> str:
     return (
-        f"{what} (argv, no shell). Placeholders: {_placeholder_list(names)}; a literal brace "
-        "is written twice."
+        f"{what}: an argv list, no shell. Placeholders: {_placeholder_list(names)}; a literal "
+        "brace is written twice."
     )
 
 
