@@ -97,7 +97,7 @@ def name_rule(kind: str, why: str) -> Rule:
     )
 
 
-#: Checked by the API server at the CRD's root (the pydantic twin: :func:`name_problem`).
+#: Checked by the API server at the CRD's root; the operator's twin: core.kube.validation.
 TASK_EXECUTION_NAME_RULE = name_rule(
     "TaskExecution",
     "it is the default task id and a label value, and starts the names of its Jobs",
