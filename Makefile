@@ -14,11 +14,12 @@ $(BIN)/orchestrator: pyproject.toml
 
 setup: $(BIN)/orchestrator  ## install the project and its dev tools into .venv
 
-demo: setup  ## copy examples/demo to $(DEMO) and execute it on the embedded backend
+demo: setup  ## copy examples/demo to $(DEMO), execute it on the embedded backend, integrate
 	rm -rf $(DEMO) && cp -r examples/demo $(DEMO)
 	$(BIN)/orchestrator db upgrade --workdir $(DEMO)
-	$(BIN)/orchestrator execute --run demo --workdir $(DEMO) || [ $$? -eq 3 ]
+	$(BIN)/orchestrator execute --run demo --workdir $(DEMO) --integrate || [ $$? -eq 3 ]
 	$(BIN)/orchestrator status --run demo --workdir $(DEMO)
+	git -C $(DEMO)/integration/demo.git -c core.quotepath=off log --oneline --stat orchestrator/integration/demo
 	$(BIN)/orchestrator ledger verify --workdir $(DEMO)
 
 demo-fallback: setup  ## the circuit-breaker scenario: a crashing adapter, its fallback takes over

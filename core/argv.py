@@ -39,8 +39,11 @@ COMMAND_PLACEHOLDERS = frozenset(
 )
 #: Placeholders that expand into several arguments, so they must be a whole argument.
 WHOLE_ARGUMENT_PLACEHOLDERS = frozenset({"target_paths"})
-#: What a test-gate check's command may use (the gate fills in only these).
-GATE_PLACEHOLDERS = frozenset({"python", "workspace"})
+#: What a test-gate check's command may use (the gate fills in only these): ``{report}`` is
+#: a fresh file outside the tree where the check may write its per-test report.
+GATE_PLACEHOLDERS = frozenset({"python", "workspace", "report"})
+#: What a check's ``rerun`` command may use, to run one test in isolation.
+RERUN_PLACEHOLDERS = GATE_PLACEHOLDERS | {"test", "test_suite", "test_name"}
 #: What a health probe's command may use.
 PROBE_PLACEHOLDERS = frozenset({"python"})
 #: Bounds of argv lists. Besides keeping objects small they bound the estimated cost of the
@@ -111,6 +114,10 @@ GateArgument = Annotated[
     str, Field(max_length=MAX_CHECK_ARG_LENGTH), argument_rule(GATE_PLACEHOLDERS)
 ]
 GateArgv = Annotated[list[GateArgument], Field(min_length=1, max_length=MAX_CHECK_ARGS)]
+RerunArgument = Annotated[
+    str, Field(max_length=MAX_CHECK_ARG_LENGTH), argument_rule(RERUN_PLACEHOLDERS)
+]
+RerunArgv = Annotated[list[RerunArgument], Field(min_length=1, max_length=MAX_CHECK_ARGS)]
 ProbeArgument = Annotated[
     str, Field(max_length=MAX_CHECK_ARG_LENGTH), argument_rule(PROBE_PLACEHOLDERS)
 ]

@@ -66,11 +66,18 @@ class Runner(_Values):
 class Watch(_Values):
     all_namespaces: bool = Field(
         default=False,
-        description="Watch TaskExecutions in every namespace (ClusterRole); default: one namespace "
-        "(Role).",
+        description="Removed; must stay false (the chart refuses true): it granted cluster-wide "
+        "Job creation, NetworkPolicy writes and reads of every ConfigMap and pod log. List the "
+        "namespaces in watch.namespaces.",
     )
     namespace: str = Field(
-        default="", description="The namespace watched when not allNamespaces; default: release's."
+        default="",
+        description="The one namespace served when watch.namespaces is empty; default: release's.",
+    )
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="The namespaces served; each gets a Role, RoleBinding, the default-deny "
+        "runner NetworkPolicy and the sample Adapters. Nothing namespaced is granted elsewhere.",
     )
 
 
@@ -172,16 +179,23 @@ class NetworkPolicy(_Values):
     allow_dns: bool = Field(default=True, description="Allow DNS (port 53) to any namespace.")
     namespaces: list[str] = Field(
         default_factory=list,
-        description="Where to create the policy; default: the watched namespace (with "
-        "watch.allNamespaces: the release namespace; list the others here).",
+        description="Extra namespaces to create the runner policy in (every served namespace "
+        "always gets it).",
     )
     egress: list[EgressRule] = Field(
         default_factory=list,
-        description="Allowed egress of runner pods: the git server they clone from, AI APIs.",
+        description="Allowed egress of adapter and gate pods: the git server they clone from "
+        "(pod addresses: policies see connections after a Service's DNAT). An AI API belongs "
+        "in the Adapter's egress.",
     )
     extra_egress: list[dict[str, Any]] = Field(
         default_factory=list,
         description="NetworkPolicyEgressRule objects appended as they are (e.g. a podSelector).",
+    )
+    gate_egress: list[EgressRule] = Field(
+        default_factory=list,
+        description="Extra egress of gate pods only (policy <fullname>-gate), e.g. a package "
+        "index the checks install from.",
     )
 
 

@@ -20,19 +20,29 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core import __version__
 from core.db.database import check_schema, default_url, make_engine, redact, upgrade
+from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
+from core.db.test_history import TestHistory
 from core.engine.adapters import manual_paths
 from core.engine.executor import ExecutorConfig, build_executor
+from core.engine.integration_worker import (
+    IntegrationConfig,
+    IntegrationRun,
+    build_integration_worker,
+)
+from core.engine.merge_queue import BatchPolicy
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import verify
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
 from core.identity import TaskKey
+from core.models import CheckStatus, GateResult
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -160,6 +170,15 @@ def execute(
         float | None,
         typer.Option(help="kubernetes backend: stop following after this many seconds."),
     ] = None,
+    integrate_after: Annotated[
+        bool,
+        typer.Option(
+            "--integrate",
+            help="Then merge the COMPLETED tasks onto the integration branch (`orchestrator "
+            "integrate` with its defaults); tasks it sends back are executed and integrated "
+            "again, until none is.",
+        ),
+    ] = False,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
@@ -168,6 +187,8 @@ def execute(
     Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
     """
     if backend is Backend.kubernetes:
+        if integrate_after:
+            raise _fail("--integrate runs on the local backend only (see README: integration)")
         _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
         return
     config = ExecutorConfig(
@@ -198,6 +219,18 @@ def execute(
     signal.signal(signal.SIGINT, _stop)
     try:
         results = executor.run()
+        while integrate_after and not stop.is_set():
+            integration = _integrate(
+                IntegrationConfig(run_id=run, workdir=workdir), database_url, metrics
+            )
+            if not integration.reopened:
+                break
+            console.print(
+                f"executing the {len(integration.reopened)} task(s) sent back: "
+                + ", ".join(integration.reopened),
+                highlight=False,
+            )
+            results = build_executor(config, metrics=metrics, stop=stop).run()
     except OrchestratorError as exc:
         raise _fail(str(exc)) from exc
     s = results.summary
@@ -208,6 +241,104 @@ def execute(
     )
     console.print(f"results: {workdir / STATE_DIR / 'execution_results.json'}", highlight=False)
     if stop.is_set() or not results.finished:
+        raise typer.Exit(3)
+
+
+def _integrate(
+    config: IntegrationConfig, database_url: str | None, metrics: Metrics
+) -> IntegrationRun:
+    """Run the integration worker and print what it did (raises OrchestratorError)."""
+    done = build_integration_worker(config, database_url=database_url, metrics=metrics).run()
+    r, st = done.results, done.results.stats
+    for task in r.tasks:
+        commit = task.commit[:12] if task.commit else ""
+        note = f"  {task.reason}" if task.reason else ""
+        console.print(
+            f"  {task.task_id:<24} {task.outcome.value:<11} {commit:<12}{note}",
+            highlight=False,
+            markup=False,
+        )
+    per_merge = f"{st.gate_runs_per_merge:g}" if st.gate_runs_per_merge is not None else "-"
+    console.print(
+        f"integration of run {r.run_id}: {st.merged} merged, {st.conflict} conflict, "
+        f"{st.gate_failed} gate_failed, {st.skipped} skipped; merged-tree gate runs: "
+        f"{st.gate_runs} in {st.batches} batch(es), {per_merge} per merged change "
+        f"(one-by-one: {st.one_by_one_gate_runs})",
+        highlight=False,
+    )
+    where = r.repository if r.pushed else r.local_repository
+    console.print(f"branch {r.branch} at {r.head_commit[:12]} in {where}", highlight=False)
+    console.print(
+        f"  git -C {r.local_repository} log --oneline {r.base_commit[:12]}..{r.branch}",
+        highlight=False,
+        markup=False,
+    )
+    return done
+
+
+@app.command()
+def integrate(
+    run: RunId,
+    workdir: Workdir = CWD,
+    database_url: DatabaseUrl = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(help="Branch name. Default: orchestrator/integration/<run>."),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Commit the branch starts from (first integration of a run only). Default: "
+            "the tasks' common base; when bases differ, the newest all others are ancestors of."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=256, help="Changes gated at once (the first batch).")
+    ] = 4,
+    adaptive: Annotated[
+        bool,
+        typer.Option(help="Double the batch after a passing one, halve it after a failing one."),
+    ] = True,
+    max_batch_size: Annotated[int, typer.Option(min=1, max=256, help="Adaptive limit.")] = 32,
+    push: Annotated[
+        bool,
+        typer.Option(help="Push the branch to the tasks' repository (a URL), fast-forward only."),
+    ] = False,
+    keep_worktrees: Annotated[
+        bool, typer.Option(help="Keep the gate's worktrees under .work/ for debugging.")
+    ] = False,
+) -> None:
+    """Merge the run's COMPLETED tasks in queue order onto an integration branch, re-gated.
+
+    Each task's patch (from the ledger) is applied three-way onto the ones before it; the
+    test gate runs on the merged tree, for batches of changes at once (a failing batch is
+    bisected). Verdict per task: merged, conflict, gate_failed or skipped. Tasks whose retry
+    policy lists merge_conflict / merge_gate_failed are sent back to their adapter with the
+    conflict or failure in the prompt. Writes .state/integration_results.json, one ledger
+    entry per verdict, the database and events; incremental: run it again after more tasks
+    completed. Exit code: 0 done, 3 tasks were sent back (run execute, then integrate again).
+    """
+    if max_batch_size < batch_size:
+        raise _fail(f"--max-batch-size {max_batch_size} is below --batch-size {batch_size}")
+    config = IntegrationConfig(
+        run_id=run,
+        workdir=workdir,
+        branch=branch,
+        base_commit=base,
+        batch=BatchPolicy(size=batch_size, adaptive=adaptive, max_size=max_batch_size),
+        push=push,
+        keep_worktrees=keep_worktrees,
+    )
+    try:
+        done = _integrate(config, database_url, Metrics())
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
+    if done.reopened:
+        console.print(
+            f"sent back to their adapters: {', '.join(done.reopened)}; run `orchestrator "
+            f"execute --run {run}`, then integrate again (or `execute --integrate`)",
+            highlight=False,
+        )
         raise typer.Exit(3)
 
 
@@ -248,7 +379,11 @@ def status(
     database_url: DatabaseUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show each task's state, adapter, attempts, failure class and diff of a run."""
+    """Show each task's state, adapter, attempts, failure class, diff and gate of a run.
+
+    The gate column names new failing tests; below the table, the run's flaky tests with how
+    often each was flaky in any run.
+    """
     store = _store(workdir, database_url)
     records = store.tasks(run)
     if not records:
@@ -268,7 +403,7 @@ def status(
             diff = f"{d.files_changed}f +{d.insertions}/-{d.deletions}"
             diff += f" {d.binary_files}bin" if d.binary_files else ""
         if last and last.gate:
-            gate = "passed" if last.gate.passed else "failed: " + ",".join(last.gate.failed_checks)
+            gate = _gate_cell(last.gate)
         table.add_row(
             r.key.display,
             r.status.value,
@@ -284,6 +419,45 @@ def status(
     for a in breakers:
         name = f"{a.scope}/{a.id}" if a.scope else a.id
         console.print(f"circuit breaker {name}: {a.breaker_state}", highlight=False)
+    flaky = TestHistory(store.engine).flaky_tests(run_id=run)
+    if flaky:
+        console.print(
+            "flaky tests (passed when rerun alone; history of all runs):", highlight=False
+        )
+        for f in flaky:
+            console.print(
+                f"  {f.check}: {f.test_id}  {f.times}x, last {f.last_run}/{f.last_task} "
+                f"{f.last_seen:%Y-%m-%d %H:%M}",
+                highlight=False,
+                markup=False,
+            )
+
+
+def _gate_cell(gate: GateResult) -> str:
+    """The gate in one cell: what failed and why, or what passed with a caveat.
+
+    Escaped for rich: test ids carry brackets (``test_x[1-2]``) that are not markup.
+    """
+    tamper = ["tamper flagged"] if gate.tamper.flagged else []
+    if not gate.applied:
+        return "failed: diff does not apply"
+    if not gate.passed:
+        return escape("; ".join(["failed: " + "; ".join(gate.blamed), *tamper]))
+    extras = []
+    for label, count in (
+        ("pre-existing", sum(c.pre_existing_failures.count for c in gate.checks)),
+        ("flaky", sum(c.flaky.count for c in gate.checks)),
+        ("fixed", sum(c.fixed.count for c in gate.checks)),
+    ):
+        if count:
+            extras.append(f"{count} {label}")
+    extras += [
+        f"{c.name} failed before"
+        for c in gate.checks
+        if c.status is CheckStatus.PRE_EXISTING and c.granularity == "check"
+    ]
+    extras += tamper
+    return escape("passed" + (f" ({', '.join(extras)})" if extras else ""))
 
 
 @app.command()
@@ -331,7 +505,8 @@ def ledger_verify(workdir: Workdir = CWD, database_url: DatabaseUrl = None) -> N
     path = workdir / STATE_DIR / PATCH_LEDGER
     if not path.exists():
         raise _fail(f"{path}: no ledger in this work dir")
-    anchor = _store(workdir, database_url).ledger_anchor()
+    store = _store(workdir, database_url)
+    anchor = store.ledger_anchor() + IntegrationRows(store.engine).ledger_anchor()
     report = verify(path, workdir / ".ledger" / "patches", anchor)
     if report.ok:
         console.print(

@@ -20,10 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from core.api_rules import ADAPTER_NAME_RULE, TASK_EXECUTION_NAME_RULE
 from core.resources import (
-    ADAPTER_NAME_RULE,
     GROUP,
-    TASK_EXECUTION_NAME_RULE,
     VERSION,
     AdapterResourceSpec,
     AdapterResourceStatus,

@@ -17,28 +17,39 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.argv import COMMAND_PLACEHOLDERS as COMMAND_PLACEHOLDERS
+from core.argv import GATE_PLACEHOLDERS as GATE_PLACEHOLDERS
 from core.argv import (
-    COMMAND_PLACEHOLDERS,
-    ENV_NAMES_RULE,
-    GATE_PLACEHOLDERS,
-    MAX_CHECKS,
-    MAX_ENV,
     PROBE_PLACEHOLDERS,
     AdapterArgv,
-    EnvValue,
-    GateArgv,
     ProbeArgv,
     TargetPaths,
     argv_description,
 )
 from core.errors import IllegalTransitionError
+from core.gate_models import CHECK_NAME_PATTERN as CHECK_NAME_PATTERN
+from core.gate_models import MAX_TEST_NAMES as MAX_TEST_NAMES
+from core.gate_models import RERUN_PLACEHOLDERS as RERUN_PLACEHOLDERS
+from core.gate_models import CheckResult as CheckResult
+from core.gate_models import CheckStatus as CheckStatus
+from core.gate_models import GateCheck as GateCheck
+from core.gate_models import GateChecks as GateChecks
+from core.gate_models import GatePolicy as GatePolicy
+from core.gate_models import GateResult as GateResult
+from core.gate_models import ReportFormat as ReportFormat
+from core.gate_models import TamperReport as TamperReport
+from core.gate_models import TestCounts as TestCounts
+from core.gate_models import TestNames as TestNames
+from core.integration_models import IntegrationFailure as IntegrationFailure
+from core.integration_models import IntegrationOutcome as IntegrationOutcome
+from core.integration_models import IntegrationRecord as IntegrationRecord
+from core.integration_models import IntegrationResults as IntegrationResults
 from core.rules import RuledModel, Unique
 
 SCHEMA_VERSION = 1
 
 #: Identifiers end up in file names, DB keys, Job names and labels: DNS-label friendly.
 IDENTIFIER_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-CHECK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"
 
 Identifier = Annotated[
@@ -108,6 +119,18 @@ def transition(current: TaskState, target: TaskState) -> TaskState:
     return target
 
 
+def reopen(current: TaskState) -> TaskState:
+    """The one way out of a terminal state: COMPLETED -> PENDING, when the integration worker
+    sends a completed change back to its adapter (merge conflict, merged-tree gate failure).
+
+    Not an edge of :data:`TRANSITIONS`, so that no ordinary write can re-open a finished task
+    by accident; only the store's ``reopen_task`` calls this.
+    """
+    if current is not TaskState.COMPLETED:
+        raise IllegalTransitionError(f"only a COMPLETED task can be reopened, not a {current} one")
+    return TaskState.PENDING
+
+
 class FailureClass(StrEnum):
     INFRASTRUCTURE = "infrastructure"
     ADAPTER_ERROR = "adapter_error"
@@ -115,6 +138,17 @@ class FailureClass(StrEnum):
     EMPTY_DIFF = "empty_diff"
     GATE_FAILED = "gate_failed"
     CANCELLED = "cancelled"
+    #: The completed change conflicts with the changes merged before it (integration).
+    MERGE_CONFLICT = "merge_conflict"
+    #: The completed change fails the gate on the merged tree (integration).
+    MERGE_GATE_FAILED = "merge_gate_failed"
+
+
+#: The failure class of an integration verdict that sends a task back to its adapter.
+INTEGRATION_FAILURE_CLASSES: dict[IntegrationOutcome, FailureClass] = {
+    IntegrationOutcome.CONFLICT: FailureClass.MERGE_CONFLICT,
+    IntegrationOutcome.GATE_FAILED: FailureClass.MERGE_GATE_FAILED,
+}
 
 
 class EventName(StrEnum):
@@ -126,28 +160,17 @@ class EventName(StrEnum):
     ATTEMPT_FAILED = "ATTEMPT_FAILED"
     SAFE_MODE_ENTERED = "SAFE_MODE_ENTERED"
     SAFE_MODE_LEFT = "SAFE_MODE_LEFT"
+    #: The integration worker (core.engine.integration_worker): one per verdict, one per run.
+    INTEGRATION_MERGED = "INTEGRATION_MERGED"
+    INTEGRATION_CONFLICT = "INTEGRATION_CONFLICT"
+    INTEGRATION_GATE_FAILED = "INTEGRATION_GATE_FAILED"
+    INTEGRATION_SKIPPED = "INTEGRATION_SKIPPED"
+    INTEGRATION_FINISHED = "INTEGRATION_FINISHED"
+    #: A completed task sent back to its adapter by the integration worker.
+    TASK_REOPENED = "TASK_REOPENED"
 
 
 # --------------------------------------------------------------------------- adapters
-
-
-class GateCheck(_Model):
-    """One acceptance check: a command (argv, no shell) run on the patched tree."""
-
-    name: str = Field(pattern=CHECK_NAME_PATTERN, description="Name shown in results.")
-    command: GateArgv = Field(
-        description=argv_description("The check, run in the patched tree", GATE_PLACEHOLDERS)
-    )
-    timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, description="Per-check limit.")
-    env: Annotated[
-        dict[str, EnvValue],
-        Field(max_length=MAX_ENV),
-        ENV_NAMES_RULE,
-    ] = Field(default_factory=dict, description="Extra environment variables.")
-
-
-#: A list of gate checks: names unique (results are reported by name).
-GateChecks = Annotated[list[GateCheck], Field(max_length=MAX_CHECKS), Unique("name")]
 
 
 class AdapterKind(StrEnum):
@@ -183,6 +206,13 @@ class RetryPolicy(_Model):
             FailureClass.ADAPTER_TIMEOUT,
         ],
         description="Failure classes that are tried again (gate_failed is off by default).",
+    )
+    infrastructure_backoff_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Least backoff before retrying an infrastructure failure (a dependency "
+        "may still be starting), doubled per retry up to backoff_max_seconds.",
     )
 
 
@@ -296,6 +326,9 @@ class TaskSpec(_Model):
         default=False,
         description="Run the gate on the unpatched base first (pre-existing).",
     )
+    gate_policy: GatePolicy = Field(
+        default_factory=GatePolicy, description="Flaky reruns, tamper handling, fuzzy apply."
+    )
     allow_empty_diff: bool = Field(default=False, description="An empty diff counts as success.")
     retry: RetryPolicy | None = Field(default=None, description="Overrides the adapter's policy.")
 
@@ -363,37 +396,6 @@ class RoutingCompleteFlag(_Model):
 # --------------------------------------------------------------------------- results
 
 
-class CheckStatus(StrEnum):
-    PASSED = "passed"
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    ERROR = "error"
-    PRE_EXISTING = "pre_existing"
-
-
-class CheckResult(_Model):
-    name: str
-    status: CheckStatus
-    exit_code: int | None
-    duration_seconds: float
-    output_tail: str = ""
-    baseline_status: CheckStatus | None = None
-
-
-class GateResult(_Model):
-    passed: bool
-    applied: bool = Field(description="Whether the diff applied to a fresh base checkout.")
-    apply_method: str | None = None
-    checks: list[CheckResult] = Field(default_factory=list)
-    duration_seconds: float = 0.0
-
-    @property
-    def failed_checks(self) -> list[str]:
-        return [c.name for c in self.checks if c.status not in _GATE_OK]
-
-
-_GATE_OK = frozenset({CheckStatus.PASSED, CheckStatus.PRE_EXISTING})
-
 FileStatus = Literal["added", "modified", "deleted", "renamed", "copied", "type_changed"]
 
 
@@ -447,6 +449,11 @@ class AttemptResult(_Model):
         description="Backoff scheduled after this attempt before the next one (0 when final); "
         "charged to the task's budget like the attempt's own duration.",
     )
+    integration: IntegrationFailure | None = Field(
+        default=None,
+        description="Set when the integration worker sent this completed attempt's change back "
+        "(merge conflict or merged-tree gate failure): the attempt is then not final.",
+    )
 
 
 class TaskResult(_Model):
@@ -480,9 +487,16 @@ class ExecutionResults(_Model):
 
 
 class LedgerEntry(_Model):
-    """One line of ``.state/patch_ledger.jsonl``; ``hash`` chains it to the line before."""
+    """One line of ``.state/patch_ledger.jsonl``; ``hash`` chains it to the line before.
+
+    ``kind`` ``attempt`` (absent from the line): one finished attempt. ``integration``: the
+    integration worker's verdict on a completed attempt's change (``integration``); its other
+    fields repeat that attempt's (the same ``patch_ref``, ``result``...), ``state`` and
+    ``failure_class`` say what the verdict made of the task.
+    """
 
     seq: int = Field(ge=1)
+    kind: Literal["attempt", "integration"] = "attempt"
     run_id: Identifier
     task_id: Identifier
     task_uid: str | None = Field(
@@ -505,6 +519,7 @@ class LedgerEntry(_Model):
     truncated: bool = False
     patch_ref: str | None = Field(default=None, description="Content-addressed copy of the diff.")
     result: AttemptResult
+    integration: IntegrationRecord | None = None
     recorded_at: datetime
     prev_hash: str
     hash: str
@@ -518,4 +533,5 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "execution_results.schema.json": ExecutionResults,
     "patch_ledger_entry.schema.json": LedgerEntry,
     "adapter.schema.json": AdapterSpec,
+    "integration_results.schema.json": IntegrationResults,
 }

@@ -10,8 +10,6 @@ policies (retry, breaker, gate checks, probes) are reused with camelCase aliases
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -19,6 +17,15 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from core.api_rules import (
+    CIDR_RULE,
+    IMAGE_RULE,
+    REPO_RULE,
+    RESERVED_ENV_PREFIX,
+    SECRET_KEY_PATTERN,
+    SUBDOMAIN_PATTERN,
+    quantity_rule,
+)
 from core.argv import (
     COMMAND_PLACEHOLDERS,
     ENV_NAME_PATTERN,
@@ -31,21 +38,20 @@ from core.argv import (
 )
 from core.models import (
     COMMIT_PATTERN,
-    IDENTIFIER_PATTERN,
     AdapterSpec,
     BreakerPolicy,
     CommandTemplate,
     DiffSummary,
     FailureClass,
     GateCheck,
+    GatePolicy,
     HealthProbe,
     Identifier,
     RetryPolicy,
     TaskSpec,
     TaskState,
 )
-from core.rules import Rule, RuledModel, Unique, cel_string
-from core.rules import matches as rules_matches
+from core.rules import Rule, RuledModel, Unique
 
 GROUP = "orchestrator.dev"
 VERSION = "v1alpha1"
@@ -80,32 +86,6 @@ Checks = Annotated[list[Check], Field(max_length=MAX_CHECKS), Unique("name")]
 
 # --------------------------------------------------------------------------- names and refs
 
-#: A DNS subdomain (RFC 1123): what Kubernetes requires of a Secret's name.
-SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 (a pattern, not a secret)
-_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
-
-
-def name_rule(kind: str, why: str) -> Rule:
-    """``metadata.name`` of a ``kind`` must be a DNS label (an object-level rule of the CRD)."""
-    return Rule(
-        cel=f"self.metadata.name.matches({cel_string(IDENTIFIER_PATTERN)})",
-        message=f"metadata.name of {kind} objects must be a DNS label: lower-case letters, digits "
-        f"and '-', at most 63 characters, starting and ending with a letter or digit ({why})",
-        check=lambda name: _IDENTIFIER.fullmatch(name) is not None,
-        field_path=".metadata.name",
-    )
-
-
-#: Checked by the API server at the CRD's root; the operator's twin: core.kube.validation.
-TASK_EXECUTION_NAME_RULE = name_rule(
-    "TaskExecution",
-    "it is the default task id and a label value, and starts the names of its Jobs",
-)
-ADAPTER_NAME_RULE = name_rule(
-    "Adapter", "it is the adapter's id, a label value of its pods and names its NetworkPolicy"
-)
-
 
 class AdapterReference(_Api):
     name: Identifier = Field(description="Name of an Adapter in the same namespace.")
@@ -122,10 +102,6 @@ class SecretReference(_Api):
 class SecretKeySelector(_Api):
     name: str = Field(max_length=253, pattern=SUBDOMAIN_PATTERN, description="Secret name.")
     key: str = Field(max_length=253, pattern=SECRET_KEY_PATTERN, description="Key in the Secret.")
-
-
-#: Environment variables the runner sets itself in adapter pods; an Adapter may not set them.
-RESERVED_ENV_PREFIX = "ORCHESTRATOR_"
 
 
 class EnvVar(_Api):
@@ -154,57 +130,12 @@ class EnvVar(_Api):
 
 # --------------------------------------------------------------------------- quantities, CIDRs
 
-_QUANTITY = re.compile(
-    r"^[+]?(?P<number>[0-9]+(?:[.][0-9]*)?|[.][0-9]+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
-)
-
-
-def _positive_quantity(text: str) -> bool:
-    """A Kubernetes quantity above zero (the grammar of ``resource.Quantity``).
-
-    Hand-written rather than the kubernetes client's ``parse_quantity`` because this layer
-    must not import the client, and the question is only "is this a quantity above zero".
-    """
-    found = _QUANTITY.fullmatch(text)
-    return found is not None and any(c in "123456789" for c in found["number"])
-
-
-def _quantity_rule(what: str) -> Rule:
-    return Rule(
-        cel="isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-        message=f"{what} must be a Kubernetes quantity above zero, e.g. "
-        + ("500m or 2" if what == "cpu" else "512Mi or 2Gi"),
-        check=_positive_quantity,
-    )
-
-
-def _canonical_cidr(text: str) -> bool:
-    """An IPv4 or IPv6 CIDR whose host bits are zero (what CEL's ``cidr()`` accepts)."""
-    if "/" not in text or "%" in text:
-        return False
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError:
-        return False
-    prefix = text.rsplit("/", 1)[1]
-    if prefix != str(int(prefix)) or text != text.strip():
-        return False
-    return not (isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped)
-
-
-CIDR_RULE = Rule(
-    cel="isCIDR(self) && cidr(self).ip() == cidr(self).masked().ip()",
-    message="must be a CIDR with its host bits zero, e.g. 10.0.0.0/8, 192.0.2.10/32 or "
-    "2001:db8::/32",
-    check=_canonical_cidr,
-)
-
 
 class Resources(_Api):
-    cpu: Annotated[str, Field(max_length=64), _quantity_rule("cpu")] = Field(
+    cpu: Annotated[str, Field(max_length=64), quantity_rule("cpu")] = Field(
         default="1", description="CPU request and limit, e.g. 500m."
     )
-    memory: Annotated[str, Field(max_length=64), _quantity_rule("memory")] = Field(
+    memory: Annotated[str, Field(max_length=64), quantity_rule("memory")] = Field(
         default="1Gi", description="Memory request and limit, e.g. 512Mi."
     )
 
@@ -222,21 +153,6 @@ class EgressRule(_Api):
 
 
 # --------------------------------------------------------------------------- Adapter
-
-_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_REPO_PART = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
-#: An image reference (the grammar of distribution/reference, which the kubelet applies).
-IMAGE_PATTERN = (
-    rf"^(?:(?:{_DOMAIN_PART}(?:[.]{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?/)?"
-    rf"{_REPO_PART}(?:/{_REPO_PART})*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
-)
-IMAGE_RULE = rules_matches(
-    IMAGE_PATTERN,
-    "must be an image reference such as registry.example/team/aider:1.2 (lower-case "
-    "repository path, optional :tag and @sha256:digest)",
-)
 
 
 class AdapterKind(StrEnum):
@@ -304,8 +220,10 @@ class AdapterResourceSpec(_Api):
     health_check: Probe | None = Field(default=None, description="Optional probe command.")
     egress: Annotated[list[EgressRule], Field(max_length=32)] = Field(
         default_factory=list,
-        description="Where this Adapter's pods may connect: the operator keeps a NetworkPolicy "
-        "`orchestrator-adapter-<name>` with these rules (added to the chart's default-deny).",
+        description="Where this Adapter's adapter pods may connect (its gate pods never): the "
+        "operator keeps a NetworkPolicy `orchestrator-adapter-<name>` with these rules (added "
+        "to the chart's default-deny). Policies see connections after a Service's DNAT: name "
+        "pod addresses, not Service IPs.",
     )
 
 
@@ -319,13 +237,6 @@ class AdapterResourceStatus(_Api):
 
 # --------------------------------------------------------------------------- TaskExecution
 
-#: Where runner pods can clone from: a URL with a scheme git understands without helpers.
-REPO_PATTERN = r"^(https?|git|ssh|file)://[^\x00-\x20\x7f]+$"
-REPO_RULE = rules_matches(
-    REPO_PATTERN,
-    "must be a git URL the pods can clone: https://, http://, git://, ssh:// (or file:// "
-    "inside the runner image), without spaces",
-)
 #: The prompt and a patch reach the runner pod in one environment variable, and Linux caps
 #: one at 128 KiB (MAX_ARG_STRLEN): this bound leaves room for the rest of the request.
 MAX_TASK_TEXT_BYTES = 96 * 1024
@@ -377,7 +288,25 @@ class GateSpec(_Api):
         default=None, description="Checks on the patched tree; default: the adapter's."
     )
     baseline: bool = Field(
-        default=False, description="Run the checks on the base first (pre-existing failures)."
+        default=False,
+        description="Run the checks on the base first: only tests the patch broke fail the gate.",
+    )
+    flaky_reruns: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Rerun a failing test alone up to this many times; passing on a rerun makes "
+        "it flaky (recorded, not blamed).",
+    )
+    on_tamper: Literal["flag", "fail"] = Field(
+        default="flag",
+        description="Baseline failures removed/skipped by the patch, tracked files changed by a "
+        "check: flag them in the result, or also fail the gate.",
+    )
+    fuzzy_apply: bool = Field(
+        default=False,
+        description="Allow a fuzzy apply (less context, whitespace ignored) after git apply "
+        "--index and --3way.",
     )
 
 
@@ -410,6 +339,14 @@ class TaskExecutionSpec(_Api):
         default_factory=GateSpec, description="The test gate run on the patched tree."
     )
     allow_empty_diff: bool = Field(default=False, description="An empty diff is a success.")
+    pending_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        description="How long an attempt's pod may take to start (scheduling, image pull, "
+        "mounts) before the attempt ends as an infrastructure failure; the adapter's budget "
+        "counts from the container's start.",
+    )
 
 
 class Condition(_Api):
@@ -423,11 +360,46 @@ class Condition(_Api):
     message: str = ""
 
 
+#: Test names a status keeps per list (the counts are exact; the DB has up to MAX_TEST_NAMES).
+STATUS_TEST_NAMES = 10
+
+
+class TestList(_Api):
+    """A set of tests in status: the exact count and the first few ids."""
+
+    __test__ = False
+
+    count: int = 0
+    names: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+
+
 class CheckSummary(_Api):
     name: str
     status: str
     exit_code: int | None = None
     duration_seconds: float = 0
+    granularity: Literal["test", "check"] = Field(
+        default="check", description="test: judged per test; check: by exit status only."
+    )
+    tests: int | None = Field(default=None, description="Tests in the patched tree's report.")
+    new_failures: TestList | None = Field(
+        default=None, description="Failing after the patch, not before: these fail the gate."
+    )
+    pre_existing_failures: TestList | None = None
+    fixed: TestList | None = None
+    flaky: TestList | None = Field(default=None, description="Passed when rerun alone.")
+    removed_failing: TestList | None = Field(
+        default=None, description="Failing at baseline, removed or skipped by the patch."
+    )
+    note: str = ""
+
+
+class TamperSummary(_Api):
+    flagged: bool = False
+    fails_gate: bool = False
+    modified_files: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+    deleted_test_files: list[str] = Field(default_factory=list, max_length=STATUS_TEST_NAMES)
+    removed_failing_tests: TestList | None = None
 
 
 class GateSummary(_Api):
@@ -435,6 +407,9 @@ class GateSummary(_Api):
     applied: bool
     apply_method: str | None = None
     checks: list[CheckSummary] = Field(default_factory=list)
+    tamper: TamperSummary | None = Field(
+        default=None, description="Present when tampering was flagged."
+    )
 
 
 class DiffStatus(_Api):
@@ -464,6 +439,9 @@ class AttemptStatus(_Api):
     gate: GateSummary | None = None
     log_bytes: int = Field(default=0, description="Bytes of the attempt's captured log.")
     log_truncated: bool = Field(default=False, description="The log hit its cap.")
+    pod_started_at: datetime | None = Field(
+        default=None, description="When the adapter's container started (its budget's start)."
+    )
 
 
 class TaskExecutionStatus(_Api):
@@ -526,6 +504,11 @@ def task_spec(name: str, spec: TaskExecutionSpec) -> TaskSpec:
         if checks is not None
         else None,
         gate_baseline=spec.gate.baseline,
+        gate_policy=GatePolicy(
+            flaky_reruns=spec.gate.flaky_reruns,
+            on_tamper=spec.gate.on_tamper,
+            fuzzy_apply=spec.gate.fuzzy_apply,
+        ),
         allow_empty_diff=spec.allow_empty_diff,
         retry=RetryPolicy.model_validate(spec.retry.model_dump()) if spec.retry else None,
     )

@@ -52,10 +52,12 @@ def make_workdir(
     tasks: list[dict[str, Any]],
     adapters: list[dict[str, Any]],
     routes: dict[str, str | list[str]],
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """``routes`` maps task id -> adapter id, or a list [primary, *fallbacks]."""
+    """``routes`` maps task id -> adapter id, or a list [primary, *fallbacks]; ``files`` are
+    the repository's base commit (default: a README)."""
     root.mkdir(parents=True, exist_ok=True)
-    base = make_repo(root / "repo")
+    base = make_repo(root / "repo", files)
     state = root / ".state"
     state.mkdir()
     full = [{"repo": "repo", "base_commit": base, **t} for t in tasks]

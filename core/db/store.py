@@ -29,6 +29,7 @@ from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.errors import UnrecoverableError
 from core.identity import EMBEDDED_SCOPE, TaskKey
 from core.models import (
+    INTEGRATION_FAILURE_CLASSES,
     AdapterSpec,
     AttemptResult,
     EventName,
@@ -37,6 +38,7 @@ from core.models import (
     TaskResult,
     TaskSpec,
     TaskState,
+    reopen,
     transition,
 )
 
@@ -153,6 +155,14 @@ def _record(row: Task) -> TaskRecord:
     )
 
 
+def _same_spec(stored: dict[str, Any], task: TaskSpec) -> bool:
+    """Whether a stored spec is ``task``; fields added later with defaults do not count."""
+    try:
+        return TaskSpec.model_validate(stored) == task
+    except ValueError:
+        return False
+
+
 def _event_key(key: TaskKey, attempt: int | None, event: EventName) -> str:
     return f"{key.qualified}/{attempt}/{event.value}"
 
@@ -237,7 +247,7 @@ class Store:
                 if self._insert_ignore(s, Task.__table__, values):  # type: ignore[arg-type]
                     continue
                 row = s.get(Task, (key.run_id, key.task_id, key.uid))
-                if row is not None and row.spec != data and row.attempts > 0:
+                if row is not None and row.attempts > 0 and not _same_spec(row.spec, task):
                     where = "task_queue.json" if not key.uid else "its TaskExecution"
                     raise UnrecoverableError(
                         f"task {key.display!r} of run {key.run_id!r} changed in {where} after "
@@ -572,6 +582,45 @@ class Store:
                 attempt=row.attempts,
                 state=state,
                 payload={"failure_class": row.failure_class, "message": message},
+            )
+            return [ev] if ev else []
+
+    def reopen_task(self, key: TaskKey, result: AttemptResult) -> list[Event]:
+        """A COMPLETED task sent back by the integration worker: PENDING again, its completed
+        attempt replaced by ``result`` (not final, carrying the verdict; decided by the
+        lifecycle's ``reopen``), with a TASK_REOPENED event in the same transaction.
+
+        Idempotent: a task already reopened for that attempt is left as it is.
+        """
+        with self._session() as s:
+            row = self._locked(s, key)
+            attempts = list((row.result or {}).get("attempts", []))
+            if not attempts or attempts[-1]["attempt"] != result.attempt:
+                return []
+            if attempts[-1].get("integration") is not None:
+                return []  # replayed
+            verdict = result.integration
+            assert verdict is not None
+            row.status = reopen(TaskState(row.status)).value
+            row.result = {"attempts": [*attempts[:-1], result.model_dump(mode="json")]}
+            row.failure_class = INTEGRATION_FAILURE_CLASSES[verdict.outcome].value
+            row.failure_message = verdict.message
+            row.finished_at = row.duration_seconds = None
+            row.updated_at = self._now()
+            ev = self._event(
+                s,
+                key,
+                key.run_id,
+                EventName.TASK_REOPENED,
+                attempt=result.attempt,
+                state=TaskState.PENDING,
+                payload={
+                    "adapter_id": result.adapter_id,
+                    "failure_class": row.failure_class,
+                    "message": verdict.message,
+                    "backoff_seconds": result.backoff_seconds,
+                    "rebase_commit": verdict.rebase_commit,
+                },
             )
             return [ev] if ev else []
 

@@ -147,4 +147,94 @@ class PatchHistory(Base):
     recorded_at: Mapped[datetime]
 
 
+class GateTestResult(Base):
+    """One test of one check of one attempt's gate that did not simply pass.
+
+    Outcomes: ``new_failure`` (blamed), ``pre_existing``, ``fixed``, ``flaky`` (failed on the
+    patched tree, passed alone), ``baseline_flaky``, ``removed`` (failing at baseline, removed
+    or skipped by the patch). Passing tests are only counted, in the attempt's result. The
+    unique key makes recording an attempt twice a no-op; ``test_key`` (sha256 of the id)
+    keeps the key short for ids of any length.
+    """
+
+    __tablename__ = "gate_test_results"
+    __table_args__ = (
+        UniqueConstraint(
+            "run_id",
+            "task_id",
+            "task_uid",
+            "attempt",
+            "check_name",
+            "test_key",
+            "outcome",
+            name="uq_gate_test_results_attempt",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(63))
+    task_id: Mapped[str] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
+    attempt: Mapped[int] = mapped_column(Integer)
+    check_name: Mapped[str] = mapped_column(String(63))
+    test_key: Mapped[str] = mapped_column(String(64), index=True)
+    test_id: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    recorded_at: Mapped[datetime]
+
+
+class Integration(Base):
+    """The integration branch of a run (one per run and scope): where it lives and its head."""
+
+    __tablename__ = "integrations"
+
+    run_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(63), primary_key=True, default="")
+    source: Mapped[str] = mapped_column(Text, comment="the tasks' repository (path or URL)")
+    repository: Mapped[str] = mapped_column(Text, comment="the repository holding the branch")
+    branch: Mapped[str] = mapped_column(String(255))
+    base_commit: Mapped[str] = mapped_column(String(40))
+    head_commit: Mapped[str] = mapped_column(String(40))
+    pushed_to: Mapped[str | None] = mapped_column(Text)
+    pushed_commit: Mapped[str | None] = mapped_column(String(40))
+    gate_runs: Mapped[int] = mapped_column(Integer, default=0)
+    batches: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class IntegrationTask(Base):
+    """The integration worker's verdict on one completed attempt's change; mirrors its ledger
+    entry (``ledger_seq``, ``entry_hash``: the anchor ``ledger verify`` checks the tail with)."""
+
+    __tablename__ = "integration_tasks"
+    __table_args__ = (
+        UniqueConstraint("ledger_seq"),
+        UniqueConstraint("entry_hash"),
+        UniqueConstraint(
+            "run_id", "task_id", "task_uid", "attempt", name="uq_integration_tasks_attempt"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(63), index=True)
+    task_id: Mapped[str] = mapped_column(String(63))
+    task_uid: Mapped[str] = mapped_column(String(64), default="")
+    scope: Mapped[str] = mapped_column(String(63), default="")
+    attempt: Mapped[int] = mapped_column(Integer)
+    adapter_id: Mapped[str] = mapped_column(String(63))
+    outcome: Mapped[str] = mapped_column(String(16))
+    commit: Mapped[str | None] = mapped_column(String(40))
+    parent_commit: Mapped[str] = mapped_column(String(40))
+    base_commit: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    reopened: Mapped[bool] = mapped_column(default=False)
+    batch: Mapped[int] = mapped_column(Integer, default=0)
+    gate_runs: Mapped[int] = mapped_column(Integer, default=0)
+    ledger_seq: Mapped[int] = mapped_column(Integer)
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime]
+
+
 REQUIRED_TABLES = {"tasks": {"adapter_id"}, "adapters": {"id"}}

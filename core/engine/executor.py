@@ -44,6 +44,7 @@ from core.engine.lifecycle import (
     TaskPlan,
     Wait,
     WaitCause,
+    base_of,
     conclude,
     interrupted_evidence,
     needs_gate,
@@ -304,15 +305,20 @@ class Executor:
         """Run one attempt on the backend, conclude it, record it; True if interrupted."""
         key = self.key(task)
         adapter = self.inputs.adapters[start.adapter_id]
+        # a task reopened by the integration worker starts from the integration branch's head
+        spec, repo_url = task.spec, self.inputs.repo_url(task.spec)
+        if start.base is not None:
+            spec = spec.model_copy(update={"base_commit": start.base.commit})
+            repo_url = start.base.repository
         started_at, started = self.clocks.wall(), self.clocks.monotonic()
         self.recorder.begin(key, start, started_at=started_at)
         self.progress.task_started(task.task_id, start.attempt, start.adapter_id)
         request = AttemptRequest(
             key=key,
-            task=task.spec,
+            task=spec,
             adapter=adapter,
             attempt=start.attempt,
-            repo_url=self.inputs.repo_url(task.spec),
+            repo_url=repo_url,
             timeout_seconds=max(start.timeout_seconds, 0.001),
             gate_checks=plan.gate_checks(start.adapter_id),
             gate_baseline=task.spec.gate_baseline,
@@ -366,7 +372,7 @@ class Executor:
         patch = out.diff.stored_patch(self.config.max_diff_bytes) if out.diff else None
         outcome = self.recorder.record(
             key,
-            task.spec.base_commit,
+            spec.base_commit,
             verdict,
             breakers=self.breakers,
             trial=trial,
@@ -441,9 +447,9 @@ class Executor:
                 final=verdict.finish is not None,
                 charged_seconds=verdict.result.duration_seconds,
             )
-            self.recorder.record(
-                key, task.spec.base_commit, verdict, breakers=self.breakers, trial=False
-            )
+            rebased = base_of(record.attempt_results)
+            base_commit = rebased.commit if rebased is not None else task.spec.base_commit
+            self.recorder.record(key, base_commit, verdict, breakers=self.breakers, trial=False)
         return recovered
 
     # ------------------------------------------------------------------ outputs

@@ -13,6 +13,9 @@ same answer on both backends, in crash recovery and in tests.
 * :func:`conclude` -- after an attempt: classify the evidence, build the
   :class:`~core.models.AttemptResult` (the only place one is built from evidence) and decide
   between a retry after a backoff and the task's final state.
+* :func:`reopen` -- after the integration worker found a completed task's change conflicting
+  with (or failing the gate together with) the changes merged before it: send it back for
+  another attempt under the same retry policy and budget, or leave it completed.
 
 The budget: one per task, spanning all its attempts and the backoffs between them. What is
 spent is recorded, not measured by a process: the sum of the attempts' durations and of the
@@ -23,6 +26,12 @@ granted).
 The final state: COMPLETED on success; CANCELLED when cancelled; TIMEOUT when the last
 attempt timed out or the task's budget ran out (also when the last failure was another
 class); FAILED otherwise.
+
+A reopened task: its completed attempt carries the integration verdict (``integration``) and
+counts as failed with ``merge_conflict`` / ``merge_gate_failed`` from then on; the next
+attempt gets the verdict's feedback as extra input and starts from the integration branch's
+head (:class:`BaseRef`), as do the attempts after it. Time spent in integration is not charged
+to the task.
 """
 
 from __future__ import annotations
@@ -50,12 +59,14 @@ from core.engine.resilience.retry import (
 )
 from core.engine.resilience.retry import AttemptOutcome as HistoryItem
 from core.models import (
+    INTEGRATION_FAILURE_CLASSES,
     AdapterSpec,
     AttemptResult,
     DiffSummary,
     FailureClass,
     GateCheck,
     GateResult,
+    IntegrationFailure,
     RetryPolicy,
     TaskSpec,
     TaskState,
@@ -117,12 +128,22 @@ class WaitCause(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class BaseRef:
+    """Where an attempt starts when not at its task's base commit (after a reopen)."""
+
+    repository: str
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
 class Start:
     attempt: int
     adapter_id: str
     timeout_seconds: float
     #: Extra input for the adapter: the previous attempt's gate failure, when retried for it.
     feedback: str | None = None
+    #: Start from this commit instead of the task's base (None: the task's base commit).
+    base: BaseRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,17 +171,33 @@ class Finish:
 Step = Start | Wait | Finish
 
 
+def failure_of(result: AttemptResult) -> FailureClass | None:
+    """What decides what follows an attempt: an integration verdict on its change, if any."""
+    if result.integration is not None:
+        return INTEGRATION_FAILURE_CLASSES[result.integration.outcome]
+    return result.failure_class
+
+
+def _verdict_of(result: AttemptResult) -> Classification:
+    failure = failure_of(result)
+    if failure is None:
+        return Classification.success()
+    integration = result.integration
+    message = integration.message if integration is not None else result.failure_message
+    return Classification.failure(failure, message)
+
+
 def _history(results: Sequence[AttemptResult]) -> list[HistoryItem]:
-    return [
-        HistoryItem(
-            a.attempt,
-            a.adapter_id,
-            Classification.failure(a.failure_class, a.failure_message)
-            if a.failure_class
-            else Classification.success(),
-        )
-        for a in results
-    ]
+    return [HistoryItem(a.attempt, a.adapter_id, _verdict_of(a)) for a in results]
+
+
+def base_of(history: Sequence[AttemptResult]) -> BaseRef | None:
+    """Where the next attempt starts: the latest integration rebase, else the task's base."""
+    for result in reversed(history):
+        verdict = result.integration
+        if verdict is not None and verdict.rebase_commit and verdict.rebase_repository:
+            return BaseRef(verdict.rebase_repository, verdict.rebase_commit)
+    return None
 
 
 def final_state(classification: Classification, *, budget_exhausted: bool) -> TaskState:
@@ -216,20 +253,22 @@ def next_step(
                 WaitCause.BACKOFF,
                 not_before,
             )
-        switch = last.failure_class in SWITCHING_CLASSES
+        switch = failure_of(last) in SWITCHING_CLASSES
         candidates = plan.chain.preference(last.adapter_id, switch=switch)
         attempt = last.attempt + 1
-        if last.failure_class is FailureClass.GATE_FAILED and last.gate is not None:
+        if last.integration is not None:
+            feedback = last.integration.feedback
+        elif last.failure_class is FailureClass.GATE_FAILED and last.gate is not None:
             feedback = gate_feedback(last.gate)
     if remaining < max(plan.retry.min_attempt_seconds, 0.0) or remaining <= 0:
-        last_class = history[-1].failure_class if history else None
+        last_class = failure_of(history[-1]) if history else None
         return Finish(TaskState.TIMEOUT, last_class, budget_spent(plan), budget_spent(plan), True)
     selection = select_adapter(candidates, admits)
     if selection.waiting_for_breaker:
         return Wait(selection.reason, WaitCause.BREAKER)
     adapter = plan.adapters[selection.adapter_id]
     timeout = min(remaining, adapter.timeout_seconds)
-    return Start(attempt, selection.adapter_id, timeout, feedback)
+    return Start(attempt, selection.adapter_id, timeout, feedback, base_of(history))
 
 
 # --------------------------------------------------------------------------- evidence
@@ -325,7 +364,7 @@ def classify_attempt(plan: TaskPlan, evidence: AttemptEvidence) -> Classificatio
             diff_empty=evidence.diff.empty if evidence.diff is not None else None,
             allow_empty_diff=plan.allow_empty_diff,
             gate_passed=gate.passed if gate is not None else None,
-            gate_failed_checks=tuple(gate.failed_checks) if gate is not None else (),
+            gate_failed_checks=tuple(gate.blamed) if gate is not None else (),
             output_tail=evidence.output_tail,
         )
     )
@@ -397,3 +436,59 @@ def conclude(
         backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,
     )
     return Verdict(result, verdict, finish, decision)
+
+
+# --------------------------------------------------------------------------- integration
+
+
+@dataclass(frozen=True, slots=True)
+class Reopening:
+    """The lifecycle's answer to an integration verdict on a completed task."""
+
+    #: The completed attempt as it is to be recorded now (not final, with the verdict and
+    #: the backoff before the next attempt); None: the task stays COMPLETED.
+    result: AttemptResult | None
+    decision: RetryDecision
+
+    @property
+    def reopened(self) -> bool:
+        return self.result is not None
+
+
+def reopen(
+    plan: TaskPlan,
+    history: Sequence[AttemptResult],
+    failure: IntegrationFailure,
+    *,
+    rng: random.Random,
+) -> Reopening:
+    """Decide whether a completed task whose change failed integration is tried again.
+
+    ``history``: the task's attempts, the completed one last. The same rules as for a failed
+    attempt (:func:`~core.engine.resilience.retry.decide_retry`): the verdict's class must be
+    in the policy's ``retry_on``, attempts and budget must allow another attempt; it is made on
+    the same adapter (like ``gate_failed``), after a backoff.
+    """
+    if not history or history[-1].failure_class is not None or history[-1].integration:
+        raise ValueError("reopen needs a task whose last attempt completed")
+    last = history[-1]
+    verdict = Classification.failure(INTEGRATION_FAILURE_CLASSES[failure.outcome], failure.message)
+    decision = decide_retry(
+        plan.retry,
+        plan.chain,
+        [*_history(history[:-1]), HistoryItem(last.attempt, last.adapter_id, verdict)],
+        remaining_seconds=plan.budget_seconds - spent_seconds(history),
+        schedule=BackoffSchedule(plan.retry, rng),
+        min_attempt_seconds=plan.retry.min_attempt_seconds,
+    )
+    if not decision.retry:
+        return Reopening(None, decision)
+    amended = last.model_copy(
+        update={
+            "final": False,
+            "task_final_state": None,
+            "backoff_seconds": round(decision.delay_seconds, 3),
+            "integration": failure,
+        }
+    )
+    return Reopening(amended, decision)

@@ -5,10 +5,15 @@ breaks the chain at a place :func:`verify` can name. Cutting lines off the *end*
 chain, so verification also compares against an anchor kept elsewhere: the ``patch_history``
 mirror in the database (every entry is mirrored there with its hash).
 
-Appends are idempotent on (task identity, attempt) and serialised between processes with an
-exclusive ``flock`` on the ledger file; each line is fsynced before the database mirror is
-written, so the file is always the leader and the mirror can be repaired from it.
+Appends are idempotent on (task identity, attempt, kind) and serialised between processes
+with an exclusive ``flock`` on the ledger file; each line is fsynced before the database mirror
+is written, so the file is always the leader and the mirror can be repaired from it.
 The diff bytes are stored content-addressed under ``.ledger/patches/``.
+
+Two kinds of entries share the one chain: ``attempt`` (one per finished attempt; the line has
+no ``kind`` field, so entries written before kinds existed hash as they did) and
+``integration`` (the integration worker's verdict on a completed attempt's change; it refers
+to the same patch file). :func:`verify` checks both the same way.
 """
 
 from __future__ import annotations
@@ -29,15 +34,27 @@ from pydantic import ValidationError
 from core.engine.state_files import atomic_write_bytes
 from core.engine.task_log import utcnow
 from core.identity import TaskKey
-from core.models import AttemptResult, LedgerEntry
+from core.models import (
+    AttemptResult,
+    FailureClass,
+    IntegrationRecord,
+    LedgerEntry,
+    TaskState,
+)
 
 GENESIS = "0" * 64
-#: (run, task, uid, attempt): the identity of one attempt (see :mod:`core.identity`).
-Key = tuple[str, str, str, int]
+ATTEMPT = "attempt"
+INTEGRATION = "integration"
+#: (run, task, uid, attempt, kind): the identity of one entry (see :mod:`core.identity`).
+Key = tuple[str, str, str, int, str]
 
 
 def _key(entry: LedgerEntry) -> Key:
-    return (entry.run_id, entry.task_id, entry.task_uid or "", entry.attempt)
+    return (entry.run_id, entry.task_id, entry.task_uid or "", entry.attempt, entry.kind)
+
+
+def _lookup(key: TaskKey, attempt: int, kind: str = ATTEMPT) -> Key:
+    return (key.run_id, key.task_id, key.uid, attempt, kind)
 
 
 def entry_hash(fields: dict[str, Any]) -> str:
@@ -59,7 +76,13 @@ class PatchLedger:
     def find(self, key: TaskKey, attempt: int) -> LedgerEntry | None:
         with self._locked() as fh:
             self._catch_up(fh)
-        return self._index.get((key.run_id, key.task_id, key.uid, attempt))
+        return self._index.get(_lookup(key, attempt))
+
+    def find_integration(self, key: TaskKey, attempt: int) -> LedgerEntry | None:
+        """The integration verdict on ``attempt``'s change, if there is one."""
+        with self._locked() as fh:
+            self._catch_up(fh)
+        return self._index.get(_lookup(key, attempt, INTEGRATION))
 
     def entries(self) -> list[LedgerEntry]:
         with self._locked() as fh:
@@ -77,7 +100,7 @@ class PatchLedger:
         """Record one finished attempt; a replay of the same attempt returns the first entry."""
         with self._locked() as fh:
             self._catch_up(fh)
-            existing = self._index.get((key.run_id, key.task_id, key.uid, result.attempt))
+            existing = self._index.get(_lookup(key, result.attempt))
             if existing is not None:
                 return existing
             patch_ref = self._store_patch(patch) if patch else None
@@ -106,20 +129,74 @@ class PatchLedger:
                 "recorded_at": self._now().isoformat(),
                 "prev_hash": self._last.hash if self._last else GENESIS,
             }
-            fields["hash"] = entry_hash(fields)
-            entry = LedgerEntry.model_validate(fields)
-            line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n"
-            # A torn last line (a crash mid-write, never acknowledged) is cut off first, or
-            # the new entry would be glued onto it and break every later read of the file.
-            if fh.seek(0, os.SEEK_END) > self._offset:
-                fh.truncate(self._offset)
-            fh.seek(0, os.SEEK_END)
-            fh.write(line.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-            self._offset = fh.tell()
-            self._remember(entry)
-            return entry
+            return self._write(fh, fields)
+
+    def append_integration(
+        self,
+        *,
+        key: TaskKey,
+        attempt_entry: LedgerEntry,
+        record: IntegrationRecord,
+        state: TaskState,
+        failure_class: FailureClass | None,
+    ) -> LedgerEntry:
+        """Record the integration verdict on the change of ``attempt_entry``.
+
+        Idempotent per (task, attempt): a replay returns the first verdict, the ledger's word.
+        The entry repeats the attempt's diff fields, patch reference and result, so it can be
+        read (and verified) on its own; ``state``/``failure_class`` are the task's after the
+        verdict (PENDING and ``merge_conflict`` when the task was sent back).
+        """
+        with self._locked() as fh:
+            self._catch_up(fh)
+            existing = self._index.get(_lookup(key, attempt_entry.attempt, INTEGRATION))
+            if existing is not None:
+                return existing
+            fields: dict[str, Any] = {
+                "seq": (self._last.seq if self._last else 0) + 1,
+                "kind": INTEGRATION,
+                "run_id": key.run_id,
+                "task_id": key.task_id,
+            }
+            if key.uid:
+                fields |= {"task_uid": key.uid, "scope": key.scope}
+            source = attempt_entry
+            fields |= {
+                "attempt": source.attempt,
+                "adapter_id": source.adapter_id,
+                "base_commit": source.base_commit,
+                "state": state.value,
+                "failure_class": failure_class.value if failure_class else None,
+                "diff_sha256": source.diff_sha256,
+                "diff_bytes": source.diff_bytes,
+                "files_changed": source.files_changed,
+                "insertions": source.insertions,
+                "deletions": source.deletions,
+                "truncated": source.truncated,
+                "patch_ref": source.patch_ref,
+                "result": source.result.model_dump(mode="json"),
+                "integration": record.model_dump(mode="json"),
+                "recorded_at": self._now().isoformat(),
+                "prev_hash": self._last.hash if self._last else GENESIS,
+            }
+            return self._write(fh, fields)
+
+    def _write(self, fh: IO[bytes], fields: dict[str, Any]) -> LedgerEntry:
+        """Hash, validate and append one entry (the lock is held), fsynced."""
+        fields["hash"] = entry_hash(fields)
+        entry = LedgerEntry.model_validate(fields)
+        line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n"
+        # A torn last line (a crash mid-write, never acknowledged) is cut off first, or
+        # the new entry would be glued onto it and break every later read of the file.
+        if fh.seek(0, os.SEEK_END) > self._offset:
+            fh.truncate(self._offset)
+        fh.seek(0, os.SEEK_END)
+        fh.write(line.encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+        self._offset = fh.tell()
+        self._remember(entry)
+        return entry
 
     def read_patch(self, entry: LedgerEntry) -> bytes | None:
         if entry.patch_ref is None:

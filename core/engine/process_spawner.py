@@ -140,10 +140,18 @@ class LocalBackend:
             checkout=lambda: self._gate_checkout(mirror, handle.base_commit, handle.adir),
             sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
             baseline=request.gate_baseline,
+            policy=request.task.gate_policy,
             python=self.python,
             clock=self.clock,
         )
-        log.note("gate_finished", passed=gate.passed, applied=gate.applied)
+        log.note(
+            "gate_finished",
+            passed=gate.passed,
+            applied=gate.applied,
+            apply_method=gate.apply_method,
+            blamed=gate.blamed,
+            tamper=gate.tamper.flagged,
+        )
         return gate
 
     def release(self, run: AdapterRun) -> LogCounts:

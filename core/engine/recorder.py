@@ -5,6 +5,7 @@ Order of writes for a finished attempt, each idempotent per (task identity, atte
 1. the patch ledger (fsynced; the leader, from which the database mirror can be repaired);
 2. the database in one transaction: task row, ``execution_log`` event, ``patch_history``
    mirror and the adapter's circuit breaker (so a replay never counts a failure twice);
+   then the gate's per-test outcomes (keyed rows: ``gate_test_results``);
 3. ``logs/executor.jsonl`` (repaired from the database after a crash);
 4. metrics, breaker transitions and ``logs/resilience.jsonl``, only when step 2 was new,
    so a replayed attempt is never counted twice.
@@ -13,6 +14,8 @@ Drivers (the embedded executor, the operator) call :meth:`Recorder.begin` when a
 starts, :meth:`Recorder.record` when the lifecycle concluded it, :meth:`Recorder.end` when a
 task ends without another attempt, and :meth:`Recorder.park` when it has to wait. They add
 their own projections afterwards (the results file, the TaskExecution status and Events).
+The integration worker calls :meth:`Recorder.reopen` after the ledger holds its verdict on a
+completed task that the lifecycle's ``reopen`` sends back to its adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.db.store import Event, Recorded, Store, TaskRecord
+from core.db.test_history import record_gate_tests
 from core.engine.events import EventLog
 from core.engine.lifecycle import Finish, Start, Verdict, final_state
 from core.engine.monitoring.metrics import Metrics
@@ -167,6 +171,8 @@ class Recorder:
             breaker=feed,
         )
         self.events.write(recorded.events)
+        # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
+        record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
         record = self.store.task(key)
         if recorded.new:
             feed.announce()
@@ -198,6 +204,25 @@ class Recorder:
             self.metrics.task_finished(adapter, record.status, record.duration_seconds)
         return record
 
+    def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
+        """A completed task sent back by the integration worker (the ledger already holds the
+        verdict): PENDING again with ``result`` (its amended last attempt) and TASK_REOPENED
+        in one transaction; counted as a retry only when that write was new."""
+        events = self.store.reopen_task(key, result)
+        self.events.write(events)
+        if events:
+            failure = events[0].payload.get("failure_class")
+            self.metrics.retry(result.adapter_id, str(failure))
+            self.resilience.write(
+                "retry_scheduled",
+                run_id=key.run_id,
+                task_id=key.task_id,
+                task_uid=key.uid or None,
+                attempt=result.attempt,
+                reason=why,
+            )
+        return self.store.task(key)
+
     def park(self, key: TaskKey, reason: str) -> TaskRecord:
         self.store.set_waiting(key, reason)
         return self.store.task(key)
@@ -209,7 +234,8 @@ class Recorder:
         self.events.repair(self.store.events(run_id))
         mirrored = self.store.mirrored_seqs()
         for entry in self.ledger.entries():
-            if entry.seq not in mirrored:
+            # integration verdicts are mirrored by the integration worker, not patch_history
+            if entry.kind == "attempt" and entry.seq not in mirrored:
                 self.store.mirror_ledger(entry, self.ledger.read_patch(entry), entry.scope or "")
 
 

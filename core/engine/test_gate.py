@@ -1,26 +1,68 @@
 """The test gate: acceptance checks (lint, unit tests, import checks) on the patched tree.
 
 The gate never runs in the adapter's own worktree: it takes a fresh checkout of the base
-commit and applies the captured diff, so it proves the diff applies and judges exactly what
-will be recorded, not files the adapter left lying around. Checks run in order, each with its
-own timeout, in a pinned environment (TZ, PYTHONHASHSEED, LANG) so results do not depend on
-the machine. With ``baseline`` the same checks first run on the unpatched base: a check that
-already failed there is reported ``pre_existing`` and not blamed on the adapter.
+commit and applies the captured diff (``git apply --index``, then ``--3way``, fuzz only when
+the task's policy allows it), so it proves the diff applies and judges exactly what will be
+recorded. Checks run in order, each with its own timeout, in a pinned environment (TZ,
+PYTHONHASHSEED, LANG) so results do not depend on the machine.
+
+Judged per test wherever the check reports per test (:mod:`core.engine.test_reports`,
+:mod:`core.engine.test_tools`): with ``baseline`` the same checks first run on the unpatched
+base, and only tests the patch broke fail the gate; the rules are in
+:mod:`core.engine.gate_verdict`. A failing test is rerun alone (``flaky_reruns`` times, within
+the check's timeout) before it is blamed, on the baseline too, so neither a flaky new failure
+nor a flaky old one decides the outcome. Tracked files a check changes, test files the patch
+deletes and baseline failures the patch removes or skips are reported as tamper evidence
+(:mod:`core.engine.tree_guard`).
+
+Both backends call :func:`run_gate`: the embedded one in-process, the Kubernetes one in the
+gate pod's runner.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from itertools import count
 from pathlib import Path
 
 from core.engine.command_line import base_path, expand_argv
-from core.engine.process_group import LineSink, run_process_group
+from core.engine.gate_verdict import CheckRun, judge, tamper_report
+from core.engine.process_group import LineSink, ProcessResult, run_process_group
+from core.engine.test_reports import (
+    GoJsonCollector,
+    Outcome,
+    ReportError,
+    TestReport,
+    TestTarget,
+    UnittestCollector,
+    find_reports,
+    parse_junit,
+    sniff_file,
+)
+from core.engine.test_tools import (
+    GoOutputSink,
+    RunnerCall,
+    default_rerun,
+    pytest_junit_path,
+    recognise,
+    with_report_flags,
+)
+from core.engine.tree_guard import TreeGuard, deleted_test_files
 from core.engine.workspace import apply_patch
-from core.models import CheckResult, CheckStatus, GateCheck, GateResult
+from core.models import (
+    CheckResult,
+    CheckStatus,
+    GateCheck,
+    GatePolicy,
+    GateResult,
+    ReportFormat,
+)
 
 PINNED_ENV = {
     "TZ": "UTC",
@@ -32,13 +74,241 @@ PINNED_ENV = {
     "CI": "true",
 }
 TAIL_CHARS = 4000
+#: Failing tests rerun per check and tree; more failures than this are not flakiness.
+MAX_RERUN_TESTS = 10
+#: A rerun is not started with less of the check's timeout left than this.
+MIN_RERUN_SECONDS = 1.0
 
 Checkout = Callable[[], AbstractContextManager[Path]]
 SinkFactory = Callable[[str], LineSink]
 
+_JUDGED = frozenset({CheckStatus.PASSED, CheckStatus.FAILED})
+_RUNNER_FOR = {
+    ReportFormat.JUNIT: "pytest",
+    ReportFormat.GO_JSON: "go",
+    ReportFormat.UNITTEST: "unittest",
+}
+
 
 def gate_environment(check: GateCheck, home: Path) -> dict[str, str]:
     return {"PATH": base_path(), "HOME": str(home), **PINNED_ENV, **check.env}
+
+
+class _Tee:
+    """Hands each line to the check's sink and to a unittest collector."""
+
+    def __init__(self, inner: LineSink, collector: UnittestCollector) -> None:
+        self.inner, self.collector = inner, collector
+
+    def line(self, stream: str, text: str) -> None:
+        self.collector.feed(text)
+        self.inner.line(stream, text)
+
+
+@dataclass(frozen=True)
+class _Invocation:
+    """One process of a check (the run or a rerun) and how to read its per-test results."""
+
+    argv: list[str]
+    report_file: Path
+    file_expected: bool
+    report_path: str | None
+
+
+class _CheckRunner:
+    """Runs the checks of one tree; owns the scratch dir (HOME, report files)."""
+
+    def __init__(
+        self,
+        scratch: Path,
+        sinks: SinkFactory,
+        policy: GatePolicy,
+        python: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.scratch, self.sinks, self.policy = scratch, sinks, policy
+        self.python, self.clock = python, clock
+        self.home = scratch / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._numbers = count(1)
+
+    def run(self, check: GateCheck, tree: Path, *, known_failing: set[str]) -> CheckRun:
+        started = self.clock()
+        report_file = self._report_file(check)
+        values = {"python": self.python, "workspace": str(tree), "report": str(report_file)}
+        argv = expand_argv(check.command, values)
+        call = recognise(argv)
+        placeholder = any("{report}" in arg for arg in check.command)
+        file_expected = placeholder
+        report_path = check.report_path
+        if call is not None and pytest_junit_path(call) and report_path is None:
+            report_path = pytest_junit_path(call)
+        if self._inject(check, call, placeholder):
+            assert call is not None
+            argv, file_expected = with_report_flags(call, str(report_file))
+        invocation = _Invocation(argv, report_file, file_expected, report_path)
+        proc, report, notes = self._execute(check, tree, invocation, check.timeout_seconds, "")
+        status, tail = _status(proc)
+        run = CheckRun(
+            name=check.name,
+            status=status,
+            exit_code=proc.exit_code,
+            duration_seconds=proc.duration_seconds,
+            output_tail=tail[-TAIL_CHARS:],
+            report=report,
+            notes=tuple(notes),
+        )
+        if report is None or status not in _JUDGED or not report.failing():
+            return run
+        flaky, rerun_notes = self._rerun(
+            check, tree, call, report, known_failing, deadline=started + check.timeout_seconds
+        )
+        return replace(run, flaky=frozenset(flaky), notes=run.notes + tuple(rerun_notes))
+
+    def _inject(self, check: GateCheck, call: RunnerCall | None, placeholder: bool) -> bool:
+        if call is None or placeholder or check.report_path is not None:
+            return False
+        if check.report is ReportFormat.AUTO:
+            return True
+        return _RUNNER_FOR.get(check.report) == call.runner
+
+    def _report_file(self, check: GateCheck) -> Path:
+        return self.scratch / f"{next(self._numbers)}-{check.name}.report"
+
+    def _execute(
+        self,
+        check: GateCheck,
+        tree: Path,
+        inv: _Invocation,
+        timeout: float,
+        suffix: str,
+    ) -> tuple[ProcessResult, TestReport | None, list[str]]:
+        sink: LineSink = self.sinks(check.name + suffix)
+        go, unit = GoJsonCollector(), UnittestCollector()
+        if check.report in (ReportFormat.AUTO, ReportFormat.GO_JSON):
+            sink = GoOutputSink(sink, go)
+        if check.report in (ReportFormat.AUTO, ReportFormat.UNITTEST):
+            sink = _Tee(sink, unit)
+        proc = run_process_group(
+            inv.argv,
+            cwd=tree,
+            env=gate_environment(check, self.home),
+            timeout=timeout,
+            sink=sink,
+            grace_seconds=2.0,
+            clock=self.clock,
+        )
+        if check.report is ReportFormat.NONE:
+            return proc, None, []
+        try:
+            report = self._read_files(inv, tree)
+        except (ReportError, OSError) as exc:
+            return proc, None, [f"per-test report unreadable: {exc}"]
+        report = report or go.report() or unit.report()
+        if report is None:
+            return proc, None, [_missing_report(check, inv)]
+        return proc, report, []
+
+    def _read_files(self, inv: _Invocation, tree: Path) -> TestReport | None:
+        if inv.file_expected:
+            return sniff_file(inv.report_file, tree) if inv.report_file.exists() else None
+        if inv.report_path is not None and os.path.isabs(inv.report_path):
+            # the user's own --junitxml=/abs/path: a file outside the tree, read as such
+            path = Path(inv.report_path)
+            return parse_junit([path], tree=tree) if os.path.lexists(path) else None
+        if inv.report_path is not None:
+            found = find_reports(tree, inv.report_path)
+            return parse_junit(found, tree=tree) if found else None
+        return None
+
+    def _rerun(
+        self,
+        check: GateCheck,
+        tree: Path,
+        call: RunnerCall | None,
+        report: TestReport,
+        known_failing: set[str],
+        *,
+        deadline: float,
+    ) -> tuple[set[str], list[str]]:
+        if self.policy.flaky_reruns == 0:
+            return set(), []
+        candidates = sorted(report.failing() - known_failing)
+        notes = []
+        if len(candidates) > MAX_RERUN_TESTS:
+            notes.append(
+                f"{len(candidates)} failing tests: only the first {MAX_RERUN_TESTS} were rerun"
+            )
+            candidates = candidates[:MAX_RERUN_TESTS]
+        flaky: set[str] = set()
+        unselectable: list[str] = []
+        for test in candidates:
+            target = report.targets.get(test) or TestTarget("", test)
+            for _ in range(self.policy.flaky_reruns):
+                left = deadline - self.clock()
+                if left < MIN_RERUN_SECONDS:
+                    notes.append("the check's timeout left no time for more reruns")
+                    return flaky, notes
+                inv = self._rerun_invocation(check, tree, call, test, target)
+                if inv is None:
+                    unselectable.append(test)
+                    break
+                _, again, _ = self._execute(check, tree, inv, left, ":rerun")
+                if again is not None and again.outcomes.get(test) is Outcome.PASSED:
+                    flaky.add(test)
+                    break
+        if unselectable:
+            notes.append(
+                f"no rerun command for {len(unselectable)} failing test(s) (set `rerun`): "
+                "not checked for flakiness"
+            )
+        return flaky, notes
+
+    def _rerun_invocation(
+        self,
+        check: GateCheck,
+        tree: Path,
+        call: RunnerCall | None,
+        test: str,
+        target: TestTarget,
+    ) -> _Invocation | None:
+        report_file = self._report_file(check)
+        if check.rerun is not None:
+            values = {
+                "python": self.python,
+                "workspace": str(tree),
+                "report": str(report_file),
+                "test": test,
+                "test_suite": target.suite,
+                "test_name": target.name,
+            }
+            argv = expand_argv(check.rerun, values)
+            placeholder = any("{report}" in arg for arg in check.rerun)
+            return _Invocation(argv, report_file, placeholder, check.report_path)
+        if call is None:
+            return None
+        argv_or_none = default_rerun(call, target, str(report_file))
+        if argv_or_none is None:
+            return None
+        return _Invocation(argv_or_none, report_file, call.runner == "pytest", None)
+
+
+def _status(proc: ProcessResult) -> tuple[CheckStatus, str]:
+    if proc.start_error:
+        return CheckStatus.ERROR, proc.start_error
+    if proc.timed_out:
+        return CheckStatus.TIMEOUT, proc.tail
+    return (CheckStatus.PASSED if proc.exit_code == 0 else CheckStatus.FAILED), proc.tail
+
+
+def _missing_report(check: GateCheck, inv: _Invocation) -> str:
+    if inv.file_expected:
+        return "no per-test report was written to {report}"
+    if inv.report_path is not None:
+        return f"no per-test report found at {inv.report_path}"
+    if check.report is ReportFormat.AUTO:
+        return "no per-test results recognised in the output"
+    return f"no {check.report.value} per-test results found"
 
 
 def run_checks(
@@ -47,54 +317,15 @@ def run_checks(
     sinks: SinkFactory,
     *,
     python: str = sys.executable,
+    policy: GatePolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[CheckResult]:
-    results: list[CheckResult] = []
-    with tempfile.TemporaryDirectory(prefix="gate-home-") as home:
-        for check in checks:
-            argv = expand_argv(check.command, {"python": python, "workspace": str(tree)})
-            proc = run_process_group(
-                argv,
-                cwd=tree,
-                env=gate_environment(check, Path(home)),
-                timeout=check.timeout_seconds,
-                sink=sinks(check.name),
-                grace_seconds=2.0,
-                clock=clock,
-            )
-            if proc.start_error:
-                status, tail = CheckStatus.ERROR, proc.start_error
-            elif proc.timed_out:
-                status, tail = CheckStatus.TIMEOUT, proc.tail
-            else:
-                status = CheckStatus.PASSED if proc.exit_code == 0 else CheckStatus.FAILED
-                tail = proc.tail
-            results.append(
-                CheckResult(
-                    name=check.name,
-                    status=status,
-                    exit_code=proc.exit_code,
-                    duration_seconds=round(proc.duration_seconds, 3),
-                    output_tail=tail[-TAIL_CHARS:],
-                )
-            )
-    return results
-
-
-def mark_pre_existing(
-    patched: Sequence[CheckResult], baseline: Mapping[str, CheckResult]
-) -> list[CheckResult]:
-    out = []
-    for result in patched:
-        base = baseline.get(result.name)
-        base_status = base.status if base else None
-        status = result.status
-        # Only a check that ran and failed on both trees is pre-existing; one that could not
-        # run or timed out proves nothing and stays a failure of the gate.
-        if status is CheckStatus.FAILED and base_status is CheckStatus.FAILED:
-            status = CheckStatus.PRE_EXISTING
-        out.append(result.model_copy(update={"status": status, "baseline_status": base_status}))
-    return out
+    """Run ``checks`` on ``tree`` and judge them on their own (no baseline, no tamper guard)."""
+    policy = policy or GatePolicy()
+    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+        runner = _CheckRunner(Path(scratch), sinks, policy, python, clock)
+        runs = [runner.run(c, tree, known_failing=set()) for c in checks]
+    return [judge(run, None, policy) for run in runs]
 
 
 def run_gate(
@@ -104,29 +335,40 @@ def run_gate(
     checkout: Checkout,
     sinks: SinkFactory,
     baseline: bool = False,
+    policy: GatePolicy | None = None,
     python: str = sys.executable,
     clock: Callable[[], float] = time.monotonic,
 ) -> GateResult:
     """Apply ``patch`` to a fresh checkout and run ``checks``; the outcome decides the task."""
+    policy = policy or GatePolicy()
     started = clock()
-    base_results: dict[str, CheckResult] = {}
-    if baseline and checks:
-        with checkout() as base_tree:
+    base_runs: dict[str, CheckRun] = {}
+    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+        if baseline and checks:
             base_sinks: SinkFactory = lambda name: sinks(f"baseline:{name}")  # noqa: E731
-            for r in run_checks(checks, base_tree, base_sinks, python=python, clock=clock):
-                base_results[r.name] = r
-    with checkout() as tree:
-        method = apply_patch(tree, patch)
-        if method is None:
-            return GateResult(
-                passed=False,
-                applied=False,
-                apply_method=None,
-                duration_seconds=round(clock() - started, 3),
-            )
-        results = run_checks(checks, tree, sinks, python=python, clock=clock)
-    if baseline:
-        results = mark_pre_existing(results, base_results)
+            base_runner = _CheckRunner(Path(scratch, "base"), base_sinks, policy, python, clock)
+            with checkout() as base_tree:
+                for check in checks:
+                    base_runs[check.name] = base_runner.run(check, base_tree, known_failing=set())
+        runner = _CheckRunner(Path(scratch, "patched"), sinks, policy, python, clock)
+        with checkout() as tree:
+            method = apply_patch(tree, patch, fuzzy=policy.fuzzy_apply)
+            if method is None:
+                return GateResult(
+                    passed=False,
+                    applied=False,
+                    apply_method=None,
+                    duration_seconds=round(clock() - started, 3),
+                )
+            deleted = deleted_test_files(tree)
+            guard = TreeGuard(tree)
+            runs = []
+            for check in checks:
+                base = base_runs.get(check.name)
+                run = runner.run(check, tree, known_failing=base.failing() if base else set())
+                runs.append(replace(run, modified_files=tuple(guard.changed())))
+    results = [judge(run, base_runs.get(run.name), policy) for run in runs]
+    tamper = tamper_report(results, runs, deleted, policy)
     ok = {CheckStatus.PASSED, CheckStatus.PRE_EXISTING}
     return GateResult(
         passed=all(r.status in ok for r in results),
@@ -134,4 +376,5 @@ def run_gate(
         apply_method=method,
         checks=results,
         duration_seconds=round(clock() - started, 3),
+        tamper=tamper,
     )

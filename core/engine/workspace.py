@@ -193,11 +193,27 @@ def _numstat(raw: bytes) -> dict[str, tuple[int | None, int | None]]:
     return stats
 
 
-def apply_patch(tree: Path, patch: bytes) -> str | None:
-    """Apply ``patch`` to a fresh checkout; return the method that worked, None if none did."""
+#: The ladder, strictest first: exact context into the index, then a three-way merge with
+#: the blobs the diff names (``--full-index`` diffs carry them), then, only when asked for,
+#: one line of context and whitespace differences ignored.
+APPLY_LADDER: tuple[tuple[str, ...], ...] = (
+    ("apply", "--index", "--binary"),
+    ("apply", "--3way", "--binary"),
+)
+FUZZY_APPLY = ("apply", "--index", "--binary", "-C1", "--ignore-whitespace")
+
+
+def apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> str | None:
+    """Apply ``patch`` to a fresh checkout; return the method that worked, None if none did.
+
+    Every rung leaves the result in the index too (``--3way`` implies ``--index``), which
+    the gate's tamper check relies on. ``fuzzy`` adds the last rung: off by default, because
+    a diff that needs fuzz may land somewhere other than where its author meant.
+    """
     if not patch:
         return "empty"
-    for method in (("apply", "--index", "--binary"), ("apply", "--3way", "--binary")):
+    ladder = (*APPLY_LADDER, FUZZY_APPLY) if fuzzy else APPLY_LADDER
+    for method in ladder:
         try:
             git(*method, "-", cwd=tree, input=patch)
         except InfrastructureError:

@@ -23,13 +23,17 @@ from core.models import (
     DiffSummary,
     GateResult,
     TaskState,
+    TestNames,
 )
 from core.resources import (
+    STATUS_TEST_NAMES,
     AttemptStatus,
     CheckSummary,
     DiffStatus,
     GateSummary,
+    TamperSummary,
     TaskExecutionStatus,
+    TestList,
     diff_status,
 )
 from core.runner.protocol import RunnerResult
@@ -69,9 +73,15 @@ def adapter_evidence(
     *,
     now: datetime,
     log_path: str,
+    runner_error: str | None = None,
 ) -> AttemptEvidence:
-    """What the adapter Job of ``current`` showed (``job`` None: it is gone)."""
-    started = current.started_at or now
+    """What the adapter Job of ``current`` showed (``job`` None: it is gone).
+
+    The attempt is charged from its container's start (``pod_started_at``): pulling the
+    image and scheduling the pod do not eat the adapter's budget. ``runner_error``: the
+    runner's own words when it failed before reporting (a clone that failed, say).
+    """
+    started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
         attempt=current.attempt,
@@ -83,6 +93,8 @@ def adapter_evidence(
     if result is None:
         if job is None:
             reason = f"adapter Job {current.job_name} was deleted before it reported"
+        elif runner_error:
+            reason = f"the runner failed: {runner_error}"
         else:
             reason = job_failure_reason(job) or "the runner reported no result (pod lost)"
         if "DeadlineExceeded" in reason:  # the Job's backstop deadline: the budget ran out
@@ -109,9 +121,10 @@ def gate_evidence(
     *,
     now: datetime,
     log_path: str,
+    runner_error: str | None = None,
 ) -> AttemptEvidence:
     """The attempt after its gate Job: the adapter's part comes from ``current``."""
-    started = current.started_at or now
+    started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
         attempt=current.attempt,
@@ -125,7 +138,11 @@ def gate_evidence(
         log_truncated=current.log_truncated or bool(result and result.log_truncated),
     )
     if result is None or result.gate is None:
-        reason = (job_failure_reason(job) if job else None) or "gate Job lost before it reported"
+        reason = (
+            (f"the runner failed: {runner_error}" if runner_error else None)
+            or (job_failure_reason(job) if job else None)
+            or "gate Job lost before it reported"
+        )
         return replace(base, infrastructure_reason=f"test gate: {reason}")
     return replace(base, gate=result.gate)
 
@@ -279,9 +296,21 @@ def finish_reason(finish: Finish) -> str:
     return reason_for(finish.state, finish.failure_class)
 
 
+def _test_list(names: TestNames) -> TestList | None:
+    if not names:
+        return None
+    return TestList(count=names.count, names=names.names[:STATUS_TEST_NAMES])
+
+
+def _test_names(listed: TestList | None) -> TestNames:
+    return TestNames() if listed is None else TestNames(count=listed.count, names=listed.names)
+
+
 def gate_summary(gate: GateResult | None) -> GateSummary | None:
+    """The gate as status carries it: counts exact, at most STATUS_TEST_NAMES names a list."""
     if gate is None:
         return None
+    t = gate.tamper
     return GateSummary(
         passed=gate.passed,
         applied=gate.applied,
@@ -292,13 +321,31 @@ def gate_summary(gate: GateResult | None) -> GateSummary | None:
                 status=c.status.value,
                 exit_code=c.exit_code,
                 duration_seconds=c.duration_seconds,
+                granularity=c.granularity,
+                tests=c.tests.total if c.tests else None,
+                new_failures=_test_list(c.new_failures),
+                pre_existing_failures=_test_list(c.pre_existing_failures),
+                fixed=_test_list(c.fixed),
+                flaky=_test_list(c.flaky),
+                removed_failing=_test_list(c.removed_failing),
+                note=c.note,
             )
             for c in gate.checks
         ],
+        tamper=TamperSummary(
+            flagged=t.flagged,
+            fails_gate=t.fails_gate,
+            modified_files=t.modified_files[:STATUS_TEST_NAMES],
+            deleted_test_files=t.deleted_test_files[:STATUS_TEST_NAMES],
+            removed_failing_tests=_test_list(t.removed_failing_tests),
+        )
+        if t.flagged
+        else None,
     )
 
 
 def gate_result(summary: GateSummary) -> GateResult:
+    """Back from status: what status kept, no more."""
     return GateResult(
         passed=summary.passed,
         applied=summary.applied,
@@ -309,6 +356,13 @@ def gate_result(summary: GateSummary) -> GateResult:
                 status=CheckStatus(c.status),
                 exit_code=c.exit_code,
                 duration_seconds=c.duration_seconds,
+                granularity=c.granularity,
+                new_failures=_test_names(c.new_failures),
+                pre_existing_failures=_test_names(c.pre_existing_failures),
+                fixed=_test_names(c.fixed),
+                flaky=_test_names(c.flaky),
+                removed_failing=_test_names(c.removed_failing),
+                note=c.note,
             )
             for c in summary.checks
         ],

@@ -1,4 +1,4 @@
-"""Job and ConfigMap manifests for adapter and gate attempts.
+"""Job and ConfigMap manifests for adapter and gate attempts, and each Adapter's egress policy.
 
 Names are deterministic (TaskExecution uid + attempt + role), so a retried or replayed
 reconcile creates the same object and a 409 means "already done". Pods run untrusted code:
@@ -146,8 +146,10 @@ def job_manifest(
         },
     }
     pod_labels = labels(te["metadata"]["name"], run_id, task_id, attempt, role)
-    if adapter_name is not None:
-        pod_labels[LABEL_ADAPTER] = adapter_name  # lets NetworkPolicies select per Adapter
+    if adapter_name is not None and role == "adapter":
+        # Selects the pod for its Adapter's egress policy. Gate pods never carry it: they run
+        # the repository's own checks and get only the chart's runner policy (git server).
+        pod_labels[LABEL_ADAPTER] = adapter_name
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -214,11 +216,19 @@ def job_failure_reason(job: dict[str, Any]) -> str | None:
     return None
 
 
-def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[str, Any]:
-    """A NetworkPolicy letting the Adapter's pods reach what its ``spec.egress`` declares.
+def egress_policy_name(adapter_name: str) -> str:
+    return f"orchestrator-adapter-{adapter_name}"[:253]
 
-    NetworkPolicies add up: with the chart's default-deny policy for runner pods, this is
-    the only way out for this Adapter's pods (owned by the Adapter, gone with it).
+
+def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[str, Any]:
+    """A NetworkPolicy letting the Adapter's adapter pods reach what its ``spec.egress`` declares.
+
+    NetworkPolicies add up: with the chart's default-deny policy for runner pods, this is the
+    only extra way out for this Adapter's adapter pods; gate pods are never selected (role
+    label). An empty ``spec.egress`` gives a policy without rules: it selects the pods and
+    allows nothing more, which is how a cleared ``spec.egress`` takes the allowance back.
+    The Adapter is its controller owner (garbage-collected with it), and the managed-by and
+    adapter labels mark it as the operator's: see :func:`egress_policy_action`.
     """
     meta = adapter["metadata"]
     rules = []
@@ -231,21 +241,66 @@ def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[st
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {
-            "name": f"orchestrator-adapter-{meta['name']}"[:253],
+            "name": egress_policy_name(meta["name"]),
             "namespace": meta["namespace"],
-            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_ADAPTER: meta["name"]},
             "ownerReferences": [
                 {
                     "apiVersion": adapter["apiVersion"],
                     "kind": adapter["kind"],
                     "name": meta["name"],
                     "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": False,
                 }
             ],
         },
         "spec": {
-            "podSelector": {"matchLabels": {LABEL_ADAPTER: meta["name"]}},
+            "podSelector": {"matchLabels": {LABEL_ADAPTER: meta["name"], LABEL_ROLE: "adapter"}},
             "policyTypes": ["Egress"],
             "egress": rules,
         },
     }
+
+
+def is_own_egress_policy(policy: dict[str, Any], adapter: dict[str, Any]) -> bool:
+    """True when ``policy`` is the one the operator made for this very Adapter object.
+
+    Both marks are required: the managed-by label (the operator's) and a controller owner
+    reference carrying the Adapter's uid (this Adapter, not an earlier one of the same name).
+    A policy with the same name made by anyone else is foreign and never touched.
+    """
+    meta = policy.get("metadata") or {}
+    if (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        return False
+    uid = adapter["metadata"]["uid"]
+    return any(
+        ref.get("uid") == uid and ref.get("kind") == adapter["kind"] and ref.get("controller")
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
+EgressAction = Literal["create", "patch", "none", "foreign"]
+
+
+def egress_policy_action(
+    existing: dict[str, Any] | None, adapter: dict[str, Any], spec: AdapterResourceSpec
+) -> EgressAction:
+    """What the operator does with an Adapter's egress policy, given what the API server has.
+
+    * no policy: ``create`` it when ``spec.egress`` has rules, else ``none``;
+    * the operator's own policy (:func:`is_own_egress_policy`): ``patch`` its spec to the
+      desired one (rules replaced; no rules when ``spec.egress`` was cleared), or ``none``
+      when it already says that;
+    * any other policy of that name: ``foreign``: leave it alone (report it, never
+      overwrite it, also not after a 409 on create).
+    """
+    if existing is None:
+        return "create" if spec.egress else "none"
+    if not is_own_egress_policy(existing, adapter):
+        return "foreign"
+    desired = egress_policy(adapter, spec)["spec"]
+    current = existing.get("spec") or {}
+    same = all(current.get(k) == desired[k] for k in ("podSelector", "policyTypes"))
+    same = same and (current.get("egress") or []) == desired["egress"]
+    return "none" if same else "patch"

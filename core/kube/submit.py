@@ -80,7 +80,10 @@ def task_resource(run_id: str, task: RoutedTask) -> dict[str, Any]:
         "task": {"title": spec.title, "prompt": spec.prompt, "targetPaths": spec.target_paths},
         "adapterRef": {"name": task.decision.adapter_id},
         "fallbackAdapterRefs": [{"name": a} for a in task.decision.fallback_adapter_ids],
-        "gate": {"baseline": spec.gate_baseline},
+        "gate": {
+            "baseline": spec.gate_baseline,
+            **_camel(spec.gate_policy.model_dump(mode="json")),
+        },
         "allowEmptyDiff": spec.allow_empty_diff,
     }
     if spec.patch is not None:

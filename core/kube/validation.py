@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from core.api_rules import ADAPTER_NAME_RULE, TASK_EXECUTION_NAME_RULE
 from core.resources import (
-    ADAPTER_NAME_RULE,
-    TASK_EXECUTION_NAME_RULE,
     AdapterKind,
     AdapterResourceSpec,
     TaskExecutionSpec,

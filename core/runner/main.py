@@ -303,6 +303,7 @@ def _gate(request: RunnerRequest, workdir: Path, adir: Path, log: TaskLog) -> Ru
         checkout=checkout,
         sinks=lambda name: PrefixedSink(log, f"gate:{name}"),
         baseline=request.gate_baseline,
+        policy=request.task.gate_policy,
         python=sys.executable,
     )
     log.note(
@@ -311,6 +312,8 @@ def _gate(request: RunnerRequest, workdir: Path, adir: Path, log: TaskLog) -> Ru
         applied=gate.applied,
         apply_method=gate.apply_method,
         failed_checks=gate.failed_checks,
+        blamed=gate.blamed,
+        tamper=gate.tamper.flagged,
     )
     return RunnerResult(
         kind="gate",

@@ -17,6 +17,7 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
     fake-ai: exit <code>                  stop with that exit code
     fake-ai: on-feedback write <path> :: <text>   only when the prompt carries gate feedback
+    fake-ai: echo-feedback                print the prompt's feedback section, line by line
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main() -> int:
             print(f"fake-ai: renamed {rest[0]} -> {rest[1]}", flush=True)
         elif op == "delete":
             Path(rest[0]).unlink()
+        elif op == "echo-feedback":
+            _, found, feedback = prompt.partition("## Feedback from the previous attempt")
+            for line in feedback.strip().splitlines() if found else []:
+                print(f"feedback: {line}", flush=True)
         elif op == "say":
             print(" ".join(rest), flush=True)
         elif op == "sleep":

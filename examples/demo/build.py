@@ -194,6 +194,9 @@ def main() -> None:
             "Move the helpers to calc/arith.py and keep calc.ops importable; add notes.\n"
             "fake-ai: rename calc/ops.py calc/arith.py\n"
             "fake-ai: write calc/ops.py :: from calc.arith import add, sub  # noqa: F401\n"
+            # sent back by the integration worker (its calc/ops.py conflicts with add-multiply's
+            # mul), the next attempt starts from the integration branch, where mul exists
+            "fake-ai: on-feedback write calc/ops.py :: from calc.arith import add, mul, sub  # noqa: F401\n"
             "fake-ai: rename docs/README.md 'docs/Über die Module.md'",
         ),
         task(
@@ -217,8 +220,9 @@ def main() -> None:
             "command": ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"],
             "timeout_seconds": 60,
             "gate": GATE,
-            # only platform failures are retried: the demo shows each outcome once
-            "retry": {"max_attempts": 3, "retry_on": ["infrastructure"]},
+            # only platform failures are retried: the demo shows each outcome once; and a
+            # merge conflict found by `orchestrator integrate` sends the task back once
+            "retry": {"max_attempts": 3, "retry_on": ["infrastructure", "merge_conflict"]},
         },
         {
             "id": "human",

@@ -22,6 +22,10 @@ CACHE_ROOT="${ORCHESTRATOR_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orches
 BIN_CACHE="$CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 BIN_DIR="$BIN_CACHE/bin"
 IMAGE_CACHE="$CACHE_ROOT/images"
+# NetworkPolicy engine (build/netpol): its binary, nftables table (family ip) and queue.
+NETPOL_BIN="kube-network-policies-xt"
+NETPOL_TABLE="orchestrator-netpol"
+NETPOL_QUEUE=100
 
 # Runtime state of the running cluster: certs, kubeconfigs, data, logs, pids.
 STATE_DIR="${ORCHESTRATOR_CLUSTER_STATE:-/var/lib/orchestrator-cluster}"

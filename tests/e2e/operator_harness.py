@@ -39,8 +39,10 @@ class OperatorProcess:
         pull_policy: str,
         workdir: Path,
         mode: tuple[str, ...] = ("--standalone",),
+        also_namespaces: tuple[str, ...] = (),
     ) -> None:
         self.mode = mode
+        self.namespaces = (namespace, *also_namespaces)
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.image = image
@@ -57,7 +59,7 @@ class OperatorProcess:
             "ORCHESTRATOR_WORKDIR": str(self.workdir),
             "ORCHESTRATOR_RUNNER_IMAGE": self.image,
             "ORCHESTRATOR_IMAGE_PULL_POLICY": self.pull_policy,
-            "ORCHESTRATOR_NAMESPACE": self.namespace,
+            "ORCHESTRATOR_NAMESPACE": ",".join(self.namespaces),
             "ORCHESTRATOR_METRICS_PORT": str(self.metrics_port),
             "ORCHESTRATOR_METRICS_ADDRESS": "127.0.0.1",
             "ORCHESTRATOR_RESYNC_SECONDS": "5",
@@ -71,8 +73,7 @@ class OperatorProcess:
                     "kopf",
                     "run",
                     *self.mode,
-                    "--namespace",
-                    self.namespace,
+                    *(arg for ns in self.namespaces for arg in ("--namespace", ns)),
                     str(ROOT / "operator/handlers.py"),
                 ],
                 env=env,

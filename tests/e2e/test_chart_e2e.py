@@ -73,6 +73,8 @@ def _in_namespace(values: dict[str, Any], namespace: str) -> dict[str, Any]:
     values = copy.deepcopy(values)
     if values.get("watch", {}).get("namespace"):
         values["watch"]["namespace"] = namespace
+    if values.get("watch", {}).get("namespaces"):
+        values["watch"]["namespaces"] = [namespace]
     if values.get("networkPolicy", {}).get("namespaces"):
         values["networkPolicy"]["namespaces"] = [namespace]
     return values

@@ -64,7 +64,9 @@ def env(
         "the default ServiceAccount",
     )
     repo = git_server(kubectl, namespace, project_image, image_pull_policy)
-    git_ip = repo.split("//")[1].split(":")[0]
+    # NetworkPolicy sees the connection after the Service's DNAT (kube-network-policies,
+    # Calico, Cilium): an ipBlock must name the git server pod, not its Service address.
+    git_ip = get_json(kubectl, "pod", "git-server", "-n", namespace)["status"]["podIP"]
     for obj in (
         adapter(
             "patch",
@@ -172,7 +174,9 @@ def test_patch_task_completes_with_diff_and_gate_in_status_and_db(kubectl, env) 
     assert report.ok, report.problems
 
     policy = get_json(kubectl, "networkpolicy", "orchestrator-adapter-patch", "-n", env["ns"])
-    assert policy["spec"]["podSelector"] == {"matchLabels": {"orchestrator.dev/adapter": "patch"}}
+    assert policy["spec"]["podSelector"] == {
+        "matchLabels": {"orchestrator.dev/adapter": "patch", "orchestrator.dev/role": "adapter"}
+    }
     assert policy["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 9418}]
     assert policy["metadata"]["ownerReferences"][0]["kind"] == "Adapter"
 

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from core.api_rules import ADAPTER_NAME_RULE, TASK_EXECUTION_NAME_RULE
 from core.argv import (
     COMMAND_PLACEHOLDERS,
     GATE_PLACEHOLDERS,
@@ -27,8 +28,6 @@ from core.crd import adapter_crd, task_execution_crd
 from core.engine.command_line import expand_argv
 from core.models import AdapterSpec
 from core.resources import (
-    ADAPTER_NAME_RULE,
-    TASK_EXECUTION_NAME_RULE,
     AdapterResourceSpec,
     TaskExecutionSpec,
 )

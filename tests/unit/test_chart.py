@@ -40,15 +40,15 @@ PG = {"database": {"type": "postgresql", "postgresql": {"urlSecret": {"name": "o
 # Every documented option, as values overriding the defaults (also used by the e2e dry-run).
 OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
-    "all-namespaces": {"watch": {"allNamespaces": True}},
+    "served-namespaces": {"watch": {"namespaces": ["team-a", "team-b"]}},
     "other-namespace": {"watch": {"namespace": "tasks"}},
     "postgresql": PG,
     "postgresql-migrate-at-start": {**PG, "migrations": {"hook": False}},
     "ha": {**PG, "replicaCount": 2, "persistence": {"enabled": False}},
-    "ha-all-namespaces": {
+    "ha-served-namespaces": {
         **PG,
         "replicaCount": 2,
-        "watch": {"allNamespaces": True},
+        "watch": {"namespaces": ["team-a", "team-b"]},
         "persistence": {"accessModes": ["ReadWriteMany"]},
     },
     "no-persistence": {"persistence": {"enabled": False}},
@@ -68,6 +68,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
                     "ports": [{"port": 9418}],
                 }
             ],
+            "gateEgress": [{"cidr": "10.0.5.0/24", "ports": [443]}],
         }
     },
     "ai-adapters": {
@@ -83,9 +84,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
             for key in AI_ADAPTERS
         }
     },
-    "no-sample-adapters": {
-        "adapters": {"patch": {"enabled": False}, "script": {"enabled": False}}
-    },
+    "no-sample-adapters": {"adapters": {"patch": {"enabled": False}, "script": {"enabled": False}}},
     "grafana-dashboard": {"grafanaDashboard": {"enabled": True}},
     "external-service-account": {
         "serviceAccount": {"create": False, "name": "mine"},
@@ -95,7 +94,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example/orchestrator", "tag": "1.2.3"},
         "runner": {"image": "registry.example/runner:1", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
-        "operator": {"verbose": True, "logFormat": "json", "extraEnv": [{"name": "X", "value": "1"}]},
+        "operator": {
+            "verbose": True,
+            "logFormat": "json",
+            "extraEnv": [{"name": "X", "value": "1"}],
+        },
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "k", "operator": "Exists"}],
         "priorityClassName": "high",
@@ -121,7 +124,12 @@ def helm(*args: str, values: dict[str, Any] | None = None) -> subprocess.Complet
     if values:
         cmd += ["--values", "-"]
     return subprocess.run(
-        cmd, input=json.dumps(values or {}), capture_output=True, text=True, timeout=120, check=False
+        cmd,
+        input=json.dumps(values or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -129,6 +137,11 @@ def render(values: dict[str, Any], namespace: str = "orchestrator") -> list[dict
     out = helm("template", "orch", str(CHART), "--namespace", namespace, values=values)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def served_namespaces(values: dict[str, Any], release_namespace: str = "orchestrator") -> list[str]:
+    watch = values.get("watch", {})
+    return list(watch.get("namespaces") or [watch.get("namespace") or release_namespace])
 
 
 def render_with_hooks(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -269,9 +282,7 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
     if not OPTIONS[option].get("rbac", {}).get("create", True):
         assert granted == set()
         return
-    expected = {
-        ("orchestrator.dev", "taskexecutions", v) for v in ("get", "list", "watch")
-    } | {
+    expected = {("orchestrator.dev", "taskexecutions", v) for v in ("get", "list", "watch")} | {
         ("orchestrator.dev", "taskexecutions/status", "get"),
         ("orchestrator.dev", "taskexecutions/status", "patch"),
         ("orchestrator.dev", "adapters/status", "patch"),
@@ -282,6 +293,7 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
         ("", "configmaps", "get"),
         ("", "events", "create"),
         ("networking.k8s.io", "networkpolicies", "create"),
+        ("networking.k8s.io", "networkpolicies", "get"),
         ("networking.k8s.io", "networkpolicies", "patch"),
     }
     expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
@@ -289,20 +301,22 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
     expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}  # fmt: skip
     expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
     if OPTIONS[option].get("replicaCount", 1) > 1:
-        all_ns = OPTIONS[option].get("watch", {}).get("allNamespaces")
-        plural = "clusterkopfpeerings" if all_ns else "kopfpeerings"
-        expected |= {("kopf.dev", plural, v) for v in ("get", "list", "watch", "patch")}
+        expected |= {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
     assert granted == expected
-    # Namespaced mode: everything namespaced sits in a Role of the watched namespace.
-    if not OPTIONS[option].get("watch", {}).get("allNamespaces"):
-        cluster = [o for o in objs if o["kind"] == "ClusterRole"]
-        assert [r["resources"] for o in cluster for r in o["rules"]] == [
-            ["customresourcedefinitions"],
-            ["namespaces"],
-        ]
-        role = next(o for o in objs if o["kind"] == "Role")
-        watched = OPTIONS[option].get("watch", {}).get("namespace") or "orchestrator"
-        assert role["metadata"]["namespace"] == watched
+    # Cluster-wide: only kopf's reads of CRDs and namespaces. Everything namespaced sits in a
+    # Role (and RoleBinding) of each served namespace, and nowhere else.
+    cluster = [o for o in objs if o["kind"] == "ClusterRole"]
+    assert [(r["resources"], r["verbs"]) for o in cluster for r in o["rules"]] == [
+        (["customresourcedefinitions"], ["get", "list", "watch"]),
+        (["namespaces"], ["get", "list", "watch"]),
+    ]
+    served = served_namespaces(OPTIONS[option])
+    roles = [o for o in objs if o["kind"] == "Role"]
+    bindings = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert sorted(o["metadata"]["namespace"] for o in roles) == sorted(served)
+    assert sorted(o["metadata"]["namespace"] for o in bindings) == sorted(served)
+    assert all(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+               "name": "orch-orchestrator"} for b in bindings)  # fmt: skip
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
@@ -371,6 +385,60 @@ def test_default_install_shape() -> None:
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
 
 
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_served_namespace_gets_the_default_deny_runner_policy(option: str) -> None:
+    values = OPTIONS[option]
+    objs = render(values)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    if not values.get("networkPolicy", {}).get("enabled", True):
+        assert policies == []
+        return
+    runner = {
+        p["metadata"]["namespace"]: p for p in policies if p["metadata"]["name"].endswith("-runner")
+    }
+    extra = values.get("networkPolicy", {}).get("namespaces", [])
+    assert set(runner) == set(served_namespaces(values)) | set(extra)
+    for policy in runner.values():
+        spec = policy["spec"]
+        assert spec["podSelector"] == {
+            "matchLabels": {"app.kubernetes.io/name": "orchestrator-runner"}
+        }
+        assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+    # The sample Adapters exist where TaskExecutions are served (they refer to them by name).
+    adapters = {o["metadata"]["namespace"] for o in objs if o["kind"] == "Adapter"}
+    enabled = values.get("adapters", {}).get("patch", {}).get("enabled", True)
+    assert adapters == (set(served_namespaces(values)) if enabled else set())
+
+
+def test_gate_pods_get_their_own_policy_and_never_the_model_api() -> None:
+    objs = render(OPTIONS["network-policy-egress"])
+    gate = [
+        o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-gate")
+    ]
+    assert {g["metadata"]["namespace"] for g in gate} == {"orchestrator", "a", "b"}
+    for policy in gate:
+        assert policy["spec"]["podSelector"]["matchLabels"] == {
+            "app.kubernetes.io/name": "orchestrator-runner",
+            "orchestrator.dev/role": "gate",
+        }
+        assert policy["spec"]["egress"] == [
+            {
+                "to": [{"ipBlock": {"cidr": "10.0.5.0/24"}}],
+                "ports": [{"protocol": "TCP", "port": 443}],
+            }
+        ]
+    assert not any(
+        o["metadata"]["name"].endswith("-gate") for o in render({}) if o["kind"] == "NetworkPolicy"
+    )
+    # An AI adapter's model API is its Adapter's egress (selecting its adapter pods only), not
+    # the runner policy both roles share.
+    objs = render(OPTIONS["ai-adapters"])
+    runner = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert [r["ports"][0]["port"] for r in runner["spec"]["egress"]] == [53]
+    aider = next(o for o in objs if o["kind"] == "Adapter" and o["metadata"]["name"] == "aider")
+    assert aider["spec"]["egress"] == [{"cidr": "0.0.0.0/0", "ports": [443]}]
+
+
 def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
     objs = render(OPTIONS["ha"])
     job = next(o for o in objs if o["kind"] == "Job")
@@ -388,11 +456,19 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
     assert env["ORCHESTRATOR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "orch-db"
     peering = next(o for o in objs if o["kind"] == "KopfPeering")
     assert peering["metadata"] == {**peering["metadata"], "name": "orch-orchestrator"}
-    objs = render(OPTIONS["ha-all-namespaces"])
-    assert any(o["kind"] == "ClusterKopfPeering" for o in objs)
+    objs = render(OPTIONS["ha-served-namespaces"])
+    assert not any(o["kind"] == "ClusterKopfPeering" for o in objs)
+    peerings = [o["metadata"]["namespace"] for o in objs if o["kind"] == "KopfPeering"]
+    assert peerings == ["team-a", "team-b"]  # kopf: namespaced peering in each
     c = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
     args = c["containers"][0]["args"]
-    assert "--all-namespaces" in args and not any(a.startswith("--namespace") for a in args)
+    assert [a for a in args if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+    assert "--all-namespaces" not in args
+    env = {e["name"]: e.get("value") for e in c["containers"][0]["env"]}
+    assert env["ORCHESTRATOR_NAMESPACE"] == "team-a,team-b"  # resync: each, nothing else
 
 
 def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
@@ -421,7 +497,8 @@ def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
         ),
         ({"imagee": {}}, "imagee"),
         ({"metrics": {"port": "nine"}}, "port"),
-        ({"watch": {"allNamespaces": True, "namespace": "x"}}, "exclude each other"),
+        ({"watch": {"allNamespaces": True}}, "watch.allNamespaces was removed"),
+        ({"watch": {"namespaces": ["a"], "namespace": "x"}}, "exclude each other"),
     ],
 )
 def test_invalid_values_are_refused_with_a_message(values: dict[str, Any], message: str) -> None:

@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from core.engine.gate_verdict import CheckRun, judge
 from core.engine.process_group import DRAIN_SECONDS, run_process_group
 from core.engine.task_log import TaskLog, read_records
-from core.engine.test_gate import mark_pre_existing
-from core.models import CheckResult, CheckStatus
+from core.models import CheckStatus, GatePolicy
 
 ESCAPE = (
     "import subprocess, sys\n"
@@ -44,30 +44,33 @@ def test_grandchild_that_left_the_group_cannot_hold_the_run_open(tmp_path: Path)
         os.kill(escaped, signal.SIGKILL)
 
 
-def _check(name: str, status: CheckStatus) -> CheckResult:
-    return CheckResult(name=name, status=status, exit_code=None, duration_seconds=0.1)
+def _run(name: str, status: CheckStatus) -> CheckRun:
+    return CheckRun(name=name, status=status, exit_code=None, duration_seconds=0.1)
 
 
 def test_only_checks_that_failed_on_both_trees_are_pre_existing() -> None:
+    # checks without per-test results: judged by status (granularity "check")
     patched = [
-        _check("lint", CheckStatus.FAILED),
-        _check("missing-tool", CheckStatus.ERROR),
-        _check("slow", CheckStatus.TIMEOUT),
-        _check("new-failure", CheckStatus.FAILED),
+        _run("lint", CheckStatus.FAILED),
+        _run("missing-tool", CheckStatus.ERROR),
+        _run("slow", CheckStatus.TIMEOUT),
+        _run("new-failure", CheckStatus.FAILED),
     ]
     baseline = {
-        "lint": _check("lint", CheckStatus.FAILED),
-        "missing-tool": _check("missing-tool", CheckStatus.ERROR),
-        "slow": _check("slow", CheckStatus.TIMEOUT),
-        "new-failure": _check("new-failure", CheckStatus.PASSED),
+        "lint": _run("lint", CheckStatus.FAILED),
+        "missing-tool": _run("missing-tool", CheckStatus.ERROR),
+        "slow": _run("slow", CheckStatus.TIMEOUT),
+        "new-failure": _run("new-failure", CheckStatus.PASSED),
     }
-    marked = {c.name: (c.status, c.baseline_status) for c in mark_pre_existing(patched, baseline)}
+    judged = [judge(run, baseline[run.name], GatePolicy()) for run in patched]
+    marked = {c.name: (c.status, c.baseline_status) for c in judged}
     assert marked == {
         "lint": (CheckStatus.PRE_EXISTING, CheckStatus.FAILED),
         "missing-tool": (CheckStatus.ERROR, CheckStatus.ERROR),
         "slow": (CheckStatus.TIMEOUT, CheckStatus.TIMEOUT),
         "new-failure": (CheckStatus.FAILED, CheckStatus.PASSED),
     }
+    assert {c.granularity for c in judged} == {"check"}
 
 
 def test_a_cut_log_stays_a_prefix_of_the_output(tmp_path: Path) -> None:
@@ -79,5 +82,8 @@ def test_a_cut_log_stays_a_prefix_of_the_output(tmp_path: Path) -> None:
     records = list(read_records(path))
     lines = [r["line"] for r in records if "line" in r]
     assert lines == ["12345"]
-    assert [r.get("event") for r in records if "event" in r] == ["output_truncated", "output_dropped"]
+    assert [r.get("event") for r in records if "event" in r] == [
+        "output_truncated",
+        "output_dropped",
+    ]
     assert records[-1]["bytes"] == 12

@@ -18,6 +18,8 @@ from core.kube.conditions import set_conditions
 from core.kube.jobs import (
     BACKSTOP_GRACE_SECONDS,
     egress_policy,
+    egress_policy_action,
+    is_own_egress_policy,
     job_manifest,
     job_name,
     label_value,
@@ -134,9 +136,16 @@ def test_adapter_pods_are_locked_down() -> None:
     assert spec["template"]["metadata"]["labels"] == labels
 
 
-def test_pods_carry_their_adapter_for_network_policies() -> None:
+def test_adapter_pods_carry_their_adapter_for_network_policies_gate_pods_do_not() -> None:
     labels = manifest(adapter_name="claude")["spec"]["template"]["metadata"]["labels"]
     assert labels["orchestrator.dev/adapter"] == "claude"
+    gate = manifest(adapter_name="claude", role="gate", name="g", patch_configmap="g-patch")
+    labels = gate["spec"]["template"]["metadata"]["labels"]
+    # The gate runs the repository's checks: it must not inherit the adapter's egress.
+    assert "orchestrator.dev/adapter" not in labels
+    assert "orchestrator.dev/adapter" not in gate["metadata"]["labels"]
+    assert labels["orchestrator.dev/role"] == "gate"
+    assert labels["app.kubernetes.io/name"] == "orchestrator-runner"  # the chart's policies
 
 
 def test_gate_pods_get_no_adapter_secrets_and_mount_the_patch() -> None:
@@ -222,24 +231,88 @@ def test_conditions_keep_transition_time_until_their_status_changes() -> None:
     assert final["Succeeded"].status == "True" and final["Succeeded"].reason == "Completed"
 
 
-def test_adapter_egress_becomes_a_network_policy_for_its_pods() -> None:
-    spec = AdapterResourceSpec.model_validate(
-        {
-            "kind": "patch",
-            "egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "192.0.2.1/32"}],
-        }
-    )
-    obj = {
-        "apiVersion": "orchestrator.dev/v1alpha1",
-        "kind": "Adapter",
-        "metadata": {"name": "claude", "namespace": "team-a", "uid": "u-1"},
-    }
-    policy = egress_policy(obj, spec)
+ADAPTER_OBJ = {
+    "apiVersion": "orchestrator.dev/v1alpha1",
+    "kind": "Adapter",
+    "metadata": {"name": "claude", "namespace": "team-a", "uid": "u-1"},
+}
+EGRESS = AdapterResourceSpec.model_validate(
+    {"kind": "patch", "egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "192.0.2.1/32"}]}
+)
+NO_EGRESS = AdapterResourceSpec.model_validate({"kind": "patch"})
+
+
+def test_adapter_egress_becomes_a_network_policy_for_its_adapter_pods() -> None:
+    policy = egress_policy(ADAPTER_OBJ, EGRESS)
     assert policy["metadata"]["name"] == "orchestrator-adapter-claude"
-    assert policy["metadata"]["ownerReferences"][0]["uid"] == "u-1"
-    assert policy["spec"]["podSelector"] == {"matchLabels": {"orchestrator.dev/adapter": "claude"}}
+    owner = policy["metadata"]["ownerReferences"][0]
+    assert (owner["uid"], owner["kind"], owner["controller"]) == ("u-1", "Adapter", True)
+    assert policy["metadata"]["labels"] == {
+        "app.kubernetes.io/managed-by": "orchestrator",
+        "orchestrator.dev/adapter": "claude",
+    }
+    # Adapter pods of this Adapter only: a gate pod is never selected, even if labelled.
+    assert policy["spec"]["podSelector"] == {
+        "matchLabels": {"orchestrator.dev/adapter": "claude", "orchestrator.dev/role": "adapter"}
+    }
     assert policy["spec"]["policyTypes"] == ["Egress"]
     assert policy["spec"]["egress"] == [
         {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 443}]},
         {"to": [{"ipBlock": {"cidr": "192.0.2.1/32"}}]},
     ]
+    pod = manifest(adapter_name="claude")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod.items()
+    gate = manifest(adapter_name="claude", role="gate", name="g")["spec"]["template"]["metadata"]
+    assert not policy["spec"]["podSelector"]["matchLabels"].items() <= gate["labels"].items()
+
+
+def test_a_cleared_egress_gives_a_policy_that_allows_nothing_more() -> None:
+    policy = egress_policy(ADAPTER_OBJ, NO_EGRESS)
+    assert policy["spec"]["egress"] == [] and policy["spec"]["policyTypes"] == ["Egress"]
+
+
+def test_only_the_operators_policy_for_this_very_adapter_is_its_own() -> None:
+    own = egress_policy(ADAPTER_OBJ, EGRESS)
+    assert is_own_egress_policy(own, ADAPTER_OBJ)
+    foreign = {**own, "metadata": {**own["metadata"], "labels": {}, "ownerReferences": []}}
+    assert not is_own_egress_policy(foreign, ADAPTER_OBJ)
+    # Same name, made by someone else who copied the labels but owns it otherwise.
+    labelled = {**own, "metadata": {**own["metadata"], "ownerReferences": []}}
+    assert not is_own_egress_policy(labelled, ADAPTER_OBJ)
+    # An earlier Adapter of the same name (deleted and recreated: new uid).
+    recreated = {**ADAPTER_OBJ, "metadata": {**ADAPTER_OBJ["metadata"], "uid": "u-2"}}
+    assert not is_own_egress_policy(own, recreated)
+    # Owned by the Adapter but not as controller (someone else's object referencing it).
+    ref = {**own["metadata"]["ownerReferences"][0], "controller": False}
+    assert not is_own_egress_policy(
+        {**own, "metadata": {**own["metadata"], "ownerReferences": [ref]}}, ADAPTER_OBJ
+    )
+
+
+@pytest.mark.parametrize(
+    ("existing", "spec", "action"),
+    [
+        (None, EGRESS, "create"),
+        (None, NO_EGRESS, "none"),  # nothing granted, nothing to take back
+        ("own", EGRESS, "none"),  # already as desired
+        ("own", NO_EGRESS, "patch"),  # cleared: the rules go
+        ("own-old-rules", EGRESS, "patch"),
+        ("own-cleared", NO_EGRESS, "none"),
+        ("foreign", EGRESS, "foreign"),  # a 409 never overwrites someone else's policy
+        ("foreign", NO_EGRESS, "foreign"),
+    ],
+)
+def test_egress_policy_action(existing: str | None, spec: AdapterResourceSpec, action: str) -> None:
+    own = egress_policy(ADAPTER_OBJ, EGRESS)
+    objs: dict[str | None, dict[str, Any] | None] = {
+        None: None,
+        "own": own,
+        # What the API server returns: `egress` dropped when empty.
+        "own-cleared": {**own, "spec": {k: v for k, v in own["spec"].items() if k != "egress"}},
+        "own-old-rules": {**own, "spec": {**own["spec"], "egress": own["spec"]["egress"][:1]}},
+        "foreign": {
+            "metadata": {"name": own["metadata"]["name"], "labels": {"team": "net"}},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+        },
+    }
+    assert egress_policy_action(objs[existing], ADAPTER_OBJ, spec) == action

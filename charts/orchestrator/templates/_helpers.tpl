@@ -43,9 +43,19 @@ app.kubernetes.io/part-of: orchestrator
 {{- end }}
 {{- end }}
 
-{{/* The namespace whose TaskExecutions are watched (namespaced mode). */}}
+{{/* The namespace served when watch.namespaces is empty. */}}
 {{- define "orchestrator.watchNamespace" -}}
 {{- default .Release.Namespace .Values.watch.namespace }}
+{{- end }}
+
+{{/* Every namespace the operator serves, as a JSON list (use with fromJsonArray). Each gets
+a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
+{{- define "orchestrator.servedNamespaces" -}}
+{{- if .Values.watch.namespaces }}
+{{- .Values.watch.namespaces | uniq | toJson }}
+{{- else }}
+{{- list (include "orchestrator.watchNamespace" .) | toJson }}
+{{- end }}
 {{- end }}
 
 {{- define "orchestrator.image" -}}
@@ -84,7 +94,10 @@ app.kubernetes.io/part-of: orchestrator
 {{- if and (gt (int .Values.replicaCount) 1) .Values.persistence.enabled (has "ReadWriteOnce" .Values.persistence.accessModes) }}
 {{- fail "replicaCount: 2 shares the work dir (ledger, logs): set persistence.accessModes to [ReadWriteMany], or persistence.enabled=false" }}
 {{- end }}
-{{- if and .Values.watch.allNamespaces .Values.watch.namespace }}
-{{- fail "watch.namespace and watch.allNamespaces exclude each other" }}
+{{- if .Values.watch.allNamespaces }}
+{{- fail "watch.allNamespaces was removed: it granted cluster-wide Job creation, NetworkPolicy writes and read access to every ConfigMap and pod log, and left namespaces without the default-deny runner policy. List the namespaces to serve in watch.namespaces (each gets a Role and the runner NetworkPolicy)" }}
+{{- end }}
+{{- if and .Values.watch.namespaces .Values.watch.namespace }}
+{{- fail "watch.namespace and watch.namespaces exclude each other (put the namespace in the list)" }}
 {{- end }}
 {{- end }}

@@ -64,6 +64,44 @@ class Metrics:
             registry=r,
         )
         self.safe_mode = Gauge("executor_safe_mode", "1 while in safe mode.", registry=r)
+        self.gate_test_results = Counter(
+            "gate_test_results",
+            "Tests of gate checks that did not simply pass, by outcome (new_failure, "
+            "pre_existing, fixed, flaky, baseline_flaky, removed).",
+            ["check", "outcome"],
+            registry=r,
+        )
+        self.gate_flaky_tests = Counter(
+            "gate_flaky_tests",
+            "Tests that failed in a gate and passed when rerun alone (baseline included).",
+            ["check"],
+            registry=r,
+        )
+        self.integration_queue_depth = Gauge(
+            "integration_queue_depth",
+            "Completed changes waiting in the integration worker's merge queue.",
+            registry=r,
+        )
+        self.integration_merge_latency = Histogram(
+            "integration_merge_latency_seconds",
+            "From a task's completion to its change's merge onto the integration branch.",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600),
+            registry=r,
+        )
+        self.integration_gate_runs = Counter(
+            "integration_gate_runs", "Gate runs on merged trees (integration).", registry=r
+        )
+        self.integration_gate_runs_per_merge = Gauge(
+            "integration_gate_runs_per_merge",
+            "Merged-tree gate runs per merged change, this run (one-by-one integration: >= 1).",
+            registry=r,
+        )
+        self.integration_outcomes = Counter(
+            "integration_outcomes",
+            "Integration verdicts by outcome (merged, conflict, gate_failed, skipped).",
+            ["outcome"],
+            registry=r,
+        )
         self._terminal = self._completed = self._gates = self._gates_passed = 0
 
     def heartbeat(self) -> None:
@@ -87,6 +125,26 @@ class Metrics:
         self._gates += 1
         self._gates_passed += passed
         self.acceptance_test_pass_rate.set(self._gates_passed / self._gates)
+
+    def gate_tests(self, check: str, outcome: str, count: int) -> None:
+        """Per-test gate outcomes newly recorded (see ``core.db.test_history``)."""
+        self.gate_test_results.labels(check, outcome).inc(count)
+        if outcome in ("flaky", "baseline_flaky"):
+            self.gate_flaky_tests.labels(check).inc(count)
+
+    def integration_verdict(self, outcome: str, latency_seconds: float | None) -> None:
+        """A new integration verdict; ``latency_seconds``: completion to merge (merged)."""
+        self.integration_outcomes.labels(outcome).inc()
+        if latency_seconds is not None:
+            self.integration_merge_latency.observe(max(0.0, latency_seconds))
+
+    def integration_gate_run(self) -> None:
+        self.integration_gate_runs.inc()
+
+    def integration_progress(self, depth: int, gate_runs: int, merged: int) -> None:
+        self.integration_queue_depth.set(depth)
+        if merged:
+            self.integration_gate_runs_per_merge.set(gate_runs / merged)
 
     def retry(self, adapter: str, failure_class: str) -> None:
         self.retry_attempts.labels(adapter, failure_class).inc()

@@ -50,6 +50,10 @@ def outcome_line(result: TaskResult) -> str:
             bits.append(f"files={d.files_changed} +{d.insertions}/-{d.deletions}{binary}")
         if last.gate is not None and last.gate.failed_checks:
             bits.append("failed checks: " + ", ".join(last.gate.failed_checks))
+        if last.gate is not None:
+            flaky = sum(c.flaky.count for c in last.gate.checks)
+            bits += [f"flaky tests: {flaky}"] if flaky else []
+            bits += ["tamper flagged"] if last.gate.tamper.flagged else []
     if result.wait_reason:
         bits.append(f"waiting: {result.wait_reason}")
     elif result.failure_message:

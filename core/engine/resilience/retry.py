@@ -18,7 +18,9 @@ Rules (defaults follow :class:`core.models.RetryPolicy`):
   no candidate admits work the decision says ``waiting_for_breaker`` (the task stays PENDING
   with a visible reason) instead of spinning.
 * The backoff comes from tenacity's ``wait_exponential`` plus jitter from an injected
-  :class:`random.Random`, capped at ``backoff_max_seconds`` *after* the jitter. A retry whose
+  :class:`random.Random`, capped at ``backoff_max_seconds`` *after* the jitter; an
+  ``infrastructure`` failure waits at least ``infrastructure_backoff_seconds`` (doubling per
+  retry, same cap): the platform or a dependency may still be coming up. A retry whose
   delay would leave less than ``min_attempt_seconds`` of the task budget is not made.
 """
 
@@ -205,6 +207,11 @@ def decide_retry(
     if schedule is None:
         schedule = BackoffSchedule(policy)
     delay = schedule.delay(attempts_made)
+    if failure is FailureClass.INFRASTRUCTURE:
+        floor = policy.infrastructure_backoff_seconds * policy.backoff_multiplier ** (
+            attempts_made - 1
+        )
+        delay = max(delay, min(floor, policy.backoff_max_seconds))
     if remaining_seconds - delay < max(min_attempt_seconds, 0.0) or remaining_seconds <= delay:
         return _stop(
             f"task budget exhausted: a {delay:.2f}s backoff would leave too little of the "

@@ -162,9 +162,27 @@ def test_infrastructure_retries_same_adapter() -> None:
     assert d.retry
     assert d.next_adapter_id == "aider"
     assert d.next_attempt == 2
-    assert d.delay_seconds == 1.0
+    # at least infrastructure_backoff_seconds (default 10): a dependency may still be starting
+    assert d.delay_seconds == 10.0
     assert "same adapter" in d.reason
     assert not d.include_gate_feedback
+
+
+def test_infrastructure_backoff_floor_doubles_and_is_capped() -> None:
+    policy = NO_JITTER.model_copy(
+        update={"infrastructure_backoff_seconds": 4.0, "backoff_max_seconds": 10.0}
+    )
+    history = [failed(FailureClass.INFRASTRUCTURE)]
+    delays = []
+    for n in range(1, 4):
+        attempts = [failed(FailureClass.INFRASTRUCTURE, attempt=i) for i in range(1, n + 1)]
+        schedule = BackoffSchedule(policy, random.Random(0))
+        d = decide_retry(policy, CHAIN, attempts, remaining_seconds=1000, schedule=schedule)
+        delays.append(d.delay_seconds)
+    assert delays == [4.0, 8.0, 10.0]
+    off = NO_JITTER.model_copy(update={"infrastructure_backoff_seconds": 0.0})
+    d = decide_retry(off, CHAIN, history, remaining_seconds=1000, schedule=BackoffSchedule(off))
+    assert d.delay_seconds == 1.0
 
 
 @pytest.mark.parametrize("cls", [FailureClass.ADAPTER_ERROR, FailureClass.ADAPTER_TIMEOUT])
