@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from core.resources import Check, EgressRule, EnvVar, Resources
+from core.rules import without_kubernetes_keys
 
 VALUES_SCHEMA_PATH = "charts/orchestrator/values.schema.json"
 
@@ -321,7 +322,7 @@ class ChartValues(_Values):
 
 
 def values_schema_text() -> str:
-    schema = ChartValues.model_json_schema(by_alias=True)
+    schema = without_kubernetes_keys(ChartValues.model_json_schema(by_alias=True))
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

@@ -5,8 +5,11 @@ pydantic's JSON Schema is not a structural OpenAPI v3 schema: it uses ``$defs``/
 ``additionalProperties: false``, all of which the API server rejects or ignores. This module
 rewrites it: references are inlined, optionals become ``nullable``, bounds use the OpenAPI
 v3.0 forms, unknown fields are rejected by the API server's strict field validation instead
-of ``additionalProperties: false``, and CEL rules are added for cross-field checks. The
-result is applied to a real API server in the e2e tests.
+of ``additionalProperties: false``. The CEL rules (``x-kubernetes-validations``) and list
+types come from the models themselves (:mod:`core.rules`): each is checked by pydantic too.
+This module adds only what no spec model can say: the rules on ``metadata.name`` at the
+root and the immutability of a TaskExecution's spec. The result is applied to a real API
+server in the e2e tests, which also feed it the objects the rules must refuse.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from core.api_rules import ADAPTER_NAME_RULE, TASK_EXECUTION_NAME_RULE
 from core.resources import (
     GROUP,
     VERSION,
@@ -25,6 +29,7 @@ from core.resources import (
     TaskExecutionSpec,
     TaskExecutionStatus,
 )
+from core.rules import CEL_KEY, Rule
 
 Schema = dict[str, Any]
 
@@ -39,7 +44,11 @@ def _resolve(node: Any, defs: dict[str, Schema]) -> Any:
     if "$ref" in node:
         target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
         extra = {k: v for k, v in node.items() if k != "$ref"}
-        return _resolve({**target, **extra}, defs)
+        rules = target.get(CEL_KEY, []) + extra.get(CEL_KEY, [])
+        merged = {**target, **extra}
+        if rules:
+            merged[CEL_KEY] = rules
+        return _resolve(merged, defs)
     out: Schema = {}
     for key, value in node.items():
         if key in _DROP or key == "$defs":
@@ -94,53 +103,27 @@ def _conditions(schema: Schema) -> None:
     conditions["x-kubernetes-list-map-keys"] = ["type"]
 
 
-TASK_EXECUTION_RULES = [
-    {
-        "rule": "!has(self.fallbackAdapterRefs) || "
-        "self.fallbackAdapterRefs.all(f, f.name != self.adapterRef.name)",
-        "message": "fallbackAdapterRefs must not repeat adapterRef",
-        "fieldPath": ".fallbackAdapterRefs",
-    },
-]
-ADAPTER_RULES = [
-    {
-        "rule": "self.kind != 'process' || (has(self.command) != has(self.template))",
-        "message": "a process adapter needs exactly one of command or template",
-    },
-    {
-        "rule": "self.kind == 'process' || (!has(self.command) && !has(self.template))",
-        "message": "only process adapters take command or template",
-    },
-    {
-        "rule": "!has(self.env) || self.env.all(e, has(e.value) != has(e.secretKeyRef))",
-        "message": "each env entry needs exactly one of value or secretKeyRef",
-        "fieldPath": ".env",
-    },
-]
-
-
 def _crd(
     kind: str,
     plural: str,
     short: str,
     spec: type[BaseModel],
     status: type[BaseModel],
-    rules: list[dict[str, str]],
+    root_rules: list[Rule],
     columns: list[dict[str, str]],
     description: str,
     *,
     immutable: bool,
 ) -> dict[str, Any]:
     spec_schema = openapi_schema(spec, "validation")
-    spec_schema["x-kubernetes-validations"] = list(rules)
     if immutable:
-        spec_schema["x-kubernetes-validations"].insert(
-            0,
+        spec_schema[CEL_KEY] = [
             {
                 "rule": "self == oldSelf",
                 "message": "spec is immutable once created; create a new TaskExecution instead",
             },
-        )
+            *spec_schema.get(CEL_KEY, []),
+        ]
     status_schema = openapi_schema(status, "serialization")
     if "conditions" in status_schema.get("properties", {}):
         _conditions(status_schema)
@@ -171,10 +154,15 @@ def _crd(
                             "type": "object",
                             "description": description,
                             "required": ["spec"],
+                            CEL_KEY: [rule.as_cel() for rule in root_rules],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # declared so that the name rule can report its field
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {"name": {"type": "string", "maxLength": 63}},
+                                },
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
@@ -193,7 +181,7 @@ def task_execution_crd() -> dict[str, Any]:
         "tex",
         TaskExecutionSpec,
         TaskExecutionStatus,
-        TASK_EXECUTION_RULES,
+        [TASK_EXECUTION_NAME_RULE],
         [
             {"name": "State", "type": "string", "jsonPath": ".status.state"},
             {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter"},
@@ -202,7 +190,8 @@ def task_execution_crd() -> dict[str, Any]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "A routed coding task: run its adapter in a Job on a fresh checkout, then the test "
-        "gate, and record the outcome in status.",
+        "gate, and record the outcome in status. Its name is a DNS label (at most 63 "
+        "characters): the default task id, a label value and the prefix of its Job names.",
         immutable=True,
     )
 
@@ -214,7 +203,7 @@ def adapter_crd() -> dict[str, Any]:
         "adp",
         AdapterResourceSpec,
         AdapterResourceStatus,
-        ADAPTER_RULES,
+        [ADAPTER_NAME_RULE],
         [
             {"name": "Kind", "type": "string", "jsonPath": ".spec.kind"},
             {"name": "Breaker", "type": "string", "jsonPath": ".status.breakerState"},
@@ -222,7 +211,8 @@ def adapter_crd() -> dict[str, Any]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "How tasks are executed (an AI CLI, a script, a patch, a human), with its retry "
-        "policy, circuit breaker and resources. status mirrors the circuit breaker.",
+        "policy, circuit breaker and resources. status mirrors the circuit breaker. Its name "
+        "is a DNS label (at most 63 characters): the adapter id and a label value of its pods.",
         immutable=False,
     )
 

@@ -8,38 +8,30 @@ nothing from the engine.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from core.argv import (
+    ENV_NAMES_RULE,
+    MAX_CHECKS,
+    MAX_ENV,
+    EnvValue,
+    GateArgv,
+    RerunArgv,
+    argv_description,
+)
+from core.argv import GATE_PLACEHOLDERS as GATE_PLACEHOLDERS
+from core.argv import RERUN_PLACEHOLDERS as RERUN_PLACEHOLDERS
+from core.rules import RuledModel, Unique
 
 CHECK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
-#: Placeholders of a gate check's command: ``{report}`` is a fresh file outside the tree where
-#: the check may write its per-test report (e.g. ``--junitxml={report}``).
-GATE_PLACEHOLDERS = frozenset({"python", "workspace", "report"})
-#: Placeholders of a check's ``rerun`` command, which runs one test in isolation.
-RERUN_PLACEHOLDERS = GATE_PLACEHOLDERS | {"test", "test_suite", "test_name"}
 
-
-class _Model(BaseModel):
+class _Model(RuledModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def check_placeholders(argv: list[str], known: frozenset[str]) -> list[str]:
-    """Refuse ``{name}`` placeholders that are not in ``known`` (the field's error names it)."""
-    for arg in argv:
-        for _, name, _, _ in string.Formatter().parse(arg):
-            if name is None:
-                continue
-            if name not in known:
-                names = ", ".join(sorted(known))
-                raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {names}")
-            if name == "target_paths" and arg != "{target_paths}":
-                raise ValueError("{target_paths} must be a whole argument (it expands to many)")
-    return argv
 
 
 # --------------------------------------------------------------------------- configuration
@@ -59,11 +51,10 @@ class GateCheck(_Model):
     """One acceptance check: a command (argv, no shell) run on the patched tree."""
 
     name: str = Field(pattern=CHECK_NAME_PATTERN, description="Name shown in results.")
-    command: list[str] = Field(
-        min_length=1,
-        description="argv of the check, run in the tree; placeholders: {python}, {workspace}, "
-        "{report} (a fresh file outside the tree for the check's JUnit XML or go test -json "
-        "report).",
+    command: GateArgv = Field(
+        description=argv_description("The check, run in the patched tree", GATE_PLACEHOLDERS)
+        + " {report} is a fresh file outside the tree for the check's JUnit XML or go test "
+        "-json report."
     )
     timeout_seconds: float = Field(
         default=300.0,
@@ -71,7 +62,9 @@ class GateCheck(_Model):
         le=86_400,
         description="Per-check limit, reruns of flaky tests included.",
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    env: Annotated[dict[str, EnvValue], Field(max_length=MAX_ENV), ENV_NAMES_RULE] = Field(
+        default_factory=dict, description="Extra environment variables."
+    )
     report: ReportFormat = Field(
         default=ReportFormat.AUTO,
         description="Per-test results: junit (XML in {report} or report_path), go-json "
@@ -84,26 +77,12 @@ class GateCheck(_Model):
         description="JUnit XML written inside the tree, relative path or glob (e.g. "
         "build/test-results/**/*.xml), for tools that cannot write to {report}.",
     )
-    rerun: list[str] | None = Field(
+    rerun: RerunArgv | None = Field(
         default=None,
         description="argv that runs one test in isolation, to tell flaky tests from broken "
         "ones; placeholders: {test} (id as reported), {test_suite}, {test_name}, {report}, "
         "{python}, {workspace}. Default: derived for pytest, go test and python -m unittest.",
     )
-
-    @field_validator("command")
-    @classmethod
-    def _command_placeholders(cls, value: list[str]) -> list[str]:
-        return check_placeholders(value, GATE_PLACEHOLDERS)
-
-    @field_validator("rerun")
-    @classmethod
-    def _rerun_placeholders(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("rerun: give an argv, or leave it out")
-        return check_placeholders(value, RERUN_PLACEHOLDERS)
 
     @field_validator("report_path")
     @classmethod
@@ -111,6 +90,10 @@ class GateCheck(_Model):
         if value is not None and (value.startswith("/") or ".." in value.split("/") or not value):
             raise ValueError(f"report_path {value!r} must be relative and stay in the tree")
         return value
+
+
+#: A list of gate checks: names unique (results are reported by name).
+GateChecks = Annotated[list[GateCheck], Field(max_length=MAX_CHECKS), Unique("name")]
 
 
 class GatePolicy(_Model):

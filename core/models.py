@@ -17,25 +17,34 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.argv import COMMAND_PLACEHOLDERS as COMMAND_PLACEHOLDERS
+from core.argv import GATE_PLACEHOLDERS as GATE_PLACEHOLDERS
+from core.argv import (
+    PROBE_PLACEHOLDERS,
+    AdapterArgv,
+    ProbeArgv,
+    TargetPaths,
+    argv_description,
+)
 from core.errors import IllegalTransitionError
 from core.gate_models import CHECK_NAME_PATTERN as CHECK_NAME_PATTERN
-from core.gate_models import GATE_PLACEHOLDERS as GATE_PLACEHOLDERS
 from core.gate_models import MAX_TEST_NAMES as MAX_TEST_NAMES
 from core.gate_models import RERUN_PLACEHOLDERS as RERUN_PLACEHOLDERS
 from core.gate_models import CheckResult as CheckResult
 from core.gate_models import CheckStatus as CheckStatus
 from core.gate_models import GateCheck as GateCheck
+from core.gate_models import GateChecks as GateChecks
 from core.gate_models import GatePolicy as GatePolicy
 from core.gate_models import GateResult as GateResult
 from core.gate_models import ReportFormat as ReportFormat
 from core.gate_models import TamperReport as TamperReport
 from core.gate_models import TestCounts as TestCounts
 from core.gate_models import TestNames as TestNames
-from core.gate_models import check_placeholders
 from core.integration_models import IntegrationFailure as IntegrationFailure
 from core.integration_models import IntegrationOutcome as IntegrationOutcome
 from core.integration_models import IntegrationRecord as IntegrationRecord
 from core.integration_models import IntegrationResults as IntegrationResults
+from core.rules import RuledModel, Unique
 
 SCHEMA_VERSION = 1
 
@@ -51,23 +60,8 @@ Identifier = Annotated[
     ),
 ]
 
-#: Placeholders an adapter command template may use. Values are paths and ids the executor
-#: makes itself; task text is never substituted into a command (it reaches the tool as a file
-#: or on stdin).
-COMMAND_PLACEHOLDERS = frozenset(
-    {
-        "prompt_file",
-        "workspace",
-        "task_id",
-        "attempt",
-        "python",
-        "workdir",
-        "target_paths",
-    }
-)
 
-
-class _Model(BaseModel):
+class _Model(RuledModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -282,7 +276,7 @@ class RetryPolicy(_Model):
     min_attempt_seconds: float = Field(
         default=1.0, ge=0, le=3600, description="No retry that would get less budget than this."
     )
-    retry_on: list[FailureClass] = Field(
+    retry_on: Annotated[list[FailureClass], Field(max_length=len(FailureClass)), Unique()] = Field(
         default_factory=lambda: [
             FailureClass.INFRASTRUCTURE,
             FailureClass.ADAPTER_ERROR,
@@ -319,7 +313,9 @@ class BreakerPolicy(_Model):
 
 
 class HealthProbe(_Model):
-    command: list[str] = Field(min_length=1)
+    command: ProbeArgv = Field(
+        description=argv_description("The probe, run in an empty directory", PROBE_PLACEHOLDERS)
+    )
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
@@ -334,10 +330,9 @@ class AdapterSpec(_Model):
         default=None,
         description="Use a built-in command for an AI CLI instead of `command`.",
     )
-    command: list[str] | None = Field(
+    command: AdapterArgv | None = Field(
         default=None,
-        description="argv run in the workspace (kind=process). Placeholders: "
-        + ", ".join("{" + p + "}" for p in sorted(COMMAND_PLACEHOLDERS)),
+        description=argv_description("Run in the workspace (kind=process)", COMMAND_PLACEHOLDERS),
     )
     stdin: Literal["none", "prompt"] = Field(
         default="none",
@@ -350,16 +345,11 @@ class AdapterSpec(_Model):
         "own API key). Nothing else from the executor's environment reaches the adapter.",
     )
     timeout_seconds: float = Field(default=1800.0, gt=0, le=7 * 86_400)
-    gate: list[GateCheck] = Field(default_factory=list, description="Default test gate.")
+    gate: GateChecks = Field(default_factory=list, description="Default test gate.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     health_check: HealthProbe | None = None
     api: ApiSpec | None = Field(default=None, description="The endpoint (kind=api).")
-
-    @field_validator("command")
-    @classmethod
-    def _command_placeholders(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else check_placeholders(value, COMMAND_PLACEHOLDERS)
 
     @field_validator("pass_env")
     @classmethod
@@ -402,7 +392,9 @@ class TaskSpec(_Model):
         pattern=COMMIT_PATTERN,
         description="Full 40-hex commit the attempt starts from.",
     )
-    target_paths: list[str] = Field(default_factory=list)
+    target_paths: TargetPaths = Field(
+        default_factory=list, description="Files to change (relative paths in the repository)."
+    )
     patch: str | None = Field(
         default=None,
         description="Unified diff (git --binary) applied by the `patch` adapter.",
@@ -413,7 +405,7 @@ class TaskSpec(_Model):
         le=7 * 86_400,
         description="Budget for all attempts; else adapter's.",
     )
-    gate: list[GateCheck] | None = Field(default=None, description="Overrides the adapter's gate.")
+    gate: GateChecks | None = Field(default=None, description="Overrides the adapter's gate.")
     gate_baseline: bool = Field(
         default=False,
         description="Run the gate on the unpatched base first (pre-existing).",
@@ -435,14 +427,6 @@ class TaskSpec(_Model):
                 "access another way (a credential helper, an SSH key, a token in the adapter's "
                 "environment)"
             )
-        return value
-
-    @field_validator("target_paths")
-    @classmethod
-    def _relative_paths(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if path.startswith("/") or ".." in path.split("/"):
-                raise ValueError(f"target path {path!r} must be relative and stay in the repo")
         return value
 
 
@@ -488,8 +472,18 @@ class TaskQueue(_Model):
 class RoutingDecision(_Model):
     task_id: Identifier
     adapter_id: Identifier
-    fallback_adapter_ids: list[Identifier] = Field(default_factory=list)
+    fallback_adapter_ids: Annotated[list[Identifier], Field(max_length=10), Unique()] = Field(
+        default_factory=list
+    )
     rationale: str = ""
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> RoutingDecision:
+        # what a TaskExecution's CRD refuses too: a run the embedded backend accepts can
+        # also be submitted to Kubernetes
+        if self.adapter_id in self.fallback_adapter_ids:
+            raise ValueError("fallback_adapter_ids must not repeat adapter_id")
+        return self
 
 
 class RoutingDecisions(_Model):

@@ -12,11 +12,30 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from core.api_rules import (
+    CIDR_RULE,
+    IMAGE_RULE,
+    REPO_RULE,
+    RESERVED_ENV_PREFIX,
+    SECRET_KEY_PATTERN,
+    SUBDOMAIN_PATTERN,
+    quantity_rule,
+)
+from core.argv import (
+    COMMAND_PLACEHOLDERS,
+    ENV_NAME_PATTERN,
+    MAX_CHECKS,
+    MAX_ENV,
+    AdapterArgv,
+    EnvValue,
+    TargetPaths,
+    argv_description,
+)
 from core.models import (
     COMMIT_PATTERN,
     AdapterSpec,
@@ -33,13 +52,14 @@ from core.models import (
     TaskSpec,
     TaskState,
 )
+from core.rules import Rule, RuledModel, Unique
 
 GROUP = "orchestrator.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
-class _Api(BaseModel):
+class _Api(RuledModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
@@ -65,31 +85,76 @@ class Api(ApiSpec):
     model_config = _Api.model_config
 
 
-class LocalObjectReference(_Api):
-    name: str = Field(min_length=1, max_length=253, description="Name in the same namespace.")
+#: Gate checks as the API carries them: at most MAX_CHECKS, names unique.
+Checks = Annotated[list[Check], Field(max_length=MAX_CHECKS), Unique("name")]
+
+
+# --------------------------------------------------------------------------- names and refs
+
+
+class AdapterReference(_Api):
+    name: Identifier = Field(description="Name of an Adapter in the same namespace.")
+
+
+class SecretReference(_Api):
+    name: str = Field(
+        max_length=253,
+        pattern=SUBDOMAIN_PATTERN,
+        description="Name of a Secret in the same namespace.",
+    )
 
 
 class SecretKeySelector(_Api):
-    name: str = Field(min_length=1, max_length=253, description="Secret name.")
-    key: str = Field(min_length=1, max_length=253, description="Key in the Secret.")
+    name: str = Field(max_length=253, pattern=SUBDOMAIN_PATTERN, description="Secret name.")
+    key: str = Field(max_length=253, pattern=SECRET_KEY_PATTERN, description="Key in the Secret.")
 
 
 class EnvVar(_Api):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
-    value: str | None = Field(default=None, description="Literal value.")
+    model_rules = (
+        Rule(
+            cel="has(self.value) != has(self.secretKeyRef)",
+            message="each env entry needs exactly one of value or secretKeyRef",
+            check=lambda e: (e.value is None) != (e.secret_key_ref is None),
+        ),
+    )
+
+    name: Annotated[
+        str,
+        Rule(
+            cel=f"!self.startsWith('{RESERVED_ENV_PREFIX}')",
+            message=f"names starting with {RESERVED_ENV_PREFIX} are the runner's own; "
+            "choose another name",
+            check=lambda name: not name.startswith(RESERVED_ENV_PREFIX),
+        ),
+    ] = Field(max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    value: EnvValue | None = Field(default=None, description="Literal value.")
     secret_key_ref: SecretKeySelector | None = Field(
         default=None, description="Take the value from a Secret (e.g. the tool's API key)."
     )
 
 
+# --------------------------------------------------------------------------- quantities, CIDRs
+
+
 class Resources(_Api):
-    cpu: str = Field(default="1", description="CPU request and limit, e.g. 500m.")
-    memory: str = Field(default="1Gi", description="Memory request and limit, e.g. 512Mi.")
+    cpu: Annotated[str, Field(max_length=64), quantity_rule("cpu")] = Field(
+        default="1", description="CPU request and limit, e.g. 500m."
+    )
+    memory: Annotated[str, Field(max_length=64), quantity_rule("memory")] = Field(
+        default="1Gi", description="Memory request and limit, e.g. 512Mi."
+    )
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class EgressRule(_Api):
-    cidr: str = Field(description="Destination CIDR the adapter pods may reach.")
-    ports: list[int] = Field(default_factory=list, description="TCP ports (empty: all).")
+    cidr: Annotated[str, Field(max_length=64), CIDR_RULE] = Field(
+        description="Destination CIDR the adapter pods may reach (host bits zero)."
+    )
+    ports: Annotated[list[Port], Field(max_length=32), Unique()] = Field(
+        default_factory=list, description="TCP ports, 1-65535 (empty: all)."
+    )
 
 
 # --------------------------------------------------------------------------- Adapter
@@ -105,13 +170,30 @@ class AdapterKind(StrEnum):
 class AdapterResourceSpec(_Api):
     """How an adapter turns a task into a change; shared by every TaskExecution naming it."""
 
+    model_rules = (
+        Rule(
+            cel="self.kind != 'process' || (has(self.command) != has(self.template))",
+            message="a process adapter needs exactly one of command or template",
+            check=lambda a: (
+                a.kind is not AdapterKind.PROCESS or ((a.command is None) != (a.template is None))
+            ),
+        ),
+        Rule(
+            cel="self.kind == 'process' || (!has(self.command) && !has(self.template))",
+            message="only process adapters take command or template",
+            check=lambda a: (
+                a.kind is AdapterKind.PROCESS or (a.command is None and a.template is None)
+            ),
+        ),
+    )
+
     kind: AdapterKind = Field(
         description="process: run a command; patch: apply spec.task.patch; manual: a human's "
         "patch in spec.task.patch; api: call an HTTP endpoint (spec.api) from the adapter pod "
         "and apply the diff it answers with."
     )
     description: str = Field(default="", max_length=1000, description="What this adapter is.")
-    image: str | None = Field(
+    image: Annotated[str, Field(max_length=512), IMAGE_RULE] | None = Field(
         default=None,
         description="Image of the adapter pod; it must contain the runner (build FROM the "
         "project image). Default: the operator's runner image.",
@@ -119,21 +201,23 @@ class AdapterResourceSpec(_Api):
     template: CommandTemplate | None = Field(
         default=None, description="Built-in command for an AI CLI (aider, claude-code, ...)."
     )
-    command: list[str] | None = Field(
+    command: AdapterArgv | None = Field(
         default=None,
-        description="argv run in the checkout (kind=process); placeholders like {prompt_file}.",
+        description=argv_description("Run in the checkout (kind=process)", COMMAND_PLACEHOLDERS),
     )
     stdin: Literal["none", "prompt"] = Field(
         default="none", description="'prompt' feeds the prompt file to the tool's stdin."
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Environment of the tool.")
+    env: Annotated[list[EnvVar], Field(max_length=MAX_ENV), Unique("name")] = Field(
+        default_factory=list, description="Environment of the tool (names unique)."
+    )
     timeout_seconds: float = Field(
         default=1800, gt=0, le=604800, description="Default budget of a task on this adapter."
     )
     resources: Resources = Field(
         default_factory=Resources, description="CPU/memory of adapter pods (request = limit)."
     )
-    gate: list[Check] = Field(default_factory=list, description="Default test-gate checks.")
+    gate: Checks = Field(default_factory=list, description="Default test-gate checks.")
     retry: Retry = Field(
         default_factory=Retry, description="Attempts, backoff and which failures retry."
     )
@@ -146,7 +230,7 @@ class AdapterResourceSpec(_Api):
         description="kind=api: the endpoint. Set apiKeyEnv to a variable of `env` taken from a "
         "Secret (secretKeyRef), and list the endpoint in `egress`.",
     )
-    egress: list[EgressRule] = Field(
+    egress: Annotated[list[EgressRule], Field(max_length=32)] = Field(
         default_factory=list,
         description="Where this Adapter's adapter pods may connect (its gate pods never): the "
         "operator keeps a NetworkPolicy `orchestrator-adapter-<name>` with these rules (added "
@@ -165,26 +249,54 @@ class AdapterResourceStatus(_Api):
 
 # --------------------------------------------------------------------------- TaskExecution
 
+#: The prompt and a patch reach the runner pod in one environment variable, and Linux caps
+#: one at 128 KiB (MAX_ARG_STRLEN): this bound leaves room for the rest of the request.
+MAX_TASK_TEXT_BYTES = 96 * 1024
+
+
+def _text_bytes(task: TaskText) -> int:
+    return len(task.prompt.encode()) + len((task.patch or "").encode())
+
 
 class Source(_Api):
-    repo: str = Field(min_length=1, description="Git URL the pods clone (git://, https://).")
+    repo: Annotated[str, Field(max_length=2048), REPO_RULE] = Field(
+        description="Git URL the pods clone (https://, git://, ssh://)."
+    )
     base_commit: str = Field(pattern=COMMIT_PATTERN, description="Full 40-hex commit.")
-    credentials_secret_ref: LocalObjectReference | None = Field(
+    credentials_secret_ref: SecretReference | None = Field(
         default=None, description="Secret with git credentials (username/password keys)."
     )
 
 
 class TaskText(_Api):
+    model_rules = (
+        Rule(
+            cel="size(bytes(self.prompt)) + (has(self.patch) ? size(bytes(self.patch)) : 0)"
+            f" <= {MAX_TASK_TEXT_BYTES}",
+            message=f"prompt and patch together may hold at most {MAX_TASK_TEXT_BYTES // 1024} "
+            "KiB (UTF-8): they reach the runner pod in an environment variable, which Linux "
+            "caps at 128 KiB; shorten them",
+            check=lambda t: _text_bytes(t) <= MAX_TASK_TEXT_BYTES,
+        ),
+    )
+
     title: str = Field(default="", max_length=500)
-    prompt: str = Field(min_length=1, description="Instructions for the adapter.")
-    target_paths: list[str] = Field(default_factory=list, description="Files to change.")
+    prompt: str = Field(
+        min_length=1, max_length=MAX_TASK_TEXT_BYTES, description="Instructions for the adapter."
+    )
+    target_paths: TargetPaths = Field(
+        default_factory=list,
+        description="Files to change: relative paths in the repository, none starting with '-'.",
+    )
     patch: str | None = Field(
-        default=None, description="Unified diff, for `patch` and `manual` adapters."
+        default=None,
+        max_length=MAX_TASK_TEXT_BYTES,
+        description="Unified diff, for `patch` and `manual` adapters.",
     )
 
 
 class GateSpec(_Api):
-    checks: list[Check] | None = Field(
+    checks: Checks | None = Field(
         default=None, description="Checks on the patched tree; default: the adapter's."
     )
     baseline: bool = Field(
@@ -213,14 +325,24 @@ class GateSpec(_Api):
 class TaskExecutionSpec(_Api):
     """One routed task to execute. Immutable once created."""
 
+    model_rules = (
+        Rule(
+            cel="!has(self.fallbackAdapterRefs) || "
+            "self.fallbackAdapterRefs.all(f, f.name != self.adapterRef.name)",
+            message="fallbackAdapterRefs must not repeat adapterRef",
+            check=lambda s: all(f.name != s.adapter_ref.name for f in s.fallback_adapter_refs),
+            field_path=".fallbackAdapterRefs",
+        ),
+    )
+
     run_id: Identifier = Field(default="k8s", description="Run this task belongs to.")
     task_id: Identifier | None = Field(default=None, description="Default: metadata.name.")
     source: Source = Field(description="The repository and the commit every attempt starts from.")
     task: TaskText = Field(description="What to change.")
-    adapter_ref: LocalObjectReference = Field(description="The Adapter to use first.")
-    fallback_adapter_refs: list[LocalObjectReference] = Field(
-        default_factory=list, max_length=10, description="Adapters to fall back to, in order."
-    )
+    adapter_ref: AdapterReference = Field(description="The Adapter to use first.")
+    fallback_adapter_refs: Annotated[
+        list[AdapterReference], Field(max_length=10), Unique("name")
+    ] = Field(default_factory=list, description="Adapters to fall back to, in order.")
     timeout_seconds: float | None = Field(
         default=None, gt=0, le=604800, description="Budget for all attempts; default: adapter's."
     )

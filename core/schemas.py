@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 
 from core.models import SCHEMA_MODELS
+from core.rules import without_kubernetes_keys
 
 SCHEMA_DIR = "schema"
 
 
 def json_schema_text(model_name: str) -> str:
     model = SCHEMA_MODELS[model_name]
-    schema = model.model_json_schema(mode="serialization")
+    schema = without_kubernetes_keys(model.model_json_schema(mode="serialization"))
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://orchestrator.dev/schema/{model_name}",

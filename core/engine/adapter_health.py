@@ -14,6 +14,7 @@ conditions clear.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from core.db.store import Store
-from core.engine.command_line import base_path
+from core.engine.command_line import base_path, expand_argv
 from core.engine.monitoring.metrics import Metrics
 from core.engine.process_group import run_process_group
 from core.engine.redaction import adapter_redactor
@@ -94,7 +95,7 @@ class AdapterHealth:
         checked_at, started = self.wall(), self.monotonic()
         with tempfile.TemporaryDirectory(prefix="probe-") as home:
             proc = run_process_group(
-                spec.health_check.command,
+                expand_argv(spec.health_check.command, {"python": sys.executable}),
                 cwd=Path(home),
                 env={"PATH": base_path(), "HOME": home, "LANG": "C.UTF-8", **spec.env},
                 timeout=spec.health_check.timeout_seconds,

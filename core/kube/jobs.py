@@ -10,6 +10,7 @@ runner enforces the budget; ``activeDeadlineSeconds`` is only a backstop.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Literal
 
 from core.resources import AdapterResourceSpec
@@ -28,18 +29,41 @@ PATCH_DIR = "/etc/orchestrator/patch"
 RUNNER_UID = 10001
 
 
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def label_value(text: str) -> str:
+    """``text`` as a label value: itself when it is one, else a cut that ends in a hash.
+
+    The CRDs refuse TaskExecution and Adapter names that are not DNS labels, so for every
+    object created since this is the identity and label selectors on the name work. It keeps
+    an object stored before those rules (a 64+ character name whose 63rd character is '-')
+    from turning into a label value the API server refuses with 422 on every Job create.
+    """
+    if len(text) <= 63 and _LABEL_VALUE.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    head = re.sub(r"[^A-Za-z0-9_.-]", "-", text)[: 63 - 9].strip("-_.")
+    return f"{head}-{digest}" if head else digest
+
+
 def job_name(te_name: str, uid: str, attempt: int, role: Role) -> str:
-    """<=63 chars, unique per TaskExecution object, attempt and role."""
+    """<=63 chars, unique per TaskExecution object, attempt and role.
+
+    The Job controller copies the name into its pods' ``job-name`` label, so it must also be
+    a label value: the cut name never ends in '-' or '.', and the suffix is alphanumeric.
+    """
     digest = hashlib.sha256(uid.encode()).hexdigest()[:8]
-    suffix = f"-{digest}-{attempt}{'a' if role == 'adapter' else 'g'}"
-    return te_name[: 63 - len(suffix)].rstrip("-.") + suffix
+    suffix = f"{digest}-{attempt}{'a' if role == 'adapter' else 'g'}"
+    head = te_name[: 62 - len(suffix)].rstrip("-.")
+    return f"{head}-{suffix}" if head else suffix
 
 
 def labels(te_name: str, run_id: str, task_id: str, attempt: int, role: Role) -> dict[str, str]:
     return {
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/name": "orchestrator-runner",
-        LABEL_TE: te_name[:63],
+        LABEL_TE: label_value(te_name),
         LABEL_RUN: run_id,
         LABEL_TASK: task_id,
         LABEL_ATTEMPT: str(attempt),
@@ -169,7 +193,7 @@ def patch_configmap(te: dict[str, Any], name: str, patch_b64: str) -> dict[str, 
             "namespace": te["metadata"]["namespace"],
             "labels": {
                 "app.kubernetes.io/managed-by": MANAGED_BY,
-                LABEL_TE: te["metadata"]["name"][:63],
+                LABEL_TE: label_value(te["metadata"]["name"]),
             },
             "ownerReferences": [owner_reference(te)],
         },

@@ -232,6 +232,18 @@ def test_invalid_task_execution_is_refused_by_the_api_server(kubectl, env) -> No
     out = apply(kubectl, env["ns"], twice, check=False)
     assert out.returncode != 0 and "fallbackAdapterRefs must not repeat adapterRef" in out.stderr
     assert tex(kubectl, env, "bad-commit") == {}
+    # issue 11: accepted before, then the TaskExecution sat without an answer for minutes
+    seq = adapter("seq", "process", command=["seq", "{i:07d}"])
+    out = apply(kubectl, env["ns"], seq, check=False)
+    assert out.returncode != 0
+    assert "spec.command[1]" in out.stderr and "use only the placeholders" in out.stderr
+    # issue 13: a target path that the tool would read as an option
+    option = task_execution(
+        "option-path", env["repo"], "patch", task={"prompt": "x", "targetPaths": ["--yes"]}
+    )
+    out = apply(kubectl, env["ns"], option, check=False)
+    assert out.returncode != 0 and "spec.task.targetPaths[0]" in out.stderr
+    assert tex(kubectl, env, "option-path") == {}
 
 
 def test_operator_killed_mid_attempt_converges_exactly_once(kubectl, env) -> None:

@@ -178,7 +178,7 @@ def test_field_error_in_routing_decisions(wd: Workdir) -> None:
     wd.routing["adapters"][0]["command"] = ["tool", "{prompt}"]
     wd.write()
     err = wd.error()
-    assert err.where == f"{wd.state / ROUTING_DECISIONS}: field `adapters.0.command`"
+    assert err.where == f"{wd.state / ROUTING_DECISIONS}: field `adapters.0.command.1`"
     assert "unknown placeholder {prompt}" in err.problem
 
 

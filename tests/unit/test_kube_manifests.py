@@ -6,6 +6,7 @@ These tests check what we *send*; what the API server does with it is tested in 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,9 @@ from core.kube.jobs import (
     is_own_egress_policy,
     job_manifest,
     job_name,
+    label_value,
+    labels,
+    patch_configmap,
 )
 from core.models import TaskState
 from core.resources import AdapterResourceSpec, TaskExecutionStatus
@@ -70,6 +74,35 @@ def test_job_names_are_deterministic_unique_and_dns_safe() -> None:
     assert a1 not in others and len(others) == 3
     long = job_name("x" * 250, "uid-1", 12, "gate")
     assert len(long) <= 63 and long.endswith("-12g")
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")  # apimachinery's
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a" * 62 + "-b",  # issue 11: cut to 63 it ended in '-' and the Job create got a 422
+        "a" * 62 + ".b",
+        "x" * 253,
+        "-" * 70,
+        "fix-bug",
+    ],
+)
+def test_label_values_and_job_names_are_valid_for_any_stored_name(name: str) -> None:
+    value = label_value(name)
+    assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
+    for role in ("adapter", "gate"):
+        job = job_name(name, "uid-1", 12, role)  # type: ignore[arg-type]
+        assert len(job) <= 63 and LABEL_VALUE.fullmatch(job), job  # copied into job-name
+    te = {**TE, "metadata": {**TE["metadata"], "name": name}}
+    assert labels(name, "r1", "t1", 1, "adapter")["orchestrator.dev/taskexecution"] == value
+    assert patch_configmap(te, "cm", "")["metadata"]["labels"]["orchestrator.dev/taskexecution"] == value
+
+
+def test_a_valid_name_is_its_own_label_value_and_cut_ones_stay_distinct() -> None:
+    assert label_value("fix-bug") == "fix-bug"  # selectors on the name keep working
+    assert label_value("a" * 62 + "-b") != label_value("a" * 62 + "-c")
 
 
 def test_adapter_pods_are_locked_down() -> None:

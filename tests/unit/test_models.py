@@ -122,7 +122,7 @@ def test_unknown_placeholder_in_adapter_command_names_field_and_placeholder() ->
     with pytest.raises(ValidationError) as exc:
         AdapterSpec(id="a", kind="process", command=["tool", "--msg={prompt}"])
     err = only_error(exc)
-    assert tuple(err["loc"]) == ("command",)
+    assert tuple(err["loc"]) == ("command", 1)  # the argument itself
     assert "unknown placeholder {prompt}" in err["msg"]
     assert "prompt_file" in err["msg"]  # lists the known ones
 
@@ -130,7 +130,7 @@ def test_unknown_placeholder_in_adapter_command_names_field_and_placeholder() ->
 def test_unknown_placeholder_in_gate_check_names_field() -> None:
     with pytest.raises(ValidationError) as exc:
         GateCheck(name="lint", command=["ruff", "{title}"])
-    assert loc(exc) == ("command",)
+    assert loc(exc) == ("command", 1)
     assert "{title}" in only_error(exc)["msg"]
 
 
@@ -141,7 +141,7 @@ def test_unknown_placeholder_nested_in_adapter_gate() -> None:
             kind="patch",
             gate=[{"name": "ok", "command": ["true"]}, {"name": "x", "command": ["{nope}"]}],
         )
-    assert loc(exc) == ("gate", 1, "command")
+    assert loc(exc) == ("gate", 1, "command", 0)
 
 
 def test_target_paths_as_whole_argument_is_fine() -> None:
@@ -154,7 +154,7 @@ def test_target_paths_inside_an_argument_is_refused(arg: str) -> None:
     with pytest.raises(ValidationError) as exc:
         AdapterSpec(id="a", kind="process", command=["tool", arg])
     err = only_error(exc)
-    assert tuple(err["loc"]) == ("command",)
+    assert tuple(err["loc"]) == ("command", 1)
     assert "{target_paths} must be a whole argument" in err["msg"]
 
 
@@ -246,16 +246,20 @@ def test_empty_queue_and_decisions_refused() -> None:
     assert {tuple(e["loc"]) for e in exc2.value.errors()} == {("adapters",), ("decisions",)}
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "../outside", "a/../../b", "src/..", "/"])
-def test_target_paths_must_stay_in_repo(path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "../outside", "a/../../b", "src/..", "/", "--yes-always", "-x", ""]
+)
+def test_target_paths_must_stay_in_repo_and_never_look_like_options(path: str) -> None:
     with pytest.raises(ValidationError) as exc:
         TaskSpec.model_validate(task(target_paths=["ok.py", path]))
     err = only_error(exc)
-    assert tuple(err["loc"]) == ("target_paths",)
-    assert repr(path) in err["msg"]
+    assert tuple(err["loc"]) == ("target_paths", 1)
+    assert (repr(path) if path else "empty") in err["msg"]
 
 
-@pytest.mark.parametrize("path", ["src/a.py", "a..b/c", "dir/file with space.txt", "..hidden"])
+@pytest.mark.parametrize(
+    "path", ["src/a.py", "a..b/c", "dir/file with space.txt", "..hidden", "./-dash", "a/-b"]
+)
 def test_relative_target_paths_accepted(path: str) -> None:
     assert TaskSpec.model_validate(task(target_paths=[path])).target_paths == [path]
 
@@ -361,3 +365,19 @@ def test_random_walks_never_leave_a_terminal_state(path: list[TaskState]) -> Non
             continue
         assert not state.terminal, f"left terminal state {state}"
         state = new
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "where", "says"),
+    [
+        (["b", "b"], ("fallback_adapter_ids", 1), "duplicate item 'b'"),
+        (["b", "a"], (), "must not repeat adapter_id"),
+    ],
+)
+def test_fallbacks_are_refused_where_a_task_execution_would_refuse_them(
+    fallbacks: list[str], where: tuple[Any, ...], says: str
+) -> None:
+    with pytest.raises(ValidationError) as exc:
+        RoutingDecision(task_id="t", adapter_id="a", fallback_adapter_ids=fallbacks)
+    err = only_error(exc)
+    assert tuple(err["loc"]) == where and says in err["msg"]
