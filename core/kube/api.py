@@ -207,15 +207,26 @@ def check_owned(existing: Body, body: Body) -> None:
 
 
 def event_body(
-    obj: Body, type_: str, reason: str, message: str, action: str, now: datetime
+    obj: Body,
+    type_: str,
+    reason: str,
+    message: str,
+    action: str,
+    now: datetime,
+    name: str | None = None,
 ) -> Body:
-    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation)."""
+    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation).
+
+    With ``name`` the Event has that name, so posting it again meets 409 and adds nothing;
+    without, the API server names it (``generateName``) and every post is a new Event.
+    """
     meta = obj["metadata"]
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    naming = {"name": name} if name else {"generateName": f"{meta['name'][:200]}."}
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+        "metadata": {**naming, "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": obj["apiVersion"],
             "kind": obj["kind"],
@@ -353,9 +364,16 @@ class KubeApi(Protocol):
         ...
 
     async def post_event(
-        self, obj: Body, type_: str, reason: str, message: str, action: str
+        self,
+        obj: Body,
+        type_: str,
+        reason: str,
+        message: str,
+        action: str,
+        name: str | None = None,
     ) -> None:
-        """A ``core/v1`` Event about ``obj`` (one POST)."""
+        """A ``core/v1`` Event about ``obj`` (one POST); with ``name``, posted at most once
+        (a replay meets 409 AlreadyExists, which is success)."""
         ...
 
     async def get_lease(self, namespace: str, name: str) -> Body | None: ...

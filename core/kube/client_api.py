@@ -363,9 +363,15 @@ class ClientKubeApi:
         return await self._replace(rt, namespace, {**existing, "spec": body["spec"]})
 
     async def post_event(
-        self, obj: Body, type_: str, reason: str, message: str, action: str
+        self,
+        obj: Body,
+        type_: str,
+        reason: str,
+        message: str,
+        action: str,
+        name: str | None = None,
     ) -> None:
-        body = event_body(obj, type_, reason, message, action, self.now())
+        body = event_body(obj, type_, reason, message, action, self.now(), name)
         await self._create(RESOURCES["events"], obj["metadata"]["namespace"], body)
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:

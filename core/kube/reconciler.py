@@ -253,23 +253,24 @@ class Controller:
                 trial=False,
                 now=started,
             )
+            await self.status.started(ctx.te, record.attempts, new.message)
             await self.status.write(ctx.te, new)
             return True
         if status.state in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
             done = next((a for a in record.attempt_results if a.attempt == status.attempt), None)
             if done is not None:
                 finish = finish_of(done)
-                await self.status.write(ctx.te, attempt_recorded(status, done, finish, ""))
                 if finish is not None:
                     await self.status.finished(ctx.te, finish, done.attempt)
+                await self.status.write(ctx.te, attempt_recorded(status, done, finish, ""))
                 return True
         if record.status.terminal and not status.state.terminal:
             last = record.attempt_results[-1] if record.attempt_results else None
             finish = finish_of(last) if last is not None and last.final else None
             if finish is None or finish.state is not record.status:
                 finish = Finish(record.status, record.failure_class, record.failure_message or "")
-            await self.status.write(ctx.te, task_ended(status, finish, self.now()))
             await self.status.finished(ctx.te, finish, record.attempts)
+            await self.status.write(ctx.te, task_ended(status, finish, self.now()))
             return True
         return False
 
@@ -336,8 +337,8 @@ class Controller:
             trial=trial,
             now=now,
         )
+        await self.status.started(ctx.te, start.attempt, new.message)
         await self.status.write(ctx.te, new)
-        await self.api.post_event(ctx.te, "Normal", "TASK_STARTED", new.message, "Start")
         return PENDING_POLL_SECONDS
 
     async def _create_owned_job(self, ctx: TaskContext, job: Body) -> bool:
@@ -367,8 +368,8 @@ class Controller:
     async def _end(self, ctx: TaskContext, finish: Finish) -> None:
         """A task ends without another attempt (its budget ran out while it waited)."""
         await self._db(self.recorder.end, ctx.key, finish)
-        await self.status.write(ctx.te, task_ended(ctx.status, finish, self.now()))
         await self.status.finished(ctx.te, finish, ctx.status.attempt)
+        await self.status.write(ctx.te, task_ended(ctx.status, finish, self.now()))
 
     def _job(
         self,
@@ -569,9 +570,9 @@ class Controller:
         )
         result = outcome.entry.result
         why = verdict.decision.reason
-        await self.status.write(ctx.te, attempt_recorded(ctx.status, result, outcome.finish, why))
-        if outcome.finish is not None:
+        if outcome.finish is not None:  # the Event first: see core.kube.status_writer
             await self.status.finished(ctx.te, outcome.finish, result.attempt)
+        await self.status.write(ctx.te, attempt_recorded(ctx.status, result, outcome.finish, why))
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)

@@ -5,6 +5,12 @@ Merge patches replace lists whole and the last writer wins, so exactly one place
 the resourceVersion its decision was made on: if the object changed since (a second writer, a
 stale cache), the API server refuses with 409, the cache is refreshed, and the caller decides
 again instead of overwriting what it did not see.
+
+The Events of a task's start and end go out *before* the status write that reports them, each
+under a name of its own (:func:`event_name`): a crash or a failed write after the Event leaves
+a status that the next reconcile writes again, and posting the Event again then meets 409 and
+adds nothing. The other order lost the Event for good: once the status is terminal nothing
+reconciles the task any more.
 """
 
 from __future__ import annotations
@@ -23,6 +29,13 @@ from core.resources import TaskExecutionStatus
 TE = "taskexecutions"
 #: Status fields a merge patch must clear explicitly when they become unset.
 CLEARED = ("notBefore", "gateJobName", "failureClass")
+
+
+def event_name(te: Body, what: str) -> str:
+    """The name of a task's ``what`` Event (``started-<attempt>``, ``finished``): one per
+    TaskExecution object (its uid) and fact, a DNS subdomain like every Event name."""
+    meta = te["metadata"]
+    return f"{meta['name']}.{meta['uid']}.{what}"
 
 
 class StatusWriter:
@@ -73,11 +86,17 @@ class StatusWriter:
         new = status.model_copy(
             update={"state": TaskState.FAILED, "reason": "InvalidSpec", "message": message[:1000]}
         )
+        name = event_name(te, "finished")
+        await self.api.post_event(te, "Warning", "TASK_FAILED", message, "Validate", name)
         await self.write(te, new)
-        await self.api.post_event(te, "Warning", "TASK_FAILED", message, "Validate")
+
+    async def started(self, te: Body, attempt: int, message: str) -> None:
+        """The Event of an attempt's start (post it before the status that shows the attempt)."""
+        name = event_name(te, f"started-{attempt}")
+        await self.api.post_event(te, "Normal", "TASK_STARTED", message, "Start", name)
 
     async def finished(self, te: Body, finish: Finish, attempts: int) -> None:
-        """The Event of a task's end (its status was written by the caller)."""
+        """The Event of a task's end (post it before the status that shows the end)."""
         ok = finish.succeeded
         message = f"{finish.state.value} after {attempts} attempt(s)"
         if not ok:
@@ -88,4 +107,5 @@ class StatusWriter:
             "TASK_COMPLETED" if ok else "TASK_FAILED",
             message,
             "Finish",
+            event_name(te, "finished"),
         )

@@ -112,3 +112,80 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
     assert all(c.status is not None and c.status < 300 for c in calls if c.write)
     assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 1
     assert writes["create:events"] == 2 and writes["patch:taskexecutions/status"] >= 2
+
+
+def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[str]]:
+    """Run one patch task through the control loop with ``fault`` injected; its end state and
+    the reasons of the Events the API server holds about it."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    url = default_url(workdir)
+    upgrade(url)
+
+    async def main() -> tuple[str, Counter[str]]:
+        api = FakeKubeApi(namespaces=(NS,))
+        controller = Controller(
+            api,
+            Store(make_engine(url)),
+            ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+        )
+        await api.create_object("adapters", NS, adapter("patch", "patch"))
+        task = {"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
+        made = await api.create_object(
+            "taskexecutions", NS, task_execution("add-multiply", bare.as_uri(), "patch", task=task)
+        )
+        api.fail(**fault)
+        async with FakeKubelet(api.server, tmp_path / "kubelet"):
+            loop = ControlLoop(controller, api, namespaces=(NS,), resync_seconds=2)
+            driver = asyncio.create_task(loop.run())
+            since = made.object["metadata"]["resourceVersion"]
+            async for event in api.watch(
+                "taskexecutions", NS, resource_version=since, timeout_seconds=300
+            ):
+                state = (event.object.get("status") or {}).get("state")
+                if state in TERMINAL:
+                    break
+            else:
+                raise AssertionError("the TaskExecution never finished")
+            await asyncio.sleep(3)  # a resync and a retry later: nothing more is posted
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+        events = (await api.list_resource("events", NS)).items
+        return str(state), Counter(str(e["reason"]) for e in events)
+
+    return asyncio.run(main())
+
+
+def test_an_event_whose_post_failed_is_posted_again_once(tmp_path: Path) -> None:
+    # the first post of the start Event and then of the end Event fail (503): each is posted
+    # again by the retry, before the status that reports it, and never twice
+    state, reasons = _events_after(
+        tmp_path, {"verb": "create", "resource": "events", "nth": 1, "times": 2}
+    )
+    assert state == "COMPLETED"
+    assert reasons == Counter({"TASK_STARTED": 1, "TASK_COMPLETED": 1})
+
+
+def test_a_status_write_without_an_answer_does_not_lose_or_repeat_the_end_event(
+    tmp_path: Path,
+) -> None:
+    # every status write is applied but its answer is lost (a timeout), the one that ends the
+    # task too: the Event went out before it, and the replays post nothing more
+    state, reasons = _events_after(
+        tmp_path,
+        {
+            "verb": "patch",
+            "resource": "taskexecutions/status",
+            "times": None,
+            "after": True,
+            "status": None,
+        },
+    )
+    assert state == "COMPLETED"
+    assert reasons == Counter({"TASK_STARTED": 1, "TASK_COMPLETED": 1})
