@@ -29,13 +29,18 @@ from core.resources import TaskExecutionStatus
 TE = "taskexecutions"
 #: Status fields a merge patch must clear explicitly when they become unset.
 CLEARED = ("notBefore", "gateJobName", "failureClass")
+#: The longest object name the API server accepts (a DNS subdomain).
+MAX_NAME = 253
 
 
 def event_name(te: Body, what: str) -> str:
     """The name of a task's ``what`` Event (``started-<attempt>``, ``finished``): one per
-    TaskExecution object (its uid) and fact, a DNS subdomain like every Event name."""
+    TaskExecution object (its uid) and fact, a DNS subdomain like every Event name: a long
+    TaskExecution name is cut so the whole stays within 253 characters (the uid keeps it unique)."""
     meta = te["metadata"]
-    return f"{meta['name']}.{meta['uid']}.{what}"
+    tail = f".{meta['uid']}.{what}"
+    head = meta["name"][: MAX_NAME - len(tail)].rstrip("-.")
+    return f"{head}{tail}"
 
 
 class StatusWriter:

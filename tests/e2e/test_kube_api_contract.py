@@ -548,6 +548,27 @@ def test_events_are_posted_about_an_object(side: Side) -> None:
     run(side, scenario)
 
 
+def test_a_named_event_posted_again_adds_nothing(side: Side) -> None:
+    async def scenario(api: KubeApi, ns: str) -> None:
+        obj = (await api.create_object(TE, ns, te("once"))).object
+        name = f"once.{obj['metadata']['uid']}.finished"
+        calls: list[ApiCall] = []
+        api.add_observer(calls.append)
+        for _ in range(2):
+            await api.post_event(obj, "Normal", "TASK_COMPLETED", "done", "Finish", name)
+        assert [(c.verb, c.resource, c.status) for c in calls] == [
+            ("create", "events", 201),
+            ("create", "events", 409),
+            ("get", "events", 200),
+        ]
+        events = (await api.list_resource("events", ns)).items
+        assert [e["metadata"]["name"] for e in events if e["reason"] == "TASK_COMPLETED"] == [
+            name
+        ]
+
+    run(side, scenario)
+
+
 def test_a_status_patch_on_a_deleted_and_recreated_name_needs_the_new_version(side: Side) -> None:
     async def scenario(api: KubeApi, ns: str) -> None:
         old = (await api.create_object(TE, ns, te("reborn"))).object

@@ -189,3 +189,14 @@ def test_a_status_write_without_an_answer_does_not_lose_or_repeat_the_end_event(
     )
     assert state == "COMPLETED"
     assert reasons == Counter({"TASK_STARTED": 1, "TASK_COMPLETED": 1})
+
+
+def test_an_event_post_without_an_answer_is_not_posted_twice(tmp_path: Path) -> None:
+    # the first posts of the start and the end Event are applied but their answers are lost (a
+    # timeout): the retry posts them again under the same name, which meets 409 and adds nothing
+    state, reasons = _events_after(
+        tmp_path,
+        {"verb": "create", "resource": "events", "times": 2, "after": True, "status": None},
+    )
+    assert state == "COMPLETED"
+    assert reasons == Counter({"TASK_STARTED": 1, "TASK_COMPLETED": 1})
