@@ -163,12 +163,23 @@ def execute(
         float | None,
         typer.Option(help="kubernetes backend: stop following after this many seconds."),
     ] = None,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="local backend: run adapters and gate checks in the bubblewrap sandbox "
+            "(tree and scratch dirs writable, work dir state hidden, /tmp private). Without "
+            "a working bubblewrap `execute` refuses; --no-sandbox runs them unconfined, with "
+            "every right of your user.",
+        ),
+    ] = True,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
     Reads .state/routing_decisions.json, .state/task_queue.json and .state/ROUTING_COMPLETE;
     writes .state/execution_results.json, .state/patch_ledger.jsonl, logs/ and the database.
-    Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input.
+    Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left waiting, 2 bad input
+    (or no sandbox: see --no-sandbox).
     """
     if backend is Backend.kubernetes:
         _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
@@ -183,6 +194,7 @@ def execute(
         max_tasks=max_tasks,
         wait_for_breakers=wait,
         safe_mode_max_open_seconds=safe_mode_after,
+        sandbox=sandbox,
     )
     stop = threading.Event()
     metrics = Metrics()

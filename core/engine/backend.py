@@ -16,7 +16,14 @@ from typing import Any, Protocol
 
 from core.engine.workspace import CapturedDiff
 from core.identity import TaskKey
-from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec
+from core.models import (
+    AdapterSpec,
+    DiffSummary,
+    GateCheck,
+    GateResult,
+    IsolationLevel,
+    TaskSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class AttemptOutcome:
     log_path: Path | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    #: How the attempt's processes were confined (None: the backend does not say).
+    isolation: IsolationLevel | None = None
 
 
 @dataclass

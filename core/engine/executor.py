@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.db.breaker_rows import SqlBreakerRows
-from core.db.database import check_schema, default_url, make_engine, redact
+from core.db.database import check_schema, default_url, make_engine, redact, sqlite_files
 from core.db.store import Store, TaskRecord
 from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
@@ -59,6 +59,7 @@ from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStor
 from core.engine.resilience.circuit_breaker import retry_after
 from core.engine.resilience.classification import Classification
 from core.engine.resilience.safe_mode import SafeModeConfig
+from core.engine.sandbox import Sandbox, select_sandbox
 from core.engine.state_files import EXECUTION_RESULTS, STATE_DIR, write_model
 from core.errors import OrchestratorError
 from core.identity import EMBEDDED_SCOPE, TaskKey
@@ -89,6 +90,9 @@ class ExecutorConfig:
     max_tasks: int | None = None
     wait_for_breakers: bool = True
     safe_mode_max_open_seconds: float | None = 900.0
+    #: Run adapters and gate checks in the sandbox (``--no-sandbox``: False); with True and
+    #: no working sandbox on the machine, :func:`build_executor` refuses.
+    sandbox: bool = True
 
     @property
     def upgrade_hint(self) -> str:
@@ -147,6 +151,7 @@ class Executor:
         progress: ProgressReporter | None = None,
         clocks: Clocks | None = None,
         stop: threading.Event | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.config = config
         self.inputs = inputs
@@ -175,6 +180,7 @@ class Executor:
             wall=self.clocks.wall,
             monotonic=self.clocks.monotonic,
             safe_mode=SafeModeConfig(max_open_seconds=config.safe_mode_max_open_seconds),
+            sandbox=sandbox,
         )
         self._parked = False
         self._started = 0
@@ -337,6 +343,7 @@ class Executor:
                 infrastructure_reason=out.infrastructure_reason,
                 output_tail=out.output_tail,
                 diff=out.diff.summary if out.diff else None,
+                isolation=out.isolation,
             )
             if needs_gate(plan, evidence) and not self.stop.is_set():
                 hooks.validating(evidence.diff)
@@ -504,10 +511,13 @@ def build_executor(
     clocks: Clocks | None = None,
     stop: threading.Event | None = None,
 ) -> Executor:
-    """Check the entry contracts (inputs, database) and assemble an executor."""
+    """Check the entry contracts (inputs, database, sandbox) and assemble an executor."""
     inputs = load_inputs(config.workdir, config.run_id)
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
+    sandbox = select_sandbox(
+        config.sandbox, workdir=config.workdir, hidden=sqlite_files(config.db_url)
+    )
     stop = stop or threading.Event()
     clocks = clocks or Clocks()
     return Executor(
@@ -517,6 +527,7 @@ def build_executor(
         backend=backend
         or LocalBackend(
             config.workdir,
+            sandbox=sandbox,
             keep_worktrees=config.keep_worktrees,
             stop=stop,
             clock=clocks.monotonic,
@@ -525,6 +536,7 @@ def build_executor(
         progress=progress,
         clocks=clocks,
         stop=stop,
+        sandbox=sandbox,
     )
 
 
@@ -548,10 +560,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run id (as in .state/task_queue.json)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="phase-4 work dir")
     parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite)")
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run adapters and gate checks unconfined (default: refuse without bubblewrap)",
+    )
     args = parser.parse_args(argv)
     try:
         results = run_executor_loop(
-            ExecutorConfig(args.run, args.workdir.resolve(), args.database_url)
+            ExecutorConfig(
+                args.run, args.workdir.resolve(), args.database_url, sandbox=not args.no_sandbox
+            )
         )
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)

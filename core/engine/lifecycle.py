@@ -56,6 +56,7 @@ from core.models import (
     FailureClass,
     GateCheck,
     GateResult,
+    IsolationLevel,
     RetryPolicy,
     TaskSpec,
     TaskState,
@@ -259,6 +260,8 @@ class AttemptEvidence:
     #: Budget to charge when it is not ``finished_at - started_at`` (an interrupted attempt
     #: is charged what it ran, at most what it was granted).
     charged_seconds: float | None = None
+    #: How the attempt's processes were confined (sandbox, pod, none); None: not known.
+    isolation: IsolationLevel | None = None
 
     @property
     def duration_seconds(self) -> float:
@@ -392,6 +395,7 @@ def conclude(
         log_truncated=evidence.log_truncated,
         diff=evidence.diff,
         gate=evidence.gate,
+        isolation=evidence.isolation,
         final=finish is not None,
         task_final_state=finish.state if finish is not None else None,
         backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,

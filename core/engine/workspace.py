@@ -1,9 +1,29 @@
-"""Git checkouts for attempts: a bare mirror per source repository, one throwaway worktree per
+"""Git checkouts for attempts: a bare mirror per source repository, a fresh checkout per
 attempt at the pinned base commit, and binary-safe diff capture against that commit.
 
 We call the ``git`` binary rather than a library (pygit2/dulwich) on purpose: the adapter and
-the gate use the same git, worktrees are cheap, and ``git diff --binary`` / ``git apply`` are the
-reference implementations of the patch format that the ledger stores.
+the gate use the same git, and ``git diff --binary`` / ``git apply`` are the reference
+implementations of the patch format that the ledger stores.
+
+A checkout at ``<path>`` is two repositories over one work tree, both borrowing the mirror's
+objects read-only (``objects/info/alternates``; git never writes into an alternate):
+
+* ``<path>/.git``: the adapter's own repository (HEAD and index at the base commit). Tools
+  that need git (aider, Claude Code, Codex, tests that call git) use it; whatever the
+  adapter writes there (config, hooks, objects, refs) stays there.
+* ``<path>.git``, beside the tree: the executor's private repository. Every git command the
+  executor or the runner runs on a tree names it explicitly (``--git-dir``/``--work-tree``),
+  so nothing an adapter or a gate check planted in the tree's ``.git`` (``core.fsmonitor``,
+  ``core.hooksPath``, filter, diff and merge drivers, ``include.path``, ``core.worktree``,
+  a ``.git`` file pointing elsewhere) is ever read by the executor. The sandbox
+  (:mod:`core.engine.sandbox`) hides it, with the mirror, from adapters and checks.
+
+Every git command also runs hardened (:data:`GIT_ENV`, :data:`HARDENING`): no system or
+global config, no hooks, no fsmonitor, no credential helpers or askpass programs, ssh as
+``ssh``, replace refs ignored, only the file, git, http(s) and ssh transports (never ``ext::``
+or ``fd::``), and ``--`` before every URL and path argument. Adapters never write to the
+shared mirror: they see its object store read-only (sandbox) and their commits land in the
+tree's own repository.
 """
 
 from __future__ import annotations
@@ -18,11 +38,21 @@ from pathlib import Path
 from core.errors import InfrastructureError
 from core.models import DiffSummary, FileChange, FileStatus
 
-#: Our own git calls never read the user's or system config and never prompt.
+#: Transports git may use (``GIT_ALLOW_PROTOCOL`` overrides every ``protocol.*`` setting).
+ALLOWED_PROTOCOLS = "file:git:http:https:ssh"
+
+#: Our own git calls never read the user's or system config, never prompt, never run an
+#: askpass program, and never replace objects through ``refs/replace``.
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_ATTR_NOSYSTEM": "1",
     "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ASKPASS": "",
+    "GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS,
+    "GIT_NO_REPLACE_OBJECTS": "1",
+    "GIT_PAGER": "cat",
+    "GIT_EDITOR": ":",
     "GIT_AUTHOR_NAME": "orchestrator",
     "GIT_AUTHOR_EMAIL": "orchestrator@localhost",
     "GIT_COMMITTER_NAME": "orchestrator",
@@ -30,12 +60,44 @@ GIT_ENV = {
     "LC_ALL": "C",
 }
 
+#: ``-c`` settings on every call: command-line config wins over any repository's config.
+HARDENING = (
+    "core.quotepath=off",
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.sshCommand=ssh",
+    "core.pager=cat",
+    "credential.helper=",
+    # trees handed to the sandbox's user (executor as root) are not owned by the executor
+    "safe.directory=*",
+)
 
-def git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> bytes:
-    """Run git, return stdout; raise :class:`InfrastructureError` with git's stderr."""
+
+def git(
+    *args: str,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    git_dir: Path | None = None,
+    work_tree: Path | None = None,
+    index_file: Path | None = None,
+) -> bytes:
+    """Run hardened git, return stdout; raise :class:`InfrastructureError` with git's stderr.
+
+    ``git_dir``/``work_tree``: the repository and tree, named explicitly (no discovery);
+    ``index_file``: another index than the repository's own.
+    """
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **GIT_ENV}
+    if index_file is not None:
+        env["GIT_INDEX_FILE"] = str(index_file)
+    argv = ["git"]
+    for setting in HARDENING:
+        argv += ["-c", setting]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
     proc = subprocess.run(
-        ["git", "-c", "core.quotepath=off", *args],
+        [*argv, *args],
         cwd=cwd,
         input=input,
         env=env,
@@ -61,10 +123,10 @@ def ensure_mirror(cache_dir: Path, repo_url: str, commit: str) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = mirror.with_name(mirror.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        git("clone", "--bare", "--quiet", repo_url, str(tmp))
+        git("clone", "--bare", "--quiet", "--", repo_url, str(tmp))
         os.replace(tmp, mirror)
     if not has_commit(mirror, commit):
-        git("fetch", "--quiet", repo_url, "+refs/heads/*:refs/heads/*", cwd=mirror)
+        git("fetch", "--quiet", "--", repo_url, "+refs/heads/*:refs/heads/*", git_dir=mirror)
         if not has_commit(mirror, commit):
             raise InfrastructureError(f"commit {commit} not found in {repo_url}")
     return mirror
@@ -72,27 +134,77 @@ def ensure_mirror(cache_dir: Path, repo_url: str, commit: str) -> Path:
 
 def has_commit(repo: Path, commit: str) -> bool:
     try:
-        git("cat-file", "-e", f"{commit}^{{commit}}", cwd=repo)
+        git("cat-file", "-e", f"{commit}^{{commit}}", git_dir=repo)
     except InfrastructureError:
         return False
     return True
 
 
+def private_git_dir(tree: Path) -> Path:
+    """The executor's repository for ``tree``: beside it, never inside it."""
+    return tree.with_name(tree.name + ".git")
+
+
 def add_worktree(mirror: Path, path: Path, commit: str) -> Path:
-    """A fresh detached worktree of ``commit`` at ``path`` (an old one there is replaced)."""
-    if path.exists():
-        remove_worktree(mirror, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    git("worktree", "add", "--detach", "--quiet", str(path), commit, cwd=mirror)
+    """A fresh checkout of ``commit`` at ``path`` (an old one there is replaced).
+
+    Not a ``git worktree`` of the mirror (whose administrative files live in the mirror, where
+    an adapter would write): two repositories borrowing the mirror's objects, see the module
+    docstring.
+    """
+    private = private_git_dir(path)
+    if path.exists() or private.exists():
+        remove_worktree(path)
+    path.mkdir(parents=True)
+    objects = object_dir(mirror)
+    git("init", "--quiet", "--bare", "--template=", "--", str(private))
+    _borrow_objects(private, objects)
+    git("update-ref", "--no-deref", "HEAD", commit, git_dir=private)
+    git("read-tree", "--reset", "-u", "HEAD", cwd=path, git_dir=private, work_tree=path)
+    public = path / ".git"
+    git("init", "--quiet", "--template=", "--", str(path))
+    _borrow_objects(public, objects)
+    git("update-ref", "--no-deref", "HEAD", commit, git_dir=public)
+    shutil.copyfile(private / "index", public / "index")
     return path
 
 
-def remove_worktree(mirror: Path, path: Path) -> None:
+def object_dir(repo: Path) -> Path:
+    """The object store of ``repo`` (a bare mirror, or any repository or worktree)."""
+    if (repo / "objects").is_dir() and (repo / "HEAD").is_file():
+        return (repo / "objects").resolve()
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=repo)
+    return Path(common.decode().strip()).resolve() / "objects"
+
+
+def _borrow_objects(repo: Path, objects: Path) -> None:
+    (repo / "objects" / "info" / "alternates").write_text(f"{objects}\n", encoding="utf-8")
+
+
+def remove_worktree(path: Path) -> None:
+    """Remove a checkout made by :func:`add_worktree`: the tree and the private repository."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(private_git_dir(path), ignore_errors=True)
+
+
+def shared_object_dirs(tree: Path) -> tuple[Path, ...]:
+    """The object stores ``tree``'s repositories borrow from (to show them read-only)."""
+    alternates = private_git_dir(tree) / "objects" / "info" / "alternates"
     try:
-        git("worktree", "remove", "--force", str(path), cwd=mirror)
-    except InfrastructureError:
-        shutil.rmtree(path, ignore_errors=True)
-        git("worktree", "prune", cwd=mirror)
+        lines = alternates.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return ()
+    return tuple(Path(line) for line in lines if line.strip())
+
+
+def tree_git(
+    tree: Path, *args: str, input: bytes | None = None, index_file: Path | None = None
+) -> bytes:
+    """git on ``tree`` through the executor's private repository (never the tree's ``.git``)."""
+    private = private_git_dir(tree)
+    if not (private / "HEAD").is_file():
+        raise InfrastructureError(f"{tree}: not a checkout made by the executor (no {private})")
+    return git(*args, cwd=tree, git_dir=private, work_tree=tree, input=input, index_file=index_file)
 
 
 @dataclass(frozen=True)
@@ -125,14 +237,15 @@ def capture_diff(tree: Path, base_commit: str, max_bytes: int) -> CapturedDiff:
     """Diff of everything in ``tree`` (tracked, new, deleted, renamed, binary) vs the base.
 
     Untracked files are staged first (``.gitignore`` is honoured), so commits the adapter made
-    itself and uncommitted edits are both captured relative to the pinned base commit.
+    itself and uncommitted edits are both captured relative to the pinned base commit. Staged
+    in the executor's private index: the tree's own ``.git`` is neither read nor captured.
     """
-    git("add", "--all", cwd=tree)
+    tree_git(tree, "add", "--all")
     common = ("diff", "--cached", "--find-renames", "--no-ext-diff", "--no-textconv")
-    patch = git(*common, "--binary", "--full-index", base_commit, cwd=tree)
+    patch = tree_git(tree, *common, "--binary", "--full-index", base_commit)
     files = _file_changes(
-        git(*common, "--name-status", "-z", base_commit, cwd=tree),
-        git(*common, "--numstat", "-z", base_commit, cwd=tree),
+        tree_git(tree, *common, "--name-status", "-z", base_commit),
+        tree_git(tree, *common, "--numstat", "-z", base_commit),
     )
     summary = DiffSummary(
         sha256=hashlib.sha256(patch).hexdigest(),
@@ -206,18 +319,24 @@ FUZZY_APPLY = ("apply", "--index", "--binary", "-C1", "--ignore-whitespace")
 def apply_patch(tree: Path, patch: bytes, *, fuzzy: bool = False) -> str | None:
     """Apply ``patch`` to a fresh checkout; return the method that worked, None if none did.
 
-    Every rung leaves the result in the index too (``--3way`` implies ``--index``), which
-    the gate's tamper check relies on. ``fuzzy`` adds the last rung: off by default, because
-    a diff that needs fuzz may land somewhere other than where its author meant.
+    Every rung leaves the result in the (private) index too (``--3way`` implies
+    ``--index``), which the gate's tamper check relies on; the tree's own repository gets a
+    copy of that index, so a check that runs ``git diff --cached`` sees the patch staged.
+    Only for a tree no untrusted process has run in yet. ``fuzzy`` adds the last rung: off
+    by default, because a diff that needs fuzz may land somewhere other than where its
+    author meant.
     """
     if not patch:
         return "empty"
     ladder = (*APPLY_LADDER, FUZZY_APPLY) if fuzzy else APPLY_LADDER
     for method in ladder:
         try:
-            git(*method, "-", cwd=tree, input=patch)
+            tree_git(tree, *method, "-", input=patch)
         except InfrastructureError:
-            git("reset", "--hard", "--quiet", cwd=tree)
+            tree_git(tree, "reset", "--hard", "--quiet")
             continue
+        public = tree / ".git"
+        if public.is_dir() and not public.is_symlink():
+            shutil.copyfile(private_git_dir(tree) / "index", public / "index")
         return "git " + " ".join(method)
     return None
