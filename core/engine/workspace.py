@@ -16,7 +16,9 @@ objects read-only (``objects/info/alternates``; git never writes into an alterna
   so nothing an adapter or a gate check planted in the tree's ``.git`` (``core.fsmonitor``,
   ``core.hooksPath``, filter, diff and merge drivers, ``include.path``, ``core.worktree``,
   a ``.git`` file pointing elsewhere) is ever read by the executor. The sandbox
-  (:mod:`core.engine.sandbox`) hides it, with the mirror, from adapters and checks.
+  (:mod:`core.engine.sandbox`) hides it, with the mirror, from adapters and checks; where
+  nothing hides it (a Kubernetes pod, ``--no-sandbox``) its config is put back and its
+  hooks and info dirs removed before every use.
 
 Every git command also runs hardened (:data:`GIT_ENV`, :data:`HARDENING`): no system or
 global config, no hooks, no fsmonitor, no credential helpers or askpass programs, ssh as
@@ -187,6 +189,30 @@ def remove_worktree(path: Path) -> None:
     shutil.rmtree(private_git_dir(path), ignore_errors=True)
 
 
+#: The whole config of a private repository, rewritten before every use.
+PRIVATE_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+
+
+def _pin(private: Path) -> None:
+    """Put the private repository's config back as we made it; drop any hooks or info dir.
+
+    On the embedded backend the sandbox never shows the private repository to the adapter;
+    in a Kubernetes pod the adapter shares the runner's user and could write it. Replaced,
+    never written through (a planted symlink is removed, not followed).
+    """
+    config = private / "config"
+    config.unlink(missing_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(PRIVATE_CONFIG)
+    for name in ("hooks", "info", "config.worktree", "commondir"):
+        path = private / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
 def shared_object_dirs(tree: Path) -> tuple[Path, ...]:
     """The object stores ``tree``'s repositories borrow from (to show them read-only)."""
     alternates = private_git_dir(tree) / "objects" / "info" / "alternates"
@@ -204,6 +230,7 @@ def tree_git(
     private = private_git_dir(tree)
     if not (private / "HEAD").is_file():
         raise InfrastructureError(f"{tree}: not a checkout made by the executor (no {private})")
+    _pin(private)
     return git(*args, cwd=tree, git_dir=private, work_tree=tree, input=input, index_file=index_file)
 
 

@@ -244,3 +244,34 @@ def test_repository_urls_never_become_options_or_commands(
     with pytest.raises(InfrastructureError):
         ensure_mirror(tmp_path / "mirrors", url.format(marker=marker), "a" * 40)
     assert not marker.exists()
+
+
+def test_a_planted_private_repository_config_is_put_back_before_use(
+    repo: Any, tmp_path: Path, payload: Any
+) -> None:
+    """In a pod the adapter shares the runner's user and can write the private repository
+    too (the embedded sandbox hides it): its config, hooks and info are reset before use."""
+    script, marker = payload
+    tree = add_worktree(repo.path, tmp_path / "pod" / "tree", repo.base)
+    private = private_git_dir(tree)
+    (private / "config").write_text(
+        f"[core]\n\tbare = true\n\tfsmonitor = {script}\n\thooksPath = {tmp_path}\n"
+        f'[filter "evil"]\n\tclean = {script}\n'
+    )
+    (private / "info").mkdir(exist_ok=True)
+    (private / "info" / "attributes").write_text("* filter=evil\n")
+    (tree / "a.txt").write_text("changed\n")
+    diff = capture_diff(tree, repo.base, BIG)
+    assert {f.path for f in diff.summary.files} == {"a.txt"}
+    assert not marker.exists(), marker.read_text()
+    assert "fsmonitor" not in (private / "config").read_text()
+    assert not (private / "info").exists()
+
+    # a symlinked config is replaced, not written through
+    elsewhere = tmp_path / "elsewhere.cfg"
+    elsewhere.write_text("[user]\n\tname = untouched\n")
+    (private / "config").unlink()
+    (private / "config").symlink_to(elsewhere)
+    capture_diff(tree, repo.base, BIG)
+    assert not (private / "config").is_symlink()
+    assert elsewhere.read_text() == "[user]\n\tname = untouched\n"
