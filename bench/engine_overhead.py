@@ -263,9 +263,16 @@ def postgres_info(server_url: str) -> dict[str, Any]:
 
 
 def engine_round(
-    workdir: Path, url: str, n: int, wrap: Callable[[Callable[[], Any]], Any] | None = None
+    workdir: Path,
+    url: str,
+    n: int,
+    wrap: Callable[[Callable[[], Any]], Any] | None = None,
+    *,
+    sandbox: bool = True,
 ) -> dict[str, Any]:
-    config = ExecutorConfig(run_id=RUN_ID, workdir=workdir, database_url=url)
+    """One ``executor.run()`` of the work dir; ``sandbox``: adapters and checks in bubblewrap
+    (the default, as ``orchestrator execute`` runs them) or unconfined (``--no-sandbox``)."""
+    config = ExecutorConfig(run_id=RUN_ID, workdir=workdir, database_url=url, sandbox=sandbox)
     t0 = time.perf_counter()
     executor = build_executor(config, progress=SilentProgress(), metrics=Metrics())
     build_s = time.perf_counter() - t0
@@ -429,8 +436,8 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("core/engine/process_spawner.py", "run_gate", "backend gate step (below)"),
     ("core/engine/workspace.py", "git", "git subprocesses (all)"),
     ("core/engine/workspace.py", "ensure_mirror", "  ensure_mirror (cat-file -e per attempt)"),
-    ("core/engine/workspace.py", "add_worktree", "  git worktree add"),
-    ("core/engine/workspace.py", "remove_worktree", "  git worktree remove"),
+    ("core/engine/workspace.py", "add_worktree", "  checkout (tree + private repository)"),
+    ("core/engine/workspace.py", "remove_worktree", "  checkout removed"),
     ("core/engine/workspace.py", "capture_diff", "  capture_diff (git add + 3 git diff)"),
     ("core/engine/process_group.py", "run_process_group", "adapter + gate commands"),
     ("core/engine/test_gate.py", "run_gate", "test gate (checkout + checks)"),

@@ -173,6 +173,7 @@ class Bubblewrap:
     run_as: int | None = field(default_factory=lambda: NOBODY if os.geteuid() == 0 else None)
     exposed: tuple[Path, ...] = field(default_factory=lambda: executor_installation())
     _handed_over: set[tuple[str, int, int]] = field(default_factory=set, repr=False)
+    _needed_for: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def isolation(self, network: bool) -> IsolationLevel:
         return IsolationLevel.SANDBOX if network else IsolationLevel.SANDBOX_NO_NETWORK
@@ -256,7 +257,13 @@ class Bubblewrap:
         ``{python}`` works); never anything in, or above, the work dir or a hidden path. They
         are bound read-only where the sandbox would not show them: below its private
         ``/tmp`` or ``/run``, or (for ``run_as``) below a directory closed to others.
+        Remembered per program (an installation does not move during a run).
         """
+        if program not in self._needed_for:
+            self._needed_for[program] = self._find_needed(program)
+        return self._needed_for[program]
+
+    def _find_needed(self, program: str) -> list[str]:
         private = [*self._workdir(), *(os.path.realpath(p) for p in self.hidden)]
 
         def showable(path: str) -> bool:
