@@ -187,7 +187,9 @@ def _new_repository(gitdir: Path, commit: str, objects: Path, config: str) -> No
     update-ref``: a checkout is made twice per attempt and each git process costs 2-3 ms.
     ``read-tree`` right after fails on a commit the objects do not hold.
     """
-    for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+    # what git needs to see a repository (HEAD, objects/, refs/) and nothing more: every
+    # directory costs a mkdir and an rmdir per checkout
+    for sub in ("objects/info", "refs"):
         (gitdir / sub).mkdir(parents=True, exist_ok=True)
     (gitdir / "HEAD").write_text(f"{commit}\n", encoding="ascii")
     (gitdir / "config").write_text(config, encoding="ascii")
