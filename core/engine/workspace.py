@@ -30,6 +30,7 @@ tree's own repository.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -286,7 +287,13 @@ def capture_diff(tree: Path, base_commit: str, max_bytes: int) -> CapturedDiff:
     itself and uncommitted edits are both captured relative to the pinned base commit. Staged
     in the executor's private index: the tree's own ``.git`` is neither read nor captured.
     """
-    tree_git(tree, "add", "--all")
+    try:
+        tree_git(tree, "add", "--all")
+    except InfrastructureError:
+        # something git cannot stage (a nested repository without a commit, an unreadable
+        # file): stage everything else rather than lose the attempt's whole diff
+        with contextlib.suppress(InfrastructureError):
+            tree_git(tree, "add", "--all", "--ignore-errors")
     common = ("diff", "--cached", "--find-renames", "--no-ext-diff", "--no-textconv")
     patch = tree_git(tree, *common, "--binary", "--full-index", base_commit)
     files = _file_changes(

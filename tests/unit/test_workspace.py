@@ -400,3 +400,17 @@ def test_symlinks_type_changes_and_mode_changes(gt: Any, git_repo: Any, tmp_path
     assert os.readlink(fresh / "f") == "g"
     assert os.readlink(fresh / "newlink") == "g"
     assert os.access(fresh / "g", os.X_OK)
+
+
+def test_what_git_cannot_stage_does_not_lose_the_rest_of_the_diff(
+    gt: Any, repo: Any, tmp_path: Path
+) -> None:
+    # An adapter leaves an empty nested repository (git cannot stage it: no commit) next to
+    # its real work: the work is captured, and the capture does not fail.
+    tree = worktree(repo, tmp_path, "adapter")
+    (tree / "nested").mkdir()
+    gt.run_git(tree / "nested", "init", "--quiet")
+    (tree / "nested" / "f.txt").write_text("inside\n")
+    gt.write_files(tree, {"modify.txt": "changed\n", "brand new.txt": "new\n"})
+    diff = capture_diff(tree, repo.base, BIG)
+    assert set(by_path(diff)) == {"modify.txt", "brand new.txt"}
