@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,28 @@ import engine_overhead as eo  # noqa: E402
 from core.db.database import default_url, upgrade  # noqa: E402
 from core.engine.process_group import run_process_group  # noqa: E402
 from core.engine.sandbox import Confinement, Sandbox, select_sandbox  # noqa: E402
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _dist_ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": _ms(eo.pct(values, 50)),
+        "p95_ms": _ms(eo.pct(values, 95)),
+        "max_ms": _ms(max(values)),
+        "mean_ms": _ms(statistics.fmean(values)),
+    }
+
+
+def _bwrap_version() -> str | None:
+    try:
+        return subprocess.run(
+            ["bwrap", "--version"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 class _Quiet:
@@ -83,9 +106,9 @@ def launches(sandbox: Sandbox | None, n: int, cwd: Path, confinement: Confinemen
     used = eo.cpu_since(cpu)
     return {
         "launches": n,
-        **eo._dist_ms(walls),
-        "children_cpu_per_launch_ms": eo._ms(used["children_s"] / n),
-        "self_cpu_per_launch_ms": eo._ms(used["self_s"] / n),
+        **_dist_ms(walls),
+        "children_cpu_per_launch_ms": _ms(used["children_s"] / n),
+        "self_cpu_per_launch_ms": _ms(used["self_s"] / n),
     }
 
 
@@ -121,10 +144,10 @@ def per_attempt(scratch: Path, n: int, repeat: int) -> dict[str, Any]:
             cpu = result["cpu"]
             rounds["sandbox" if sandboxed else "unconfined"].append(
                 {
-                    "wall_per_task_ms": eo._ms(result["wall_s"] / n),
-                    "cpu_per_task_ms": eo._ms((cpu["self_s"] + cpu["children_s"]) / n),
-                    "attempt_p50_ms": eo._ms(eo.pct(result["attempt_latency_s"], 50)),
-                    "build_executor_ms": eo._ms(result["build_executor_s"]),
+                    "wall_per_task_ms": _ms(result["wall_s"] / n),
+                    "cpu_per_task_ms": _ms((cpu["self_s"] + cpu["children_s"]) / n),
+                    "attempt_p50_ms": _ms(eo.pct(result["attempt_latency_s"], 50)),
+                    "build_executor_ms": _ms(result["build_executor_s"]),
                 }
             )
     keys = ("wall_per_task_ms", "cpu_per_task_ms", "attempt_p50_ms", "build_executor_ms")
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="sandbox-overhead-", dir=scratch_parent))
     try:
         env = eo.environment(scratch)
-        env["bwrap"] = eo._version(["bwrap", "--version"])
+        env["bwrap"] = _bwrap_version()
         env["euid"] = os.geteuid()
         print("per process ...", file=sys.stderr, flush=True)
         process = per_process(scratch, args.launches)
