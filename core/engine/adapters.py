@@ -18,7 +18,8 @@ reach them in the prompt); a custom ``command`` that uses ``{target_paths}`` sho
 ``--`` before it too, and the entry contract refuses target paths that start with ``-``.
 
 On the embedded backend the process runs in the sandbox (:mod:`core.engine.sandbox`): only
-its tree and its HOME writable, the prompt and the mirror's objects readable, the work dir's
+its tree and its HOME writable, the prompt, context and feedback files and the mirror's
+objects readable, the work dir's
 state hidden, the network as ``sandbox.network`` says.
 
 ``api`` sends the task to an HTTP endpoint and applies the diff it answers with
@@ -266,7 +267,12 @@ def run_process_adapter(
         sandbox=sandbox,
         confinement=Confinement(
             writable=(tree, home),
-            readable=(prompt, *shared_object_dirs(tree)),
+            readable=(
+                prompt,
+                context,
+                *((feedback,) if feedback is not None else ()),
+                *shared_object_dirs(tree),
+            ),
             network=adapter.sandbox.network,
         ),
     )
