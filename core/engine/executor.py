@@ -571,11 +571,11 @@ def build_executor(
     )
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
-    if backend is None:
-        check_base_commits(inputs, config.workdir / WORK_DIR / "mirrors")
     sandbox = select_sandbox(
         config.sandbox, workdir=config.workdir, hidden=sqlite_files(config.db_url)
     )
+    if backend is None:  # after the sandbox check: a refusal leaves nothing behind
+        check_base_commits(inputs, config.workdir / WORK_DIR / "mirrors")
     stop = stop or threading.Event()
     clocks = clocks or Clocks()
     return Executor(
