@@ -467,3 +467,20 @@ def test_the_table_has_one_line_per_resource_scope_and_reason() -> None:
     assert len(seen) == len(set(seen)) + 1
     assert all(p.why and p.verbs and len(set(p.verbs)) == len(p.verbs) for p in PERMISSIONS)
 
+
+def test_the_readme_documents_the_same_table() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### What the operator may do (RBAC)", 1)[1].split("\n#", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and "API group" not in r]
+    documented = set()
+    for row in rows:
+        group, resource, verbs, where, _ = (c.strip() for c in row.strip("|").split("|"))
+        documented.add(
+            (
+                "" if group == "core" else group.strip("`"),
+                resource.strip("`"),
+                tuple(v.strip() for v in verbs.split(",")),
+                "served" if where == "served" else "lease",
+            )
+        )
+    assert documented == {(p.group, p.resource, p.verbs, p.scope) for p in PERMISSIONS}
