@@ -236,7 +236,7 @@ def cluster_postgres_url(kube_cluster: KubeCluster) -> Iterator[str]:
     process both reach: ``$ORCHESTRATOR_TEST_CLUSTER_POSTGRES_URL``, else (local cluster) a
     throwaway server of ``hack/postgres/for-cluster`` on the node address, stopped and
     removed at the end of the session. The loopback server of ``hack/postgres/up`` does not
-    do: a pod's 127.0.0.1 is its own."""
+    do: a pod's 127.0.0.1 is its own. Its role may create databases (tests make fresh ones)."""
     url = os.environ.get("ORCHESTRATOR_TEST_CLUSTER_POSTGRES_URL")
     if url:
         yield url
