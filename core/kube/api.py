@@ -373,7 +373,7 @@ class KubeApi(Protocol):
         name: str | None = None,
     ) -> None:
         """A ``core/v1`` Event about ``obj`` (one POST); with ``name``, posted at most once
-        (a replay meets 409 AlreadyExists, which is success)."""
+        (a replay meets 409 AlreadyExists, which is success and reads nothing back)."""
         ...
 
     async def get_lease(self, namespace: str, name: str) -> Body | None: ...

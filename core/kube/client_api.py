@@ -372,7 +372,14 @@ class ClientKubeApi:
         name: str | None = None,
     ) -> None:
         body = event_body(obj, type_, reason, message, action, self.now(), name)
-        await self._create(RESOURCES["events"], obj["metadata"]["namespace"], body)
+        rt, namespace = RESOURCES["events"], obj["metadata"]["namespace"]
+        # not _create: a 409 means the Event is there, nothing to read back (and no
+        # ``get events`` permission needed)
+        status, raw = await self._send(
+            "POST", "create", rt, namespace, name, body=body, collection=True
+        )
+        if status >= 300 and not (status == 409 and name is not None):
+            raise self._fail(status, raw, "create", rt.plural, namespace, name)
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:
         return await self._get(RESOURCES["leases"], namespace, name)

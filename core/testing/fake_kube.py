@@ -429,7 +429,19 @@ class FakeKubeApi:
         name: str | None = None,
     ) -> None:
         body = event_body(obj, type_, reason, message, action, self.now(), name)
-        await self._create("events", obj["metadata"]["namespace"], body)
+        namespace = obj["metadata"]["namespace"]
+        try:  # like the real client: a 409 means the Event is there, nothing is read back
+            await self._call(
+                "create",
+                "events",
+                namespace,
+                name,
+                lambda: self.server.create("events", namespace, body),
+                ok=201,
+            )
+        except ConflictError:
+            if name is None:
+                raise
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:
         return await self._get("leases", namespace, name)

@@ -348,7 +348,7 @@ SAMPLES: dict[str, Callable[[ClientKubeApi, str], Awaitable[Any]]] = {
     "patch_status": lambda api, p: api.patch_status(p, NS, "n", {}, resource_version="7"),
     "delete_object": lambda api, p: api.delete_object(p, NS, "n", uid="u"),
     "apply_network_policy": lambda api, p: api.apply_network_policy(NS, _body()),
-    "post_event": lambda api, p: api.post_event(_TE, "Normal", "R", "m", "a"),
+    "post_event": lambda api, p: api.post_event(_TE, "Normal", "R", "m", "a", "t.u.finished"),
     "get_lease": lambda api, p: api.get_lease(NS, "n"),
     "create_lease": lambda api, p: api.create_lease(NS, _body()),
     "replace_lease": lambda api, p: api.replace_lease(NS, _body()),
