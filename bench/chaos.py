@@ -3,7 +3,8 @@
 
 At least 200 TaskExecutions (patch successes on the demo repository's in-cluster git server,
 gate failures, retries, fallbacks, slow adapters, timeouts) while the operator is SIGKILLed at
-random moments (seeded), runner pods and Jobs are deleted by hand, the leader of a 2-replica
+random moments (seeded), API calls fail through the fault proxy (500, 503, 429, dropped
+connections), runner pods and Jobs are deleted by hand, the leader of a 2-replica
 pair is killed, the kube-apiserver is restarted and PostgreSQL is stopped; then the invariant
 checker (core/testing/invariants.py) compares the cluster, the database, the ledger and the
 event log. The scenario is tests/e2e/chaos_harness.py (its short form runs in the e2e suite).
@@ -124,6 +125,12 @@ def main() -> int:
     p.add_argument("--pods-deleted", type=int, default=10)
     p.add_argument("--jobs-deleted", type=int, default=5)
     p.add_argument("--leader-kills", type=int, default=1)
+    p.add_argument(
+        "--api-faults",
+        type=int,
+        default=100,
+        help="API errors injected through tests/e2e/fault_proxy.py during the kills (0: none)",
+    )
     p.add_argument("--apiserver-restarts", type=int, default=0)
     p.add_argument("--db-outages", type=int, default=0)
     p.add_argument("--db-outage-seconds", type=float, default=30.0)
@@ -152,6 +159,7 @@ def main() -> int:
         pods_deleted=args.pods_deleted,
         jobs_deleted=args.jobs_deleted,
         leader_kills=args.leader_kills,
+        api_faults=args.api_faults,
         apiserver_restarts=args.apiserver_restarts,
         db_outages=args.db_outages,
         db_outage_seconds=args.db_outage_seconds,
@@ -208,6 +216,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     log(
         f"wrote {args.out}: tasks {result['tasks']}, kills {result['operator_kills']}, "
+        f"API faults {result['api_faults']}, "
         f"lost {result['lost']}, duplicated {result['duplicated']}, stuck {result['stuck']}, "
         f"violations {len(result['violations'])}"
     )

@@ -37,6 +37,7 @@ from typing import Any
 
 from core.testing.invariants import TERMINAL, Report, Snapshot, check, orphans
 from core.testing.observation import ClusterReader, ClusterRecorder, collect
+from tests.e2e.api_faults import ApiFaults
 from tests.e2e.disruptions import Postgres, restart_apiserver
 from tests.e2e.operator_harness import (
     ROOT,
@@ -49,6 +50,7 @@ from tests.e2e.operator_harness import (
     git_server,
     task_execution,
 )
+from tests.e2e.operator_killer import Killer
 
 LEASE = "orchestrator-operator"
 
@@ -96,6 +98,9 @@ class Plan:
     pods_deleted: int = 10
     jobs_deleted: int = 5
     leader_kills: int = 1
+    #: API errors injected through the fault proxy, spread over the kills phase (0: the
+    #: operators talk to the API server directly)
+    api_faults: int = 0
     apiserver_restarts: int = 0
     db_outages: int = 0
     db_outage_seconds: float = 30.0
@@ -120,6 +125,7 @@ class Counts:
     db_outages: int = 0
     pods_deleted: int = 0
     jobs_deleted: int = 0
+    api_faults_injected: int = 0
     submitted: int = 0
     kills_while_leading: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -160,6 +166,9 @@ class ChaosRun:
         self.operators: dict[str, OperatorProcess] = {}
         self.t0 = time.monotonic()
         self.next_task = 0
+        self.api_faults = (
+            ApiFaults(cluster.kubeconfig, random.Random(plan.seed + 1)) if plan.api_faults else None
+        )
         #: called before each kube-apiserver restart (it waits for other e2e sessions to end);
         #: returns the seconds it waited
         self.before_disruption: Callable[[], float] | None = None
@@ -205,9 +214,13 @@ class ChaosRun:
         ):
             apply(k, self.ns, obj)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.api_faults is not None:
+            self.api_faults.start()
         for name in ("a", "b"):
             op = OperatorProcess(
-                kubeconfig=self.cluster.kubeconfig,
+                kubeconfig=(
+                    self.api_faults.kubeconfig if self.api_faults else self.cluster.kubeconfig
+                ),
                 namespace=self.ns,
                 image=self.cluster.image,
                 pull_policy=self.cluster.pull_policy,
@@ -229,6 +242,8 @@ class ChaosRun:
         self.recorder.stop()
         for op in self.operators.values():
             op.stop()
+        if self.api_faults is not None:
+            self.api_faults.stop()
         self.reader.close()
 
     # ------------------------------------------------------------------ tasks
@@ -369,7 +384,13 @@ class ChaosRun:
         self.rng.shuffle(deletions)
         # deletion i happens once this many kills are done (spread over the phase)
         at_kill = sorted(self.rng.randint(1, max(1, plan.operator_kills - 1)) for _ in deletions)
-        killer = _Killer(self.operators["a"], plan, self.rng)
+        # API fault j is injected once this many seconds of the phase went by (a separate
+        # rng: the task mix and kill schedule stay those of the same seed without faults)
+        fault_rng = random.Random(plan.seed + 2)
+        span = max(30.0, plan.operator_kills * (sum(plan.uptime) / 2 + 2.0))
+        fault_at = sorted(fault_rng.uniform(0, span) for _ in range(plan.api_faults))
+        phase_start = time.monotonic()
+        killer = Killer(self.operators["a"], plan, self.rng)
         killer.start()
         i = 0
         unfinished, refreshed = 0, 0.0
@@ -402,6 +423,11 @@ class ChaosRun:
                     )
             elif self.counts.operator_kills >= plan.operator_kills:
                 killer.ensure_running()
+            while fault_at and fault_at[0] <= now - phase_start:
+                assert self.api_faults is not None
+                self.api_faults.inject()
+                self.counts.api_faults_injected += 1
+                fault_at.pop(0)
             while deletions and at_kill[0] <= self.counts.operator_kills:
                 if not (self._delete_pod() if deletions[0] == "pod" else self._delete_job()):
                     break  # nothing running right now: try again on the next round
@@ -410,6 +436,12 @@ class ChaosRun:
             time.sleep(0.2)
         killer.ensure_running()
         self.counts.kills_while_leading = killer.while_leading
+        while fault_at:  # the kills ended sooner than planned: the rest now, in a burst
+            assert self.api_faults is not None
+            self.api_faults.inject()
+            self.counts.api_faults_injected += 1
+            fault_at.pop(0)
+            time.sleep(0.5)
         # deletions that found nothing to delete during the kills
         deadline = time.monotonic() + 300
         while deletions and time.monotonic() < deadline:
@@ -569,6 +601,10 @@ class ChaosRun:
             "pods_deleted": c.pods_deleted,
             "jobs_deleted": c.jobs_deleted,
             "leader_kills": c.leader_kills,
+            "api_faults_injected": c.api_faults_injected,
+            # calls that met a fault (a rule fails 1-3 calls; one whose calls never came, none)
+            "api_faults": self.api_faults.fired() if self.api_faults else 0,
+            "api_faults_by_call": self.api_faults.by_call() if self.api_faults else {},
             "lost": report.lost,
             "duplicated": report.duplicated,
             "stuck": report.stuck,
@@ -589,70 +625,6 @@ class ChaosRun:
             },
             "plan": asdict(self.plan),
         }
-
-
-class _Killer:
-    """When to SIGKILL one operator process and when to start it again.
-
-    A share of the kills (``startup_kill_share``) lands at a random moment of the start-up
-    (imports, database check, informers' first lists, the Lease); the others at a random
-    moment of ``plan.uptime`` seconds after the process started leading (its log says so), so
-    they hit reconciles in flight rather than an interpreter still importing.
-    """
-
-    def __init__(self, op: OperatorProcess, plan: Plan, rng: random.Random) -> None:
-        self.op = op
-        self.plan = plan
-        self.rng = rng
-        self.kill_at: float | None = None
-        self.after_leading: float | None = None
-        self.leading_since: float | None = None
-        self.restart_at: float | None = None
-        self.offset = 0
-        self.while_leading = 0
-
-    def start(self) -> None:
-        self.offset = self.op.log.stat().st_size if self.op.log.exists() else 0
-        self.op.start()
-        now = time.monotonic()
-        self.leading_since = None
-        if self.rng.random() < self.plan.startup_kill_share:
-            self.kill_at, self.after_leading = now + self.rng.uniform(0.2, 6.0), None
-        else:
-            self.kill_at, self.after_leading = None, self.rng.uniform(*self.plan.uptime)
-
-    def _leading(self) -> bool:
-        if self.leading_since is None and self.op.log.exists():
-            with open(self.op.log, "rb") as fh:
-                fh.seek(self.offset)
-                if b"started leading" in fh.read():
-                    self.leading_since = time.monotonic()
-        return self.leading_since is not None
-
-    def step(self, now: float) -> bool:
-        """Kill or restart when it is time; True when it killed."""
-        if self.op.proc is None:
-            if self.restart_at is not None and now >= self.restart_at:
-                self.restart_at = None
-                self.start()
-            return False
-        if self.kill_at is None and self._leading():
-            assert self.leading_since is not None and self.after_leading is not None
-            self.kill_at = self.leading_since + self.after_leading
-        if self.kill_at is None or now < self.kill_at:
-            return False
-        if self._leading():
-            self.while_leading += 1
-        self.op.proc.send_signal(signal.SIGKILL)
-        self.op.proc.wait(timeout=30)
-        self.op.proc = None
-        self.restart_at = now + self.rng.uniform(*self.plan.restart_delay)
-        return True
-
-    def ensure_running(self) -> None:
-        if self.op.proc is None:
-            self.restart_at = None
-            self.start()
 
 
 def _finished(job: dict[str, Any]) -> bool:

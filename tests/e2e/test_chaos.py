@@ -2,8 +2,9 @@
 
 30 TaskExecutions of every kind (patch successes, gate failures, a retried flaky adapter, a
 crashing adapter with a fallback, slow adapters, a budget running out) on the real cluster with
-PostgreSQL, while the operator is SIGKILLed 20 times at random moments (seeded), runner pods
-and a Job are deleted by hand and the leader of two replicas is killed. Then the invariant
+PostgreSQL, while the operator is SIGKILLed 20 times at random moments (seeded), 20 API faults
+(the next 1-3 calls of a kind answered 500, 503, 429 or dropped) go through the fault proxy,
+runner pods and a Job are deleted by hand and the leader of two replicas is killed. Then the invariant
 checker compares what the API server (TaskExecutions, Jobs seen during the run, Events, pods,
 ConfigMaps), the database, the ledger and the event log hold: every task terminal exactly
 once, nothing lost, nothing written twice, no orphans after garbage collection.
@@ -47,6 +48,7 @@ def test_operator_kills_lose_duplicate_and_strand_nothing(
         pods_deleted=2,
         jobs_deleted=1,
         leader_kills=1,
+        api_faults=20,
         seed=20261129,
         max_in_flight=8,
         uptime=(0.2, 6.0),
@@ -70,6 +72,8 @@ def test_operator_kills_lose_duplicate_and_strand_nothing(
     assert result["tasks"] == 30
     assert result["operator_kills"] == 20 and result["leader_kills"] == 1
     assert result["pods_deleted"] == 2 and result["jobs_deleted"] == 1
+    # the faults were served to the operator, not only planned
+    assert result["api_faults_injected"] == 20 and result["api_faults"] >= 10
     assert result["violations"] == []
     assert (result["lost"], result["duplicated"], result["stuck"]) == (0, 0, 0)
     # the run really exercised what it claims: attempts were recorded and Jobs were seen
