@@ -23,6 +23,11 @@ The rules, per TaskExecution (``<namespace>/<name> (uid ...)`` in every violatio
   runner reported, and a non-empty diff is in the evidence store under its reference;
 * the ledger verifies (hash chain, patches, the database anchor).
 
+Per adapter (its ``adapters`` row): the circuit breaker counted every failure once. While it
+never tripped, an adapter that never succeeded has exactly as many consecutive failures as it
+has recorded attempts of a counted class (``adapter_error``, ``adapter_timeout``), and any
+other adapter no more than that; with every task terminal, no trial slot is held.
+
 And for the whole snapshot: no orphans (a Job or ConfigMap whose TaskExecution is gone, a
 runner pod whose Job is gone) once garbage collection had its time, no ``tasks`` row of a
 TaskExecution that never existed.
@@ -39,6 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.engine.resilience.classification import COUNTED_CLASSES
 from core.identity import TaskKey
 from core.models import LedgerEntry, TaskState
 
@@ -75,6 +81,8 @@ class Snapshot:
     jsonl_events: Sequence[Row] = ()
     #: task log records by ``TaskKey.log_name`` (``logs/execution/<log_name>.jsonl``)
     task_logs: Mapping[str, Sequence[Row]] = field(default_factory=dict)
+    #: ``adapters`` rows of the run's scopes (their breaker columns)
+    db_adapters: Sequence[Row] = ()
     #: evidence-store problem per patch reference (None: present and intact)
     evidence: Mapping[str, str | None] = field(default_factory=dict)
 
@@ -196,6 +204,9 @@ def check(snapshot: Snapshot, *, expected_uids: Iterable[str] = ()) -> Report:
                 "no TaskExecution has this uid"
             )
     global_dups = _global_duplicates(snapshot, violations)
+    breaker_dups, breaker_lost = _breakers(snapshot, all_terminal=stuck == 0, out=violations)
+    global_dups += breaker_dups
+    lost += breaker_lost
     violations += _jsonl(snapshot)
     violations += orphans(snapshot)
     violations += [f"ledger verify: {p}" for p in snapshot.ledger_problems]
@@ -388,6 +399,38 @@ def _global_duplicates(snapshot: Snapshot, violations: list[str]) -> int:
             violations.append(f"ledger: seq {seq} {n} times")
             dups += 1
     return dups
+
+
+def _breakers(snapshot: Snapshot, *, all_terminal: bool, out: list[str]) -> tuple[int, int]:
+    """Breaker counts against the recorded attempts; (adapters over-counted, under-counted)."""
+    counted: Counter[tuple[str, str]] = Counter()
+    succeeded: set[tuple[str, str]] = set()
+    for entry in snapshot.ledger:
+        if entry.kind != "attempt":
+            continue
+        key = (entry.scope or "", entry.adapter_id)
+        if entry.failure_class is None:
+            succeeded.add(key)
+        elif entry.failure_class in COUNTED_CLASSES:
+            counted[key] += 1
+    over = under = 0
+    for row in snapshot.db_adapters:
+        key = (str(row.get("scope") or ""), str(row["id"]))
+        where = f"adapter {key[0]}/{key[1]} breaker"
+        failures = int(row.get("breaker_failures") or 0)
+        in_flight = int(row.get("breaker_half_open_in_flight") or 0)
+        if all_terminal and in_flight:
+            out.append(f"{where}: {in_flight} trial slot(s) held with every task terminal")
+            under += 1
+        if row.get("breaker_tripped_at") is not None or row.get("breaker_state") != "CLOSED":
+            continue  # outcomes are ignored while it is open: the count proves nothing
+        if failures > counted[key]:
+            out.append(f"{where}: {failures} failures, {counted[key]} counted attempts recorded")
+            over += 1
+        elif key not in succeeded and failures < counted[key]:
+            out.append(f"{where}: {failures} failures, {counted[key]} counted attempts recorded")
+            under += 1
+    return over, under
 
 
 def _jsonl(snapshot: Snapshot) -> list[str]:

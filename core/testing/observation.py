@@ -26,7 +26,7 @@ from sqlalchemy import select
 from core.db.database import make_engine
 from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
-from core.db.tables import ExecutionLog, PatchHistory, Task
+from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.engine.evidence import check, local_store
 from core.engine.patch_ledger import verify
 from core.engine.retention import pruned_keys
@@ -202,6 +202,11 @@ def collect(
             for r in conn.execute(select(PatchHistory.__table__)).mappings()
             if r["scope"] in scopes
         ]
+        adapters = [
+            dict(r)
+            for r in conn.execute(select(Adapter.__table__)).mappings()
+            if r["scope"] in scopes
+        ]
     store = Store(engine)
     anchor = store.ledger_anchor() + IntegrationRows(engine).ledger_anchor()
 
@@ -234,4 +239,5 @@ def collect(
         ],
         task_logs=logs,
         evidence={ref: check(evidence, ref) for ref in sorted(refs)},
+        db_adapters=adapters,
     )

@@ -366,3 +366,59 @@ def test_a_runner_pod_whose_job_is_gone_is_an_orphan() -> None:
     }
     assert orphans(replace(snap, pods=[pod])) == ["Pod chaos/p: orphan, its Job is gone"]
     assert orphans(snap) == []
+
+
+def _crashy(snap: Snapshot, failures: int, *, in_flight: int = 0, **row: Any) -> Snapshot:
+    """``snap`` where task u2's two failed attempts were a crashing adapter's (counted) and
+    its breaker row says ``failures``."""
+    ledger = [
+        e.model_copy(update={"adapter_id": "crashy", "failure_class": "adapter_error"})
+        if e.task_uid == "u2"
+        else e
+        for e in snap.ledger
+    ]
+    adapters = [
+        {"scope": NS, "id": "patch", "breaker_state": "CLOSED", "breaker_failures": 0},
+        {
+            "scope": NS,
+            "id": "crashy",
+            "breaker_state": "CLOSED",
+            "breaker_failures": failures,
+            "breaker_half_open_in_flight": in_flight,
+            "breaker_tripped_at": None,
+            **row,
+        },
+    ]
+    return replace(snap, ledger=ledger, db_adapters=adapters)
+
+
+def test_a_breaker_that_counted_each_failure_once_passes() -> None:
+    report = check(_crashy(consistent(), 2))
+    assert report.violations == [] and report.ok
+
+
+def test_a_failure_counted_twice_by_the_breaker_is_a_duplicate() -> None:
+    report = check(_crashy(consistent(), 3))
+    assert report.duplicated == 1
+    _only(report, "adapter chaos/crashy breaker: 3 failures, 2 counted attempts recorded")
+
+
+def test_a_failure_the_breaker_never_saw_is_lost_for_an_adapter_that_never_succeeded() -> None:
+    report = check(_crashy(consistent(), 1))
+    assert report.lost == 1
+    _only(report, "adapter chaos/crashy breaker: 1 failures, 2 counted attempts recorded")
+    # after a success the consecutive count restarts: fewer is no violation there
+    snap = _crashy(consistent(), 0)
+    success = snap.ledger[0].model_copy(update={"adapter_id": "crashy"})  # task u1's attempt
+    assert check(replace(snap, ledger=[success, *snap.ledger[1:]])).violations == []
+
+
+def test_a_breaker_that_tripped_is_not_held_to_the_count() -> None:
+    report = check(_crashy(consistent(), 0, breaker_state="OPEN", breaker_tripped_at=T))
+    assert report.violations == []
+
+
+def test_a_trial_slot_held_after_every_task_ended_is_a_violation() -> None:
+    report = check(_crashy(consistent(), 2, in_flight=1))
+    assert report.lost == 1
+    _only(report, "adapter chaos/crashy breaker: 1 trial slot(s) held with every task terminal")
