@@ -4,7 +4,8 @@ The operator's kubeconfig points at :class:`~tests.e2e.fault_proxy.FaultProxy`; 
 the run chooses, :meth:`ApiFaults.inject` adds a rule that fails the next one to three calls of
 a kind the operator makes (a status write, a Job create, a pod-log read, a Lease renewal ...)
 the way an API server or the network does: 500, 503, 429, or a connection dropped without an
-answer. What was actually served is counted from the proxy's own record, not from the plan:
+answer; half of the faults on writes come *after* the API server acted (the write happened,
+the operator saw it fail: the case that makes a retry write twice). What was actually served is counted from the proxy's own record, not from the plan:
 a rule whose calls never came adds nothing to ``fired``.
 """
 
@@ -32,6 +33,7 @@ TARGETS: tuple[tuple[str | None, str | None], ...] = (
     ("watch", "jobs"),
     (None, None),
 )
+WRITES = frozenset({"create", "update", "patch", "delete"})
 #: HTTP statuses of the faults; None drops the connection (no answer at all).
 STATUSES: tuple[int | None, ...] = (500, 503, 429, None)
 
@@ -62,6 +64,7 @@ class ApiFaults:
             nth=1,
             times=self.rng.randint(1, 3),
             status=self.rng.choice(STATUSES),
+            after=verb in WRITES and self.rng.random() < 0.5,
         )
         self.rules.append(self.proxy.add(rule))
         return rule
@@ -76,5 +79,6 @@ class ApiFaults:
         for rule in self.rules:
             if rule.fired:
                 what = f"{rule.verb or '*'} {rule.resource or '*'}"
-                out[f"{what} {rule.status or 'drop'}"] += rule.fired
+                when = " after" if rule.after else ""
+                out[f"{what} {rule.status or 'drop'}{when}"] += rule.fired
         return dict(sorted(out.items()))

@@ -3,7 +3,8 @@
 Clients (the operator, kubectl) get a kubeconfig pointing at ``http://127.0.0.1:<port>``;
 the proxy forwards every request to the real API server with the admin's client
 certificate, streaming the answer (watches included), unless a :class:`Rule` says to fail
-it: answer with a status (500, 503, 429, ...), drop the connection, or add latency first.
+it: answer with a status (500, 503, 429, ...), drop the connection, or add latency first;
+with ``after`` the API server gets the request and acts on it, and only its answer is lost.
 Rules match the verb (``get``, ``list``, ``watch``, ``create``, ``update``, ``patch``,
 ``delete``) and the resource (``jobs``, ``pods/log``, ``taskexecutions/status``, ...) of the
 Nth matching call, so a test can make exactly one call fail the way the network or the API
@@ -66,6 +67,9 @@ class Rule:
     times: int = 1
     status: int | None = 500  # None: drop the connection without an answer
     delay_seconds: float = 0.0
+    #: the API server gets the request and acts on it; only its answer is replaced by the
+    #: fault (a write that happened although the client saw it fail); not for watches
+    after: bool = False
     seen: int = field(default=0, init=False)
     fired: int = field(default=0, init=False)
 
@@ -242,6 +246,8 @@ class FaultProxy:
         if rule is not None:
             if rule.delay_seconds:
                 await asyncio.sleep(rule.delay_seconds)
+            if rule.after and call.verb != "watch":
+                await self._send_upstream(request)
             if rule.status is None:
                 self._record(call, None)
                 assert request.transport is not None
@@ -251,6 +257,20 @@ class FaultProxy:
                 self._record(call, rule.status)
                 return web.json_response(_status(rule.status, call), status=rule.status)
         return await self._forward(request, call)
+
+    async def _send_upstream(self, request: web.Request) -> None:
+        """The request goes to the API server; its answer is read and thrown away."""
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        body = await request.read()
+        async with self._session.request(
+            request.method,
+            self.upstream + request.rel_url.raw_path_qs,
+            headers=headers,
+            data=body if body else None,
+            ssl=self._ssl,
+        ) as upstream:
+            await upstream.read()
 
     async def _forward(self, request: web.Request, call: Call) -> web.StreamResponse:
         assert self._session is not None
