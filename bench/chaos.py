@@ -186,6 +186,9 @@ def main() -> int:
     if plan.apiserver_restarts:
         run.before_disruption = lambda: wait_for_others(args.wait_for_others, log)
     started = datetime.now(UTC)
+    code = subprocess.run(  # the commit the run started from (the checkout may move on)
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     try:
         run.setup()
         result = run.run()
@@ -208,9 +211,7 @@ def main() -> int:
             "python": platform.python_version(),
             "load_avg_at_end": [round(x, 2) for x in load],
         },
-        "code": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "code": code,
         "workdir": str(workdir),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
