@@ -65,6 +65,11 @@ class _Api(RuledModel):
     )
 
 
+class ApiModel(_Api):
+    """The base of API models outside this module (camelCase aliases, unknown fields refused,
+    frozen)."""
+
+
 class Retry(RetryPolicy):
     model_config = _Api.model_config
 

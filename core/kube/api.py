@@ -99,10 +99,11 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy", True),
         ResourceType("taskexecutions", GROUP, VERSION, "TaskExecution", True, True),
         ResourceType("adapters", GROUP, VERSION, "Adapter", True, True),
+        ResourceType("integrations", GROUP, VERSION, "Integration", True, True),
     )
 }
 #: The custom resources (``plural`` arguments of the ``*_object`` methods).
-CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters"})
+CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters", "integrations"})
 
 
 def resource_type(plural: str) -> ResourceType:

@@ -23,6 +23,7 @@ from core.engine.monitoring.metrics import Metrics
 from core.kube.client_api import ClientKubeApi
 from core.kube.control_loop import ControlLoop
 from core.kube.escalation_events import EscalationEvents
+from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.leader import ElectionConfig
 from core.kube.reconciler import Controller, ControllerSettings
 
@@ -56,6 +57,12 @@ class OperatorSettings(BaseSettings):
         default=None,
         description="Namespace of the Lease. Default: $POD_NAMESPACE, else the first "
         "served namespace, else 'default'.",
+    )
+    integration_workers: int = Field(
+        default=2, ge=1, le=16, description="Integrations merged and gated at once."
+    )
+    integration_poll_seconds: float = Field(
+        default=10.0, gt=0, description="Safety-net look at a running gate Job (events first)."
     )
     breaker_check_seconds: float = Field(
         default=60.0, gt=0, description="How often breakers are checked for escalations."
@@ -124,6 +131,19 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         namespaces=settings.namespaces,
         breaker_check_seconds=settings.breaker_check_seconds,
     )
+    integrations = IntegrationController(
+        controller.api,
+        controller.store,
+        controller.cache,
+        IntegrationSettings(
+            workdir=settings.workdir,
+            runner_image=settings.runner_image,
+            image_pull_policy=settings.image_pull_policy,
+            poll_seconds=settings.integration_poll_seconds,
+            concurrency=settings.integration_workers,
+        ),
+        metrics=controller.metrics,
+    )
     return ControlLoop(
         controller,
         controller.api,
@@ -132,5 +152,5 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         resync_seconds=settings.resync_seconds,
         election=election,
         identity=identity,
-        parts=[events],
+        parts=[events, integrations],
     )

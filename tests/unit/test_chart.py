@@ -297,7 +297,9 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
         ("networking.k8s.io", "networkpolicies", "patch"),
     }
     expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
-    expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch")}
+    expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    expected |= {("orchestrator.dev", "integrations", v) for v in ("get", "list", "watch")}
+    expected |= {("orchestrator.dev", "integrations/status", v) for v in ("get", "patch")}
     expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}  # fmt: skip
     expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
     if OPTIONS[option].get("replicaCount", 1) > 1:
