@@ -190,6 +190,23 @@ class AdapterResourceSpec(_Api):
                 a.kind is AdapterKind.PROCESS or (a.command is None and a.template is None)
             ),
         ),
+        Rule(
+            cel="self.kind == 'api' ? has(self.api) : !has(self.api)",
+            message="an api adapter needs spec.api (its endpoint), and only api adapters take it",
+            check=lambda a: (a.kind is AdapterKind.API) == (a.api is not None),
+        ),
+        Rule(
+            cel="!has(self.api) || !has(self.api.apiKeyEnv) || "
+            "(has(self.env) && self.env.exists(e, e.name == self.api.apiKeyEnv))",
+            message="api.apiKeyEnv must name a variable of spec.env (take its value from a "
+            "Secret with secretKeyRef)",
+            check=lambda a: (
+                a.api is None
+                or a.api.api_key_env is None
+                or any(e.name == a.api.api_key_env for e in a.env)
+            ),
+            field_path=".api.apiKeyEnv",
+        ),
     )
 
     kind: AdapterKind = Field(
