@@ -55,6 +55,7 @@ from core.errors import ConflictError, InfrastructureError, KubeApiError, Orches
 from core.integration_resources import IntegrationSpec, IntegrationStatus, status_of_results
 from core.kube.api import Body, KubeApi
 from core.kube.integration_gates import (
+    CALL_TIMEOUT_SECONDS,
     LABEL_INTEGRATION,
     GateSettings,
     IntegrationInterrupted,
@@ -343,7 +344,7 @@ class IntegrationController(PassivePart):
         def on_job(name: str | None) -> None:
             future = asyncio.run_coroutine_threadsafe(self._gate_job(itg, name), loop)
             try:
-                future.result()
+                future.result(CALL_TIMEOUT_SECONDS)
             except Exception:  # only a status nicety: never fail the gate run for it
                 log.debug("could not show the gate Job in the status", exc_info=True)
 

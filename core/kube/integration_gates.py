@@ -67,6 +67,8 @@ T = TypeVar("T")
 LABEL_INTEGRATION = "orchestrator.dev/integration"
 LABEL_GATE_RUN = "orchestrator.dev/gate-run"
 ANNOTATION_TREE = "orchestrator.dev/tree"
+#: Longest wait for one API call made on the event loop (the client's own timeout is 30 s).
+CALL_TIMEOUT_SECONDS = 300.0
 #: A ConfigMap holds at most 1 MiB; the patch is base64 in binaryData.
 MAX_PATCH_BYTES = 700 * 1024
 
@@ -276,7 +278,8 @@ class JobTreeGate:
         if self.stop.is_set():
             coro.close()
             raise IntegrationInterrupted("the operator stopped leading")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        # bounded: a loop that stopped meanwhile must not hold this thread (or the process)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_SECONDS)
 
     # ------------------------------------------------------------------ one gate run
 
