@@ -233,7 +233,7 @@ def execute(
             "--integrate",
             help="Then merge the COMPLETED tasks onto the integration branch (`orchestrator "
             "integrate` with its defaults); tasks it sends back are executed and integrated "
-            "again, until none is.",
+            "again, until none is. kubernetes backend: the run's Integration resource, followed.",
         ),
     ] = False,
     watch: Annotated[

@@ -51,6 +51,7 @@ from core.models import (
     RetryPolicy,
     TaskSpec,
     TaskState,
+    TokenUsage,
 )
 from core.rules import Rule, RuledModel, Unique
 
@@ -459,6 +460,23 @@ class DiffStatus(_Api):
     patch_stored_bytes: int | None = None
 
 
+class UsageStatus(_Api):
+    """Tokens an api adapter's endpoint reported for the attempt."""
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+
+
+def usage_status(usage: TokenUsage | None) -> UsageStatus | None:
+    return None if usage is None else UsageStatus.model_validate(usage.model_dump())
+
+
+def usage_of(status: UsageStatus | None) -> TokenUsage | None:
+    """Inverse of :func:`usage_status`."""
+    return None if status is None else TokenUsage.model_validate(status.model_dump())
+
+
 class AttemptStatus(_Api):
     attempt: int
     adapter: str
@@ -477,6 +495,9 @@ class AttemptStatus(_Api):
     log_truncated: bool = Field(default=False, description="The log hit its cap.")
     pod_started_at: datetime | None = Field(
         default=None, description="When the adapter's container started (its budget's start)."
+    )
+    usage: UsageStatus | None = Field(
+        default=None, description="api adapters: tokens the endpoint reported."
     )
 
 

@@ -178,15 +178,22 @@ class EscalationEvents(PassivePart):
         listed: dict[str, list[Body]] = {}
         for row in rows:
             escalation = escalation_of(row)
-            for obj in await self._targets(escalation, listed):
-                await self._post(obj, escalation)
+            targets = await self._targets(escalation, listed)
+            posted = [await self._post(obj, escalation) for obj in targets]
             await asyncio.to_thread(self.escalations.rows.event_posted, escalation.key)
+            log.info(
+                "escalation %s: %d Warning Event(s) posted, %d there already",
+                escalation.key,
+                posted.count(True),
+                posted.count(False),
+            )
         return len(rows)
 
-    async def _post(self, obj: Body, escalation: Escalation) -> None:
+    async def _post(self, obj: Body, escalation: Escalation) -> bool:
+        """Whether this call posted the Event (False: posted before, or refused)."""
         name = event_name(obj, escalation.key)
         try:
-            await self.api.post_event(
+            return await self.api.post_event(
                 obj,
                 "Warning",
                 REASON,
@@ -196,6 +203,7 @@ class EscalationEvents(PassivePart):
             )
         except RejectedError as exc:  # 4xx: the same body would be refused every time
             log.error("escalation Event %s refused (%s): %s", name, exc.status, exc)
+            return False
 
     async def _targets(self, escalation: Escalation, listed: dict[str, list[Body]]) -> list[Body]:
         """The objects the escalation is about that still exist."""

@@ -8,10 +8,11 @@ the status sent.
 
 Scenarios (the diff to answer with comes from ``$DIFF``):
 
-* ``ok``        -- 200, the diff in a fenced ``diff`` block, token usage 120/40;
 * ``throttle``  -- the first request 429 with ``Retry-After: $RETRY_AFTER``, then as ``ok``;
 * ``malformed`` -- 200, an answer without any diff;
-* ``broken``    -- 500, every time.
+* ``broken``    -- 500, every time;
+* any other (``ok``, ``fallback``, ...) -- 200, the diff in a fenced ``diff`` block, token
+  usage 120/40.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ class Handler(BaseHTTPRequestHandler):
         if scenario == "throttle" and n == 1:
             status, reply = 429, {"error": {"message": "slow down"}}
             headers["Retry-After"] = RETRY_AFTER
-        elif scenario in ("ok", "throttle"):
-            status, reply = 200, chat("Here is the change:\n\n```diff\n" + DIFF + "```\n")
         elif scenario == "malformed":
             status, reply = 200, chat("I would rather describe the change in words.")
-        else:
+        elif scenario == "broken":
             status, reply = 500, {"error": {"message": "internal error"}}
+        else:
+            status, reply = 200, chat("Here is the change:\n\n```diff\n" + DIFF + "```\n")
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
