@@ -310,6 +310,7 @@ async def drive_kubernetes(
     operator_workdir: Path,
     cluster: Cluster,
     adapter_patch: Callable[[dict[str, Any]], dict[str, Any]] = lambda a: a,
+    repo_url: str | None = None,
 ) -> None:
     """Submit the scenario and run an operator (the control loop) until every task settled."""
     url = default_url(operator_workdir)
@@ -335,6 +336,8 @@ async def drive_kubernetes(
         names = []
         for task in inputs.tasks:
             body = task_resource(RUN, task)
+            if repo_url is not None:  # the same commits, where the cluster's pods clone them
+                body["spec"]["source"]["repo"] = repo_url
             names.append(body["metadata"]["name"])
             await api.create_object("taskexecutions", cluster.namespace, body)
             if scenario.sequential:

@@ -130,17 +130,24 @@ def apply(
 
 
 def git_server(
-    kubectl: Kubectl, namespace: str, image: str, pull_policy: str, *, push: bool = False
+    kubectl: Kubectl,
+    namespace: str,
+    image: str,
+    pull_policy: str,
+    bundle: Path = DEMO / "repos/calc.bundle",
+    *,
+    push: bool = False,
 ) -> str:
-    """A git daemon pod serving examples/demo's calc repository; returns its git:// URL.
-    ``push``: it also accepts (anonymous) pushes, as a server the integration branch goes to."""
+    """A git daemon pod serving a repository from a bundle (default: examples/demo's calc);
+    returns its git:// URL (``git://<service ip>:9418/calc.git``). ``push``: it also accepts
+    (anonymous) pushes, as a server the integration branch goes to."""
     kubectl(
         "create",
         "configmap",
         "calc-bundle",
         "-n",
         namespace,
-        f"--from-file=calc.bundle={DEMO / 'repos/calc.bundle'}",
+        f"--from-file=calc.bundle={bundle}",
     )
     script = (
         "set -e; mkdir -p /tmp/repos; git clone -q --bare /bundle/calc.bundle /tmp/repos/calc.git; "
