@@ -99,10 +99,11 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy", True),
         ResourceType("taskexecutions", GROUP, VERSION, "TaskExecution", True, True),
         ResourceType("adapters", GROUP, VERSION, "Adapter", True, True),
+        ResourceType("integrations", GROUP, VERSION, "Integration", True, True),
     )
 }
 #: The custom resources (``plural`` arguments of the ``*_object`` methods).
-CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters"})
+CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters", "integrations"})
 
 
 def resource_type(plural: str) -> ResourceType:
@@ -215,11 +216,9 @@ def event_body(
     now: datetime,
     name: str | None = None,
 ) -> Body:
-    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation).
-
-    With ``name`` the Event has that name, so posting it again meets 409 and adds nothing;
-    without, the API server names it (``generateName``) and every post is a new Event.
-    """
+    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation):
+    named ``name`` (posting it again meets 409 and adds nothing), else ``<object name>.<random
+    suffix>`` (``generateName``: every post is a new Event)."""
     meta = obj["metadata"]
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     naming = {"name": name} if name else {"generateName": f"{meta['name'][:200]}."}
@@ -370,10 +369,12 @@ class KubeApi(Protocol):
         reason: str,
         message: str,
         action: str,
+        *,
         name: str | None = None,
-    ) -> None:
-        """A ``core/v1`` Event about ``obj`` (one POST); with ``name``, posted at most once
-        (a replay meets 409 AlreadyExists, which is success and reads nothing back)."""
+    ) -> bool:
+        """A ``core/v1`` Event about ``obj`` (one POST). With a deterministic ``name`` a
+        replay posts nothing: False when an Event of that name exists already (409; nothing
+        is read back, so no ``get events`` permission is needed)."""
         ...
 
     async def get_lease(self, namespace: str, name: str) -> Body | None: ...

@@ -369,8 +369,9 @@ class ClientKubeApi:
         reason: str,
         message: str,
         action: str,
+        *,
         name: str | None = None,
-    ) -> None:
+    ) -> bool:
         body = event_body(obj, type_, reason, message, action, self.now(), name)
         rt, namespace = RESOURCES["events"], obj["metadata"]["namespace"]
         # not _create: a 409 means the Event is there, nothing to read back (and no
@@ -378,8 +379,11 @@ class ClientKubeApi:
         status, raw = await self._send(
             "POST", "create", rt, namespace, name, body=body, collection=True
         )
-        if status >= 300 and not (status == 409 and name is not None):
+        if status == 409 and name is not None:
+            return False
+        if status >= 300:
             raise self._fail(status, raw, "create", rt.plural, namespace, name)
+        return True
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:
         return await self._get(RESOURCES["leases"], namespace, name)

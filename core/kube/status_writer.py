@@ -92,13 +92,13 @@ class StatusWriter:
             update={"state": TaskState.FAILED, "reason": "InvalidSpec", "message": message[:1000]}
         )
         name = event_name(te, "finished")
-        await self.api.post_event(te, "Warning", "TASK_FAILED", message, "Validate", name)
+        await self.api.post_event(te, "Warning", "TASK_FAILED", message, "Validate", name=name)
         await self.write(te, new)
 
     async def started(self, te: Body, attempt: int, message: str) -> None:
         """The Event of an attempt's start (post it before the status that shows the attempt)."""
         name = event_name(te, f"started-{attempt}")
-        await self.api.post_event(te, "Normal", "TASK_STARTED", message, "Start", name)
+        await self.api.post_event(te, "Normal", "TASK_STARTED", message, "Start", name=name)
 
     async def finished(self, te: Body, finish: Finish, attempts: int) -> None:
         """The Event of a task's end (post it before the status that shows the end)."""
@@ -112,5 +112,5 @@ class StatusWriter:
             "TASK_COMPLETED" if ok else "TASK_FAILED",
             message,
             "Finish",
-            event_name(te, "finished"),
+            name=event_name(te, "finished"),
         )

@@ -426,8 +426,9 @@ class FakeKubeApi:
         reason: str,
         message: str,
         action: str,
+        *,
         name: str | None = None,
-    ) -> None:
+    ) -> bool:
         body = event_body(obj, type_, reason, message, action, self.now(), name)
         namespace = obj["metadata"]["namespace"]
         try:  # like the real client: a 409 means the Event is there, nothing is read back
@@ -442,6 +443,8 @@ class FakeKubeApi:
         except ConflictError:
             if name is None:
                 raise
+            return False
+        return True
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:
         return await self._get("leases", namespace, name)
