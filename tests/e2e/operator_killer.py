@@ -5,12 +5,9 @@ from __future__ import annotations
 import random
 import signal
 import time
-from typing import TYPE_CHECKING
 
+from tests.e2e.chaos_plan import Plan
 from tests.e2e.operator_harness import OperatorProcess
-
-if TYPE_CHECKING:
-    from tests.e2e.chaos_harness import Plan
 
 
 class Killer:
