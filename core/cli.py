@@ -25,9 +25,9 @@ import typer
 
 from core import __version__
 from core.cli_admin import db_upgrade, ledger_verify, schema_generate
-from core.cli_common import CWD, DatabaseUrl, Workdir, console, err, fail
+from core.cli_common import CWD, Backend, DatabaseUrl, Workdir, console, err, fail
 from core.cli_evidence import export, gc
-from core.cli_integration import integrate, run_integration
+from core.cli_integration import integrate, integrate_on_kubernetes, run_integration
 from core.cli_tasks import adapters, cancel, logs, manual_submit, status
 from core.engine.alert_webhook import WebhookConfig
 from core.engine.escalation import EscalationPolicy
@@ -60,11 +60,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(manual_app, name="manual")
 app.add_typer(schema_app, name="schema")
-
-
-class Backend(StrEnum):
-    local = "local"
-    kubernetes = "kubernetes"
 
 
 def _version(value: bool) -> None:
@@ -165,7 +160,7 @@ def execute(
             "--integrate",
             help="Then merge the COMPLETED tasks onto the integration branch (`orchestrator "
             "integrate` with its defaults); tasks it sends back are executed and integrated "
-            "again, until none is.",
+            "again, until none is. kubernetes backend: the run's Integration resource, followed.",
         ),
     ] = False,
     watch: Annotated[
@@ -233,11 +228,14 @@ def execute(
     waiting, 2 bad input (or no sandbox: see --no-sandbox); with --watch 0 after a clean stop.
     """
     if backend is Backend.kubernetes:
-        if integrate_after:
-            raise fail("--integrate runs on the local backend only (see README: integration)")
         if run is None or watch:
             raise fail("the kubernetes backend needs --run and does not --watch")
         _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
+        if integrate_after:
+            from core.kube.integration_submit import integration_resource
+
+            body = integration_resource(run)
+            integrate_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout, body)
         return
     if run is None and not watch:
         raise fail("which run? pass --run <id> (or --watch to execute every run that arrives)")

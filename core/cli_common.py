@@ -9,6 +9,7 @@ fix that names the command to run.
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,11 @@ DatabaseUrl = Annotated[
     ),
 ]
 RunId = Annotated[str, typer.Option("--run", "-r", help="Run id, as in .state/task_queue.json.")]
+
+
+class Backend(StrEnum):
+    local = "local"
+    kubernetes = "kubernetes"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
