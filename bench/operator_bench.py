@@ -614,6 +614,10 @@ class Session:
                 from_posted.append(jobs[n]["added"] - self.created[n]["posted"])
         return from_post, from_posted
 
+    def terminal_or_state(self, name: str) -> set[str]:
+        with self.tes.lock:
+            return set(self.tes.tes.get(name, {}).get("states", {}))
+
     def terminal(self, names: Iterable[str]) -> dict[str, str]:
         out = {}
         with self.tes.lock:
@@ -777,31 +781,62 @@ def probe_profile(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def raw_job_rate(session: Session, n: int, threads: int) -> dict[str, Any]:
-    """The limit: this client POSTs n suspended copies of an operator Job manifest."""
+def raw_job_rate(
+    session: Session, n: int, threads: int, *, suspend: bool = True, tag: str = ""
+) -> dict[str, Any]:
+    """The limit: this client POSTs n copies of an operator Job manifest (suspended unless
+    told: then the Job controller reacts to them as it does to the operator's)."""
     c = session.cluster
     template = _job_template(session)
-    label = f"raw{threads}"
+    label = f"raw{threads}{tag}"
 
     def body(i: int) -> dict[str, Any]:
         b = json.loads(json.dumps(template))
-        b["metadata"] = {"name": f"raw-{threads}-{i}", "labels": {"opbench": label}}
-        b["spec"]["suspend"] = True
+        b["metadata"] = {"name": f"raw-{threads}{tag}-{i}", "labels": {"opbench": label}}
+        b["spec"]["suspend"] = suspend
         return b
 
     bodies = [body(i) for i in range(n)]
+    done: list[float] = []
 
     def post(b: dict[str, Any]) -> None:
         resp = c.batch.create_namespaced_job(session.ns, b, _preload_content=False)
         resp.data  # noqa: B018 - drain the body: the pooled connection is reused
         resp.release_conn()
+        done.append(time.monotonic())
 
+    procs = pids_named("kube-apiserver", "etcd", "kube-controller")
+    cpu0 = {k: cpu_seconds(v) for k, v in procs.items()}
+    self0 = _self_cpu()
+    load0 = loadavg()
     t0 = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(post, bodies))
     dt = time.monotonic() - t0
+    cpu = {k: _delta(cpu_seconds(v), cpu0[k]) for k, v in procs.items()}
+    cpu["bench_client"] = round(_self_cpu() - self0, 2)
     c.kubectl("delete", "jobs", "-n", session.ns, "-l", f"opbench={label}", "--wait=false")
-    return {"jobs": n, "threads": threads, "seconds": round(dt, 3), "jobs_per_s": rate(n, dt)}
+    return {
+        "jobs": n,
+        "threads": threads,
+        "suspended": suspend,
+        "seconds": round(dt, 3),
+        "jobs_per_s": rate(n, dt),
+        "cpu_seconds": cpu,
+        "load_before_after": [load0, loadavg()],
+        "jobs_created_s": [round(t - t0, 4) for t in sorted(done)],
+    }
+
+
+def _self_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return round(after - before, 2) if after is not None and before is not None else None
 
 
 def _job_template(session: Session) -> dict[str, Any]:
@@ -1012,6 +1047,193 @@ def bench_queued(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+def _cpu_now(session: Session) -> dict[str, float | None]:
+    procs = {"operator": session.proc.pid if session.proc else -1}
+    procs |= pids_named("kube-apiserver", "etcd", "kube-controller")
+    out = {k: cpu_seconds(v) for k, v in procs.items()}
+    out["bench_client"] = _self_cpu()
+    return out
+
+
+def _cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: _delta(b.get(k), v) for k, v in a.items()}
+
+
+def _events_named(cluster: Cluster, ns: str, reason: str) -> int:
+    out = cluster.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"reason={reason}", "-o", "name"
+    )
+    return len(out.stdout.split())
+
+
+def _db_events(session: Session, event: str) -> int:
+    from sqlalchemy import func, select
+
+    from core.db.database import default_url, make_engine
+    from core.db.tables import ExecutionLog
+
+    engine = make_engine(session.db_url or default_url(session.workdir))
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        ExecutionLog.run_id == session.run_id, ExecutionLog.event == event
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def bench_burst(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """N TaskExecutions applied at once (issue 17): Jobs created against the raw limit.
+
+    Pods never start (ResourceQuota pods=0), so this is the operator-bound part alone. The
+    limit: this client creates the same number of copies of an operator Job with the same
+    threads, once before and once after the burst (the mean is the limit). Then everything
+    the contract promises for a start is counted once it has followed: IN_PROGRESS status
+    (the watch), TASK_STARTED Events (the namespace) and execution_log rows (the database).
+    """
+    with Session(
+        cluster, "burst", git=False, quota_pods=0, resync=args.resync, profile=args.profile
+    ) as s:
+        s.create_te("warmup")
+        wait_until(lambda: "warmup" in s.jobs.by_te("adapter"), 120, "warm-up Job", 0.01)
+        wait_until(lambda: "IN_PROGRESS" in s.terminal_or_state("warmup"), 120, "warm-up")
+        time.sleep(2.0)
+        raw_before = raw_job_rate(s, args.raw, args.threads, suspend=not args.raw_unsuspended)
+        time.sleep(3.0)
+        before = api_window(s)
+        cpu0, load0, rss0 = _cpu_now(s), loadavg(), s.rss()
+        names = [f"b-{i:05d}" for i in range(args.n)]
+        t0 = time.monotonic()
+        post_s = s.bulk_create(names, args.threads)
+        cpu_posted = _cpu_now(s)
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                lambda: all(n in s.jobs.by_te("adapter") for n in names),
+                args.job_timeout,
+                "all adapter Jobs",
+                0.05,
+            )
+        t_jobs = time.monotonic()
+        cpu_jobs, load_jobs = _cpu_now(s), loadavg()
+        jobs = s.jobs.by_te("adapter")
+        made = [n for n in names if n in jobs]
+        job_span = max(jobs[n]["added"] for n in made) - t0 if made else None
+        from_post, from_posted = s.job_latencies(names)
+
+        def started() -> int:
+            with s.tes.lock:
+                return sum(
+                    1 for n in names if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+                )
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: started() == len(names), args.job_timeout, "all IN_PROGRESS", 0.1)
+        with s.tes.lock:
+            progress = [
+                s.tes.tes[n]["states"]["IN_PROGRESS"]
+                for n in names
+                if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+            ]
+            status_lag = [
+                s.tes.tes[n]["states"]["IN_PROGRESS"] - jobs[n]["added"]
+                for n in made
+                if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+            ]
+        t_status = time.monotonic()
+        cpu_status = _cpu_now(s)
+        events_expected = len(names) + 1  # and the warm-up's
+
+        def events_done() -> bool:
+            return _events_named(cluster, s.ns, "TASK_STARTED") >= events_expected
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(events_done, 120, "TASK_STARTED Events", 1.0)
+        time.sleep(2.0)
+        after = api_window(s)
+        k8s_events = _events_named(cluster, s.ns, "TASK_STARTED")
+        db_started = _db_events(s, "TASK_STARTED")
+        stats, rss1 = s.stats(), s.rss()
+        time.sleep(3.0)
+        raw_after = raw_job_rate(
+            s, args.raw, args.threads, suspend=not args.raw_unsuspended, tag="b"
+        )
+        profile_text = s.stop_operator() if args.profile else ""
+        raws = [raw_before, raw_after]
+        raw_rate = sum(r["jobs_per_s"] for r in raws) / 2
+        raw_seconds = sum(r["seconds"] for r in raws) / 2
+        job_rate = rate(len(made), job_span)
+        p95 = (summary(from_post).get("p95") or 0) / 1000
+        burst_cpu = _cpu_delta(cpu0, cpu_jobs)
+        return {
+            "benchmark": "burst",
+            "pyinstrument_enabled": args.profile,
+            "pyinstrument_top": profile_text.splitlines()[:150],
+            "tasks": args.n,
+            "jobs_created": len(made),
+            "pods": "ResourceQuota pods=0: Jobs exist, no pod ever starts",
+            "client_threads": args.threads,
+            "te_bulk_post_s": round(post_s, 3),
+            "te_post_rate_per_s": rate(args.n, post_s),
+            "to_adapter_job_created": {
+                "seconds": round(job_span, 3) if job_span else None,
+                "per_s": job_rate,
+            },
+            "raw_job_create_limit": {
+                "before": {k: v for k, v in raw_before.items() if k != "jobs_created_s"},
+                "after": {k: v for k, v in raw_after.items() if k != "jobs_created_s"},
+                "jobs_per_s": round(raw_rate, 2),
+                "seconds": round(raw_seconds, 3),
+            },
+            "targets": {
+                "job_rate_ratio": round(job_rate / raw_rate, 3) if job_rate else None,
+                "job_rate_ratio_target": 0.6,
+                "apply_to_job_p95_s": round(p95, 3),
+                "apply_to_job_p95_limit_s": round(1.25 * raw_seconds, 3),
+                "apply_to_job_p95_vs_raw_seconds": round(p95 / raw_seconds, 3),
+                "apply_to_job_p95_vs_raw_target": 1.25,
+            },
+            "apply_to_adapter_job_ms": summary(from_post),
+            "posted_to_adapter_job_ms": summary(from_posted),
+            "followed": {
+                "in_progress_status": len(progress),
+                "task_started_events": k8s_events,
+                "task_started_db_rows": db_started,
+                "expected": len(names) + 1,
+                "all_in_progress_after_s": round(max(progress) - t0, 3) if progress else None,
+                "job_to_status_lag_ms": summary(status_lag),
+            },
+            "cpu_seconds": {
+                "te_posts": _cpu_delta(cpu0, cpu_posted),
+                "burst_to_last_job": burst_cpu,
+                "follow_up": _cpu_delta(cpu_jobs, cpu_status),
+            },
+            "cpu_ms_per_task_burst": {
+                k: round(1000 * v / args.n, 2) for k, v in burst_cpu.items() if v is not None
+            },
+            "windows_s": {
+                "burst_to_last_job": round(t_jobs - t0, 3),
+                "follow_up": round(t_status - t_jobs, 3),
+            },
+            "timeline": {
+                "note": "seconds from the first TaskExecution POST (operator) or the first "
+                "Job POST (raw); one entry per object, sorted",
+                "te_posts_s": sorted(round(s.created[n]["posted"] - t0, 4) for n in names),
+                "operator_jobs_s": sorted(round(jobs[n]["added"] - t0, 4) for n in made),
+                "operator_status_in_progress_s": sorted(round(t - t0, 4) for t in progress),
+                "raw_jobs_s_before": raw_before["jobs_created_s"],
+                "raw_jobs_s_after": raw_after["jobs_created_s"],
+            },
+            "operator_rss_kib": {"before": rss0, "after": rss1},
+            "load": {"start": load0, "at_jobs": load_jobs, "end": loadavg()},
+            "api_cost": api_cost(before, after, len(made), args.n),
+            "profile": probe_profile(stats),
+        }
+
+
 def bench_api_cost(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
     with Session(cluster, "api", resync=args.resync) as s:
         time.sleep(5.0)
@@ -1172,6 +1394,7 @@ BENCHES: dict[str, Callable[[Cluster, argparse.Namespace], dict[str, Any]]] = {
     "throughput": bench_throughput,
     "db": bench_throughput,
     "queued": bench_queued,
+    "burst": bench_burst,
     "api-cost": bench_api_cost,
     "memory": bench_memory,
 }
@@ -1183,11 +1406,23 @@ def parser() -> argparse.ArgumentParser:
     for name in BENCHES:
         sp = sub.add_parser(name)
         sp.add_argument(
-            "--n", type=int, default={"latency": 50, "queued": 1000, "api-cost": 20}.get(name, 100)
+            "--n",
+            type=int,
+            default={"latency": 50, "queued": 1000, "burst": 1000, "api-cost": 20}.get(name, 100),
         )
         sp.add_argument("--resync", type=float, default=30.0, help="ORCHESTRATOR_RESYNC_SECONDS")
         sp.add_argument("--threads", type=int, default=4, help="client threads for bulk creates")
-        sp.add_argument("--raw", type=int, default=200, help="Jobs for the raw create rate")
+        sp.add_argument(
+            "--raw",
+            type=int,
+            default=1000 if name == "burst" else 200,
+            help="Jobs for the raw create rate",
+        )
+        sp.add_argument(
+            "--raw-unsuspended",
+            action="store_true",
+            help="burst: the raw Jobs are not suspended (the Job controller reacts to them)",
+        )
         sp.add_argument("--gap", type=float, default=0.3, help="pause between sequential creates")
         sp.add_argument("--extra", type=int, default=20, help="queued: sequential TEs on top")
         sp.add_argument("--idle", type=float, default=20.0, help="api-cost: background window")

@@ -10,12 +10,11 @@ Adapter is there or fixed: the Adapter's watch event re-queues it). The checks a
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from core.db.store import Store
+from core.db.store import Store, TaskRecord
 from core.engine.lifecycle import TaskPlan
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
@@ -25,7 +24,7 @@ from core.kube.egress import EgressPolicies
 from core.kube.status_writer import StatusWriter
 from core.kube.validation import describe, task_execution_problems
 from core.kube.watch_cache import WatchCache, trim
-from core.models import TaskSpec
+from core.models import AdapterSpec, TaskSpec
 from core.resources import (
     AdapterResourceSpec,
     TaskExecutionSpec,
@@ -50,6 +49,9 @@ class TaskContext:
     adapters: dict[str, AdapterResourceSpec]
     plan: TaskPlan
     key: TaskKey = field(init=False)
+    #: the Adapters as the engine sees them, and their generations (what the rows hold)
+    inputs: list[AdapterSpec] = field(init=False, default_factory=list)
+    generations: tuple[tuple[str, object], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         meta = self.te["metadata"]
@@ -87,7 +89,8 @@ class TaskContexts:
         self.status = status
         self.breakers = breakers
         self.egress = EgressPolicies(api)
-        self._synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
+        self._adapters_synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
+        self._tasks_synced: set[str] = set()  # uids of unfinished tasks with their row
 
     async def build(self, te: Body) -> TaskContext | None:
         """The context of one step, or None after saying in the status why there is none."""
@@ -104,7 +107,7 @@ class TaskContexts:
         objects: dict[str, Body | None] = {}
         for adapter_name in names:
             obj = self.cache.adapters.get((namespace, adapter_name))
-            if obj is None:
+            if obj is None and not self.cache.adapters_listed(namespace):
                 obj = await self.api.get_object(ADAPTERS, namespace, adapter_name)
                 if obj is not None:
                     self.cache.adapters[(namespace, adapter_name)] = trim(obj)
@@ -126,13 +129,26 @@ class TaskContexts:
         for adapter in engine.values():
             self.breakers.know(namespace, adapter)
         ctx = TaskContext(te, spec, status, task, adapters, TaskPlan.of(task, names, engine))
-        synced = (ctx.uid, self.cache.generations(namespace, names))
-        if synced not in self._synced:
-            seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
-            await asyncio.to_thread(self.store.sync_adapters, namespace, list(engine.values()))
-            await asyncio.to_thread(self.store.sync_tasks, [(ctx.key, seq, task, names[0])])
-            self._synced.add(synced)
+        ctx.inputs = list(engine.values())
+        ctx.generations = self.cache.generations(namespace, names)
         return ctx
+
+    def record(self, ctx: TaskContext) -> TaskRecord:
+        """The task's database record, its rows synced first (once per task and per Adapter
+        generation). Blocking: call it in a thread; one trip does both."""
+        adapters = (ctx.ns, ctx.generations)
+        if adapters not in self._adapters_synced:
+            self.store.sync_adapters(ctx.ns, ctx.inputs)
+            self._adapters_synced.add(adapters)
+        if ctx.uid not in self._tasks_synced:
+            seq = int(parse_time(ctx.te["metadata"].get("creationTimestamp")).timestamp())
+            self.store.sync_tasks([(ctx.key, seq, ctx.task, ctx.plan.chain.adapter_ids[0])])
+            self._tasks_synced.add(ctx.uid)
+        return self.store.task(ctx.key)
+
+    def forget(self, uid: str) -> None:
+        """The task is finished or gone: nothing of it stays in memory."""
+        self._tasks_synced.discard(uid)
 
 
 def problems_of(exc: ValidationError) -> list[str]:

@@ -67,6 +67,12 @@ class WatchCache:
         self.adapters: dict[Where, Body] = {}
         self.jobs: dict[Where, Body] = {}
         self._users: dict[Where, set[str]] = {}  # Adapter -> TaskExecution names
+        #: scopes (a namespace, None for all) whose Adapters were listed: there the cache is
+        #: complete, an Adapter it does not hold does not exist (its ADDED event will come)
+        self.listed: set[str | None] = set()
+
+    def adapters_listed(self, namespace: str) -> bool:
+        return None in self.listed or namespace in self.listed
 
     def observe_task(self, type_: str, body: Body) -> list[Key]:
         """A TaskExecution watch event: update the cache; the keys to (re)consider."""
