@@ -183,7 +183,8 @@ class Controller:
         return self.cache.observe_job(type_, body)
 
     def unfinished_keys(self) -> list[Key]:
-        return self.cache.unfinished_keys()
+        """Every unfinished TaskExecution but those parked on an unchanged input."""
+        return [k for k in self.cache.unfinished_keys() if not self.contexts.parked((k[1], k[2]))]
 
     # ------------------------------------------------------------------ the queue handler
 

@@ -262,6 +262,10 @@ class WorkQueue(Generic[K]):
         """Keys waiting for their ``add_after`` time."""
         return len(self._waiting)
 
+    def in_progress(self) -> int:
+        """Keys a worker holds."""
+        return len(self._processing)
+
     def add(self, key: K, priority: Priority = Priority.HIGH) -> None:
         if self._shutting_down:
             return
