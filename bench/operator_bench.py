@@ -221,14 +221,53 @@ def _on_step(kind, name, dt):
         r = STATS["reconcile"]; r["n"] += 1; r["s"] += dt; r["max"] = max(r["max"], dt)
 
 
+def _top(stats, n=30):
+    return [{"where": str(st.traceback[0]) if st.traceback else "?",
+             "kib": round(st.size / 1024, 1), "blocks": st.count} for st in stats[:n]]
+
+
+def _diff(stats, n=30):
+    return [{"where": str(st.traceback[0]) if st.traceback else "?",
+             "kib": round(st.size / 1024, 1), "kib_diff": round(st.size_diff / 1024, 1),
+             "blocks_diff": st.count_diff} for st in stats[:n]]
+
+
+def _snapshots(state):
+    """Answer snapshot requests: <dir>/<label>.req -> <dir>/<label>.json (tracemalloc)."""
+    import gc, tracemalloc
+    folder = os.environ.get("OPBENCH_TRACEMALLOC")
+    if not folder:
+        return
+    for req in sorted(p for p in os.listdir(folder) if p.endswith(".req")):
+        label = req[:-4]
+        gc.collect()
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)])
+        out = {"label": label, "traced_kib": round(tracemalloc.get_traced_memory()[0] / 1024, 1),
+               "by_file": _top(snap.statistics("filename")),
+               "by_line": _top(snap.statistics("lineno"))}
+        base = state.get("base")
+        if base is None:
+            state["base"] = snap
+        else:
+            out["diff_by_file"] = _diff(snap.compare_to(base, "filename"))
+            out["diff_by_line"] = _diff(snap.compare_to(base, "lineno"))
+        with open(os.path.join(folder, label + ".json.tmp"), "w") as fh:
+            json.dump(out, fh)
+        os.replace(os.path.join(folder, label + ".json.tmp"), os.path.join(folder, label + ".json"))
+        os.remove(os.path.join(folder, req))
+
+
 async def _dump(memo):
     path = os.environ["OPBENCH_STATS"]
     loop = asyncio.get_running_loop()
     lag_max = 0.0
+    snapshots = {}
     while True:
         t = loop.time()
         await asyncio.sleep(0.5)
         lag_max = max(lag_max, loop.time() - t - 0.5)
+        _snapshots(snapshots)
         loop_ = getattr(memo, "loop", None)
         out = dict(STATS, queue=len(loop_.queue) if loop_ else None,
                    loop_lag_max_s=round(lag_max, 4), tasks=len(asyncio.all_tasks()), t=time.time())
@@ -236,6 +275,12 @@ async def _dump(memo):
         with open(tmp, "w") as fh:
             json.dump(out, fh)
         os.replace(tmp, path)
+
+
+if os.environ.get("OPBENCH_TRACEMALLOC"):
+    import tracemalloc
+
+    tracemalloc.start(1)
 
 
 @kopf.on.startup()
@@ -447,8 +492,12 @@ class Session:
         resync: float = 30.0,
         adapter: bool = True,
         profile: bool = False,
+        tracemalloc: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.profile = profile
+        self.tracemalloc = tracemalloc
+        self.extra_env = env or {}
         self.cluster = cluster
         self.ns = f"opbench-{tag}-{uuid.uuid4().hex[:6]}"
         self.run_id = f"opbench-{tag}"
@@ -515,6 +564,10 @@ class Session:
             env["ORCHESTRATOR_DATABASE_URL"] = self.db_url
         if self.profile:
             env["OPBENCH_PYINSTRUMENT"] = str(self.workdir / "pyinstrument.txt")
+        if self.tracemalloc:
+            (self.workdir / "tracemalloc").mkdir(exist_ok=True)
+            env["OPBENCH_TRACEMALLOC"] = str(self.workdir / "tracemalloc")
+        env.update(self.extra_env)
         cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", self.ns]
         cmd += [str(ROOT / "operator/handlers.py"), str(probe)]
         log_path = self.workdir / "operator.log"
@@ -577,6 +630,18 @@ class Session:
 
     def rss(self) -> dict[str, int]:
         return rss_kib(self.proc.pid) if self.proc else {}
+
+    def heap(self, label: str, timeout: float = 300) -> dict[str, Any] | None:
+        """A tracemalloc snapshot of the operator (the first one is the baseline of the
+        diffs of the later ones); None unless the session traces."""
+        if not self.tracemalloc:
+            return None
+        folder = self.workdir / "tracemalloc"
+        (folder / f"{label}.req").touch()
+        out = folder / f"{label}.json"
+        wait_until(out.exists, timeout, f"tracemalloc snapshot {label}", 0.5)
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
 
     # -- driving
     def te_body(self, name: str, adapter: str = "patch") -> dict[str, Any]:
@@ -1277,10 +1342,92 @@ def bench_api_cost(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]
         }
 
 
+def _api_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    calls = {
+        k: v["n"] - before.get("api", {}).get(k, {}).get("n", 0)
+        for k, v in after.get("api", {}).items()
+    }
+    return {k: v for k, v in calls.items() if v}
+
+
+LEASE_CALLS = frozenset({"get:leases", "update:leases", "create:leases"})
+
+
+def _idle(s: Session, seconds: float, resync: float) -> dict[str, Any]:
+    """API calls, reconciles and CPU of the operator while nothing changes."""
+    pid = s.proc.pid if s.proc else -1
+    stats0, cpu0, t0, load0 = s.stats(), cpu_seconds(pid), time.monotonic(), loadavg()
+    time.sleep(seconds)
+    stats1, cpu1, t1 = s.stats(), cpu_seconds(pid), time.monotonic()
+    calls = _api_delta(stats0, stats1)
+    periods = (t1 - t0) / resync
+    objects = {k: v for k, v in calls.items() if k not in LEASE_CALLS}
+    cpu = (cpu1 or 0.0) - (cpu0 or 0.0)
+    return {
+        "seconds": round(t1 - t0, 1),
+        "resync_periods": round(periods, 2),
+        "api_calls": calls,
+        "api_calls_per_resync_period": round(sum(calls.values()) / periods, 2),
+        "api_calls_per_resync_period_without_lease": round(sum(objects.values()) / periods, 2),
+        "lease_calls_per_resync_period": round(
+            sum(v for k, v in calls.items() if k in LEASE_CALLS) / periods, 2
+        ),
+        "reconciles": (stats1.get("reconcile", {}).get("n") or 0)
+        - (stats0.get("reconcile", {}).get("n") or 0),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_percent_of_one_core": round(100 * cpu / (t1 - t0), 3),
+        "load": [load0, loadavg()],
+    }
+
+
+class SoakDriver(threading.Thread):
+    """Steady arrivals and completions: a real task (adapter Job + gate Job) every
+    ``interval`` seconds; a finished one is deleted (its Jobs and ConfigMap follow)."""
+
+    def __init__(self, s: Session, interval: float) -> None:
+        super().__init__(daemon=True, name="soak")
+        self.s, self.interval = s, interval
+        self.stop = threading.Event()
+        self.created: list[str] = []
+        self.deleted: dict[str, str] = {}
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        i = 0
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                if time.monotonic() >= next_at:
+                    name = f"soak-{i:05d}"
+                    self.s.create_te(name)
+                    self.created.append(name)
+                    i += 1
+                    next_at += self.interval
+                pending = [n for n in self.created if n not in self.deleted]
+                for name, state in self.s.terminal(pending).items():
+                    self.s.cluster.custom.delete_namespaced_custom_object(
+                        GROUP, VERSION, self.s.ns, TE, name
+                    )
+                    self.deleted[name] = state
+            except Exception as exc:  # recorded, the soak goes on
+                self.errors.append(repr(exc)[:300])
+            self.stop.wait(0.5)
+
+
 def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
-    """TaskExecutions on a missing Adapter: the operator parks each (one status write)."""
-    with Session(cluster, "mem", git=False, adapter=False, resync=args.resync) as s:
+    """TaskExecutions on a missing Adapter (each parks: one status write), then idle, then a
+    soak with steady arrivals and completions of real tasks next to them."""
+    soak_tasks = args.soak_interval > 0
+    with Session(
+        cluster,
+        "mem",
+        git=soak_tasks,
+        adapter=soak_tasks,
+        resync=args.resync,
+        tracemalloc=args.tracemalloc,
+    ) as s:
         time.sleep(3.0)
+        heaps: dict[str, Any] = {"base": s.heap("base")}
         points = [{"present": 0, "rss_kib": s.rss(), "load": loadavg()}]
         made = 0
         for target in args.sizes:
@@ -1300,7 +1447,7 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                 parked = True
             except TimeoutError:
                 parked = False
-            time.sleep(2.0)
+            time.sleep(5.0)
             points.append(
                 {
                     "present": target,
@@ -1308,18 +1455,44 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                     "create_and_park_s": round(time.monotonic() - t0, 1),
                     "rss_kib": s.rss(),
                     "load": loadavg(),
-                    "profile": probe_profile(s.stats()),
                 }
             )
+            heaps[f"present_{target}"] = s.heap(f"present_{target}")
             print(json.dumps(points[-1]["rss_kib"]), target, file=sys.stderr)
-        soak = []
+        idle = _idle(s, args.idle_periods * args.resync, args.resync) if args.idle_periods else {}
+        print("idle", json.dumps(idle), file=sys.stderr)
+        soak: list[dict[str, Any]] = []
+        driver = SoakDriver(s, args.soak_interval) if soak_tasks else None
+        if driver is not None:
+            driver.start()
         t0 = time.monotonic()
+        pid = s.proc.pid if s.proc else -1
+        cpu0 = cpu_seconds(pid)
         while time.monotonic() - t0 < args.soak:
             soak.append(
-                {"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss(), "load": loadavg()}
+                {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "rss_kib": s.rss().get("VmRSS"),
+                    "arrived": len(driver.created) if driver else 0,
+                    "completed": len(driver.deleted) if driver else 0,
+                    "load1": loadavg()[0],
+                }
             )
             time.sleep(args.soak_step)
-        soak.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
+        if driver is not None:
+            driver.stop.set()
+            driver.join(timeout=30)
+        soak.append(
+            {
+                "t_s": round(time.monotonic() - t0, 1),
+                "rss_kib": s.rss().get("VmRSS"),
+                "arrived": len(driver.created) if driver else 0,
+                "completed": len(driver.deleted) if driver else 0,
+                "load1": loadavg()[0],
+            }
+        )
+        soak_cpu = (cpu_seconds(pid) or 0.0) - (cpu0 or 0.0)
+        heaps["soak_end"] = s.heap("soak_end")
         stats = s.stats()
         restart = []
         if args.restart_wait > 0:  # a fresh operator with everything already present
@@ -1330,19 +1503,55 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                 restart.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
                 time.sleep(args.soak_step)
             restart.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
+        rss = [p["rss_kib"] for p in soak if p["rss_kib"]]
+        settled = [p["rss_kib"] for p in soak if p["rss_kib"] and p["t_s"] >= args.soak_warmup]
         return {
             "benchmark": "memory",
             "resync_seconds": args.resync,
+            "tracemalloc_enabled": args.tracemalloc,
             "points": points,
+            "idle": idle,
             "soak": {
                 "seconds": args.soak,
-                "present": made,
+                "present_parked": made,
+                "task_interval_s": args.soak_interval,
+                "arrived": len(driver.created) if driver else 0,
+                "completed": dict(Counter(driver.deleted.values())) if driver else {},
+                "driver_errors": driver.errors[:20] if driver else [],
+                "operator_cpu_percent_of_one_core": round(100 * soak_cpu / max(args.soak, 1), 2),
+                "rss_first_last_kib": [rss[0], rss[-1]] if rss else None,
+                "rss_min_max_kib": [min(rss), max(rss)] if rss else None,
+                "settled_after_s": args.soak_warmup,
+                "rss_settled_min_max_kib": [min(settled), max(settled)] if settled else None,
+                "rss_settled_spread_percent": round(100 * (max(settled) / min(settled) - 1), 2)
+                if settled
+                else None,
                 "samples": soak,
-                "rss_first_last_kib": [
-                    soak[0]["rss_kib"].get("VmRSS"),
-                    soak[-1]["rss_kib"].get("VmRSS"),
-                ],
             },
+            "targets": {
+                "rss_mib_with_10000": round(
+                    max(
+                        [p["rss_kib"].get("VmRSS", 0) for p in points if p["present"] >= 10000]
+                        + ([max(rss)] if rss else [0])
+                    )
+                    / 1024,
+                    1,
+                ),
+                "rss_mib_target": 200,
+                "soak_spread_percent": round(100 * (max(settled) / min(settled) - 1), 2)
+                if settled
+                else None,
+                "soak_spread_target_percent": 5,
+                "soak_minutes": round(args.soak / 60, 1),
+                "idle_api_calls_per_resync_period": idle.get("api_calls_per_resync_period"),
+                "idle_api_calls_per_resync_period_without_lease": idle.get(
+                    "api_calls_per_resync_period_without_lease"
+                ),
+                "idle_api_calls_target": 1,
+                "idle_cpu_percent": idle.get("cpu_percent_of_one_core"),
+                "idle_cpu_target_percent": 2,
+            },
+            "tracemalloc": heaps,
             "profile_end": probe_profile(stats),
             "after_restart": {"present": made, "samples": restart},
         }
@@ -1431,6 +1640,19 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--park-timeout", type=float, default=900.0)
         sp.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
         sp.add_argument("--soak", type=float, default=300.0, help="memory: soak seconds")
+        sp.add_argument(
+            "--soak-interval",
+            type=float,
+            default=0.0,
+            help="memory: a real task every N seconds during the soak (0: none)",
+        )
+        sp.add_argument(
+            "--soak-warmup", type=float, default=120.0, help="memory: flatness counted after"
+        )
+        sp.add_argument(
+            "--idle-periods", type=int, default=0, help="memory: resync periods measured idle"
+        )
+        sp.add_argument("--tracemalloc", action="store_true", help="memory: heap snapshots")
         sp.add_argument("--soak-step", type=float, default=10.0)
         sp.add_argument("--restart-wait", type=float, default=0.0, help="memory: RSS after restart")
         sp.add_argument(
