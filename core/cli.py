@@ -273,6 +273,16 @@ def execute(
         float,
         typer.Option(min=1, help="Escalate a circuit breaker not closed for this many seconds."),
     ] = 900.0,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="local backend: run adapters and gate checks in the bubblewrap sandbox "
+            "(tree and scratch dirs writable, work dir state hidden, /tmp private). Without "
+            "a working bubblewrap `execute` refuses; --no-sandbox runs them unconfined, with "
+            "every right of your user.",
+        ),
+    ] = True,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
@@ -281,7 +291,7 @@ def execute(
     Escalations (breaker opened or open too long, repeated gate failures, task timeout,
     adapter crash, safe mode) go to logs/escalations.jsonl, the database, a metric and the
     optional webhook. Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left
-    waiting, 2 bad input; with --watch 0 after a clean stop.
+    waiting, 2 bad input (or no sandbox: see --no-sandbox); with --watch 0 after a clean stop.
     """
     if backend is Backend.kubernetes:
         if integrate_after:
@@ -318,6 +328,7 @@ def execute(
             breaker_open_seconds=escalate_breaker_open_after,
             webhook=webhook,
         ),
+        sandbox=sandbox,
     )
     stop = threading.Event()
     metrics = Metrics()
