@@ -86,6 +86,8 @@ from core.models import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
+#: How old a breaker snapshot may be when a peek (not an admission) is answered from it.
+BREAKER_PEEK_SECONDS = 1.0
 #: Hard limit of one attempt's diff: a larger one is not kept and fails as diff_too_large.
 DEFAULT_MAX_DIFF_BYTES = 100 * 1024 * 1024
 
@@ -199,6 +201,10 @@ class Executor:
             lambda adapter_id: inputs.adapters[adapter_id].breaker,
             self.clocks.wall,
             self.recorder.on_breaker_transition,
+            # peeks (safe mode, admits) within a second of a read or write of this process
+            # are answered from it: 1 breaker read per attempt instead of 4
+            max_age_seconds=BREAKER_PEEK_SECONDS,
+            monotonic=self.clocks.monotonic,
         )
         self.health = AdapterHealth(
             inputs.adapters,
