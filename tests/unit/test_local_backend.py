@@ -32,7 +32,9 @@ class Hooks:
 def request(repo: Any, attempt: int = 1) -> AttemptRequest:
     return AttemptRequest(
         key=TaskKey("run1", "t1"),
-        task=TaskSpec(task_id="t1", prompt="add a file", repo=str(repo.path), base_commit=repo.base),
+        task=TaskSpec(
+            task_id="t1", prompt="add a file", repo=str(repo.path), base_commit=repo.base
+        ),
         adapter=AdapterSpec(
             id="sh", kind="process", command=["/bin/sh", "-c", "echo new > added.txt"]
         ),
