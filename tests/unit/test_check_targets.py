@@ -96,9 +96,7 @@ def test_every_repeat_must_meet_and_limits_come_from_the_same_run(
     burst["targets"]["apply_to_job_p95_limit_s"] = 5.0  # the raw client was faster this time
     write(tmp_path, "operator-burst.json", burst)
     got = statuses(ct, tmp_path)
-    assert got["embedded: overhead per task <= 30% of the bare limit (SQLite, sandboxed)"] == (
-        "missed"
-    )
+    assert got["embedded: overhead per task <= 30% of the bare limit (SQLite)"] == ("missed")
     assert got["embedded: overhead per task < 50 ms (SQLite, issue 2)"] == "met"
     p95 = "burst: p95 apply->Job <= 1.25x the raw client's time for the same Jobs"
     assert got[p95] == "missed"
