@@ -285,7 +285,8 @@ class Observed:
     ``subprocess.Popen`` audit event: git, the adapter, the gate check) and every database
     statement, commit and connection checkout (SQLAlchemy engine and pool events)."""
 
-    _active: Observed | None = None
+    #: The instance counting now (audit hooks cannot be removed, so one hook is switched).
+    active: Observed | None = None
     _hooked = False
 
     def __init__(self) -> None:
@@ -294,7 +295,7 @@ class Observed:
 
     @classmethod
     def _audit(cls, event: str, args: tuple[Any, ...]) -> None:
-        me = cls._active
+        me = cls.active
         if me is None or event != "subprocess.Popen":
             return
         argv = [str(a) for a in (args[1] or [args[0]])]
@@ -308,7 +309,7 @@ class Observed:
 
     @classmethod
     def install(cls) -> None:
-        """Audit hooks cannot be removed: one for the process, switched by ``_active``."""
+        """Audit hooks cannot be removed: one for the process, switched by ``active``."""
         if not cls._hooked:
             sys.addaudithook(cls._audit)
             cls._hooked = True
@@ -334,11 +335,11 @@ class Observed:
         ]
         for target, name, fn in listeners:
             event.listen(target, name, fn)
-        Observed._active = self
+        Observed.active = self
         try:
             yield self
         finally:
-            Observed._active = None
+            Observed.active = None
             for target, name, fn in listeners:
                 event.remove(target, name, fn)
 
