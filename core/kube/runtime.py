@@ -3,7 +3,8 @@
 ``operator/handlers.py`` only starts and stops what this module builds: the database
 (migrated once at start), work dir, API client, metrics endpoint, the
 :class:`~core.kube.reconciler.Controller` and the :class:`~core.kube.control_loop.ControlLoop`
-that feeds it (informers, work queue, leader election).
+that feeds it (informers, work queue, leader election), with the parts that share the loop
+(escalation Events, Integrations).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from core.db.store import Store
 from core.engine.monitoring.metrics import Metrics
 from core.kube.client_api import ClientKubeApi
 from core.kube.control_loop import ControlLoop
+from core.kube.escalation_events import EscalationEvents
+from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.leader import ElectionConfig
 from core.kube.reconciler import Controller, ControllerSettings
 
@@ -54,6 +57,15 @@ class OperatorSettings(BaseSettings):
         default=None,
         description="Namespace of the Lease. Default: $POD_NAMESPACE, else the first "
         "served namespace, else 'default'.",
+    )
+    integration_workers: int = Field(
+        default=2, ge=1, le=16, description="Integrations merged and gated at once."
+    )
+    integration_poll_seconds: float = Field(
+        default=10.0, gt=0, description="Safety-net look at a running gate Job (events first)."
+    )
+    breaker_check_seconds: float = Field(
+        default=60.0, gt=0, description="How often breakers are checked for escalations."
     )
     lease_duration_seconds: float = 15.0
     renew_deadline_seconds: float = 10.0
@@ -111,6 +123,27 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
     identity = settings.identity or (
         f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
+    events = EscalationEvents(
+        controller.api,
+        controller.recorder.escalations,
+        controller.cache,
+        controller.breakers,
+        namespaces=settings.namespaces,
+        breaker_check_seconds=settings.breaker_check_seconds,
+    )
+    integrations = IntegrationController(
+        controller.api,
+        controller.store,
+        controller.cache,
+        IntegrationSettings(
+            workdir=settings.workdir,
+            runner_image=settings.runner_image,
+            image_pull_policy=settings.image_pull_policy,
+            poll_seconds=settings.integration_poll_seconds,
+            concurrency=settings.integration_workers,
+        ),
+        metrics=controller.metrics,
+    )
     return ControlLoop(
         controller,
         controller.api,
@@ -119,4 +152,5 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         resync_seconds=settings.resync_seconds,
         election=election,
         identity=identity,
+        parts=[events, integrations],
     )

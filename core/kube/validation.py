@@ -213,7 +213,8 @@ def task_execution_problems(
             )
             continue
         kind = AdapterKind(adapter["spec"]["kind"])
-        if kind is not AdapterKind.PROCESS and spec.task.patch is None:
+        # patch and manual adapters apply the task's patch; process and api ones make their own
+        if kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and spec.task.patch is None:
             problems.append(
                 Problem(
                     "spec.task.patch",
