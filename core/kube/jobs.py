@@ -1,10 +1,15 @@
-"""Job and ConfigMap manifests for adapter and gate attempts, and each Adapter's egress policy.
+"""Job manifests for adapter and gate attempts, and each Adapter's egress policy.
 
 Names are deterministic (TaskExecution uid + attempt + role), so a retried or replayed
 reconcile creates the same object and a 409 means "already done". Pods run untrusted code:
 no service-account token, non-root, no privilege escalation, all capabilities dropped,
 RuntimeDefault seccomp, read-only root filesystem, resource limits from the Adapter. The
 runner enforces the budget; ``activeDeadlineSeconds`` is only a backstop.
+
+Bulk never goes into a manifest: the init container ``fetch`` downloads the runner request
+(and a patch to apply) through the attempt's grant into the ``inputs`` emptyDir, which the
+runner container mounts read-only (see :mod:`core.kube.attempt_io`). A patch the task
+names in a ConfigMap or Secret is mounted by the kubelet (the operator never reads it).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ LABEL_ROLE = "orchestrator.dev/role"
 LABEL_ADAPTER = "orchestrator.dev/adapter"
 BACKSTOP_GRACE_SECONDS = 60
 WORKDIR = "/work"
-PATCH_DIR = "/etc/orchestrator/patch"
+INPUTS_DIR = "/etc/orchestrator/inputs"
+PATCH_SOURCE_DIR = "/etc/orchestrator/patch-source"
+PATCH_SOURCE_FILE = f"{PATCH_SOURCE_DIR}/patch"
 RUNNER_UID = 10001
+#: The init container only downloads: small fixed resources.
+FETCH_RESOURCES = {"cpu": "200m", "memory": "128Mi"}
 
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -102,54 +111,88 @@ def job_manifest(
     task_id: str,
     attempt: int,
     image: str,
-    request_json: str,
+    fetch_grant: str,
+    runner_grant: str,
     deadline_seconds: float,
     adapter: AdapterResourceSpec | None,
-    patch_configmap: str | None = None,
+    patch_source: dict[str, Any] | None = None,
     image_pull_policy: str = "IfNotPresent",
     adapter_name: str | None = None,
+    inputs_size_limit: str | None = None,
+    ttl_seconds_after_finished: int | None = None,
 ) -> dict[str, Any]:
+    """``fetch_grant`` / ``runner_grant``: the init container's and the runner's part of the
+    attempt's grant (JSON); ``patch_source``: a volume source (``configMap`` or ``secret``
+    with one item, path ``patch``) holding a patch the task names by reference;
+    ``ttl_seconds_after_finished``: a backstop only, the operator shortens it once the
+    attempt's evidence is recorded."""
     res = adapter.resources if adapter else None
     limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
+    inputs: dict[str, Any] = {"sizeLimit": inputs_size_limit} if inputs_size_limit else {}
     volumes: list[dict[str, Any]] = [
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "inputs", "emptyDir": inputs},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "work", "mountPath": WORKDIR},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
     ]
-    if patch_configmap is not None:
-        volumes.append({"name": "patch", "configMap": {"name": patch_configmap}})
-        mounts.append({"name": "patch", "mountPath": PATCH_DIR, "readOnly": True})
+    if patch_source is not None:
+        volumes.append({"name": "patch-source", **patch_source})
+        mounts.append({"name": "patch-source", "mountPath": PATCH_SOURCE_DIR, "readOnly": True})
+    security = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUNNER_UID,
+        "runAsGroup": RUNNER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    fetch = {
+        "name": "fetch",
+        "image": image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "core.runner", "fetch"],
+        "env": [
+            {"name": "ORCHESTRATOR_GRANT", "value": fetch_grant},
+            {"name": "ORCHESTRATOR_INPUTS", "value": INPUTS_DIR},
+        ],
+        "resources": {"requests": dict(FETCH_RESOURCES), "limits": dict(FETCH_RESOURCES)},
+        "volumeMounts": [
+            {"name": "inputs", "mountPath": INPUTS_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": security,
+    }
     container = {
         "name": role,
         "image": image,
         "imagePullPolicy": image_pull_policy,
         "command": ["python", "-m", "core.runner", role],
         "env": [
-            {"name": "ORCHESTRATOR_REQUEST", "value": request_json},
+            {"name": "ORCHESTRATOR_REQUEST_FILE", "value": f"{INPUTS_DIR}/request.json"},
+            {"name": "ORCHESTRATOR_GRANT", "value": runner_grant},
             {"name": "ORCHESTRATOR_WORKDIR", "value": WORKDIR},
             {"name": "HOME", "value": f"{WORKDIR}/home"},
             *(_env(adapter) if role == "adapter" else []),
         ],
         "resources": {"requests": dict(limits), "limits": dict(limits)},
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUNNER_UID,
-            "runAsGroup": RUNNER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": security,
     }
     pod_labels = labels(te["metadata"]["name"], run_id, task_id, attempt, role)
     if adapter_name is not None and role == "adapter":
         # Selects the pod for its Adapter's egress policy. Gate pods never carry it: they run
         # the repository's own checks and get only the chart's runner policy (git server).
         pod_labels[LABEL_ADAPTER] = adapter_name
+    ttl = (
+        {}
+        if ttl_seconds_after_finished is None
+        else {"ttlSecondsAfterFinished": ttl_seconds_after_finished}
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -160,6 +203,7 @@ def job_manifest(
             "ownerReferences": [owner_reference(te)],
         },
         "spec": {
+            **ttl,
             "backoffLimit": 0,
             "activeDeadlineSeconds": max(1, int(deadline_seconds) + BACKSTOP_GRACE_SECONDS),
             "template": {
@@ -176,6 +220,7 @@ def job_manifest(
                         "fsGroup": RUNNER_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    "initContainers": [fetch],
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -184,21 +229,14 @@ def job_manifest(
     }
 
 
-def patch_configmap(te: dict[str, Any], name: str, patch_b64: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": te["metadata"]["namespace"],
-            "labels": {
-                "app.kubernetes.io/managed-by": MANAGED_BY,
-                LABEL_TE: label_value(te["metadata"]["name"]),
-            },
-            "ownerReferences": [owner_reference(te)],
-        },
-        "binaryData": {"patch": patch_b64},
-    }
+def patch_source_volume(
+    kind: Literal["configMap", "secret"], name: str, key: str
+) -> dict[str, Any]:
+    """A volume source projecting one key of a ConfigMap or Secret as the file ``patch``."""
+    items = [{"key": key, "path": "patch"}]
+    if kind == "configMap":
+        return {"configMap": {"name": name, "items": items}}
+    return {"secret": {"secretName": name, "items": items}}
 
 
 def job_finished(job: dict[str, Any]) -> str | None:

@@ -21,9 +21,11 @@ from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.db.tables import ExecutionLog, PatchHistory, Task
 from core.engine.evidence import local_store
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.engine.patch_ledger import verify
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
+from core.kube.evidence_server import EvidenceServer
 from core.kube.jobs import job_finished
 from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
@@ -50,10 +52,16 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
 
     async def main() -> dict[str, Any]:
         api = FakeKubeApi(namespaces=(NS,))
+        signer = GrantSigner(b"k" * 32)
+        evidence = LocalGrantingStore(workdir / ".ledger", base_url="", signer=signer)
+        server = EvidenceServer(evidence, signer)
+        port = await server.start("127.0.0.1", 0)
+        evidence.base_url = f"http://127.0.0.1:{port}"
         controller = Controller(
             api,
             Store(engine),
             ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+            evidence=evidence,
         )
         await api.create_object("adapters", NS, adapter("patch", "patch"))
         task = {"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
@@ -74,6 +82,7 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
                 raise AssertionError("the TaskExecution never finished")
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
             assert kubelet.errors == []
         jobs = await api.list_jobs(NS)
         assert sorted(j["metadata"]["labels"]["orchestrator.dev/role"] for j in jobs) == [
@@ -106,9 +115,21 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
     )
     assert report.ok, report.problems
 
+    # the full patch came through the evidence store (uploaded by the pod, checked, stored by
+    # its sha256), and nothing else of the attempt is left there but the requests
+    store = local_store(workdir)
+    key = status["diff"]["patchRef"]
+    assert key == f"patches/{status['diff']['sha256']}.diff.gz" and store.exists(key)
+    assert list(store.objects("incoming")) == []
+    log_text = (workdir / "logs/execution").glob("*.jsonl")
+    events_logged = [line for f in log_text for line in f.read_text().splitlines()]
+    assert any('"event": "patch_applied"' in line for line in events_logged)
+    assert any('"event": "gate_finished"' in line for line in events_logged)
+
     # what the API server saw of the controller: every write answered 2xx, and the writes
-    # of one successful task (2 Jobs, the patch ConfigMap, status patches, 2 Events)
+    # of one successful task (2 Jobs, no ConfigMap, status patches, 2 Events, 2 Job TTLs)
     writes = Counter(f"{c.verb}:{c.resource}" for c in calls if c.write)
     assert all(c.status is not None and c.status < 300 for c in calls if c.write)
-    assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 1
+    assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 0
+    assert writes["patch:jobs"] == 2
     assert writes["create:events"] == 2 and writes["patch:taskexecutions/status"] >= 2
