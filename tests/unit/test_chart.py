@@ -338,8 +338,8 @@ def test_adapter_and_gate_job_pods_meet_the_restricted_standard() -> None:
     for role in ("adapter", "gate"):
         job = job_manifest(
             te=te, name="j", role=role, run_id="r", task_id="t", attempt=1, image="i",
-            request_json="{}", deadline_seconds=10, adapter=None,
-            patch_configmap="p" if role == "gate" else None,
+            fetch_grant="{}", runner_grant="{}", deadline_seconds=10, adapter=None,
+            patch_source={"configMap": {"name": "p"}} if role == "adapter" else None,
         )  # fmt: skip
         typed_roundtrip(job)
         spec = job["spec"]["template"]["spec"]
