@@ -55,6 +55,21 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "existing-claim": {"persistence": {"existingClaim": "my-claim"}},
     "storage-class": {"persistence": {"storageClass": "fast", "size": "5Gi"}},
     "no-metrics": {"metrics": {"enabled": False}},
+    "s3-evidence": {
+        **PG,
+        "replicaCount": 2,
+        "persistence": {"enabled": False},
+        "evidence": {
+            "backend": "s3",
+            "s3": {
+                "endpoint": "http://minio.storage:9000",
+                "bucket": "evidence",
+                "credentialsSecret": {"name": "s3-keys"},
+                "egress": [{"cidr": "10.0.9.0/24", "ports": [9000]}],
+            },
+        },
+    },
+    "evidence-url": {"evidence": {"url": "http://orchestrator.example:8081"}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"a": "b"}}}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "network-policy-egress": {
@@ -289,15 +304,18 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
         ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods/log", "get"),
-        ("", "configmaps", "create"),
-        ("", "configmaps", "get"),
         ("", "events", "create"),
         ("networking.k8s.io", "networkpolicies", "create"),
         ("networking.k8s.io", "networkpolicies", "get"),
         ("networking.k8s.io", "networkpolicies", "patch"),
     }
     expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
-    expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch")}
+    expected |= {
+        ("batch", "jobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")
+    }
+    evidence = OPTIONS[option].get("evidence", {})
+    if evidence.get("backend", "local") == "local" and not evidence.get("url"):
+        expected.add(("", "services", "get"))  # its own Service's ClusterIP: the evidence URL
     expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}  # fmt: skip
     expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
     if OPTIONS[option].get("replicaCount", 1) > 1:
@@ -311,6 +329,16 @@ def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None
         (["namespaces"], ["get", "list", "watch"]),
     ]
     served = served_namespaces(OPTIONS[option])
+    # the evidence Role: get on the operator's own Service, in the release namespace only
+    evidence = [o for o in objs if o["metadata"]["name"] == "orch-orchestrator-evidence"]
+    if ("", "services", "get") in expected:
+        role = next(o for o in evidence if o["kind"] == "Role")
+        assert role["metadata"]["namespace"] == "orchestrator"  # the release namespace
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["services"],
+                                  "resourceNames": ["orch-orchestrator"], "verbs": ["get"]}]  # fmt: skip
+    else:
+        assert evidence == []
+    objs = [o for o in objs if o not in evidence]
     roles = [o for o in objs if o["kind"] == "Role"]
     bindings = [o for o in objs if o["kind"] == "RoleBinding"]
     assert sorted(o["metadata"]["namespace"] for o in roles) == sorted(served)
@@ -378,7 +406,8 @@ def test_default_install_shape() -> None:
     }
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["ingress"] == []
-    assert [r["ports"][0]["port"] for r in policy["spec"]["egress"]] == [53]  # DNS only
+    # DNS and the evidence server only
+    assert [r["ports"][0]["port"] for r in policy["spec"]["egress"]] == [53, 8081]
     adapters = {o["metadata"]["name"] for o in objs if o["kind"] == "Adapter"}
     assert adapters == {"patch", "script"}
     test_pod = by_kind[("Pod", "orch-orchestrator-test")]
@@ -434,7 +463,7 @@ def test_gate_pods_get_their_own_policy_and_never_the_model_api() -> None:
     # the runner policy both roles share.
     objs = render(OPTIONS["ai-adapters"])
     runner = next(o for o in objs if o["kind"] == "NetworkPolicy")
-    assert [r["ports"][0]["port"] for r in runner["spec"]["egress"]] == [53]
+    assert [r["ports"][0]["port"] for r in runner["spec"]["egress"]] == [53, 8081]
     aider = next(o for o in objs if o["kind"] == "Adapter" and o["metadata"]["name"] == "aider")
     assert aider["spec"]["egress"] == [{"cidr": "0.0.0.0/0", "ports": [443]}]
 
@@ -554,3 +583,45 @@ def test_the_example_task_execution_is_valid_and_carries_the_demo() -> None:
         if (obj["apiVersion"], obj["kind"]) in TYPED:
             typed_roundtrip(obj)
     assert restricted_violations(by_kind["Pod"]["spec"]) == []
+
+
+def test_runner_pods_reach_the_evidence_store_and_nothing_else_new() -> None:
+    def runner_policy(values: dict[str, Any]) -> dict[str, Any]:
+        objs = render(values)
+        return next(o for o in objs if o["metadata"]["name"] == "orch-orchestrator-runner")
+
+    # local: the operator's pods in the release namespace, on the evidence port only
+    egress = runner_policy({})["spec"]["egress"]
+    to_operator = [e for e in egress if "podSelector" in (e["to"][0])]
+    assert len(to_operator) == 1
+    peer = to_operator[0]["to"][0]
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "orchestrator"}
+    }
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "orch"
+    assert to_operator[0]["ports"] == [{"protocol": "TCP", "port": 8081}]
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render({})}
+    service = objs[("Service", "orch-orchestrator")]
+    assert {"name": "evidence", "port": 8081, "targetPort": "evidence", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )
+    env = {e["name"]: e for e in objs[("Deployment", "orch-orchestrator")]["spec"]["template"][
+        "spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["ORCHESTRATOR_EVIDENCE_SERVICE"]["value"] == "orch-orchestrator"
+    assert env["ORCHESTRATOR_EVIDENCE_BACKEND"]["value"] == "local"
+    # s3: the endpoint's addresses, credentials from the Secret for the operator only
+    s3 = OPTIONS["s3-evidence"]
+    egress = runner_policy(s3)["spec"]["egress"]
+    assert {"to": [{"ipBlock": {"cidr": "10.0.9.0/24"}}],
+            "ports": [{"protocol": "TCP", "port": 9000}]} in egress  # fmt: skip
+    assert not any("podSelector" in e["to"][0] for e in egress if "to" in e)
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render(s3)}
+    env = {e["name"]: e for e in objs[("Deployment", "orch-orchestrator")]["spec"]["template"][
+        "spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["ORCHESTRATOR_S3_BUCKET"]["value"] == "evidence"
+    assert env["ORCHESTRATOR_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "secret-access-key",
+    }
+    ports = objs[("Service", "orch-orchestrator")]["spec"]["ports"]
+    assert "evidence" not in {p["name"] for p in ports}
