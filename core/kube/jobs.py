@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from core.resources import AdapterResourceSpec
@@ -258,7 +259,9 @@ def egress_policy_name(adapter_name: str) -> str:
     return f"orchestrator-adapter-{adapter_name}"[:253]
 
 
-def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[str, Any]:
+def egress_policy(
+    adapter: dict[str, Any], spec: AdapterResourceSpec, extra: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     """A NetworkPolicy letting the Adapter's adapter pods reach what its ``spec.egress`` declares.
 
     NetworkPolicies add up: with the chart's default-deny policy for runner pods, this is the
@@ -266,7 +269,9 @@ def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[st
     label). An empty ``spec.egress`` gives a policy without rules: it selects the pods and
     allows nothing more, which is how a cleared ``spec.egress`` takes the allowance back.
     The Adapter is its controller owner (garbage-collected with it), and the managed-by and
-    adapter labels mark it as the operator's: see :func:`egress_policy_action`.
+    adapter labels mark it as the operator's: see :func:`egress_policy_action`. ``extra``:
+    rules every such policy carries (the evidence store the pods must reach, which a policy
+    selecting them would otherwise deny where no chart policy admits it).
     """
     meta = adapter["metadata"]
     rules = []
@@ -275,6 +280,8 @@ def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[st
         if rule.ports:
             entry["ports"] = [{"protocol": "TCP", "port": p} for p in rule.ports]
         rules.append(entry)
+    if rules:
+        rules.extend(dict(rule) for rule in extra)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -322,7 +329,10 @@ EgressAction = Literal["create", "patch", "none", "foreign"]
 
 
 def egress_policy_action(
-    existing: dict[str, Any] | None, adapter: dict[str, Any], spec: AdapterResourceSpec
+    existing: dict[str, Any] | None,
+    adapter: dict[str, Any],
+    spec: AdapterResourceSpec,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> EgressAction:
     """What the operator does with an Adapter's egress policy, given what the API server has.
 
@@ -337,7 +347,7 @@ def egress_policy_action(
         return "create" if spec.egress else "none"
     if not is_own_egress_policy(existing, adapter):
         return "foreign"
-    desired = egress_policy(adapter, spec)["spec"]
+    desired = egress_policy(adapter, spec, extra)["spec"]
     current = existing.get("spec") or {}
     same = all(current.get(k) == desired[k] for k in ("podSelector", "policyTypes"))
     same = same and (current.get("egress") or []) == desired["egress"]

@@ -113,6 +113,8 @@ class ControllerSettings:
     job_ttl_seconds: int = 300
     #: The TTL a Job is created with: a backstop for an operator that never comes back.
     job_ttl_backstop_seconds: int = 7 * 24 * 3600
+    #: NetworkPolicy egress rules reaching the evidence store, added to every Adapter's policy.
+    evidence_egress: tuple[dict[str, Any], ...] = ()
 
 
 class Controller:
@@ -153,7 +155,9 @@ class Controller:
         self.breakers = AdapterBreakers(api, store.engine, self.recorder, now)
         self.cache = WatchCache()
         self.status = StatusWriter(api, self.cache, now)
-        self.contexts = TaskContexts(api, store, self.cache, self.status, self.breakers)
+        self.contexts = TaskContexts(
+            api, store, self.cache, self.status, self.breakers, settings.evidence_egress
+        )
         self._reported: dict[tuple[str, str], str] = {}
 
     def breaker_states(self) -> dict[str, str]:

@@ -9,12 +9,15 @@ that feeds it (informers, work queue, leader election).
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +75,11 @@ class OperatorSettings(BaseSettings):
         description="local, when evidence_url is unset: the Service (in $POD_NAMESPACE) whose "
         "ClusterIP and port 'evidence' make the URL (no cluster DNS needed).",
     )
+    evidence_egress: str | None = Field(
+        default=None,
+        description="JSON list of NetworkPolicy egress rules reaching the evidence store, added "
+        "to every Adapter's policy. Default: the store URL's address when it is an IP.",
+    )
     s3_endpoint: str | None = Field(default=None, description="s3: endpoint URL (None: AWS).")
     s3_public_endpoint: str | None = Field(
         default=None, description="s3: the endpoint pods reach (grants are signed for it)."
@@ -118,6 +126,8 @@ class Evidence:
 
     store: GrantingStore
     server: EvidenceServer | None = None
+    #: The URL runner pods reach the store at.
+    url: str = ""
 
     async def close(self) -> None:
         if self.server is not None:
@@ -148,7 +158,7 @@ async def start_evidence(settings: OperatorSettings, api: ClientKubeApi | None =
             store.ensure_lifecycle(
                 temporary_days=settings.s3_temporary_days, patch_days=settings.s3_patch_days
             )
-        return Evidence(store)
+        return Evidence(store, url=settings.s3_public_endpoint or settings.s3_endpoint or "")
     host, _, port = settings.evidence_listen.rpartition(":")
     signer = GrantSigner(load_secret(settings.workdir / ".evidence-grant-key"))
     url = settings.evidence_url
@@ -159,7 +169,24 @@ async def start_evidence(settings: OperatorSettings, api: ClientKubeApi | None =
     bound = await server.start(host or "0.0.0.0", int(port))  # noqa: S104 - pods connect
     url = url or f"http://127.0.0.1:{bound}"
     server.store.base_url = url.rstrip("/")
-    return Evidence(server.store, server)
+    return Evidence(server.store, server, url)
+
+
+def evidence_egress(settings: OperatorSettings, url: str) -> tuple[dict[str, Any], ...]:
+    """The egress rules reaching the store: as configured, else the URL's IP and port."""
+    if settings.evidence_egress:
+        rules = json.loads(settings.evidence_egress)
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise ConfigError("ORCHESTRATOR_EVIDENCE_EGRESS: a JSON list of egress rules")
+        return tuple(rules)
+    parts = urlsplit(url)
+    try:
+        address = ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        return ()  # a name: the chart's runner policy admits the store
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    cidr = f"{address}/{address.max_prefixlen}"
+    return ({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]},)
 
 
 async def _service_url(api: ClientKubeApi, name: str) -> str:
@@ -196,6 +223,7 @@ async def build_controller(settings: OperatorSettings, evidence: Evidence) -> Co
             max_diff_bytes=settings.max_diff_bytes,
             resync_seconds=settings.resync_seconds,
             job_ttl_seconds=settings.job_ttl_seconds,
+            evidence_egress=evidence_egress(settings, evidence.url),
         ),
         evidence=evidence.store,
         metrics=metrics,

@@ -75,13 +75,14 @@ class TaskContexts:
         cache: WatchCache,
         status: StatusWriter,
         breakers: AdapterBreakers,
+        evidence_egress: tuple[Body, ...] = (),
     ) -> None:
         self.api = api
         self.store = store
         self.cache = cache
         self.status = status
         self.breakers = breakers
-        self.egress = EgressPolicies(api)
+        self.egress = EgressPolicies(api, evidence_egress)
         self._synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
 
     async def build(self, te: Body) -> TaskContext | None:

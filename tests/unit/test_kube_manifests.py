@@ -362,3 +362,16 @@ def test_egress_policy_action(existing: str | None, spec: AdapterResourceSpec, a
         },
     }
     assert egress_policy_action(objs[existing], ADAPTER_OBJ, spec) == action
+
+
+def test_every_adapter_policy_also_reaches_the_evidence_store() -> None:
+    store = {"to": [{"ipBlock": {"cidr": "10.213.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 8081}]}  # fmt: skip
+    policy = egress_policy(ADAPTER_OBJ, EGRESS, [store])
+    assert policy["spec"]["egress"][-1] == store and len(policy["spec"]["egress"]) == 3
+    # a policy made before the store was listed is brought up to date
+    old = egress_policy(ADAPTER_OBJ, EGRESS)
+    assert egress_policy_action(old, ADAPTER_OBJ, EGRESS, [store]) == "patch"
+    assert egress_policy_action(policy, ADAPTER_OBJ, EGRESS, [store]) == "none"
+    # no rules of its own: still no policy (the pods are not selected, nothing is denied)
+    assert egress_policy(ADAPTER_OBJ, NO_EGRESS, [store])["spec"]["egress"] == []
+    assert egress_policy_action(None, ADAPTER_OBJ, NO_EGRESS, [store]) == "none"

@@ -108,6 +108,9 @@ The evidence store's settings of the operator container (core/kube/runtime.py).
 {{- define "orchestrator.evidenceEnv" -}}
 - name: ORCHESTRATOR_EVIDENCE_BACKEND
   value: {{ .Values.evidence.backend | quote }}
+# the rules of the runner policy reaching the store, for the Adapters' own policies too
+- name: ORCHESTRATOR_EVIDENCE_EGRESS
+  value: {{ include "orchestrator.evidenceEgress" . | fromYamlArray | toJson | quote }}
 {{- if eq .Values.evidence.backend "local" }}
 - name: ORCHESTRATOR_EVIDENCE_LISTEN
   value: {{ printf "0.0.0.0:%d" (int .Values.evidence.port) | quote }}
@@ -148,6 +151,35 @@ The evidence store's settings of the operator container (core/kube/runtime.py).
 - name: ORCHESTRATOR_S3_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef: {name: {{ . | quote }}, key: secret-access-key}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Egress rules letting runner pods reach the evidence store (a YAML list).
+*/}}
+{{- define "orchestrator.evidenceEgress" -}}
+{{- if eq .Values.evidence.backend "local" }}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ .Release.Namespace }}
+      podSelector:
+        matchLabels:
+          {{- include "orchestrator.selectorLabels" . | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: {{ .Values.evidence.port }}}
+{{- else }}
+{{- range .Values.evidence.s3.egress }}
+- to:
+    - ipBlock:
+        cidr: {{ .cidr }}
+  {{- with .ports }}
+  ports:
+    {{- range . }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
