@@ -112,24 +112,25 @@ def env(
     git_ip = get_json(kubectl, "pod", "git-server", "-n", namespace)["status"]["podIP"]
     git = [{"cidr": f"{git_ip}/32", "ports": [9418]}]
     small = {"cpu": "500m", "memory": "512Mi"}
+    once: dict[str, Any] = {"retry": {"maxAttempts": 1}, "resources": small}
     for obj in (
         # egress: its adapter pods are selected by a policy, which then must also list the
         # evidence store (the operator adds it)
-        adapter("patch", "patch", retry={"maxAttempts": 1}, egress=git, resources=small),
+        adapter("patch", "patch", egress=git, **once),
         adapter(
             "bulk",
             "process",
             command=["{python}", "-c", BULK],
             retry={"maxAttempts": 1},
             resources=small,
-        ),  # fmt: skip
+        ),
         adapter(
             "flood",
             "process",
             command=["{python}", "-c", FLOOD],
             retry={"maxAttempts": 1},
             resources=small,
-        ),  # fmt: skip
+        ),
     ):
         apply(kubectl, namespace, obj)
     workdir = tmp_path_factory.mktemp("operator-evidence")
