@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gzip
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -228,3 +228,22 @@ def s3_client(
         aws_secret_access_key=secret_key,
         config=config,
     )
+
+
+def store_from_env(environ: Mapping[str, str]) -> S3EvidenceStore | None:
+    """The operator's S3 store as its settings name it (``ORCHESTRATOR_EVIDENCE_BACKEND=s3``,
+    ``ORCHESTRATOR_S3_*``), for ``orchestrator export`` and ``gc``; None: the local store."""
+    if environ.get("ORCHESTRATOR_EVIDENCE_BACKEND") != "s3":
+        return None
+    bucket = environ.get("ORCHESTRATOR_S3_BUCKET")
+    if not bucket:
+        raise EvidenceError(
+            "ORCHESTRATOR_S3_BUCKET: required with ORCHESTRATOR_EVIDENCE_BACKEND=s3"
+        )
+    client = s3_client(
+        environ.get("ORCHESTRATOR_S3_ENDPOINT"),
+        region=environ.get("ORCHESTRATOR_S3_REGION") or "us-east-1",
+        access_key=environ.get("ORCHESTRATOR_S3_ACCESS_KEY_ID"),
+        secret_key=environ.get("ORCHESTRATOR_S3_SECRET_ACCESS_KEY"),
+    )
+    return S3EvidenceStore(client, bucket, prefix=environ.get("ORCHESTRATOR_S3_PREFIX", ""))
