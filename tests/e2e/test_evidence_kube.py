@@ -60,7 +60,7 @@ FLOOD = (
     "import sys\n"
     "pad = 'x' * 99\n"
     f"for i in range({FLOOD_LINES}):\n"
-    "    sys.stdout.write(f'{i:07d} {pad}\\n')\n"
+    "    sys.stdout.write('%07d %s\\n' % (i, pad))\n"
     "sys.stdout.flush()\n"
     "open('docs/flood.md', 'w').write('flooded\\n')\n"
 )

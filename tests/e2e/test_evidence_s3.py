@@ -48,7 +48,7 @@ SECRET_KEY = "orchestrator-e2e-secret-key"
 TWO_MIB = (
     "import pathlib\n"
     "pathlib.Path('data').mkdir(exist_ok=True)\n"
-    "pathlib.Path('data/two.txt').write_text(''.join(f'row {i:08d}\\n' for i in range(160000)))\n"
+    "pathlib.Path('data/two.txt').write_text(''.join('row %08d\\n' % i for i in range(160000)))\n"
 )
 
 
