@@ -375,3 +375,30 @@ def test_every_adapter_policy_also_reaches_the_evidence_store() -> None:
     # no rules of its own: still no policy (the pods are not selected, nothing is denied)
     assert egress_policy(ADAPTER_OBJ, NO_EGRESS, [store])["spec"]["egress"] == []
     assert egress_policy_action(None, ADAPTER_OBJ, NO_EGRESS, [store]) == "none"
+
+
+def test_the_operator_masks_what_it_knows_of_an_adapters_secrets() -> None:
+    from core.kube.redactors import operator_redactor
+    from core.models import GateCheck
+
+    spec = AdapterResourceSpec.model_validate(
+        {
+            "kind": "process",
+            "template": "claude-code",
+            "env": [
+                {"name": "ANTHROPIC_API_KEY", "secretKeyRef": {"name": "keys", "key": "k"}},
+                {"name": "SERVICE_TOKEN", "value": "literal-token-123"},
+                {"name": "MODE", "value": "fast-mode-value"},
+            ],
+        }
+    )
+    check = GateCheck(name="unit", command=["true"], env={"DB_PASSWORD": "hunter2hunter2"})
+    redact = operator_redactor(spec, [check])
+    text = "token literal-token-123 pw hunter2hunter2 mode fast-mode-value key sk-" + "a" * 30
+    masked = redact(text)
+    assert "literal-token-123" not in masked and "[REDACTED:SERVICE_TOKEN]" in masked
+    assert "hunter2hunter2" not in masked and "[REDACTED:DB_PASSWORD]" in masked
+    assert "fast-mode-value" in masked  # not a secret by its name
+    assert "sk-aaaa" not in masked  # a credential shape, whoever printed it
+    # a Secret's value is known to the operator by reference only: the runner masks it
+    assert {name for name, _ in operator_redactor(spec).pairs} == {"SERVICE_TOKEN"}
