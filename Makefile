@@ -28,9 +28,10 @@ demo-fallback: setup  ## the circuit-breaker scenario: a crashing adapter, its f
 	$(BIN)/orchestrator execute --run fallback --workdir $(DEMO)-fallback
 	$(BIN)/orchestrator status --run fallback --workdir $(DEMO)-fallback
 
-system-deps:  ## the local Kubernetes (apt packages + Go builds, cached) and helm (Go build, cached)
+system-deps:  ## the local Kubernetes (apt packages + Go builds, cached), helm and the e2e S3 server (Go builds, cached)
 	hack/cluster/install-deps
 	hack/tools/helm >/dev/null
+	hack/s3/install >/dev/null
 
 test: setup system-deps  ## everything: unit, integration (SQLite + PostgreSQL), e2e on a real cluster
 	ORCHESTRATOR_TEST_POSTGRES_URL=$$(hack/postgres/up) $(BIN)/python -m pytest $(PYTEST_ARGS)
