@@ -328,6 +328,29 @@ class Controller:
     ) -> float | None:
         adapter = ctx.plan.adapters[start.adapter_id]
         name = job_name(ctx.name, ctx.uid, start.attempt, "adapter")
+        # a patch named by reference: from the store (fetched with the request), or a
+        # ConfigMap/Secret key the kubelet mounts
+        source, patch, patch_file = None, None, None
+        task_patch = ctx.spec.task.patch_from
+        if adapter.kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and task_patch is not None:
+            if task_patch.evidence is not None:
+                sha = task_patch.evidence.sha256
+                if not await self._io(self.io.patch_exists, sha):
+                    problem = (
+                        f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
+                        "store"
+                    )
+                    await self.status.invalid(ctx.te, ctx.status, [problem])
+                    return None
+                patch, patch_file = PatchInput(sha), DEFAULT_PATCH_FILE
+            else:
+                ref = task_patch.config_map_key_ref or task_patch.secret_key_ref
+                assert ref is not None  # one source: the CRD's rule
+                kind: Literal["configMap", "secret"] = (
+                    "configMap" if task_patch.config_map_key_ref else "secret"
+                )
+                source = patch_source_volume(kind, ref.name, ref.key)
+                patch_file = PATCH_SOURCE_FILE
         request = RunnerRequest(
             kind="adapter",
             run_id=ctx.key.run_id,
@@ -341,33 +364,11 @@ class Controller:
             extra_input=start.feedback,
             gate_checks=[],
             gate_baseline=False,
-            patch_file=None,
+            patch_file=patch_file,
         )
         # the Job's deadline is only a backstop: the runner enforces the budget itself, from
         # its container's start; pulling and scheduling have their own limit
         deadline = start.timeout_seconds + ctx.spec.pending_timeout_seconds
-        source, patch = None, None
-        task_patch = ctx.spec.task.patch_from
-        if adapter.kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and task_patch is not None:
-            if task_patch.evidence is not None:
-                sha = task_patch.evidence.sha256
-                if not await self._io(self.io.patch_exists, sha):
-                    problem = (
-                        f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
-                        "store"
-                    )
-                    await self.status.invalid(ctx.te, ctx.status, [problem])
-                    return None
-                patch = PatchInput(sha)
-                request = request.model_copy(update={"patch_file": DEFAULT_PATCH_FILE})
-            else:
-                ref = task_patch.config_map_key_ref or task_patch.secret_key_ref
-                assert ref is not None  # one source: the CRD's rule
-                kind: Literal["configMap", "secret"] = (
-                    "configMap" if task_patch.config_map_key_ref else "secret"
-                )
-                source = patch_source_volume(kind, ref.name, ref.key)
-                request = request.model_copy(update={"patch_file": PATCH_SOURCE_FILE})
         inputs = await self._prepare(ctx, request, deadline, patch)
         job = self._job(
             ctx, name, "adapter", start.attempt, inputs, deadline, start.adapter_id, source

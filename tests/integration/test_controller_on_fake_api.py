@@ -9,6 +9,8 @@ cluster for the same task.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -133,3 +135,84 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
     assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 0
     assert writes["patch:jobs"] == 2
     assert writes["create:events"] == 2 and writes["patch:taskexecutions/status"] >= 2
+
+
+def test_a_patch_named_in_a_configmap_or_by_its_sha256_completes(tmp_path: Path) -> None:
+    """patchFrom: a ConfigMap key (mounted by the kubelet into the adapter pod), then the same
+    patch again from the evidence store by its sha256 (fetched with the request)."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    url = default_url(workdir)
+    upgrade(url)
+    engine = make_engine(url)
+    patch = demo_patch("add-multiply")
+    sha = hashlib.sha256(patch.encode()).hexdigest()
+
+    async def run(api: FakeKubeApi, loop: ControlLoop, name: str, task: dict[str, Any]) -> Any:
+        made = await api.create_object(
+            "taskexecutions", NS, task_execution(name, bare.as_uri(), "patch", task=task)
+        )
+        since = made.object["metadata"]["resourceVersion"]
+        async for event in api.watch(
+            "taskexecutions", NS, resource_version=since, timeout_seconds=300
+        ):
+            if event.object["metadata"]["name"] != name:
+                continue
+            if (event.object.get("status") or {}).get("state") in TERMINAL:
+                return event.object["status"]
+        raise AssertionError(f"{name} never finished")
+
+    async def main() -> list[Any]:
+        api = FakeKubeApi(namespaces=(NS,))
+        signer = GrantSigner(b"k" * 32)
+        evidence = LocalGrantingStore(workdir / ".ledger", base_url="", signer=signer)
+        server = EvidenceServer(evidence, signer)
+        port = await server.start("127.0.0.1", 0)
+        evidence.base_url = f"http://127.0.0.1:{port}"
+        settings = ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,))
+        controller = Controller(api, Store(engine), settings, evidence=evidence)
+        await api.create_object("adapters", NS, adapter("patch", "patch"))
+        data = base64.b64encode(patch.encode()).decode()
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"}}
+        await api.create_configmap(NS, {**cm, "binaryData": {"change.diff": data}})
+        async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
+            loop = ControlLoop(controller, api, namespaces=(NS,), resync_seconds=5)
+            driver = asyncio.create_task(loop.run())
+            ref = {"configMapKeyRef": {"name": "big", "key": "change.diff"}}
+            first = await run(api, loop, "from-cm", {"prompt": "p", "patchFrom": ref})
+            again = {"evidence": {"sha256": sha}}
+            second = await run(api, loop, "from-store", {"prompt": "p", "patchFrom": again})
+            missing = {"evidence": {"sha256": "0" * 64}}
+            made = await api.create_object(
+                "taskexecutions",
+                NS,
+                task_execution(
+                    "missing", bare.as_uri(), "patch", task={"prompt": "p", "patchFrom": missing}
+                ),
+            )
+            since = made.object["metadata"]["resourceVersion"]
+            async for event in api.watch(
+                "taskexecutions", NS, resource_version=since, timeout_seconds=120
+            ):
+                status = event.object.get("status") or {}
+                if event.object["metadata"]["name"] == "missing" and status.get("state"):
+                    if "no patch" in status.get("message", ""):
+                        third = status
+                        break
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
+            assert kubelet.errors == []
+        return [first, second, third]
+
+    first, second, third = asyncio.run(main())
+    for status in (first, second):
+        assert status["state"] == "COMPLETED", status
+        assert status["diff"]["sha256"] == sha and status["gate"]["passed"]
+    assert "spec.task.patchFrom.evidence.sha256" in third["message"]
