@@ -66,6 +66,7 @@ from core.db.database import default_url, upgrade  # noqa: E402
 from core.engine.executor import ExecutorConfig, build_executor  # noqa: E402
 from core.engine.monitoring.metrics import Metrics  # noqa: E402
 from core.engine.monitoring.progress import SilentProgress  # noqa: E402
+from core.engine.sandbox import Confinement, select_sandbox  # noqa: E402
 from core.engine.workspace import GIT_ENV  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -173,8 +174,22 @@ def _spawn(argv: list[str], cwd: Path) -> None:
         raise SystemExit(f"bare command {argv} failed with {proc.returncode}")
 
 
-def bare_round(scratch: Path, repo: Path, commit: str, n: int) -> dict[str, Any]:
-    """The physical minimum of N isolated attempts: worktrees + fork/exec, nothing else."""
+def bare_round(
+    scratch: Path, repo: Path, commit: str, n: int, sandbox: Any = None
+) -> dict[str, Any]:
+    """The physical minimum of N isolated attempts: worktrees + fork/exec, nothing else.
+
+    ``sandbox`` (a :class:`core.engine.sandbox.Bubblewrap`): each command is started in it, as
+    the engine does (bubblewrap's own argv, the tree writable), so the limit includes what
+    the namespaces cost and the overhead stays the engine's own.
+    """
+
+    def wrapped(argv: list[str], tree: Path) -> list[str]:
+        if sandbox is None:
+            return argv
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+        return list(sandbox.command(argv, cwd=tree, env=env, confinement=Confinement((tree,))))
+
     mirror = scratch / "bare-mirror.git"
     t0 = time.perf_counter()
     if not mirror.exists():
@@ -188,9 +203,9 @@ def bare_round(scratch: Path, repo: Path, commit: str, n: int) -> dict[str, Any]
         adir = scratch / "attempts" / f"t{i:05d}"
         tree, gate = adir / "tree", adir / "gate"
         _git("worktree", "add", "--detach", "--quiet", str(tree), commit, cwd=mirror)
-        _spawn(ADAPTER_ARGV, tree)
+        _spawn(wrapped(ADAPTER_ARGV, tree), tree)
         _git("worktree", "add", "--detach", "--quiet", str(gate), commit, cwd=mirror)
-        _spawn(GATE_ARGV, gate)
+        _spawn(wrapped(GATE_ARGV, gate), gate)
         _git("worktree", "remove", "--force", str(gate), cwd=mirror)
         _git("worktree", "remove", "--force", str(tree), cwd=mirror)
         shutil.rmtree(adir, ignore_errors=True)
@@ -263,9 +278,16 @@ def postgres_info(server_url: str) -> dict[str, Any]:
 
 
 def engine_round(
-    workdir: Path, url: str, n: int, wrap: Callable[[Callable[[], Any]], Any] | None = None
+    workdir: Path,
+    url: str,
+    n: int,
+    wrap: Callable[[Callable[[], Any]], Any] | None = None,
+    *,
+    sandbox: bool = True,
 ) -> dict[str, Any]:
-    config = ExecutorConfig(run_id=RUN_ID, workdir=workdir, database_url=url)
+    """One ``executor.run()`` of the work dir; ``sandbox``: adapters and checks in bubblewrap
+    (the default, as ``orchestrator execute`` runs them) or unconfined (``--no-sandbox``)."""
+    config = ExecutorConfig(run_id=RUN_ID, workdir=workdir, database_url=url, sandbox=sandbox)
     t0 = time.perf_counter()
     executor = build_executor(config, progress=SilentProgress(), metrics=Metrics())
     build_s = time.perf_counter() - t0
@@ -334,16 +356,19 @@ def _dist_ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def measure(db: str, n: int, scratch: Path, server_url: str | None) -> dict[str, Any]:
+def measure(
+    db: str, n: int, scratch: Path, server_url: str | None, *, sandbox: bool = True
+) -> dict[str, Any]:
     root = scratch / f"{db}-{n}-{uuid.uuid4().hex[:6]}"
     workdir, commit = make_workdir(root / "workdir", n)
     bare_dir = root / "bare"
     bare_dir.mkdir()
     load_before = os.getloadavg()
-    bare_before = bare_round(bare_dir, workdir / "repo", commit, n)
+    box = select_sandbox(True, workdir=bare_dir) if sandbox else None
+    bare_before = bare_round(bare_dir, workdir / "repo", commit, n, box)
     with database(db, workdir, server_url) as url:
-        engine = engine_round(workdir, url, n)
-    bare_after = bare_round(bare_dir, workdir / "repo", commit, n)
+        engine = engine_round(workdir, url, n, sandbox=sandbox)
+    bare_after = bare_round(bare_dir, workdir / "repo", commit, n, box)
     load_after = os.getloadavg()
     shutil.rmtree(root, ignore_errors=True)
 
@@ -368,6 +393,7 @@ def measure(db: str, n: int, scratch: Path, server_url: str | None) -> dict[str,
     return {
         "db": db,
         "tasks": n,
+        "sandbox": sandbox,
         "engine": {
             "wall_s": round(engine["wall_s"], 4),
             "wall_per_task_ms": _ms(wall_task_s),
@@ -389,7 +415,8 @@ def measure(db: str, n: int, scratch: Path, server_url: str | None) -> dict[str,
             ],
             "mirror_clone_ms": _ms(bare_before["mirror_clone_s"]),
             "cpu": bare_cpu,
-            "what": "git worktree add --detach x2 + fork/exec `true` x2 + git worktree remove x2",
+            "what": "git worktree add --detach x2 + fork/exec `true` x2 + git worktree remove x2"
+            + (" (each `true` in the sandbox: bubblewrap, tree writable)" if sandbox else ""),
         },
         "overhead_per_task_ms": _ms(overhead_s),
         "overhead_ratio": round(wall_task_s / bare_task_s, 3),
@@ -429,8 +456,8 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("core/engine/process_spawner.py", "run_gate", "backend gate step (below)"),
     ("core/engine/workspace.py", "git", "git subprocesses (all)"),
     ("core/engine/workspace.py", "ensure_mirror", "  ensure_mirror (cat-file -e per attempt)"),
-    ("core/engine/workspace.py", "add_worktree", "  git worktree add"),
-    ("core/engine/workspace.py", "remove_worktree", "  git worktree remove"),
+    ("core/engine/workspace.py", "add_worktree", "  checkout (tree + private repository)"),
+    ("core/engine/workspace.py", "remove_worktree", "  checkout removed"),
     ("core/engine/workspace.py", "capture_diff", "  capture_diff (git add + 3 git diff)"),
     ("core/engine/process_group.py", "run_process_group", "adapter + gate commands"),
     ("core/engine/test_gate.py", "run_gate", "test gate (checkout + checks)"),
@@ -950,6 +977,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scratch", type=Path, default=None, help="where work dirs are built (default: $TMPDIR)"
     )
+    parser.add_argument(
+        "--no-sandbox",
+        dest="sandbox",
+        action="store_false",
+        help="run the engine with --no-sandbox (default: adapters and checks in bubblewrap, "
+        "as `orchestrator execute` runs them; bench/sandbox_overhead.py compares the two)",
+    )
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.tasks) or args.repeat < 1:
         parser.error("--tasks and --repeat must be positive")
@@ -992,7 +1026,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             for n in args.tasks:
                 print(f"[{db}] {n} tasks ...", file=sys.stderr, flush=True)
-                tries = [measure(db, n, scratch, server_url) for _ in range(args.repeat)]
+                tries = [
+                    measure(db, n, scratch, server_url, sandbox=args.sandbox)
+                    for _ in range(args.repeat)
+                ]
                 run = median_run(tries)
                 report["runs"].append(run)
                 print(

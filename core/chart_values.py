@@ -81,12 +81,34 @@ class Watch(_Values):
     )
 
 
-class Peering(_Values):
-    name: str = Field(default="", description="KopfPeering object name; default: fullname.")
+class LeaderElection(_Values):
+    enabled: bool = Field(
+        default=True,
+        description="Work only while holding a Lease in the release namespace (one active "
+        "replica; required for replicaCount >= 2).",
+    )
+    lease_name: str = Field(default="", description="Name of the Lease; default: fullname.")
+    lease_duration_seconds: float = Field(
+        default=15,
+        gt=0,
+        description="A standby takes over a Lease not renewed for this long (its own clock).",
+    )
+    renew_deadline_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="The leader stops working when it could not renew for this long "
+        "(< leaseDurationSeconds).",
+    )
+    retry_period_seconds: float = Field(
+        default=2, gt=0, description="How often the leader renews and a standby tries."
+    )
 
 
 class Operator(_Values):
-    resync_seconds: float = Field(default=30, gt=0, description="Periodic full re-list.")
+    resync_seconds: float = Field(
+        default=30, gt=0, description="Every unfinished TaskExecution is looked at this often."
+    )
+    workers: int = Field(default=4, ge=1, le=64, description="TaskExecutions reconciled at once.")
     max_diff_bytes: int = Field(
         default=100 * 1024 * 1024,
         gt=0,
@@ -149,7 +171,7 @@ class Evidence(_Values):
     backend: Literal["local", "s3"] = Field(
         default="local",
         description="local: the operator's work volume, served to runner pods by the operator "
-        "(port below, one replica); s3: an S3-compatible bucket (several replicas).",
+        "(port below); s3: an S3-compatible bucket (lifecycle rules, no volume needed).",
     )
     port: int = Field(default=8081, ge=1, le=65535, description="local: the evidence server.")
     url: str = Field(
@@ -342,9 +364,12 @@ class ChartValues(_Values):
     runner: Runner = Field(default_factory=Runner)
     watch: Watch = Field(default_factory=Watch)
     replica_count: int = Field(
-        default=1, ge=1, le=2, description="2: hot standby through kopf peering (PostgreSQL)."
+        default=1,
+        ge=1,
+        description="2 or more: one leader (the Lease holder) and hot standbys that keep their "
+        "watch cache warm and do nothing else; needs PostgreSQL and a ReadWriteMany work dir.",
     )
-    peering: Peering = Field(default_factory=Peering)
+    leader_election: LeaderElection = Field(default_factory=LeaderElection)
     operator: Operator = Field(default_factory=Operator)
     evidence: Evidence = Field(default_factory=Evidence)
     database: Database = Field(default_factory=Database)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -46,16 +47,19 @@ from core.engine.integration_worker import (
     IntegrationRun,
     build_integration_worker,
 )
+from core.engine.lifecycle import Finish
 from core.engine.merge_queue import BatchPolicy
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import verify
+from core.engine.process_group import process_group_alive, terminate_group
+from core.engine.recorder import Recorder
 from core.engine.retention import pruned_keys
 from core.engine.run_watcher import RunWatcher
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
 from core.identity import TaskKey
-from core.models import CheckStatus, ExecutionResults, GateResult
+from core.models import CheckStatus, ExecutionResults, FailureClass, GateResult, TaskState
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -269,6 +273,16 @@ def execute(
         float,
         typer.Option(min=1, help="Escalate a circuit breaker not closed for this many seconds."),
     ] = 900.0,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="local backend: run adapters and gate checks in the bubblewrap sandbox "
+            "(tree and scratch dirs writable, work dir state hidden, /tmp private). Without "
+            "a working bubblewrap `execute` refuses; --no-sandbox runs them unconfined, with "
+            "every right of your user.",
+        ),
+    ] = True,
 ) -> None:
     """Execute the routed tasks of a run; resumes where a previous execution stopped.
 
@@ -277,7 +291,7 @@ def execute(
     Escalations (breaker opened or open too long, repeated gate failures, task timeout,
     adapter crash, safe mode) go to logs/escalations.jsonl, the database, a metric and the
     optional webhook. Exit code: 0 all tasks finished (whatever their outcome), 3 tasks left
-    waiting, 2 bad input; with --watch 0 after a clean stop.
+    waiting, 2 bad input (or no sandbox: see --no-sandbox); with --watch 0 after a clean stop.
     """
     if backend is Backend.kubernetes:
         if integrate_after:
@@ -314,6 +328,7 @@ def execute(
             breaker_open_seconds=escalate_breaker_open_after,
             webhook=webhook,
         ),
+        sandbox=sandbox,
     )
     stop = threading.Event()
     metrics = Metrics()
@@ -744,6 +759,48 @@ def manual_submit(
         f"patch stored at {target}; run `orchestrator execute --run {run}` to test and record it",
         highlight=False,
     )
+
+
+@app.command()
+def cancel(
+    task: Annotated[str, typer.Argument(help="Task id.")],
+    run: RunId,
+    workdir: Workdir = CWD,
+    database_url: DatabaseUrl = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded with the task).")] = (
+        "cancelled with `orchestrator cancel`"
+    ),
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also a task recorded IN_PROGRESS/VALIDATING: only when no executor runs it "
+            "(its process group, if alive, is ended).",
+        ),
+    ] = False,
+) -> None:
+    """Cancel a task that is not running (waiting for a breaker, a human, a retry): it ends
+    CANCELLED, class `cancelled`, with a TASK_FAILED event; nothing else is touched."""
+    store = _store(workdir, database_url)
+    key = TaskKey(run, task)
+    try:
+        record = store.task(key)
+    except KeyError:
+        raise _fail(f"run {run!r} has no task {task!r}") from None
+    if record.status.terminal:
+        raise _fail(f"task {task} is already {record.status.value}; nothing to cancel")
+    if record.status in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
+        if not force:
+            raise _fail(
+                f"task {task} is {record.status.value}: an executor may be running it; stop "
+                "the executor first (it records the attempt as interrupted), or pass --force "
+                "if none is running"
+            )
+        if record.pid is not None and process_group_alive(record.pid):
+            terminate_group(record.pid)
+    recorder = Recorder(store, workdir, metrics=Metrics(), clock=lambda: datetime.now(UTC))
+    ended = recorder.end(key, Finish(TaskState.CANCELLED, FailureClass.CANCELLED, reason))
+    console.print(f"task {task} of run {run}: {ended.status.value}", highlight=False)
 
 
 @schema_app.command("generate")

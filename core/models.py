@@ -312,6 +312,47 @@ class BreakerPolicy(_Model):
     )
 
 
+class SandboxSpec(_Model):
+    """How the embedded backend confines this adapter's processes (see ``core.engine.sandbox``).
+
+    The sandbox itself is not optional per adapter: every process adapter and gate check runs
+    in it unless the executor was started with ``--no-sandbox``. What an adapter may choose
+    is whether its processes reach the network. On Kubernetes the pod is the sandbox and the
+    Adapter's egress rules decide the network; these fields are not used there.
+    """
+
+    network: bool = Field(
+        default=True,
+        description="The adapter's process may use the network (AI CLIs call their model API). "
+        "False: it gets a network namespace of its own with only a loopback interface.",
+    )
+    gate_network: bool | None = Field(
+        default=None,
+        description="The same for the test gate's checks of this adapter's attempts; "
+        "unset: as `network`.",
+    )
+
+    @property
+    def checks_network(self) -> bool:
+        return self.network if self.gate_network is None else self.gate_network
+
+
+class IsolationLevel(StrEnum):
+    """How an attempt's processes were confined (recorded per attempt)."""
+
+    #: Unconfined: the executor was started with --no-sandbox; the adapter could do anything
+    #: the executor's user can.
+    NONE = "none"
+    #: Embedded sandbox (bubblewrap): own mount, PID, IPC and UTS namespaces; only the tree
+    #: and the attempt's scratch dirs writable; the work dir's state and mirrors hidden.
+    SANDBOX = "sandbox"
+    #: The same, and a network namespace of its own (loopback only).
+    SANDBOX_NO_NETWORK = "sandbox-no-network"
+    #: A Kubernetes pod (the Kubernetes backend): the pod's security context and the
+    #: NetworkPolicy confine it.
+    POD = "pod"
+
+
 class HealthProbe(_Model):
     command: ProbeArgv = Field(
         description=argv_description("The probe, run in an empty directory", PROBE_PLACEHOLDERS)
@@ -350,6 +391,10 @@ class AdapterSpec(_Model):
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     health_check: HealthProbe | None = None
     api: ApiSpec | None = Field(default=None, description="The endpoint (kind=api).")
+    sandbox: SandboxSpec = Field(
+        default_factory=SandboxSpec,
+        description="Embedded backend: network access of the adapter's sandboxed processes.",
+    )
 
     @field_validator("pass_env")
     @classmethod
@@ -578,6 +623,11 @@ class AttemptResult(_Model):
     log_truncated: bool = False
     diff: DiffSummary | None = None
     gate: GateResult | None = None
+    isolation: IsolationLevel | None = Field(
+        default=None,
+        description="How the attempt's adapter and gate processes were confined; absent when "
+        "not known (an attempt interrupted before it reported, or recorded by an older version).",
+    )
     final: bool = Field(default=True, description="False when the task was tried again after.")
     task_final_state: TaskState | None = Field(
         default=None,

@@ -6,8 +6,11 @@ controller and its control loop, kept in kopf's ``memo``. The watches are the co
 own informers, not kopf's ``on.event`` handlers: kopf never retries such a handler (an
 exception loses the event), sends no server-side label selector and cannot say when its
 first listing is complete; and kopf's peering pauses only kopf's own watches, so leader
-election is a Lease held by the control loop (the standby does nothing). Settings:
-``ORCHESTRATOR_*`` environment variables (see core/kube/runtime.py).
+election is a Lease held by the control loop (the standby does nothing). kopf's cluster
+scanning is off: with no resource handlers it has nothing to discover, and scanning would
+list and watch every namespace and CRD of the cluster (a ClusterRole the operator does not
+need; its API calls are core/kube/permissions.py). Settings: ``ORCHESTRATOR_*`` environment
+variables (see core/kube/runtime.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ log = logging.getLogger("orchestrator.operator")
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.enabled = False  # Kubernetes Events are posted by the controller only
+    settings.scanning.disabled = True  # no cluster-wide list/watch of namespaces and CRDs
     operator = OperatorSettings()
     api = await ClientKubeApi.connect(operator.kubeconfig)
     try:

@@ -29,6 +29,18 @@ def default_url(workdir: Path) -> str:
     return f"sqlite:///{(workdir / DEFAULT_DB_FILE).resolve()}"
 
 
+def sqlite_files(url: str) -> list[Path]:
+    """The files of a SQLite database (with its journal, WAL and shared-memory files); empty
+    for a server database. The embedded sandbox hides them from adapters."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return []
+    if parsed.database == ":memory:":
+        return []
+    db = Path(parsed.database).resolve()
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+
+
 def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 

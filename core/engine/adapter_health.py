@@ -6,6 +6,9 @@ CLOSED or its last probe failed (:func:`probe_due`). Results go to the ``adapter
 the metrics and ``logs/resilience.jsonl``. An unhealthy adapter admits no work, like an open
 breaker, so tasks move to a fallback or wait.
 
+A probe runs in the executor's sandbox like the adapter itself (:mod:`core.engine.sandbox`:
+its scratch HOME writable, network as ``sandbox.network``).
+
 Safe mode (the seed's ``ai_safe_mode_conditions``) is evaluated from the same facts; while it
 is active the executor takes no new task, and it leaves safe mode on its own when the
 conditions clear.
@@ -36,6 +39,7 @@ from core.engine.resilience.safe_mode import (
     evaluate_safe_mode,
     safe_mode_change,
 )
+from core.engine.sandbox import Confinement, Sandbox
 from core.models import AdapterSpec
 
 Announce = Callable[[str, dict[str, object]], None]
@@ -64,9 +68,11 @@ class AdapterHealth:
         monotonic: Callable[[], float] = time.monotonic,
         safe_mode: SafeModeConfig | None = None,
         watch: BreakerWatch | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.adapters = adapters
         self.watch = watch
+        self.sandbox = sandbox
         self.store = store
         self.breakers = breakers
         self.metrics = metrics
@@ -101,6 +107,8 @@ class AdapterHealth:
                 timeout=spec.health_check.timeout_seconds,
                 sink=sink,
                 grace_seconds=1.0,
+                sandbox=self.sandbox,
+                confinement=Confinement((Path(home),), network=spec.sandbox.network),
             )
         return probe_result(
             spec.id,

@@ -11,6 +11,17 @@ nothing else -- and it is also alone in ``$ORCHESTRATOR_FEEDBACK_FILE``. What el
 environment is built from scratch: nothing from the executor's environment reaches the
 adapter unless the adapter lists the name in ``pass_env`` (its own API key, typically).
 
+Task fields never become options: the only template that names target paths (aider) puts
+``--`` before them, so a path like ``--openai-api-base=https://elsewhere/v1`` stays a file
+name. Claude Code, Codex and OpenCode take no target paths on their command lines (the paths
+reach them in the prompt); a custom ``command`` that uses ``{target_paths}`` should put
+``--`` before it too, and the entry contract refuses target paths that start with ``-``.
+
+On the embedded backend the process runs in the sandbox (:mod:`core.engine.sandbox`): only
+its tree and its HOME writable, the prompt, context and feedback files and the mirror's
+objects readable, the work dir's
+state hidden, the network as ``sandbox.network`` says.
+
 ``api`` sends the task to an HTTP endpoint and applies the diff it answers with
 (:mod:`core.engine.api_adapter`); ``patch`` applies the diff carried by the task
 (deterministic: tests and the demo), and ``manual`` writes instructions for a human and waits
@@ -29,6 +40,8 @@ from pathlib import Path
 from core.engine.api_adapter import ApiCaller, ApiOutcome
 from core.engine.command_line import base_path, expand_argv
 from core.engine.process_group import LineSink, ProcessResult, run_process_group
+from core.engine.sandbox import Confinement, Sandbox
+from core.engine.workspace import shared_object_dirs
 from core.models import AdapterKind, AdapterSpec, CommandTemplate, TaskSpec
 
 
@@ -52,6 +65,8 @@ TEMPLATES: dict[CommandTemplate, Template] = {
             "--no-stream",
             "--message-file",
             "{prompt_file}",
+            # argparse: everything after `--` is a file, whatever it starts with
+            "--",
             "{target_paths}",
         ),
         "none",
@@ -209,10 +224,11 @@ def run_process_adapter(
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sandbox: Sandbox | None = None,
 ) -> ProcessResult:
     """Write the prompt next to the tree, build the invocation, run it as a process group.
 
-    Shared by the embedded backend and the runner in adapter pods.
+    Shared by the embedded backend (with its ``sandbox``) and the runner in adapter pods.
     """
     prompt = attempt_dir / "prompt.md"
     prompt.write_bytes(prompt_bytes(task.prompt, extra_input))
@@ -248,6 +264,17 @@ def run_process_adapter(
         stop=stop,
         on_start=on_start,
         clock=clock,
+        sandbox=sandbox,
+        confinement=Confinement(
+            writable=(tree, home),
+            readable=(
+                prompt,
+                context,
+                *((feedback,) if feedback is not None else ()),
+                *shared_object_dirs(tree),
+            ),
+            network=adapter.sandbox.network,
+        ),
     )
 
 

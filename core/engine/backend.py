@@ -17,7 +17,15 @@ from typing import Any, Protocol
 from core.engine.redaction import SHAPES_ONLY, Redactor
 from core.engine.workspace import CapturedDiff
 from core.identity import TaskKey
-from core.models import AdapterSpec, DiffSummary, GateCheck, GateResult, TaskSpec, TokenUsage
+from core.models import (
+    AdapterSpec,
+    DiffSummary,
+    GateCheck,
+    GateResult,
+    IsolationLevel,
+    TaskSpec,
+    TokenUsage,
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class AttemptOutcome:
     adapter_error: str | None = None
     retry_after_seconds: float | None = None
     usage: TokenUsage | None = None
+    #: How the attempt's processes were confined (None: the backend does not say).
+    isolation: IsolationLevel | None = None
 
 
 @dataclass

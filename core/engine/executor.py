@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from core.db.breaker_rows import SqlBreakerRows
-from core.db.database import check_schema, default_url, make_engine, redact
+from core.db.database import check_schema, default_url, make_engine, redact, sqlite_files
 from core.db.store import Store, TaskRecord
 from core.engine.adapter_health import AdapterHealth
 from core.engine.adapters import manual_instructions, manual_paths
@@ -71,6 +71,7 @@ from core.engine.resilience.circuit_breaker import retry_after
 from core.engine.resilience.classification import Classification
 from core.engine.resilience.safe_mode import SafeModeConfig
 from core.engine.run_watcher import RunWatcher, serve_runs, stop_on_signals
+from core.engine.sandbox import Sandbox, select_sandbox
 from core.engine.state_files import EXECUTION_RESULTS, STATE_DIR, write_model
 from core.errors import OrchestratorError
 from core.identity import EMBEDDED_SCOPE, TaskKey
@@ -108,6 +109,9 @@ class ExecutorConfig:
     wait_for_breakers: bool = True
     safe_mode_max_open_seconds: float | None = 900.0
     escalation: EscalationPolicy = field(default_factory=EscalationPolicy)
+    #: Run adapters and gate checks in the sandbox (``--no-sandbox``: False); with True and
+    #: no working sandbox on the machine, :func:`build_executor` refuses.
+    sandbox: bool = True
 
     @property
     def upgrade_hint(self) -> str:
@@ -166,6 +170,7 @@ class Executor:
         progress: ProgressReporter | None = None,
         clocks: Clocks | None = None,
         stop: threading.Event | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.config = config
         self.inputs = inputs
@@ -207,6 +212,7 @@ class Executor:
             watch=lambda snaps, now: self.recorder.escalations.breakers_seen(
                 snaps, now, run_id=self.run_id
             ),
+            sandbox=sandbox,
         )
         self._parked = False
         self._started = 0
@@ -382,6 +388,7 @@ class Executor:
                 adapter_error=out.adapter_error,
                 retry_after_seconds=out.retry_after_seconds,
                 usage=out.usage,
+                isolation=out.isolation,
             )
             # a stop request between the adapter and the gate: the attempt is interrupted,
             # never concluded as a success without its gate
@@ -555,17 +562,19 @@ def build_executor(
     stop: threading.Event | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Executor:
-    """Check the entry contracts (inputs, base commits, database) and assemble an executor.
-
-    ``env``: where ``api`` adapters' key variables are read (default: this process's).
-    """
+    """Check the entry contracts (inputs, base commits, database, sandbox) and assemble an
+    executor. ``env``: where ``api`` adapters' key variables are read (default: this
+    process's)."""
     env = os.environ if env is None else env
     inputs = load_inputs(
         config.workdir, config.run_id, env=env, max_prompt_bytes=config.max_prompt_bytes
     )
     engine = make_engine(config.db_url)
     check_schema(engine, config.db_url, config.upgrade_hint)
-    if backend is None:
+    sandbox = select_sandbox(
+        config.sandbox, workdir=config.workdir, hidden=sqlite_files(config.db_url)
+    )
+    if backend is None:  # after the sandbox check: a refusal leaves nothing behind
         check_base_commits(inputs, config.workdir / WORK_DIR / "mirrors")
     stop = stop or threading.Event()
     clocks = clocks or Clocks()
@@ -576,6 +585,7 @@ def build_executor(
         backend=backend
         or LocalBackend(
             config.workdir,
+            sandbox=sandbox,
             keep_worktrees=config.keep_worktrees,
             stop=stop,
             clock=clocks.monotonic,
@@ -585,6 +595,7 @@ def build_executor(
         progress=progress,
         clocks=clocks,
         stop=stop,
+        sandbox=sandbox,
     )
 
 
@@ -702,10 +713,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="phase-4 work dir")
     parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite)")
     parser.add_argument("--watch", action="store_true", help="keep executing new runs")
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run adapters and gate checks unconfined (default: refuse without bubblewrap)",
+    )
     args = parser.parse_args(argv)
     if not args.run and not args.watch:
         parser.error("--run is required (or --watch)")
-    config = ExecutorConfig(args.run or "", args.workdir.resolve(), args.database_url)
+    config = ExecutorConfig(
+        args.run or "", args.workdir.resolve(), args.database_url, sandbox=not args.no_sandbox
+    )
     try:
         if args.watch:
             run_executor_loop(config, continuous=True, report=print)

@@ -119,7 +119,7 @@ class LocalTreeGate:
                 yield tree
             finally:
                 if not self.keep_worktrees:
-                    remove_worktree(repo, tree)
+                    remove_worktree(tree)
 
         with TaskLog(
             self.log_path(request.run_id),

@@ -70,6 +70,7 @@ from core.models import (
     GateCheck,
     GateResult,
     IntegrationFailure,
+    IsolationLevel,
     RetryPolicy,
     TaskSpec,
     TaskState,
@@ -310,6 +311,8 @@ class AttemptEvidence:
     retry_after_seconds: float | None = None
     #: Tokens the endpoint reported (``api`` adapters).
     usage: TokenUsage | None = None
+    #: How the attempt's processes were confined (sandbox, pod, none); None: not known.
+    isolation: IsolationLevel | None = None
 
     @property
     def duration_seconds(self) -> float:
@@ -463,6 +466,7 @@ def conclude(
             log_truncated=evidence.log_truncated,
             diff=evidence.diff,
             gate=evidence.gate,
+            isolation=evidence.isolation,
             final=finish is not None,
             task_final_state=finish.state if finish is not None else None,
             backoff_seconds=round(decision.delay_seconds, 3) if finish is None else 0.0,

@@ -5,6 +5,10 @@ running and keep the pipes open), and it buffers output until the end. Here the 
 a new session, so the whole group is signalled (SIGTERM, a grace period, then SIGKILL); output
 is read with ``selectors`` and handed over line by line as it arrives; process exit is
 observed through a pidfd, so the loop sleeps in ``select`` instead of polling.
+
+With a ``sandbox`` (:mod:`core.engine.sandbox`) the command is started inside it; the group
+kill works unchanged through it (bubblewrap stays in the group and passes SIGTERM's grace
+period on to the command; with its PID namespace nothing the command started outlives it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from core.engine.sandbox import Confinement, LaunchError, Sandbox
 
 MAX_LINE_BYTES = 64 * 1024
 #: After the leader exits, how long to keep reading output that is still in flight.
@@ -66,14 +72,24 @@ def run_process_group(
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sandbox: Sandbox | None = None,
+    confinement: Confinement | None = None,
 ) -> ProcessResult:
     """Run ``argv`` (never through a shell) and return how it ended.
 
     ``on_start`` receives the process-group id as soon as it exists (for crash recovery).
     Setting ``stop`` ends the group like a timeout does, but reports ``cancelled``.
+    ``sandbox``: run it confined to ``confinement`` (default: only ``cwd`` writable).
     """
     started = clock()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    if sandbox is not None:
+        try:
+            argv = sandbox.command(
+                argv, cwd=cwd, env=env, confinement=confinement or Confinement((cwd,))
+            )
+        except (LaunchError, OSError) as exc:
+            return ProcessResult(None, None, False, False, str(exc), 0.0, "")
     try:
         with open(stdin_file, "rb") if stdin_file else open(os.devnull, "rb") as stdin:
             proc = subprocess.Popen(
@@ -169,15 +185,20 @@ def run_process_group(
     proc.stdout.close()
     proc.stderr.close()
     code = proc.wait()
+    exit_code, sig = sandbox.status(code) if sandbox is not None else _status(code)
     return ProcessResult(
-        exit_code=code if code >= 0 else None,
-        signal=-code if code < 0 else None,
+        exit_code=exit_code,
+        signal=sig,
         timed_out=timed_out,
         cancelled=cancelled,
         start_error=None,
         duration_seconds=clock() - started,
         tail="\n".join(tail),
     )
+
+
+def _status(code: int) -> tuple[int | None, int | None]:
+    return (code, None) if code >= 0 else (None, -code)
 
 
 def _char_boundary(buf: bytearray, limit: int) -> int:

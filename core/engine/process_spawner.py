@@ -3,17 +3,22 @@
 Layout under the work dir (all disposable, rebuilt as needed)::
 
     .work/mirrors/<repo>-<hash>.git            bare mirror, fetched once per repository
-    .work/<run>/<task>/<attempt>/tree           the adapter's worktree at the base commit
+    .work/<run>/<task>/<attempt>/tree           the adapter's checkout at the base commit
+    .work/<run>/<task>/<attempt>/tree.git       the executor's private repository for it
     .work/<run>/<task>/<attempt>/prompt.md      the prompt, outside the tree (not in the diff)
     .work/<run>/<task>/<attempt>/diff.patch     the captured diff, spooled (then in the store)
     .work/<run>/<task>/<attempt>/home           $HOME of the adapter (not the user's)
-    .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate
+    .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate (+ .git)
 
-The diff is captured even after a timeout, so partial work is recorded as evidence, and put
-in the evidence store (content-addressed, compressed) before the attempt is recorded: the
-records carry its key, never the bytes. A diff over the hard limit is not kept at all. An
-``api`` adapter's call is made from this process (``core.engine.api_adapter``); its reply's
-diff is applied to the worktree and captured like any other change.
+Every adapter process and gate check runs in the backend's sandbox
+(:mod:`core.engine.sandbox`): there it can write only its tree and its HOME (or the check's
+scratch dir) and sees nothing of ``.state``, ``.ledger``, ``logs``, the database or
+``.work`` besides its own tree. The diff is captured even after a timeout, so partial work
+is recorded as evidence, and put in the evidence store (content-addressed, compressed)
+before the attempt is recorded: the records carry its key, never the bytes. A diff over the
+hard limit is not kept at all. An ``api`` adapter's call is made from this process
+(``core.engine.api_adapter``); its reply's diff is applied to the worktree and captured like
+any other change.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from core.engine.backend import (
 )
 from core.engine.evidence import EvidenceStore, local_store
 from core.engine.process_group import ProcessResult
+from core.engine.sandbox import Sandbox
 from core.engine.task_log import TaskLog
 from core.engine.test_gate import run_gate
 from core.engine.workspace import (
@@ -48,12 +54,11 @@ from core.engine.workspace import (
     apply_patch,
     capture_diff,
     ensure_mirror,
-    git,
     remove_worktree,
 )
 from core.errors import InfrastructureError, MissingCommitError
 from core.identity import TaskKey
-from core.models import AdapterKind, GateResult
+from core.models import AdapterKind, AdapterSpec, GateResult, IsolationLevel
 
 WORK_DIR = ".work"
 
@@ -78,6 +83,7 @@ class LocalBackend:
         self,
         workdir: Path,
         *,
+        sandbox: Sandbox,
         python: str = sys.executable,
         keep_worktrees: bool = False,
         grace_seconds: float = 5.0,
@@ -87,15 +93,17 @@ class LocalBackend:
         evidence: EvidenceStore | None = None,
     ) -> None:
         """``env``: where ``api`` adapters find their API key variable."""
-        self.workdir = workdir
+        #: resolved, so the paths an adapter is given are the paths bound into its sandbox
+        self.workdir = workdir.resolve()
         self.env = env
-        self.evidence = evidence or local_store(workdir)
+        self.evidence = evidence or local_store(self.workdir)
+        self.sandbox = sandbox
         self.python = python
         self.keep_worktrees = keep_worktrees
         self.grace_seconds = grace_seconds
         self.stop = stop
         self.clock = clock
-        self._mirrors = workdir / WORK_DIR / "mirrors"
+        self._mirrors = self.workdir / WORK_DIR / "mirrors"
 
     def attempt_dir(self, key: TaskKey, attempt: int) -> Path:
         return self.workdir / WORK_DIR / key.run_id / key.log_name / str(attempt)
@@ -112,6 +120,7 @@ class LocalBackend:
             section_bytes=request.max_gate_log_bytes,
         )
         handle = _Handle(None, None, adir, log, task.base_commit)
+        isolation = self.isolation(adapter)
         started = self.clock()
         try:
             handle.mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
@@ -123,11 +132,17 @@ class LocalBackend:
                 infrastructure_reason=str(exc),
                 duration_seconds=self.clock() - started,
                 log_path=log.path,
+                isolation=isolation,
             )
             return AdapterRun(outcome, handle)
         tree = handle.tree
         hooks.started(None, tree)
-        log.note("attempt_started", adapter=adapter.id, kind=adapter.kind.value)
+        log.note(
+            "attempt_started",
+            adapter=adapter.id,
+            kind=adapter.kind.value,
+            isolation=isolation.value,
+        )
         api: ApiOutcome | None = None
         if adapter.kind is AdapterKind.API:
             api = run_api_adapter(
@@ -167,6 +182,7 @@ class LocalBackend:
             infrastructure_reason=api.infrastructure_reason if api else None,
             retry_after_seconds=api.retry_after_seconds if api else None,
             usage=api.usage if api else None,
+            isolation=isolation,
         )
         return AdapterRun(outcome, handle)
 
@@ -195,6 +211,13 @@ class LocalBackend:
         )
         return diff
 
+    def isolation(self, adapter: AdapterSpec) -> IsolationLevel:
+        """The confinement of an attempt's untrusted processes: the adapter's own (process
+        adapters), else the gate checks' (patch and manual adapters run no process)."""
+        spec = adapter.sandbox
+        network = spec.network if adapter.kind is AdapterKind.PROCESS else spec.checks_network
+        return self.sandbox.isolation(network)
+
     def run_gate(self, request: AttemptRequest, run: AdapterRun) -> GateResult:
         handle: _Handle = run.handle
         assert handle.mirror is not None and run.outcome.diff is not None
@@ -209,6 +232,8 @@ class LocalBackend:
             policy=request.task.gate_policy,
             python=self.python,
             clock=self.clock,
+            sandbox=self.sandbox,
+            network=request.adapter.sandbox.checks_network,
         )
         log.note(
             "gate_finished",
@@ -224,8 +249,8 @@ class LocalBackend:
         handle: _Handle = run.handle
         handle.log.close()
         if not self.keep_worktrees:
-            if handle.mirror is not None and handle.tree is not None:
-                remove_worktree(handle.mirror, handle.tree)
+            if handle.tree is not None:
+                remove_worktree(handle.tree)
             self._remove_attempt_dir(handle.adir)
         return LogCounts(handle.log.path, handle.log.written, handle.log.truncated)
 
@@ -255,6 +280,7 @@ class LocalBackend:
                 stop=self.stop,
                 on_start=lambda pgid: hooks.started(pgid, tree),
                 clock=self.clock,
+                sandbox=self.sandbox,
             )
         if adapter.kind is AdapterKind.PATCH:
             assert task.patch is not None
@@ -282,7 +308,7 @@ class LocalBackend:
             yield tree
         finally:
             if not self.keep_worktrees:
-                remove_worktree(mirror, tree)
+                remove_worktree(tree)
 
     def _remove_attempt_dir(self, adir: Path) -> None:
         """Remove the attempt dir and the task/run dirs above it once they are empty."""
@@ -295,8 +321,6 @@ class LocalBackend:
 
     def cleanup_attempt(self, key: TaskKey, attempt: int) -> None:
         self._remove_attempt_dir(self.attempt_dir(key, attempt))
-        for mirror in self._mirrors.glob("*.git"):
-            git("worktree", "prune", cwd=mirror)
 
 
 _gate_counter = count(1)

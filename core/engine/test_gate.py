@@ -15,8 +15,10 @@ nor a flaky old one decides the outcome. Tracked files a check changes, test fil
 deletes and baseline failures the patch removes or skips are reported as tamper evidence
 (:mod:`core.engine.tree_guard`).
 
-Both backends call :func:`run_gate`: the embedded one in-process, the Kubernetes one in the
-gate pod's runner.
+Both backends call :func:`run_gate`: the embedded one in-process, with every check in the
+sandbox (:mod:`core.engine.sandbox`: only the tree and the check's scratch dir writable, the
+work dir's state hidden, network as the adapter's ``sandbox.gate_network`` says), the
+Kubernetes one in the gate pod's runner (the pod is the sandbox there).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 from core.engine.command_line import base_path, expand_argv
 from core.engine.gate_verdict import CheckRun, judge, tamper_report
 from core.engine.process_group import LineSink, ProcessResult, run_process_group
+from core.engine.sandbox import Confinement, Sandbox
 from core.engine.test_reports import (
     GoJsonCollector,
     Outcome,
@@ -54,7 +57,7 @@ from core.engine.test_tools import (
     with_report_flags,
 )
 from core.engine.tree_guard import TreeGuard, deleted_test_files
-from core.engine.workspace import apply_patch
+from core.engine.workspace import apply_patch, shared_object_dirs
 from core.models import (
     CheckResult,
     CheckStatus,
@@ -115,6 +118,14 @@ class _Invocation:
     report_path: str | None
 
 
+@dataclass(frozen=True)
+class _Confine:
+    """The sandbox the checks run in (None: unconfined) and whether they get the network."""
+
+    sandbox: Sandbox | None = None
+    network: bool = True
+
+
 class _CheckRunner:
     """Runs the checks of one tree; owns the scratch dir (HOME, report files)."""
 
@@ -125,9 +136,10 @@ class _CheckRunner:
         policy: GatePolicy,
         python: str,
         clock: Callable[[], float],
+        confine: _Confine = _Confine(),
     ) -> None:
         self.scratch, self.sinks, self.policy = scratch, sinks, policy
-        self.python, self.clock = python, clock
+        self.python, self.clock, self.confine = python, clock, confine
         self.home = scratch / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self._numbers = count(1)
@@ -197,6 +209,12 @@ class _CheckRunner:
             sink=sink,
             grace_seconds=2.0,
             clock=self.clock,
+            sandbox=self.confine.sandbox,
+            confinement=Confinement(
+                writable=(tree, self.scratch),
+                readable=shared_object_dirs(tree),
+                network=self.confine.network,
+            ),
         )
         if check.report is ReportFormat.NONE:
             return proc, None, []
@@ -319,11 +337,14 @@ def run_checks(
     python: str = sys.executable,
     policy: GatePolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sandbox: Sandbox | None = None,
+    network: bool = True,
 ) -> list[CheckResult]:
     """Run ``checks`` on ``tree`` and judge them on their own (no baseline, no tamper guard)."""
     policy = policy or GatePolicy()
     with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
-        runner = _CheckRunner(Path(scratch), sinks, policy, python, clock)
+        confine = _Confine(sandbox, network)
+        runner = _CheckRunner(Path(scratch), sinks, policy, python, clock, confine)
         runs = [runner.run(c, tree, known_failing=set()) for c in checks]
     return [judge(run, None, policy) for run in runs]
 
@@ -338,19 +359,27 @@ def run_gate(
     policy: GatePolicy | None = None,
     python: str = sys.executable,
     clock: Callable[[], float] = time.monotonic,
+    sandbox: Sandbox | None = None,
+    network: bool = True,
 ) -> GateResult:
-    """Apply ``patch`` to a fresh checkout and run ``checks``; the outcome decides the task."""
+    """Apply ``patch`` to a fresh checkout and run ``checks``; the outcome decides the task.
+
+    ``sandbox``: every check runs in it, with the network when ``network``.
+    """
     policy = policy or GatePolicy()
     started = clock()
     base_runs: dict[str, CheckRun] = {}
+    confine = _Confine(sandbox, network)
     with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
         if baseline and checks:
             base_sinks: SinkFactory = lambda name: sinks(f"baseline:{name}")  # noqa: E731
-            base_runner = _CheckRunner(Path(scratch, "base"), base_sinks, policy, python, clock)
+            base_runner = _CheckRunner(
+                Path(scratch, "base"), base_sinks, policy, python, clock, confine
+            )
             with checkout() as base_tree:
                 for check in checks:
                     base_runs[check.name] = base_runner.run(check, base_tree, known_failing=set())
-        runner = _CheckRunner(Path(scratch, "patched"), sinks, policy, python, clock)
+        runner = _CheckRunner(Path(scratch, "patched"), sinks, policy, python, clock, confine)
         with checkout() as tree:
             method = apply_patch(tree, patch, fuzzy=policy.fuzzy_apply)
             if method is None:

@@ -4,16 +4,26 @@ A check is supposed to read the patched tree, not rewrite it: a check that edits
 (a formatter in write mode, a test that "fixes" its fixture, a script that resets the patch)
 makes the gate judge something other than the diff. After the patch is applied the index
 holds exactly the patched tree; we write it as a tree object once and, after each check, ask
-git which tracked paths differ from it in the work tree or the index. Untracked files (caches,
-reports, build output) are not tracked and never reported.
+git which tracked paths differ from it in the work tree or in the tree's own index (a check
+that stages or unstages). Untracked files (caches, reports, build output) are not tracked and
+never reported. git runs through the executor's private repository
+(:func:`~core.engine.workspace.tree_git`) with its own config: the tree's own index is read
+from a private copy (a regular file, never through a symlink), and nothing a check planted in
+the tree's ``.git`` (config, hooks, a ``.git`` file pointing elsewhere) is ever used.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
-from core.engine.workspace import git
+from core.engine.workspace import private_git_dir, tree_git
+from core.errors import InfrastructureError
+
+#: The tree's own index is copied only up to this size (a real one is ~100 bytes per file).
+MAX_INDEX_BYTES = 256 * 1024 * 1024
 
 #: File names that hold tests in the common ecosystems (Python, Go, JS/TS, Java, Ruby, Rust).
 TEST_FILE = re.compile(
@@ -28,27 +38,61 @@ class TreeGuard:
 
     def __init__(self, tree: Path) -> None:
         self.tree = tree
-        self.snapshot = git("write-tree", cwd=tree).decode().strip()
+        self.snapshot = tree_git(tree, "write-tree").decode().strip()
         self._reported: set[str] = set()
 
     def changed(self) -> list[str]:
         """Tracked paths changed since the snapshot and not returned by an earlier call."""
         paths = set(self._names("diff", "--name-only", "-z", "--no-renames", self.snapshot))
-        paths |= set(
-            self._names("diff", "--cached", "--name-only", "-z", "--no-renames", self.snapshot)
-        )
+        index = self._copy_of_tree_index()
+        if index is not None:
+            try:
+                paths |= set(
+                    self._names(
+                        "diff",
+                        "--cached",
+                        "--name-only",
+                        "-z",
+                        "--no-renames",
+                        self.snapshot,
+                        index_file=index,
+                    )
+                )
+            except InfrastructureError:
+                pass  # not an index git can read: the work tree comparison still stands
+            finally:
+                index.unlink(missing_ok=True)
         new = sorted(paths - self._reported)
         self._reported |= paths
         return new
 
-    def _names(self, *args: str) -> list[str]:
-        raw = git(*args, cwd=self.tree)
+    def _names(self, *args: str, index_file: Path | None = None) -> list[str]:
+        raw = tree_git(self.tree, *args, index_file=index_file)
         return [p for p in raw.decode("utf-8", errors="surrogateescape").split("\0") if p]
+
+    def _copy_of_tree_index(self) -> Path | None:
+        """A private copy of ``<tree>/.git/index`` if that is a plain file in a plain directory."""
+        try:
+            # neither `.git` nor `index` may be a symlink: a check could point them anywhere
+            gitdir = os.open(self.tree / ".git", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                fd = os.open("index", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=gitdir)
+            finally:
+                os.close(gitdir)
+        except OSError:
+            return None
+        copy = private_git_dir(self.tree) / "tree-index"
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
+                return None
+            copy.write_bytes(src.read(MAX_INDEX_BYTES))
+        return copy
 
 
 def deleted_test_files(tree: Path) -> list[str]:
     """Test files the applied patch (now in the index) deletes or renames away."""
-    raw = git("diff", "--cached", "--name-status", "-z", "--find-renames", "HEAD", cwd=tree)
+    raw = tree_git(tree, "diff", "--cached", "--name-status", "-z", "--find-renames", "HEAD")
     fields = raw.decode("utf-8", errors="surrogateescape").split("\0")
     gone: list[str] = []
     i = 0

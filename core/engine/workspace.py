@@ -1,15 +1,39 @@
-"""Git checkouts for attempts: a bare mirror per source repository, one throwaway worktree per
+"""Git checkouts for attempts: a bare mirror per source repository, a fresh checkout per
 attempt at the pinned base commit, and binary-safe diff capture against that commit.
 
 We call the ``git`` binary rather than a library (pygit2/dulwich) on purpose: the adapter and
-the gate use the same git, worktrees are cheap, and ``git diff --binary`` / ``git apply`` are the
-reference implementations of the patch format that the ledger stores.
+the gate use the same git, and ``git diff --binary`` / ``git apply`` are the reference
+implementations of the patch format that the ledger stores.
+
+A checkout at ``<path>`` is two repositories over one work tree, both borrowing the mirror's
+objects read-only (``objects/info/alternates``; git never writes into an alternate):
+
+* ``<path>/.git``: the adapter's own repository (HEAD and index at the base commit). Tools
+  that need git (aider, Claude Code, Codex, tests that call git) use it; whatever the
+  adapter writes there (config, hooks, objects, refs) stays there.
+* ``<path>.git``, beside the tree: the executor's private repository. Every git command the
+  executor or the runner runs on a tree names it explicitly (``--git-dir``/``--work-tree``),
+  so nothing an adapter or a gate check planted in the tree's ``.git`` (``core.fsmonitor``,
+  ``core.hooksPath``, filter, diff and merge drivers, ``include.path``, ``core.worktree``,
+  a ``.git`` file pointing elsewhere) is ever read by the executor. The sandbox
+  (:mod:`core.engine.sandbox`) hides it, with the mirror, from adapters and checks; where
+  nothing hides it (a Kubernetes pod, ``--no-sandbox``) its config is put back and its
+  hooks and info dirs removed before every use.
+
+Every git command also runs hardened (:data:`GIT_ENV`, :data:`HARDENING`): no system or
+global config, no hooks, no fsmonitor, no credential helpers or askpass programs, ssh as
+``ssh``, replace refs ignored, only the file, git, http(s) and ssh transports (never ``ext::``
+or ``fd::``), and ``--`` before every URL and path argument. Adapters never write to the
+shared mirror: they see its object store read-only (sandbox) and their commits land in the
+tree's own repository.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,11 +43,21 @@ from pathlib import Path
 from core.errors import InfrastructureError, MissingCommitError
 from core.models import DiffSummary, FileChange, FileStatus
 
-#: Our own git calls never read the user's or system config and never prompt.
+#: Transports git may use (``GIT_ALLOW_PROTOCOL`` overrides every ``protocol.*`` setting).
+ALLOWED_PROTOCOLS = "file:git:http:https:ssh"
+
+#: Our own git calls never read the user's or system config, never prompt, never run an
+#: askpass program, and never replace objects through ``refs/replace``.
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_ATTR_NOSYSTEM": "1",
     "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ASKPASS": "",
+    "GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS,
+    "GIT_NO_REPLACE_OBJECTS": "1",
+    "GIT_PAGER": "cat",
+    "GIT_EDITOR": ":",
     "GIT_AUTHOR_NAME": "orchestrator",
     "GIT_AUTHOR_EMAIL": "orchestrator@localhost",
     "GIT_COMMITTER_NAME": "orchestrator",
@@ -31,12 +65,50 @@ GIT_ENV = {
     "LC_ALL": "C",
 }
 
+#: ``-c`` settings on every call: command-line config wins over any repository's config.
+HARDENING = (
+    "core.quotepath=off",
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.sshCommand=ssh",
+    "core.pager=cat",
+    "credential.helper=",
+    # trees handed to the sandbox's user (executor as root) are not owned by the executor
+    "safe.directory=*",
+)
 
-def git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> bytes:
-    """Run git, return stdout; raise :class:`InfrastructureError` with git's stderr."""
+
+def git_argv(git_dir: Path | None = None, work_tree: Path | None = None) -> list[str]:
+    """``git`` with the hardening settings, and the repository and tree named explicitly."""
+    argv = ["git"]
+    for setting in HARDENING:
+        argv += ["-c", setting]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    return argv
+
+
+def git(
+    *args: str,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    git_dir: Path | None = None,
+    work_tree: Path | None = None,
+    index_file: Path | None = None,
+) -> bytes:
+    """Run hardened git, return stdout; raise :class:`InfrastructureError` with git's stderr.
+
+    ``git_dir``/``work_tree``: the repository and tree, named explicitly (no discovery);
+    ``index_file``: another index than the repository's own.
+    """
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **GIT_ENV}
+    if index_file is not None:
+        env["GIT_INDEX_FILE"] = str(index_file)
+    argv = git_argv(git_dir, work_tree)
     proc = subprocess.run(
-        ["git", "-c", "core.quotepath=off", *args],
+        [*argv, *args],
         cwd=cwd,
         input=input,
         env=env,
@@ -47,6 +119,15 @@ def git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> byte
         err = proc.stderr.decode(errors="replace").strip()
         raise InfrastructureError(f"git {' '.join(args[:2])} failed: {err}")
     return proc.stdout
+
+
+#: The whole config of a private repository (rewritten before every use, see :func:`_pin`)
+#: and of the tree's own repository.
+PRIVATE_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+PUBLIC_CONFIG = (
+    "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+    "\tlogallrefupdates = true\n"
+)
 
 
 def mirror_path(cache_dir: Path, repo_url: str) -> Path:
@@ -62,10 +143,10 @@ def ensure_mirror(cache_dir: Path, repo_url: str, commit: str) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = mirror.with_name(mirror.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        git("clone", "--bare", "--quiet", repo_url, str(tmp))
+        git("clone", "--bare", "--quiet", "--", repo_url, str(tmp))
         os.replace(tmp, mirror)
     if not has_commit(mirror, commit):
-        git("fetch", "--quiet", repo_url, "+refs/heads/*:refs/heads/*", cwd=mirror)
+        git("fetch", "--quiet", "--", repo_url, "+refs/heads/*:refs/heads/*", git_dir=mirror)
         if not has_commit(mirror, commit):
             raise MissingCommitError(
                 f"commit {commit} is not in repository {repo_url} (all branches fetched)"
@@ -75,27 +156,111 @@ def ensure_mirror(cache_dir: Path, repo_url: str, commit: str) -> Path:
 
 def has_commit(repo: Path, commit: str) -> bool:
     try:
-        git("cat-file", "-e", f"{commit}^{{commit}}", cwd=repo)
+        git("cat-file", "-e", f"{commit}^{{commit}}", git_dir=repo)
     except InfrastructureError:
         return False
     return True
 
 
+def private_git_dir(tree: Path) -> Path:
+    """The executor's repository for ``tree``: beside it, never inside it."""
+    return tree.with_name(tree.name + ".git")
+
+
 def add_worktree(mirror: Path, path: Path, commit: str) -> Path:
-    """A fresh detached worktree of ``commit`` at ``path`` (an old one there is replaced)."""
-    if path.exists():
-        remove_worktree(mirror, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    git("worktree", "add", "--detach", "--quiet", str(path), commit, cwd=mirror)
+    """A fresh checkout of ``commit`` at ``path`` (an old one there is replaced).
+
+    Not a ``git worktree`` of the mirror (whose administrative files live in the mirror, where
+    an adapter would write): two repositories borrowing the mirror's objects, see the module
+    docstring.
+    """
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise InfrastructureError(f"not a full commit id: {commit!r}")
+    private = private_git_dir(path)
+    if path.exists() or private.exists():
+        remove_worktree(path)
+    path.mkdir(parents=True)
+    objects = object_dir(mirror)
+    _new_repository(private, commit, objects, PRIVATE_CONFIG)
+    git("read-tree", "--reset", "-u", "HEAD", cwd=path, git_dir=private, work_tree=path)
+    public = path / ".git"
+    _new_repository(public, commit, objects, PUBLIC_CONFIG)
+    shutil.copyfile(private / "index", public / "index")
     return path
 
 
-def remove_worktree(mirror: Path, path: Path) -> None:
+def _new_repository(gitdir: Path, commit: str, objects: Path, config: str) -> None:
+    """An empty repository with a detached HEAD at ``commit`` and the mirror's objects.
+
+    Written directly, in the layout of gitrepository-layout(5) (``HEAD``, ``config``,
+    ``objects/`` with ``info/alternates``, ``refs/``), rather than by ``git init`` and ``git
+    update-ref``: a checkout is made twice per attempt and each git process costs 2-3 ms.
+    ``read-tree`` right after fails on a commit the objects do not hold.
+    """
+    # what git needs to see a repository (HEAD, objects/, refs/) and nothing more: every
+    # directory costs a mkdir and an rmdir per checkout
+    for sub in ("objects/info", "refs"):
+        (gitdir / sub).mkdir(parents=True, exist_ok=True)
+    (gitdir / "HEAD").write_text(f"{commit}\n", encoding="ascii")
+    (gitdir / "config").write_text(config, encoding="ascii")
+    (gitdir / "objects" / "info" / "alternates").write_text(f"{objects}\n", encoding="utf-8")
+
+
+def object_dir(repo: Path) -> Path:
+    """The object store of ``repo`` (a bare mirror, or any repository or worktree)."""
+    if (repo / "objects").is_dir() and (repo / "HEAD").is_file():
+        return (repo / "objects").resolve()
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=repo)
+    return Path(common.decode().strip()).resolve() / "objects"
+
+
+def remove_worktree(path: Path) -> None:
+    """Remove a checkout made by :func:`add_worktree`: the tree and the private repository."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(private_git_dir(path), ignore_errors=True)
+
+
+
+
+def _pin(private: Path) -> None:
+    """Put the private repository's config back as we made it; drop any hooks or info dir.
+
+    On the embedded backend the sandbox never shows the private repository to the adapter;
+    in a Kubernetes pod the adapter shares the runner's user and could write it. Replaced,
+    never written through (a planted symlink is removed, not followed).
+    """
+    config = private / "config"
+    config.unlink(missing_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(PRIVATE_CONFIG)
+    for name in ("hooks", "info", "config.worktree", "commondir"):
+        path = private / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+def shared_object_dirs(tree: Path) -> tuple[Path, ...]:
+    """The object stores ``tree``'s repositories borrow from (to show them read-only)."""
+    alternates = private_git_dir(tree) / "objects" / "info" / "alternates"
     try:
-        git("worktree", "remove", "--force", str(path), cwd=mirror)
-    except InfrastructureError:
-        shutil.rmtree(path, ignore_errors=True)
-        git("worktree", "prune", cwd=mirror)
+        lines = alternates.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return ()
+    return tuple(Path(line) for line in lines if line.strip())
+
+
+def tree_git(
+    tree: Path, *args: str, input: bytes | None = None, index_file: Path | None = None
+) -> bytes:
+    """git on ``tree`` through the executor's private repository (never the tree's ``.git``)."""
+    private = private_git_dir(tree)
+    if not (private / "HEAD").is_file():
+        raise InfrastructureError(f"{tree}: not a checkout made by the executor (no {private})")
+    _pin(private)
+    return git(*args, cwd=tree, git_dir=private, work_tree=tree, input=input, index_file=index_file)
 
 
 #: Files listed in a diff summary (``files_changed`` keeps the full count).
@@ -134,20 +299,27 @@ def capture_diff(
     """Diff of everything in ``tree`` (tracked, new, deleted, renamed, binary) vs the base.
 
     Untracked files are staged first (``.gitignore`` is honoured), so commits the adapter made
-    itself and uncommitted edits are both captured relative to the pinned base commit. The
-    diff streams into ``spool`` (default: ``diff.patch`` beside the tree) with its sha256
-    computed on the way; past ``max_bytes`` git is stopped and the spool removed, so an
-    adapter cannot make us hold (or store) more than the hard limit.
+    itself and uncommitted edits are both captured relative to the pinned base commit,
+    staged in the executor's private index: the tree's own ``.git`` is neither read nor
+    captured. The diff streams into ``spool`` (default: ``diff.patch`` beside the tree) with
+    its sha256 computed on the way; past ``max_bytes`` git is stopped and the spool removed,
+    so an adapter cannot make us hold (or store) more than the hard limit.
     """
-    git("add", "--all", cwd=tree)
+    try:
+        tree_git(tree, "add", "--all")
+    except InfrastructureError:
+        # something git cannot stage (a nested repository without a commit, an unreadable
+        # file): stage everything else rather than lose the attempt's whole diff
+        with contextlib.suppress(InfrastructureError):
+            tree_git(tree, "add", "--all", "--ignore-errors")
     common = ("diff", "--cached", "--find-renames", "--no-ext-diff", "--no-textconv")
     spool = spool or tree.parent / "diff.patch"
     sha256, size, complete = _spool(
         [*common, "--binary", "--full-index", base_commit], tree, spool, max_bytes
     )
     files = _file_changes(
-        git(*common, "--name-status", "-z", base_commit, cwd=tree),
-        git(*common, "--numstat", "-z", base_commit, cwd=tree),
+        tree_git(tree, *common, "--name-status", "-z", base_commit),
+        tree_git(tree, *common, "--numstat", "-z", base_commit),
     )
     summary = DiffSummary(
         sha256=sha256 if complete else "",
@@ -163,15 +335,18 @@ def capture_diff(
     return CapturedDiff(path=spool if complete else None, summary=summary)
 
 
-def _spool(args: list[str], cwd: Path, target: Path, limit: int) -> tuple[str, int, bool]:
-    """Run ``git <args>`` into ``target``: (sha256, bytes seen, whether all of it fit)."""
+def _spool(args: list[str], tree: Path, target: Path, limit: int) -> tuple[str, int, bool]:
+    """Run ``git <args>`` on ``tree`` (through its private repository, like
+    :func:`tree_git`) into ``target``: (sha256, bytes seen, whether all of it fit)."""
+    private = private_git_dir(tree)
+    _pin(private)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **GIT_ENV}
     digest, size = hashlib.sha256(), 0
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            ["git", "-c", "core.quotepath=off", *args],
-            cwd=cwd,
+            [*git_argv(private, tree), "-c", "core.quotepath=off", *args],
+            cwd=tree,
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -256,9 +431,12 @@ def apply_patch(tree: Path, patch: bytes | Path, *, fuzzy: bool = False) -> str 
     """Apply ``patch`` (bytes, or a file: a large diff is never read into memory) to a fresh
     checkout; return the method that worked, None if none did.
 
-    Every rung leaves the result in the index too (``--3way`` implies ``--index``), which
-    the gate's tamper check relies on. ``fuzzy`` adds the last rung: off by default, because
-    a diff that needs fuzz may land somewhere other than where its author meant.
+    Every rung leaves the result in the (private) index too (``--3way`` implies
+    ``--index``), which the gate's tamper check relies on; the tree's own repository gets a
+    copy of that index, so a check that runs ``git diff --cached`` sees the patch staged.
+    Only for a tree no untrusted process has run in yet. ``fuzzy`` adds the last rung: off
+    by default, because a diff that needs fuzz may land somewhere other than where its
+    author meant.
     """
     return try_apply_patch(tree, patch, fuzzy=fuzzy)[0]
 
@@ -280,10 +458,13 @@ def try_apply_patch(
     first_error = ""
     for method in ladder:
         try:
-            git(*method, source, cwd=tree, input=data)
+            tree_git(tree, *method, source, input=data)
         except InfrastructureError as exc:
             first_error = first_error or str(exc)
-            git("reset", "--hard", "--quiet", cwd=tree)
+            tree_git(tree, "reset", "--hard", "--quiet")
             continue
+        public = tree / ".git"
+        if public.is_dir() and not public.is_symlink():
+            shutil.copyfile(private_git_dir(tree) / "index", public / "index")
         return "git " + " ".join(method), ""
     return None, first_error

@@ -22,6 +22,7 @@ from core.models import (
     CheckStatus,
     DiffSummary,
     GateResult,
+    IsolationLevel,
     TaskState,
     TestNames,
 )
@@ -89,6 +90,7 @@ def adapter_evidence(
         started_at=started,
         finished_at=max(finished, started),
         log_path=log_path,
+        isolation=IsolationLevel.POD,
     )
     if result is None:
         if job is None:
@@ -139,6 +141,7 @@ def gate_evidence(
         log_path=log_path,
         log_bytes=current.log_bytes + (result.log_bytes if result else 0),
         log_truncated=current.log_truncated or bool(result and result.log_truncated),
+        isolation=IsolationLevel.POD,
     )
     if result is None or result.gate is None:
         reason = (

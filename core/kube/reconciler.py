@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -85,6 +86,8 @@ from core.runner.protocol import DEFAULT_PATCH_FILE, RunnerRequest, RunnerResult
 
 log = logging.getLogger("orchestrator.operator")
 T = TypeVar("T")
+#: ``(kind, name, seconds)``: one sync step or one database call (see add_observer).
+StepObserver = Callable[[str, str, float], None]
 TE = "taskexecutions"
 ADAPTERS = "adapters"
 
@@ -159,6 +162,7 @@ class Controller:
             api, store, self.cache, self.status, self.breakers, settings.evidence_egress
         )
         self._reported: dict[tuple[str, str], str] = {}
+        self._observers: list[StepObserver] = []
 
     def breaker_states(self) -> dict[str, str]:
         return self.breakers.states()
@@ -179,8 +183,30 @@ class Controller:
 
     # ------------------------------------------------------------------ the queue handler
 
+    def add_observer(self, observer: StepObserver) -> Callable[[], None]:
+        """Call ``observer(kind, name, seconds)`` after every sync step (kind ``sync``, name the
+        key's kind) and every database call (kind ``db``, name the function): how benchmarks
+        see the operator's work without patching it. Returns a function that removes it."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def _notify(self, kind: str, name: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        for observer in list(self._observers):
+            try:
+                observer(kind, name, elapsed)
+            except Exception:
+                log.exception("step observer %r failed", observer)
+
     async def sync(self, key: Key) -> float | None:
         """One step for one key; returns when to look again (None: when something changes)."""
+        started = time.perf_counter()
+        try:
+            return await self._step(key)
+        finally:
+            self._notify("sync", key[0], started)
+
+    async def _step(self, key: Key) -> float | None:
         if key[0] == "gone":
             _, namespace, name, run_id, task_id, uid = key
             await self._gone(TaskKey(run_id, task_id, uid, namespace))
@@ -660,7 +686,11 @@ class Controller:
                 log.warning("could not shorten the TTL of Job %s/%s", ctx.ns, name, exc_info=True)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        finally:
+            self._notify("db", getattr(fn, "__qualname__", repr(fn)), started)
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Evidence-store calls (files, HTTP to an object store) off the event loop."""

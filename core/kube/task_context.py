@@ -1,9 +1,11 @@
 """What a TaskExecution needs before a step: a valid spec, its Adapters, their egress
 policies, and its rows in the database.
 
-Every object gets an answer: a spec the API server accepted but the operator cannot use
-ends FAILED with the fields named, a missing or unusable Adapter is said in the status (and
-the TaskExecution starts by itself once the Adapter is there: its watch event re-queues it).
+Every object gets an answer within one step: a spec the API server accepted but the operator
+cannot use ends FAILED with the fields named, a missing or unusable Adapter is said in the
+status naming the field that refers to it (and the TaskExecution starts by itself once the
+Adapter is there or fixed: the Adapter's watch event re-queues it). The checks are
+:mod:`core.kube.validation`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from core.kube.api import Body, KubeApi
 from core.kube.attempts import parse_time
 from core.kube.egress import EgressPolicies
 from core.kube.status_writer import StatusWriter
+from core.kube.validation import describe, task_execution_problems
 from core.kube.watch_cache import WatchCache, trim
 from core.models import TaskSpec
 from core.resources import (
@@ -32,6 +35,8 @@ from core.resources import (
 )
 
 ADAPTERS = "adapters"
+#: Problems that other objects cause: the TaskExecution waits, and starts once they are fixed.
+WAIT_FOR_FIX = frozenset({"AdapterNotFound", "AdapterInvalid", "SecretNotFound"})
 
 
 @dataclass
@@ -97,32 +102,27 @@ class TaskContexts:
             await self.status.invalid(te, status, problems_of(exc))
             return None
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
-        adapters: dict[str, AdapterResourceSpec] = {}
+        objects: dict[str, Body | None] = {}
         for adapter_name in names:
             obj = self.cache.adapters.get((namespace, adapter_name))
             if obj is None:
                 obj = await self.api.get_object(ADAPTERS, namespace, adapter_name)
                 if obj is not None:
                     self.cache.adapters[(namespace, adapter_name)] = trim(obj)
-            if obj is None:
-                field = (
-                    "spec.adapterRef" if adapter_name == names[0] else "spec.fallbackAdapterRefs"
-                )
-                await self.status.park(
-                    te,
-                    status,
-                    "AdapterNotFound",
-                    f"{field}: Adapter {adapter_name!r} not found in namespace {namespace}; "
-                    "create it (kubectl apply) and this TaskExecution starts",
-                )
-                return None
-            try:
-                adapters[adapter_name] = AdapterResourceSpec.model_validate(obj["spec"])
-            except ValidationError as exc:
-                problems = [f"Adapter {adapter_name}: {p}" for p in problems_of(exc)]
-                await self.status.park(te, status, "InvalidAdapter", " ".join(problems)[:1000])
-                return None
-            await self.egress.ensure(obj, adapters[adapter_name])
+            objects[adapter_name] = obj
+        problems = task_execution_problems(te, objects)
+        if problems:
+            message = describe(problems)
+            if all(p.reason in WAIT_FOR_FIX for p in problems):
+                await self.status.park(te, status, problems[0].reason, message)
+            else:  # the spec is immutable: it will never run
+                await self.status.invalid(te, status, [message])
+            return None
+        adapters: dict[str, AdapterResourceSpec] = {}
+        for adapter_name, found in objects.items():
+            assert found is not None  # task_execution_problems named every missing Adapter
+            adapters[adapter_name] = AdapterResourceSpec.model_validate(found["spec"])
+            await self.egress.ensure(found, adapters[adapter_name])
         engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
         for adapter in engine.values():
             self.breakers.know(namespace, adapter)

@@ -7,9 +7,9 @@ into a read-only mount; the runner reads the request from that file, works in
 upload URLs and reports on stdout (see :mod:`core.runner.protocol`). It reuses the embedded
 engine's pieces, so a pod attempt and a local attempt produce the same evidence:
 
-* adapter: bare clone of the repository (:func:`ensure_mirror`), a worktree at the pinned base
-  commit, the adapter run as its own process group under the inner budget (SIGTERM, grace,
-  SIGKILL) -- or, for an ``api`` adapter, the HTTP call made from the pod (through the
+* adapter: bare clone of the repository (:func:`ensure_mirror`), a checkout at the pinned
+  base commit, the adapter run as its own process group under the inner budget (SIGTERM,
+  grace, SIGKILL) -- or, for an ``api`` adapter, the HTTP call made from the pod (through the
   Adapter's egress policy, the API key from the pod's environment, i.e. a Secret) and its
   diff applied -- then :func:`capture_diff` (also after a timeout: partial work is evidence);
 * gate: :func:`run_gate` on fresh checkouts of the base commit with the mounted diff applied.
@@ -17,12 +17,18 @@ engine's pieces, so a pod attempt and a local attempt produce the same evidence:
 Layout of the work dir (nothing is written outside it; ``/tmp`` is left to the tools)::
 
     mirrors/<repo>-<hash>.git     bare clone, its ``origin`` remote removed
-    attempt/tree                  the adapter's worktree
+    attempt/tree                  the adapter's checkout (its own repository in tree/.git)
+    attempt/tree.git              the runner's private repository for it (git hardening)
     attempt/prompt.md             the prompt, outside the tree (not in the diff)
     attempt/home                  $HOME of the adapter
     attempt/gate-<n>              the gate's checkouts
     attempt/log.jsonl             the full log (capped), uploaded at the end
     tmp/                          the runner's own temporary files
+
+The pod is the sandbox here (no bubblewrap inside a restricted pod): the adapter shares the
+runner's user and emptyDir. git is hardened as on the embedded backend
+(:mod:`core.engine.workspace`: no hooks, fsmonitor or config-driven commands, restricted
+transports, the runner's git on the tree only through its private repository).
 """
 
 from __future__ import annotations
@@ -487,8 +493,8 @@ def _mirror(request: RunnerRequest, workdir: Path, log: TaskLog) -> Path:
         mirror = ensure_mirror(workdir / "mirrors", request.repo_url, request.task.base_commit)
         # nothing in the pod needs the remote; an adapter must not push to (or read a token
         # embedded in) the source URL through the worktree's git config
-        if b"origin" in git("remote", cwd=mirror).split():
-            git("remote", "remove", "origin", cwd=mirror)
+        if b"origin" in git("remote", git_dir=mirror).split():
+            git("remote", "remove", "origin", git_dir=mirror)
     except (InfrastructureError, MissingCommitError) as exc:
         raise RunnerFailure(f"clone of the source failed: {exc}") from exc
     return mirror

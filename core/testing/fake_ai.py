@@ -15,7 +15,10 @@ working directory, and exits. What it does is scripted by ``fake-ai:`` lines in 
     fake-ai: wait-file <path> <seconds>   wait until <path> exists (exit 1 after <seconds>)
     fake-ai: spawn-sleeper <seconds>      start a grandchild that sleeps (for group-kill tests)
     fake-ai: flood <lines>                print many lines
-    fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile)
+    fake-ai: fail-times <n> <statefile>   exit 1 the first n times (counted in statefile; in the
+                                          sandbox only the tree and HOME are writable, and both
+                                          are new for every attempt: use fail-until-attempt)
+    fake-ai: fail-until-attempt <n>       exit 1 while $ORCHESTRATOR_ATTEMPT is below n
     fake-ai: exit <code>                  stop with that exit code
     fake-ai: on-feedback write <path> :: <text>   only on a retry with gate feedback
                                           (``$ORCHESTRATOR_FEEDBACK_FILE``)
@@ -107,6 +110,11 @@ def main() -> int:
             state.write_text(str(seen + 1))
             if seen < int(rest[0]):
                 print(f"fake-ai: simulated crash {seen + 1} of {rest[0]}", file=sys.stderr)
+                return 1
+        elif op == "fail-until-attempt":
+            attempt = int(os.environ.get("ORCHESTRATOR_ATTEMPT", "1"))
+            if attempt < int(rest[0]):
+                print(f"fake-ai: simulated crash on attempt {attempt}", file=sys.stderr)
                 return 1
         elif op == "exit":
             print(f"fake-ai: giving up with exit code {rest[0]}", file=sys.stderr, flush=True)

@@ -13,15 +13,18 @@ Which cluster:
 
 Fixtures: ``kube_cluster`` (everything below in one object), ``kubeconfig`` (path),
 ``project_image`` (image reference), ``image_pull_policy``, ``kubectl`` (run kubectl
-against the cluster), ``kube_api`` (a kubernetes.client.ApiClient) and
-``kube_namespace`` (a fresh namespace per test, deleted afterwards).
+against the cluster), ``kube_api`` (a kubernetes.client.ApiClient),
+``kube_namespace`` (a fresh namespace per test, deleted afterwards) and
+``cluster_postgres_url`` (a PostgreSQL that the cluster's pods and the tests both reach).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -149,7 +152,7 @@ def _local_paths() -> dict[str, str]:
             "bash",
             "-c",
             f'source "{CLUSTER_DIR}/lib.sh" && echo "BIN_DIR=$BIN_DIR" '
-            '&& echo "KUBECONFIG_PATH=$KUBECONFIG_PATH"',
+            '&& echo "KUBECONFIG_PATH=$KUBECONFIG_PATH" && echo "NODE_IP=$NODE_IP"',
         ],
         capture_output=True,
         text=True,
@@ -225,3 +228,37 @@ def kube_namespace(kube_api: Any) -> Iterator[str]:
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+@pytest.fixture(scope="session")
+def cluster_postgres_url(kube_cluster: KubeCluster) -> Iterator[str]:
+    """A PostgreSQL database that pods (the chart's operator, its migration hook) and this
+    process both reach: ``$ORCHESTRATOR_TEST_CLUSTER_POSTGRES_URL``, else (local cluster) a
+    throwaway server of ``hack/postgres/for-cluster`` on the node address, stopped and
+    removed at the end of the session. The loopback server of ``hack/postgres/up`` does not
+    do: a pod's 127.0.0.1 is its own. Its role may create databases (tests make fresh ones)."""
+    url = os.environ.get("ORCHESTRATOR_TEST_CLUSTER_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not kube_cluster.local:
+        pytest.fail(
+            "set ORCHESTRATOR_TEST_CLUSTER_POSTGRES_URL to a PostgreSQL database the "
+            "cluster's pods and this machine both reach (the local cluster starts its own)"
+        )
+    node_ip = _local_paths()["NODE_IP"]
+    with socket.socket() as s:  # a free port on the node address (several sessions share it)
+        s.bind((node_ip, 0))
+        port = s.getsockname()[1]
+    state = tempfile.mkdtemp(prefix="orchestrator-cluster-pg-")
+    script = str(ROOT / "hack/postgres/for-cluster")
+    up = subprocess.run(
+        [script, "up", state, str(port)], capture_output=True, text=True, timeout=600
+    )
+    try:
+        if up.returncode != 0:
+            pytest.fail(f"hack/postgres/for-cluster up failed:\n{up.stderr[-3000:]}")
+        yield up.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([script, "down", state], capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)

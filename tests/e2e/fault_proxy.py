@@ -212,15 +212,16 @@ class FaultProxy:
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # open watches never end by themselves: stop waiting for them after a second
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def _stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()  # ends the streams of open watches
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
 
     def _rule_for(self, call: Call) -> Rule | None:
         with self._lock:

@@ -135,15 +135,22 @@ def apply(
     return kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=check)
 
 
-def git_server(kubectl: Kubectl, namespace: str, image: str, pull_policy: str) -> str:
-    """A git daemon pod serving examples/demo's calc repository; returns its git:// URL."""
+def git_server(
+    kubectl: Kubectl,
+    namespace: str,
+    image: str,
+    pull_policy: str,
+    bundle: Path = DEMO / "repos/calc.bundle",
+) -> str:
+    """A git daemon pod serving a repository from a bundle (default: examples/demo's calc);
+    returns its git:// URL (``git://<service ip>:9418/calc.git``)."""
     kubectl(
         "create",
         "configmap",
         "calc-bundle",
         "-n",
         namespace,
-        f"--from-file=calc.bundle={DEMO / 'repos/calc.bundle'}",
+        f"--from-file=calc.bundle={bundle}",
     )
     script = (
         "set -e; mkdir -p /tmp/repos; git clone -q --bare /bundle/calc.bundle /tmp/repos/calc.git; "

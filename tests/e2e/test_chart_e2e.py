@@ -1,11 +1,14 @@
 """The Helm chart on a real cluster: every documented option accepted by the API server
 (`kubectl apply --dry-run=server`), then the README's Kubernetes quickstart for real: `helm
 install` with the locally built image into a namespace enforcing the Pod Security Standard
-`restricted`, the operator pod Ready, examples/taskexecution.yaml COMPLETED with its diff
-summary, `helm test`, and `helm uninstall` leaving nothing the operator or the chart made."""
+`restricted`, the operator pod Ready and holding its Lease, examples/taskexecution.yaml
+COMPLETED with its diff summary, `helm test`, and `helm uninstall` leaving nothing the chart
+or the operator made but the operator's Lease (documented: Helm does not know it).
+The two-replica install (PostgreSQL, leader election) is tests/e2e/test_chart_ha_e2e.py."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -15,7 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +52,6 @@ def _apply_crds(kubectl: Any) -> None:
         "--for=condition=Established",
         "crd/taskexecutions.orchestrator.dev",
         "crd/adapters.orchestrator.dev",
-        "crd/kopfpeerings.kopf.dev",
-        "crd/clusterkopfpeerings.kopf.dev",
     )
 
 
@@ -110,10 +111,11 @@ def test_every_option_is_accepted_by_the_api_server_under_restricted(
 # --------------------------------------------------------------------------- the real install
 
 
-@pytest.fixture
-def work_volume(kube_cluster, kubectl, kube_namespace) -> Iterator[dict[str, Any]]:
-    """persistence values: the cluster's default StorageClass, else (local cluster, which has no
-    provisioner) a hostPath PersistentVolume made for this test, else an emptyDir."""
+@contextlib.contextmanager
+def host_volume(kube_cluster, kubectl, name: str, access_mode: str) -> Iterator[tuple[dict[str, Any], Path | None]]:
+    """persistence values for the work dir, and the directory behind it when it is on this
+    machine: the cluster's default StorageClass, else (local cluster, which has no
+    provisioner) a hostPath PersistentVolume made here, else an emptyDir."""
     classes = get_json(kubectl, "storageclass").get("items", [])
     default = [
         c
@@ -122,21 +124,20 @@ def work_volume(kube_cluster, kubectl, kube_namespace) -> Iterator[dict[str, Any
         == "true"
     ]
     if default:
-        yield {"enabled": True}
+        yield {"enabled": True, "accessModes": [access_mode]}, None
         return
     if not kube_cluster.local:
-        yield {"enabled": False}
+        yield {"enabled": False}, None
         return
     path = Path(tempfile.mkdtemp(prefix="orchestrator-e2e-pv-"))
     os.chown(path, 10001, 10001)
-    name = f"orch-e2e-{kube_namespace}"
     pv = {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
         "metadata": {"name": name, "labels": {"e2e": "orchestrator"}},
         "spec": {
             "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
+            "accessModes": [access_mode],
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": name,
             "hostPath": {"path": str(path), "type": "Directory"},
@@ -144,10 +145,62 @@ def work_volume(kube_cluster, kubectl, kube_namespace) -> Iterator[dict[str, Any
     }
     kubectl("apply", "-f", "-", input=json.dumps(pv))
     try:
-        yield {"enabled": True, "storageClass": name}
+        yield {"enabled": True, "storageClass": name, "accessModes": [access_mode]}, path
     finally:
         kubectl("delete", "pv", name, "--wait=false", check=False)
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def work_volume(kube_cluster, kubectl, kube_namespace) -> Iterator[dict[str, Any]]:
+    with host_volume(kube_cluster, kubectl, f"orch-e2e-{kube_namespace}", "ReadWriteOnce") as (
+        values,
+        _,
+    ):
+        yield values
+
+
+def apply_example(
+    kubectl: Any, ns: str, project_image: str, pull_policy: str, *, name: str | None = None
+) -> dict[str, Any]:
+    """The quickstart's example, with the local image and (no cluster DNS here) the git
+    server's Service IP instead of its name; ``name``: one more TaskExecution of the same task
+    (the git server is there already). Returns the TaskExecution as applied."""
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    te = next(d for d in docs if d["kind"] == "TaskExecution")
+    if name is None:
+        for doc in docs:
+            if doc["kind"] == "Pod":
+                for c in doc["spec"]["containers"]:
+                    c["image"], c["imagePullPolicy"] = project_image, pull_policy
+        rest = [d for d in docs if d is not te]
+        kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rest}))
+        kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/demo-git-server", "--timeout=120s", timeout=150)
+    else:
+        te["metadata"]["name"] = name
+    ip = get_json(kubectl, "service", "demo-git-server", "-n", ns)["spec"]["clusterIP"]
+    te["spec"]["source"]["repo"] = te["spec"]["source"]["repo"].replace("demo-git-server", ip)
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(te))
+    return te
+
+
+def wait_finished(kubectl: Any, ns: str, name: str, debug: Callable[[], str]) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        status = get_json(kubectl, "taskexecution", name, "-n", ns).get("status", {})
+        return status if status.get("state") in ("COMPLETED", "FAILED", "TIMEOUT") else None
+
+    status: dict[str, Any] = wait_for(done, 300, f"TaskExecution {name} to finish", debug)
+    return status
+
+
+def lease_of(kubectl: Any, ns: str, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = get_json(kubectl, "lease", name, "-n", ns).get("spec") or {}
+    return spec
+
+
+#: What the operator's log says when the API server refused it something (kopf's warnings
+#: included); RBAC is checked for real in test_chart_rbac_e2e.py.
+FORBIDDEN = re.compile(r"(?i)\bforbidden\b|\b403\b|not enough permissions")
 
 
 def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanly(
@@ -195,28 +248,17 @@ def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanl
         timings["operator Ready"] = time.monotonic() - started
         adapters = get_json(kubectl, "adapters", "-n", ns)["items"]
         assert {a["metadata"]["name"] for a in adapters} == {"patch", "script"}
+        # Leader election with one replica: it holds the chart's Lease, under its pod name,
+        # in the release namespace.
+        (pod,) = get_json(kubectl, "pods", "-n", ns, "-l",
+                          f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator")["items"]  # fmt: skip
+        operator_pod = pod["metadata"]["name"]
+        wait_for(lambda: lease_of(kubectl, ns, fullname).get("holderIdentity") == operator_pod,
+                 60, "the operator to hold its Lease", debug)  # fmt: skip
 
-        # The quickstart's example, with the local image and (no cluster DNS here) the git
-        # server's Service IP instead of its name.
-        docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
-        te = next(d for d in docs if d["kind"] == "TaskExecution")
-        for doc in docs:
-            if doc["kind"] == "Pod":
-                for c in doc["spec"]["containers"]:
-                    c["image"], c["imagePullPolicy"] = project_image, image_pull_policy
-        rest = [d for d in docs if d is not te]
-        kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rest}))
-        kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/demo-git-server", "--timeout=120s", timeout=150)
-        ip = get_json(kubectl, "service", "demo-git-server", "-n", ns)["spec"]["clusterIP"]
-        te["spec"]["source"]["repo"] = te["spec"]["source"]["repo"].replace("demo-git-server", ip)
         started = time.monotonic()
-        kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(te))
-
-        def done() -> dict[str, Any] | None:
-            status = get_json(kubectl, "taskexecution", "demo-add-multiply", "-n", ns).get("status", {})
-            return status if status.get("state") in ("COMPLETED", "FAILED", "TIMEOUT") else None
-
-        status = wait_for(done, 300, "the example TaskExecution to finish", debug)
+        apply_example(kubectl, ns, project_image, image_pull_policy)
+        status = wait_finished(kubectl, ns, "demo-add-multiply", debug)
         timings["example TaskExecution COMPLETED"] = time.monotonic() - started
         assert status["state"] == "COMPLETED", debug()
         diff = status["diff"]
@@ -247,9 +289,11 @@ def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanl
         events = kubectl("get", "events", "-n", ns, "-o", "json", check=False).stdout
         assert "violates PodSecurity" not in events
 
-        # RBAC: the operator never hit a 403 (least privilege is also enough privilege).
+        # RBAC: the operator never hit a 403 (least privilege is also enough privilege), kopf
+        # included, which has no cluster-wide permission at all.
         log = kubectl("logs", "-n", ns, f"deployment/{fullname}", check=False).stdout
-        assert not re.search(r"(?i)\bforbidden\b|\b403\b", log), log[-4000:]
+        assert not FORBIDDEN.search(log), log[-4000:]
+        assert lease_of(kubectl, ns, fullname)["holderIdentity"] == operator_pod
 
         started = time.monotonic()
         # (no --logs: the pod is deleted once it succeeded, so nothing is left behind)
@@ -266,11 +310,12 @@ def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanl
 
         # Nothing of the release is left, namespaced or cluster-wide; CRDs stay (Helm never
         # deletes them), and so does the user's TaskExecution, which has no finalizer that
-        # would now block its deletion.
+        # would now block its deletion. The operator's Lease stays too (the operator made it,
+        # Helm does not know it; README): it expires, a reinstall takes it over.
         left = kubectl(
             "get",
             "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,"
-            "persistentvolumeclaims,networkpolicies,configmaps,jobs,adapters",
+            "persistentvolumeclaims,networkpolicies,configmaps,jobs,adapters,leases",
             "-n", ns, "-l", f"app.kubernetes.io/instance={release}", "-o", "name",
         ).stdout.split()  # fmt: skip
         cluster_left = kubectl(
@@ -278,6 +323,9 @@ def test_helm_install_runs_the_quickstart_under_restricted_and_uninstalls_cleanl
             f"app.kubernetes.io/instance={release}", "-o", "name",
         ).stdout.split()  # fmt: skip
         assert left == [] and cluster_left == [], (left, cluster_left)
+        leases = get_json(kubectl, "leases", "-n", ns)["items"]
+        assert [lease["metadata"]["name"] for lease in leases] == [fullname]
+        kubectl("delete", "lease", fullname, "-n", ns)
         assert kubectl("get", "crd", "taskexecutions.orchestrator.dev", check=False).returncode == 0
         te_obj = get_json(kubectl, "taskexecution", "demo-add-multiply", "-n", ns)
         assert te_obj["metadata"].get("finalizers") in (None, [])

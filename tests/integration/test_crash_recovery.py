@@ -51,6 +51,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def group_member(pgid: int, comm: str) -> int | None:
+    """The host pid of a process named ``comm`` in process group ``pgid`` (the sandbox has a
+    PID namespace of its own: the pid the adapter sees is not the host's)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if name == comm and int(fields[2]) == pgid:
+            return int(entry)
+    return None
+
+
 def test_kill_9_mid_attempt_then_restart_finishes_exactly_once(tmp_path: Path) -> None:
     workdir = make_workdir(
         tmp_path / "w",
@@ -75,9 +92,8 @@ def test_kill_9_mid_attempt_then_restart_finishes_exactly_once(tmp_path: Path) -
 
     row = wait_for(live_row, what="the attempt's process group in the DB")
     sleeper_file = Path(row.workspace) / "sleeper.pid"
-    sleeper = int(
-        wait_for(lambda: sleeper_file.exists() and sleeper_file.read_text(), what="sleeper")
-    )
+    wait_for(lambda: sleeper_file.exists() and sleeper_file.read_text(), what="sleeper")
+    sleeper = wait_for(lambda: group_member(row.pid, "sleep"), what="the sleeper's host pid")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert process_group_alive(row.pid), "the orphaned adapter group should outlive a kill -9"

@@ -42,7 +42,7 @@ def patch_against(repo: Path, base: str, files: dict[str, str], scratch: Path) -
             (tree / rel).write_text(text)
         return capture_diff(tree, base, 10_000_000).patch.decode()
     finally:
-        remove_worktree(repo, tree)
+        remove_worktree(tree)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -43,11 +43,11 @@ def resilience_log(workdir: Path) -> list[dict]:
 
 
 def test_flaky_adapter_completes_on_the_third_attempt(tmp_path: Path) -> None:
-    counter = tmp_path / "flaky-count"
     workdir = make_workdir(
         tmp_path / "w",
         run_id="flaky",
-        tasks=[{"task_id": "t1", "prompt": f"fake-ai: fail-times 2 {counter}\n{GOOD}"}],
+        # the sandbox keeps nothing between attempts: the tool counts on $ORCHESTRATOR_ATTEMPT
+        tasks=[{"task_id": "t1", "prompt": f"fake-ai: fail-until-attempt 3\n{GOOD}"}],
         adapters=[fake_ai_adapter(retry={"max_attempts": 3, "backoff_initial_seconds": 2})],
         routes={"t1": "fake-ai"},
     )
@@ -170,7 +170,8 @@ def test_gate_failure_retry_feeds_the_gate_summary_to_the_next_attempt(tmp_path:
 def test_unhealthy_adapters_put_the_executor_in_safe_mode_until_they_recover(
     tmp_path: Path,
 ) -> None:
-    flag = tmp_path / "healthy"
+    # in the work dir, where the sandboxed probe can read it (not in the host's private /tmp)
+    flag = tmp_path / "w" / "healthy"
     probe = {
         "command": [sys.executable, "-c", f"import os, sys; sys.exit(not os.path.exists({str(flag)!r}))"],
         "timeout_seconds": 10,

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,7 +124,7 @@ def worktree_checkout(tmp_path: Path) -> Callable[[Path, str], Callable[[], obje
             try:
                 yield tree
             finally:
-                remove_worktree(repo, tree)
+                remove_worktree(tree)
 
         return checkout
 
@@ -165,3 +166,26 @@ class GitTools:
 @pytest.fixture
 def gt() -> type[GitTools]:
     return GitTools
+
+
+@pytest.fixture(scope="session")
+def sandbox_tools() -> Any:
+    """bubblewrap, checked to work here: a test dependency (`make test-fast` installs it)."""
+    from core.engine.sandbox import find_tools, probe
+
+    tools = find_tools()
+    assert not isinstance(tools, str), f"{tools}: run `hack/sandbox/install` (apt bubblewrap)"
+    problem = probe(tools)
+    assert problem is None, problem
+    return tools
+
+
+@pytest.fixture
+def make_sandbox(sandbox_tools: Any) -> Callable[..., Any]:
+    """``make_sandbox(workdir)`` -> the embedded backend's real sandbox for that work dir."""
+    from core.engine.sandbox import Bubblewrap
+
+    def make(workdir: Path | None = None, **kw: Any) -> Any:
+        return Bubblewrap(sandbox_tools, workdir=workdir, **kw)
+
+    return make

@@ -123,6 +123,7 @@ def test_aider_template(tmp_path: Path, secret: str) -> None:
         "--no-stream",
         "--message-file",
         str(tmp_path / "prompt.md"),
+        "--",
         "src/a.py",
         "docs/read me.md",
     ]
@@ -134,7 +135,7 @@ def test_aider_without_target_paths(tmp_path: Path) -> None:
     inv = invoke(
         AdapterSpec(id="ai", kind="process", template="aider"), make_task(target_paths=[]), tmp_path
     )
-    assert inv.argv[-2:] == ["--message-file", str(tmp_path / "prompt.md")]
+    assert inv.argv[-3:] == ["--message-file", str(tmp_path / "prompt.md"), "--"]
 
 
 @pytest.mark.parametrize(
@@ -303,6 +304,8 @@ prompt = stdin
 if "--message-file" in argv:
     prompt = Path(argv[argv.index("--message-file") + 1]).read_text()
     targets = argv[argv.index("--message-file") + 2:]
+    if targets[:1] == ["--"]:  # argparse: the end of the options
+        targets = targets[1:]
 else:
     targets = ["a.txt"]
 tool = Path(sys.argv[0]).name
@@ -353,12 +356,18 @@ def fake_bin(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("template", list(CommandTemplate))
 def test_template_end_to_end_with_fake_tool(
-    template: CommandTemplate, fake_bin: Path, tmp_path: Path, git_repo: Any, secret: str
+    template: CommandTemplate,
+    fake_bin: Path,
+    tmp_path: Path,
+    git_repo: Any,
+    secret: str,
+    make_sandbox: Any,
 ) -> None:
     repo = git_repo({"a.txt": "base\n", "src/a.py": "x = 1\n", "docs/read me.md": "doc\n"})
     workdir = tmp_path / "work"
     workdir.mkdir()
-    record_path = tmp_path / "record.json"
+    # in the sandbox the tool may write only its tree and its HOME: it records itself there
+    record_path = workdir / ".work" / "run1" / "t1" / "1" / "home" / "record.json"
     tool = TOOL_BINARY[template]
     adapter = AdapterSpec(
         id="ai",
@@ -392,7 +401,9 @@ def test_template_end_to_end_with_fake_tool(
         max_diff_bytes=1_000_000,
     )
     hooks = Hooks()
-    backend = LocalBackend(workdir, grace_seconds=1)
+    backend = LocalBackend(
+        workdir, sandbox=make_sandbox(workdir), grace_seconds=1, keep_worktrees=True
+    )
     run = backend.run_adapter(request, hooks)
     outcome = run.outcome
     gate = backend.run_gate(request, run)
@@ -468,7 +479,9 @@ def test_template_end_to_end_with_fake_tool(
     assert all(NASTY_PROMPT not in json.dumps(r) for r in recs)
 
 
-def test_missing_tool_is_a_start_error(tmp_path: Path, git_repo: Any) -> None:
+def test_missing_tool_is_a_start_error(
+    tmp_path: Path, git_repo: Any, make_sandbox: Any
+) -> None:
     repo = git_repo({"a.txt": "a\n"})
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -488,9 +501,55 @@ def test_missing_tool_is_a_start_error(tmp_path: Path, git_repo: Any) -> None:
         max_log_bytes=10_000,
         max_diff_bytes=10_000,
     )
-    backend = LocalBackend(workdir)
+    backend = LocalBackend(workdir, sandbox=make_sandbox(workdir))
     run = backend.run_adapter(request, Hooks())
     backend.release(run)
     outcome = run.outcome
     assert outcome.start_error is not None and "opencode" in outcome.start_error
     assert outcome.diff is not None and outcome.diff.summary.empty
+
+
+# --------------------------------------------------------------------------- argument safety
+
+#: A target path that would be an option if it reached a command line as one: aider would
+#: send its API key to that host.
+HOSTILE_PATH = "--openai-api-base=https://elsewhere.invalid/v1"
+
+
+def aider_like_parser() -> Any:
+    """aider's own parser shape (configargparse is argparse): options, then files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="aider")
+    for flag in ("--yes-always", "--no-auto-commits", "--no-check-update"):
+        parser.add_argument(flag, action="store_true")
+    for flag in ("--no-pretty", "--no-stream"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--message-file")
+    parser.add_argument("--openai-api-base")
+    parser.add_argument("files", metavar="FILE", nargs="*")
+    return parser
+
+
+@pytest.mark.parametrize("template", list(CommandTemplate))
+def test_a_target_path_starting_with_dashes_cannot_become_an_option(
+    tmp_path: Path, template: CommandTemplate
+) -> None:
+    # Built without validation: the entry contract refuses such a path, this checks the
+    # templates do not depend on that.
+    task = make_task().model_copy(update={"target_paths": [HOSTILE_PATH, "-rf", "ok.py"]})
+    assert task.target_paths == [HOSTILE_PATH, "-rf", "ok.py"]
+    argv = invoke(AdapterSpec(id="ai", kind="process", template=template), task, tmp_path).argv
+    if template is CommandTemplate.AIDER:
+        end = argv.index("--")
+        assert argv[end + 1 :] == [HOSTILE_PATH, "-rf", "ok.py"]
+        assert not any(arg.startswith("--openai") for arg in argv[:end])
+        parsed = aider_like_parser().parse_args(argv[1:])
+        assert parsed.openai_api_base is None
+        assert parsed.files == [HOSTILE_PATH, "-rf", "ok.py"]
+        # ... where the same argv without `--` would have taken the option
+        unsafe = [arg for arg in argv[1:] if arg != "--"]
+        assert aider_like_parser().parse_known_args(unsafe)[0].openai_api_base is not None
+    else:
+        # Claude Code, Codex and OpenCode take no paths on the command line at all
+        assert not any(p in arg for arg in argv for p in (HOSTILE_PATH, "-rf", "ok.py"))

@@ -97,3 +97,39 @@ def test_several_sizes_are_recorded_in_order(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r-sqlite.json").read_text())
     assert [r["tasks"] for r in report["runs"]] == [1, 2]
     assert "profile" not in report
+
+
+def test_sandbox_overhead_harness_runs_and_reports_both_variants(tmp_path: Path) -> None:
+    out = tmp_path / "sandbox.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sandbox_overhead.py"),
+            "--tasks",
+            "2",
+            "--launches",
+            "3",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+            "--scratch",
+            str(tmp_path / "scratch"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "sandbox_overhead"
+    process = report["per_process"]
+    assert set(process) == {"unconfined", "sandbox", "sandbox, network off"}
+    for variant in process.values():
+        assert variant["launches"] == 3
+        assert 0 < variant["p50_ms"] <= variant["p95_ms"] <= variant["max_ms"]
+    attempt = report["per_attempt"]
+    assert attempt["tasks"] == 2 and set(attempt["rounds"]) == {"unconfined", "sandbox"}
+    assert all(len(r) == 1 for r in attempt["rounds"].values())
+    assert set(attempt["sandbox_minus_unconfined"]) == set(attempt["median"]["sandbox"])
+    assert not any((tmp_path / "scratch").iterdir())

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from core.chart_values import ChartValues, values_schema_text
+from core.kube.permissions import grants
 from core.resources import AdapterResourceSpec, TaskExecutionSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ SEED_METRICS = (
 )
 AI_ADAPTERS = ("aider", "claudeCode", "codex", "opencode")
 PG = {"database": {"type": "postgresql", "postgresql": {"urlSecret": {"name": "orch-db"}}}}
+RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
 
 # Every documented option, as values overriding the defaults (also used by the e2e dry-run).
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -44,21 +46,31 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "other-namespace": {"watch": {"namespace": "tasks"}},
     "postgresql": PG,
     "postgresql-migrate-at-start": {**PG, "migrations": {"hook": False}},
-    "ha": {**PG, "replicaCount": 2, "persistence": {"enabled": False}},
+    "ha": {**PG, **RWX, "replicaCount": 2},
     "ha-served-namespaces": {
         **PG,
-        "replicaCount": 2,
+        **RWX,
+        "replicaCount": 3,
         "watch": {"namespaces": ["team-a", "team-b"]},
-        "persistence": {"accessModes": ["ReadWriteMany"]},
     },
+    "leader-election-settings": {
+        "leaderElection": {
+            "leaseName": "my-lease",
+            "leaseDurationSeconds": 30,
+            "renewDeadlineSeconds": 20,
+            "retryPeriodSeconds": 5,
+        },
+        "operator": {"workers": 8, "resyncSeconds": 60},
+    },
+    "no-leader-election": {"leaderElection": {"enabled": False}},
     "no-persistence": {"persistence": {"enabled": False}},
     "existing-claim": {"persistence": {"existingClaim": "my-claim"}},
     "storage-class": {"persistence": {"storageClass": "fast", "size": "5Gi"}},
     "no-metrics": {"metrics": {"enabled": False}},
     "s3-evidence": {
         **PG,
+        **RWX,
         "replicaCount": 2,
-        "persistence": {"enabled": False},
         "evidence": {
             "backend": "s3",
             "s3": {
@@ -272,8 +284,6 @@ def test_every_rendered_object_parses_into_the_typed_models(option: str) -> None
         elif obj["kind"] == "Adapter":
             assert obj["apiVersion"] == "orchestrator.dev/v1alpha1"
             AdapterResourceSpec.model_validate(obj["spec"])
-        elif obj["kind"] in ("KopfPeering", "ClusterKopfPeering"):
-            assert obj["apiVersion"] == "kopf.dev/v1"
         elif obj["kind"] == "ServiceMonitor":
             assert obj["apiVersion"] == "monitoring.coreos.com/v1"
             assert obj["spec"]["endpoints"][0]["port"] == "metrics"
@@ -281,70 +291,87 @@ def test_every_rendered_object_parses_into_the_typed_models(option: str) -> None
             raise AssertionError(f"unexpected object {key} in {option}")
 
 
+def _rules(role: dict[str, Any]) -> set[tuple[str, str, str, tuple[str, ...]]]:
+    """(group, resource, verb, resourceNames) of every rule of a Role."""
+    out = set()
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert "*" not in (rule.get(field) or []), (role["metadata"]["name"], rule)
+        names = tuple(rule.get("resourceNames") or ())
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                out |= {(group, res, verb, names) for verb in rule["verbs"]}
+    return out
+
+
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-def test_rbac_has_no_wildcards_and_only_the_operators_calls(option: str) -> None:
-    objs = render(OPTIONS[option])
-    granted: set[tuple[str, str, str]] = set()
-    for obj in objs:
-        if obj["kind"] not in ("Role", "ClusterRole"):
-            continue
-        for rule in obj["rules"]:
-            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
-                assert "*" not in (rule.get(field) or []), (obj["metadata"]["name"], rule)
-            for group in rule["apiGroups"]:
-                for res in rule["resources"]:
-                    granted |= {(group, res, verb) for verb in rule["verbs"]}
-    if not OPTIONS[option].get("rbac", {}).get("create", True):
-        assert granted == set()
-        return
-    expected = {("orchestrator.dev", "taskexecutions", v) for v in ("get", "list", "watch")} | {
-        ("orchestrator.dev", "taskexecutions/status", "get"),
-        ("orchestrator.dev", "taskexecutions/status", "patch"),
-        ("orchestrator.dev", "adapters/status", "patch"),
-        ("", "pods", "get"),
-        ("", "pods", "list"),
-        ("", "pods/log", "get"),
-        ("", "events", "create"),
-        ("networking.k8s.io", "networkpolicies", "create"),
-        ("networking.k8s.io", "networkpolicies", "get"),
-        ("networking.k8s.io", "networkpolicies", "patch"),
-    }
-    expected |= {("orchestrator.dev", "adapters", v) for v in ("get", "list", "watch")}
-    expected |= {
-        ("batch", "jobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")
-    }
-    evidence = OPTIONS[option].get("evidence", {})
-    if evidence.get("backend", "local") == "local" and not evidence.get("url"):
-        expected.add(("", "services", "get"))  # its own Service's ClusterIP: the evidence URL
-    expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}  # fmt: skip
-    expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
-    if OPTIONS[option].get("replicaCount", 1) > 1:
-        expected |= {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
-    assert granted == expected
-    # Cluster-wide: only kopf's reads of CRDs and namespaces. Everything namespaced sits in a
-    # Role (and RoleBinding) of each served namespace, and nowhere else.
-    cluster = [o for o in objs if o["kind"] == "ClusterRole"]
-    assert [(r["resources"], r["verbs"]) for o in cluster for r in o["rules"]] == [
-        (["customresourcedefinitions"], ["get", "list", "watch"]),
-        (["namespaces"], ["get", "list", "watch"]),
-    ]
-    served = served_namespaces(OPTIONS[option])
-    # the evidence Role: get on the operator's own Service, in the release namespace only
-    evidence = [o for o in objs if o["metadata"]["name"] == "orch-orchestrator-evidence"]
-    if ("", "services", "get") in expected:
-        role = next(o for o in evidence if o["kind"] == "Role")
-        assert role["metadata"]["namespace"] == "orchestrator"  # the release namespace
-        assert role["rules"] == [{"apiGroups": [""], "resources": ["services"],
-                                  "resourceNames": ["orch-orchestrator"], "verbs": ["get"]}]  # fmt: skip
-    else:
-        assert evidence == []
-    objs = [o for o in objs if o not in evidence]
+def test_rbac_grants_exactly_the_operators_calls_and_nothing_cluster_wide(option: str) -> None:
+    """The Roles grant core/kube/permissions.py, which tests/unit/test_operator_permissions.py
+    holds to the calls in the code: a new call without a permission fails there, a permission
+    the chart does not grant (or grants beyond) fails here."""
+    values = OPTIONS[option]
+    objs = render(values)
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     roles = [o for o in objs if o["kind"] == "Role"]
-    bindings = [o for o in objs if o["kind"] == "RoleBinding"]
-    assert sorted(o["metadata"]["namespace"] for o in roles) == sorted(served)
-    assert sorted(o["metadata"]["namespace"] for o in bindings) == sorted(served)
-    assert all(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-               "name": "orch-orchestrator"} for b in bindings)  # fmt: skip
+    bindings = {o["metadata"]["namespace"] + "/" + o["metadata"]["name"]: o
+                for o in objs if o["kind"] == "RoleBinding"}  # fmt: skip
+    if not values.get("rbac", {}).get("create", True):
+        assert roles == [] and bindings == {}
+        return
+    served = served_namespaces(values)
+    sa = {"kind": "ServiceAccount", "name": "orch-orchestrator", "namespace": "orchestrator"}
+    main = [r for r in roles if r["metadata"]["name"] == "orch-orchestrator"]
+    assert sorted(r["metadata"]["namespace"] for r in main) == sorted(served)
+    for role in main:
+        rules = _rules(role)
+        assert {(g, r, v) for g, r, v, _ in rules} == grants("served"), role["metadata"]
+        assert all(names == () for *_, names in rules)
+        binding = bindings[f"{role['metadata']['namespace']}/orch-orchestrator"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "orch-orchestrator"}  # fmt: skip
+        assert binding["subjects"] == [sa]
+    election = [r for r in roles if r["metadata"]["name"] == "orch-orchestrator-leader-election"]
+    evidence = [r for r in roles if r["metadata"]["name"] == "orch-orchestrator-evidence"]
+    assert len(roles) == len(main) + len(election) + len(evidence)
+    # The local evidence store: get of the operator's own Service (its ClusterIP is the URL
+    # runner pods use), in the release namespace only; none with S3 or a configured URL.
+    store = values.get("evidence", {})
+    if store.get("backend", "local") == "local" and not store.get("url"):
+        (role,) = evidence
+        assert role["metadata"]["namespace"] == "orchestrator"
+        rules = _rules(role)
+        assert {(g, r, v) for g, r, v, _ in rules} == grants("evidence")
+        assert rules == {("", "services", "get", ("orch-orchestrator",))}
+        binding = bindings["orchestrator/orch-orchestrator-evidence"]
+        assert binding["roleRef"]["name"] == "orch-orchestrator-evidence"
+        assert binding["subjects"] == [sa]
+    else:
+        assert evidence == [] and "orchestrator/orch-orchestrator-evidence" not in bindings
+    if not values.get("leaderElection", {}).get("enabled", True):
+        assert election == []
+        return
+    # The Lease: only in the release namespace; get/update of its name, create (unnamed).
+    (role,) = election
+    assert role["metadata"]["namespace"] == "orchestrator"
+    lease = values.get("leaderElection", {}).get("leaseName") or "orch-orchestrator"
+    rules = _rules(role)
+    assert {(g, r, v) for g, r, v, _ in rules} == grants("lease")
+    assert rules == {
+        ("coordination.k8s.io", "leases", "get", (lease,)),
+        ("coordination.k8s.io", "leases", "update", (lease,)),
+        ("coordination.k8s.io", "leases", "create", ()),
+    }
+    assert bindings["orchestrator/orch-orchestrator-leader-election"]["subjects"] == [sa]
+    env = {e["name"]: e for e in _operator(objs)["env"]}
+    assert env["ORCHESTRATOR_LEASE_NAME"]["value"] == lease
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert "ORCHESTRATOR_LEASE_NAMESPACE" not in env  # the pod's own: where the Role is
+
+
+def _operator(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    container: dict[str, Any] = deploy["spec"]["template"]["spec"]["containers"][0]
+    return container
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
@@ -393,8 +420,15 @@ def test_default_install_shape() -> None:
     assert env["ORCHESTRATOR_MIGRATE"] == "true"
     assert env["ORCHESTRATOR_RUNNER_IMAGE"] == "orchestrator:0.1.0"
     assert "ORCHESTRATOR_DATABASE_URL" not in env
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert env["ORCHESTRATOR_WORKERS"] == "4" and env["ORCHESTRATOR_RESYNC_SECONDS"] == "30"
+    # leader election also with one replica: the Lease in the pod's namespace, under its name
+    assert env["ORCHESTRATOR_LEADER_ELECTION"] == "true"
+    assert env["ORCHESTRATOR_LEASE_NAME"] == "orch-orchestrator"
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields == {"POD_NAMESPACE": "metadata.namespace", "ORCHESTRATOR_IDENTITY": "metadata.name"}
+    timings = ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")
+    assert [env[f"ORCHESTRATOR_{t}_SECONDS"] for t in timings] == ["15", "10", "2"]
+    assert not any(a.startswith(("--peering", "--priority")) for a in c["args"])
     assert c["resources"]["limits"]["memory"]
     assert deploy["spec"]["strategy"]["type"] == "Recreate"
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "orch-orchestrator-work"
@@ -468,7 +502,30 @@ def test_gate_pods_get_their_own_policy_and_never_the_model_api() -> None:
     assert aider["spec"]["egress"] == [{"cidr": "0.0.0.0/0", "ports": [443]}]
 
 
-def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
+def test_probes_use_kopfs_health_endpoint_which_a_standby_answers_too() -> None:
+    """kopf's /healthz runs the operator's probes (operator/handlers.py); none of them fails
+    on a standby (leader: false), so one probe endpoint serves startup, readiness and liveness
+    on every replica. Startup allows for migrations; liveness restarts only a process that has
+    not answered for a minute."""
+    for option in ("default", "ha"):
+        c = _operator(render(OPTIONS[option]))
+        port = next(p for p in c["ports"] if p["name"] == "health")["containerPort"]
+        assert f"--liveness=http://0.0.0.0:{port}/healthz" in c["args"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+        startup, live = c["startupProbe"], c["livenessProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+        assert live["periodSeconds"] * live.get("failureThreshold", 3) >= 60
+        assert live["timeoutSeconds"] >= 5 and c["readinessProbe"]["timeoutSeconds"] >= 5
+    handlers = (ROOT / "operator/handlers.py").read_text()
+    probes = re.findall(r'@kopf\.on\.probe\(id="(\w+)"\)', handlers)
+    assert probes == ["executor_heartbeat", "leader", "circuit_breaker_status"]
+    test_pod = next(o for o in render({}) if o["kind"] == "Pod")
+    script = test_pod["spec"]["containers"][0]["command"][-1]
+    assert '"executor_heartbeat" in body' in script and '"leader" in body' in script
+
+
+def test_postgresql_migrates_in_a_hook_and_ha_uses_a_lease() -> None:
     objs = render(OPTIONS["ha"])
     job = next(o for o in objs if o["kind"] == "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -477,19 +534,26 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
     assert mc["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "orch-db", "key": "url"}
     deploy = next(o for o in objs if o["kind"] == "Deployment")
     assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
     c = deploy["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"][0] == "/bin/sh" and "--priority=" in c["command"][2]
-    assert "--peering=orch-orchestrator" in c["args"]
+    # kopf only hosts the process: always standalone, never peering
+    assert c["command"] == ["kopf", "run"] and c["args"][0] == "--standalone"
+    assert not any(a.startswith(("--peering", "--priority")) for a in c["args"])
     env = {e["name"]: e for e in c["env"]}
     assert env["ORCHESTRATOR_MIGRATE"]["value"] == "false"
     assert env["ORCHESTRATOR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "orch-db"
-    peering = next(o for o in objs if o["kind"] == "KopfPeering")
-    assert peering["metadata"] == {**peering["metadata"], "name": "orch-orchestrator"}
+    assert env["ORCHESTRATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["ORCHESTRATOR_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # ledger, logs, evidence: shared
+    assert not any(o["kind"] in ("KopfPeering", "ClusterKopfPeering") for o in objs)
     objs = render(OPTIONS["ha-served-namespaces"])
-    assert not any(o["kind"] == "ClusterKopfPeering" for o in objs)
-    peerings = [o["metadata"]["namespace"] for o in objs if o["kind"] == "KopfPeering"]
-    assert peerings == ["team-a", "team-b"]  # kopf: namespaced peering in each
-    c = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    assert deploy["spec"]["replicas"] == 3
+    c = deploy["spec"]["template"]["spec"]
     args = c["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
         "--namespace=team-a",
@@ -498,6 +562,17 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_peering() -> None:
     assert "--all-namespaces" not in args
     env = {e["name"]: e.get("value") for e in c["containers"][0]["env"]}
     assert env["ORCHESTRATOR_NAMESPACE"] == "team-a,team-b"  # resync: each, nothing else
+    # the Lease stays in the release namespace, whatever is served
+    lease = next(o for o in objs if o["metadata"]["name"] == "orch-orchestrator-leader-election"
+                 and o["kind"] == "Role")  # fmt: skip
+    assert lease["metadata"]["namespace"] == "orchestrator"
+    env = {e["name"]: e.get("value") for e in _operator(render(OPTIONS["leader-election-settings"]))["env"]}
+    assert env["ORCHESTRATOR_LEASE_NAME"] == "my-lease" and env["ORCHESTRATOR_WORKERS"] == "8"
+    timings = ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")
+    assert [env[f"ORCHESTRATOR_{t}_SECONDS"] for t in timings] == ["30", "20", "5"]
+    env = {e["name"]: e.get("value") for e in _operator(render(OPTIONS["no-leader-election"]))["env"]}
+    assert env["ORCHESTRATOR_LEADER_ELECTION"] == "false"
+    assert not {"ORCHESTRATOR_LEASE_NAME", "ORCHESTRATOR_IDENTITY"} & set(env)
 
 
 def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
@@ -517,7 +592,14 @@ def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
     [
         ({"replicaCount": 2}, "needs database.type=postgresql"),
         ({**PG, "replicaCount": 2}, "ReadWriteMany"),
-        ({"replicaCount": 3}, "replicaCount"),
+        ({**PG, "replicaCount": 2, "persistence": {"enabled": False}}, "a work dir the replicas share"),
+        ({**PG, **RWX, "replicaCount": 2, "leaderElection": {"enabled": False}},
+         "needs leaderElection.enabled=true"),
+        ({"leaderElection": {"renewDeadlineSeconds": 15}}, "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"),
+        ({"leaderElection": {"retryPeriodSeconds": 10}}, "retryPeriodSeconds < renewDeadlineSeconds"),
+        ({"replicaCount": 0}, "replicaCount"),
+        ({"peering": {"name": "x"}}, "peering"),
+        ({"operator": {"workers": 0}}, "workers"),
         ({"database": {"type": "postgresql"}}, "database.postgresql.urlSecret.name"),
         ({"adapters": {"aider": {"enabled": True}}}, "adapters.aider.image"),
         (
@@ -548,13 +630,8 @@ def test_chart_crds_are_the_generated_crds() -> None:
     assert top
     for name in top:
         assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes()
-    extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - set(top)
-    assert extra == {"kopf-peerings.yaml"}
-    peerings = list(yaml.safe_load_all((CHART / "crds/kopf-peerings.yaml").read_text()))
-    assert {(c["spec"]["names"]["plural"], c["spec"]["scope"]) for c in peerings} == {
-        ("kopfpeerings", "Namespaced"),
-        ("clusterkopfpeerings", "Cluster"),
-    }
+    # nothing else: no KopfPeering CRDs (kopf runs standalone; leader election is a Lease)
+    assert sorted(p.name for p in (CHART / "crds").glob("*")) == top
 
 
 def test_grafana_dashboard_covers_the_seed_metrics() -> None:

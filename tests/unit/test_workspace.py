@@ -139,6 +139,8 @@ def test_counts_match_git_numstat(gt: Any, repo: Any, tmp_path: Path) -> None:
     gt.write_files(tree, {"modify.txt": "x\n" * 7, "more.txt": "1\n2\n3\n"})
     diff = capture_diff(tree, repo.base, BIG)
     expected_ins = expected_del = 0
+    # the same count from the tree's own repository (capture_diff stages in a private index)
+    gt.run_git(tree, "add", "--all")
     for row in gt.run_git(tree, "diff", "--cached", "--numstat", repo.base).decode().splitlines():
         ins, dels, _ = row.split("\t", 2)
         expected_ins += int(ins)
@@ -154,6 +156,7 @@ def test_sha256_and_bytes_match_the_patch(gt: Any, repo: Any, tmp_path: Path) ->
     assert diff.summary.sha256 == hashlib.sha256(diff.patch).hexdigest()
     assert diff.summary.bytes == len(diff.patch)
     # And the patch is what git itself produces for that tree against the base.
+    gt.run_git(tree, "add", "--all")
     reference = gt.run_git(
         tree, "diff", "--cached", "--find-renames", "--binary", "--full-index", repo.base
     )
@@ -337,7 +340,7 @@ def test_ensure_mirror_from_path(gt: Any, repo: Any, tmp_path: Path) -> None:
     tree = add_worktree(mirror, tmp_path / "wt" / "from-mirror", newer)
     assert (tree / "new.txt").read_text() == "n\n"
     assert (tree / "bin.dat").read_bytes() == BINARY_OLD
-    remove_worktree(mirror, tree)
+    remove_worktree(tree)
     assert not tree.exists()
 
 
@@ -405,3 +408,17 @@ def test_symlinks_type_changes_and_mode_changes(gt: Any, git_repo: Any, tmp_path
     assert os.readlink(fresh / "f") == "g"
     assert os.readlink(fresh / "newlink") == "g"
     assert os.access(fresh / "g", os.X_OK)
+
+
+def test_what_git_cannot_stage_does_not_lose_the_rest_of_the_diff(
+    gt: Any, repo: Any, tmp_path: Path
+) -> None:
+    # An adapter leaves an empty nested repository (git cannot stage it: no commit) next to
+    # its real work: the work is captured, and the capture does not fail.
+    tree = worktree(repo, tmp_path, "adapter")
+    (tree / "nested").mkdir()
+    gt.run_git(tree / "nested", "init", "--quiet")
+    (tree / "nested" / "f.txt").write_text("inside\n")
+    gt.write_files(tree, {"modify.txt": "changed\n", "brand new.txt": "new\n"})
+    diff = capture_diff(tree, repo.base, BIG)
+    assert set(by_path(diff)) == {"modify.txt", "brand new.txt"}

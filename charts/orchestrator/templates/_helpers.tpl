@@ -66,8 +66,9 @@ a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
 {{- default (include "orchestrator.image" .) .Values.runner.image }}
 {{- end }}
 
-{{- define "orchestrator.peeringName" -}}
-{{- default (include "orchestrator.fullname" .) .Values.peering.name }}
+{{/* The Lease of leader election (in the release namespace). */}}
+{{- define "orchestrator.leaseName" -}}
+{{- default (include "orchestrator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
 {{/* Migrations run in a hook Job (PostgreSQL) or by the operator at start (SQLite). */}}
@@ -88,11 +89,23 @@ a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
 
 {{/* Cross-field checks that values.schema.json cannot express. */}}
 {{- define "orchestrator.validate" -}}
-{{- if and (gt (int .Values.replicaCount) 1) (eq .Values.database.type "sqlite") }}
-{{- fail "replicaCount: 2 needs database.type=postgresql (SQLite on a ReadWriteOnce volume serves one replica)" }}
+{{- $ha := gt (int .Values.replicaCount) 1 }}
+{{- if and $ha (eq .Values.database.type "sqlite") }}
+{{- fail "replicaCount >= 2 needs database.type=postgresql (SQLite on a ReadWriteOnce volume serves one replica)" }}
 {{- end }}
-{{- if and (gt (int .Values.replicaCount) 1) .Values.persistence.enabled (has "ReadWriteOnce" .Values.persistence.accessModes) }}
-{{- fail "replicaCount: 2 shares the work dir (ledger, logs): set persistence.accessModes to [ReadWriteMany], or persistence.enabled=false" }}
+{{- if and $ha (not .Values.leaderElection.enabled) }}
+{{- fail "replicaCount >= 2 needs leaderElection.enabled=true (only the Lease holder may work)" }}
+{{- end }}
+{{- if and $ha (not .Values.persistence.enabled) }}
+{{- fail "replicaCount >= 2 needs a work dir the replicas share (ledger, logs, evidence store; a new leader continues the same ledger): persistence.enabled=true with persistence.accessModes=[ReadWriteMany]" }}
+{{- end }}
+{{- if and $ha .Values.persistence.enabled (has "ReadWriteOnce" .Values.persistence.accessModes) }}
+{{- fail "replicaCount >= 2 shares the work dir (ledger, logs, evidence store): set persistence.accessModes to [ReadWriteMany]" }}
+{{- end }}
+{{- with .Values.leaderElection }}
+{{- if not (and (lt (float64 .retryPeriodSeconds) (float64 .renewDeadlineSeconds)) (lt (float64 .renewDeadlineSeconds) (float64 .leaseDurationSeconds))) }}
+{{- fail "leaderElection: needs retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds" }}
+{{- end }}
 {{- end }}
 {{- if .Values.watch.allNamespaces }}
 {{- fail "watch.allNamespaces was removed: it granted cluster-wide Job creation, NetworkPolicy writes and read access to every ConfigMap and pod log, and left namespaces without the default-deny runner policy. List the namespaces to serve in watch.namespaces (each gets a Role and the runner NetworkPolicy)" }}
