@@ -7,6 +7,7 @@ Asserted on what the API server, the database and the ledger hold.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import default_url, make_engine
 from core.db.tables import Adapter, PatchHistory, Task
-from core.engine.evidence import local_store
+from core.engine.evidence import local_store, read_all
 from core.engine.patch_ledger import verify
 from core.models import LedgerEntry
 from tests.e2e.operator_harness import (
@@ -121,7 +122,10 @@ def ledger(env) -> list[LedgerEntry]:
 def test_a_deleted_name_applied_again_is_a_new_task_with_its_own_history(kubectl, env) -> None:
     ns = env["a"]
     manifest = task_execution(
-        "again", env["repo"], "patch", task={"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
+        "again",
+        env["repo"],
+        "patch",
+        task={"prompt": "Add mul.", "patch": demo_patch("add-multiply")},
     )
     apply(kubectl, ns, manifest)
     first = finished(kubectl, env, ns, "again")
@@ -151,7 +155,9 @@ def test_the_same_name_in_two_namespaces_is_two_tasks(kubectl, env) -> None:
     patches = {env["a"]: demo_patch("add-multiply"), env["b"]: demo_patch("update-logo")}
     for ns, patch in patches.items():
         apply(
-            kubectl, ns, task_execution("twin", env["repo"], "patch", task={"prompt": "x", "patch": patch})
+            kubectl,
+            ns,
+            task_execution("twin", env["repo"], "patch", task={"prompt": "x", "patch": patch}),
         )
     done = {ns: finished(kubectl, env, ns, "twin") for ns in patches}
     for obj in done.values():
@@ -167,7 +173,12 @@ def test_the_same_name_in_two_namespaces_is_two_tasks(kubectl, env) -> None:
     }
     recorded = {h.scope: h for h in history if h.task_id == "twin"}
     assert {ns: h.diff_sha256 for ns, h in recorded.items()} == sha
-    assert all(h.patch for h in recorded.values())
+    for ns, h in recorded.items():  # the full patch is kept, under its own hash
+        assert h.patch_ref is not None
+        assert (
+            hashlib.sha256(read_all(local_store(env["workdir"]), h.patch_ref)).hexdigest()
+            == sha[ns]
+        )
     entries = {e.scope: e for e in ledger(env) if e.task_id == "twin"}
     assert {ns: e.diff_sha256 for ns, e in entries.items()} == sha
     # one Adapter name, one breaker per namespace

@@ -93,7 +93,11 @@ def test_execute_watch_picks_up_a_second_run_and_stops_cleanly_on_sigterm(
     )
     upgrade(default_url(workdir))
     store = Store(make_engine(default_url(workdir)))
-    release = tmp_path / "release-b2"
+    # the adapter runs in the sandbox, whose /tmp is its own: the release file lives in a
+    # directory of the work dir, which the sandbox shows read-only (and live)
+    signals = workdir / "signals"
+    signals.mkdir()
+    release = signals / "release-b2"
     out, errs = open(tmp_path / "watch.out", "w"), open(tmp_path / "watch.err", "w")
     proc = subprocess.Popen(
         [*ORCHESTRATOR, "execute", "--watch", "--workdir", str(workdir)],
