@@ -135,6 +135,14 @@ def apply(
     return kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=check)
 
 
+def apply_crds(kubectl: Kubectl) -> None:
+    """This checkout's CRDs, applied and Established. Tests whose resources need fields or
+    limits of this checkout call it right before they apply one: the local cluster is shared
+    by several checkouts, and another one may have applied its own CRDs meanwhile."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/taskexecutions.orchestrator.dev")
+
+
 def git_server(
     kubectl: Kubectl,
     namespace: str,

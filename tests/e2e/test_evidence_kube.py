@@ -36,6 +36,7 @@ from tests.e2e.operator_harness import (
     OperatorProcess,
     adapter,
     apply,
+    apply_crds,
     get_json,
     git_server,
     task_execution,
@@ -98,8 +99,7 @@ def env(
 ) -> Iterator[dict[str, Any]]:
     from kubernetes import client
 
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/taskexecutions.orchestrator.dev")
+    apply_crds(kubectl)
     namespace = f"e2e-ev-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(kube_api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
@@ -158,6 +158,7 @@ def env(
 
 
 def run_task(kubectl, env, name: str, adapter_name: str, task: dict[str, Any]) -> dict[str, Any]:
+    apply_crds(kubectl)  # the 1 MiB limit and patchFrom are this checkout's (a shared cluster)
     apply(kubectl, env["ns"], task_execution(name, env["repo"], adapter_name, task=task))
 
     def done() -> dict[str, Any] | None:
