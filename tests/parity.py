@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
-from core.db.tables import ExecutionLog
+from core.db.tables import ExecutionLog, GateTestResult
 from core.engine.evidence import LEDGER_DIR
 from core.engine.evidence_grants import GrantSigner, LocalGrantingStore, load_secret
 from core.engine.executor import Clocks, ExecutorConfig, build_executor
@@ -43,7 +43,10 @@ RUN = "parity"
 NS = "parity"
 GATE = [
     {"name": "compile", "command": ["{python}", "-m", "compileall", "-q", "calc", "tests"]},
-    {"name": "unit", "command": ["{python}", "-m", "unittest", "discover", "-s", "tests", "-t", "."]},
+    {
+        "name": "unit",
+        "command": ["{python}", "-m", "unittest", "discover", "-s", "tests", "-t", "."],
+    },
 ]
 FILES = {
     "calc/__init__.py": "",
@@ -54,6 +57,16 @@ FILES = {
         "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n"
     ),
 }
+#: the same repository with a test that already fails at the base commit
+FILES_KNOWN_BROKEN = {
+    **FILES,
+    "tests/test_known.py": (
+        "import unittest\n\n\nclass K(unittest.TestCase):\n"
+        "    def test_broken(self):\n        self.assertEqual(1, 2)\n"
+    ),
+}
+KNOWN_ADD = "tests.test_ops.T.test_add"
+KNOWN_BROKEN = "tests.test_known.K.test_broken"
 GOOD = (
     "diff --git a/calc/ops.py b/calc/ops.py\n--- a/calc/ops.py\n+++ b/calc/ops.py\n"
     "@@ -1,2 +1,6 @@\n def add(a, b):\n     return a + b\n+\n+\n+def mul(a, b):\n"
@@ -88,7 +101,9 @@ def _process(adapter_id: str, code: str, *args: str, **extra: Any) -> dict[str, 
 ADAPTERS: list[dict[str, Any]] = [
     {"id": "patch", "kind": "patch", "gate": GATE, "retry": {"max_attempts": 1}},
     _process("broken", "import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n"),
-    _process("slow", "import time\nfor i in range(60):\n    print(i, flush=True)\n    time.sleep(1)\n"),
+    _process(
+        "slow", "import time\nfor i in range(60):\n    print(i, flush=True)\n    time.sleep(1)\n"
+    ),
     _process("noop", "print('nothing to do')\n"),
     _process("throttled", THROTTLED_ONCE, "{attempt}"),
     _process(
@@ -107,6 +122,8 @@ class Outcome:
     classes: tuple[str | None, ...] = ()
     ledger: tuple[tuple[int, str, str | None], ...] = ()
     events: tuple[str, ...] = ()
+    #: the gate's per-test rows: (attempt, check, outcome, test id), sorted
+    gate_tests: tuple[tuple[int, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,19 @@ class Scenario:
     sequential: bool = False
     #: cancel this task once the others settled (it waits for a breaker)
     cancel: str | None = None
+    #: the repository's files at the base commit (default :data:`FILES`)
+    files: dict[str, str] | None = None
+    #: task id -> the per-test rows its gate must leave: (check, outcome, test id), sorted
+    expect_gate: dict[str, tuple[tuple[str, str, str], ...]] | None = None
+
+    def gate_expectations(
+        self, found: dict[str, Outcome]
+    ) -> dict[str, tuple[tuple[str, str, str], ...]]:
+        """What ``found`` holds of :attr:`expect_gate`'s tasks, in its shape."""
+        return {
+            t: tuple((c, o, i) for _, c, o, i in found[t].gate_tests)
+            for t in self.expect_gate or {}
+        }
 
 
 SCENARIOS = [
@@ -137,7 +167,14 @@ SCENARIOS = [
     ),
     Scenario(
         "fallback",
-        [{"task_id": "fb", "prompt": "Add mul.", "patch": GOOD, "retry": {"max_attempts": 3, **FAST}}],
+        [
+            {
+                "task_id": "fb",
+                "prompt": "Add mul.",
+                "patch": GOOD,
+                "retry": {"max_attempts": 3, **FAST},
+            }
+        ],
         {"fb": ["broken", "patch"]},
         {"fb": ("COMPLETED", None, 2)},
     ),
@@ -195,6 +232,25 @@ SCENARIOS = [
         cancel="doomed",
     ),
     Scenario(
+        # issue 14 on both backends: a test failing at the base commit, a patch that breaks
+        # another one; the gate blames exactly the new failure, Job or process alike
+        "gate-per-test",
+        [
+            {"task_id": "regress", "prompt": "Break add.", "patch": BAD, "gate_baseline": True},
+            {"task_id": "harmless", "prompt": "Add mul.", "patch": GOOD, "gate_baseline": True},
+        ],
+        {"regress": ["patch"], "harmless": ["patch"]},
+        {"regress": ("FAILED", "gate_failed", 1), "harmless": ("COMPLETED", None, 1)},
+        files=FILES_KNOWN_BROKEN,
+        expect_gate={
+            "regress": (
+                ("unit", "new_failure", KNOWN_ADD),
+                ("unit", "pre_existing", KNOWN_BROKEN),
+            ),
+            "harmless": (("unit", "pre_existing", KNOWN_BROKEN),),
+        },
+    ),
+    Scenario(
         "infrastructure-retried",
         [{"task_id": "throttle", "prompt": "x", "retry": {"max_attempts": 3, **FAST}}],
         {"throttle": ["throttled"]},
@@ -209,7 +265,12 @@ def workdir_for(root: Path, scenario: Scenario) -> Path:
     repo = (root / "repo").resolve()
     tasks = [{**t, "repo": repo.as_uri()} for t in scenario.tasks]
     return make_workdir(
-        root, run_id=RUN, tasks=tasks, adapters=ADAPTERS, routes=scenario.routes, files=FILES
+        root,
+        run_id=RUN,
+        tasks=tasks,
+        adapters=ADAPTERS,
+        routes=scenario.routes,
+        files=scenario.files or FILES,
     )
 
 
@@ -253,6 +314,16 @@ def outcomes(db_url: str, workdir: Path, task_ids: list[str]) -> dict[str, Outco
                 ),
                 ledger=tuple(ledger),
                 events=tuple(events),
+                gate_tests=tuple(
+                    sorted(
+                        (g.attempt, g.check_name, g.outcome, g.test_id)
+                        for g in s.scalars(
+                            select(GateTestResult)
+                            .where(GateTestResult.task_id == record.task_id)
+                            .where(GateTestResult.task_uid == uid)
+                        )
+                    )
+                ),
             )
     engine.dispose()
     return found

@@ -53,6 +53,7 @@ def test_the_cluster_records_what_the_embedded_backend_records(
     embedded = run_embedded(tmp_path / "embedded", scenario)
     expected = dict(scenario.expect)
     assert {t: (o.state, o.failure_class, o.attempts) for t, o in embedded.items()} == expected
+    assert scenario.gate_expectations(embedded) == (scenario.expect_gate or {})
 
     namespace = f"e2e-parity-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", namespace)

@@ -57,4 +57,5 @@ def test_both_backends_record_the_same_outcome(tmp_path: Path, scenario: Scenari
 
     expected = {k: v for k, v in scenario.expect.items()}
     assert {t: (o.state, o.failure_class, o.attempts) for t, o in embedded.items()} == expected
+    assert scenario.gate_expectations(embedded) == (scenario.expect_gate or {})
     assert kube == embedded
