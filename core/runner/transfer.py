@@ -22,25 +22,37 @@ import httpx
 from core.engine.evidence_grants import Download, Upload, UploadedEvidence, gzip_file
 
 _CHUNK = 1024 * 1024
-#: Connection problems are retried (the evidence endpoint restarting, a Service blip).
-ATTEMPTS = 4
+#: How long connection problems are retried: the evidence endpoint restarting (the operator
+#: serves the local store itself, and may be killed or rolled out at any time), a Service
+#: blip. Refusals (4xx) are final at once.
+RETRY_SECONDS = 300.0
+#: The longest pause between two tries.
+MAX_DELAY = 10.0
 
 
 class TransferError(Exception):
     """A download or upload failed for good (refused, expired, wrong content)."""
 
 
-def _retrying(what: str, call: Callable[[], None]) -> None:
+def _retrying(
+    what: str,
+    call: Callable[[], None],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    retry_seconds: float = RETRY_SECONDS,
+) -> None:
+    deadline = clock() + retry_seconds
     delay = 1.0
-    for attempt in range(1, ATTEMPTS + 1):
+    while True:
         try:
             call()
             return
         except (httpx.TransportError, _Retry) as exc:
-            if attempt == ATTEMPTS:
-                raise TransferError(f"{what}: {exc}") from exc
-            time.sleep(delay)
-            delay *= 2
+            if clock() + delay > deadline:
+                raise TransferError(f"{what}: {exc} (retried {retry_seconds:.0f}s)") from exc
+            sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)
 
 
 class _Retry(Exception):
@@ -55,7 +67,14 @@ def _check_status(response: httpx.Response, what: str) -> None:
         raise TransferError(f"{what}: HTTP {response.status_code}: {body}")
 
 
-def download(grant: Download, target: Path, *, timeout: float = 300.0) -> None:
+def download(
+    grant: Download,
+    target: Path,
+    *,
+    timeout: float = 300.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
     """Fetch ``grant`` into ``target`` (decompressed), checking its size and sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
@@ -72,7 +91,7 @@ def download(grant: Download, target: Path, *, timeout: float = 300.0) -> None:
                 out.write(chunk)
 
     try:
-        _retrying("download", fetch)
+        _retrying("download", fetch, sleep=sleep, clock=clock)
         digest, size = hashlib.sha256(), 0
         with open(packed, "rb") as raw, open(target, "wb") as out:
             source = gzip.GzipFile(fileobj=raw, mode="rb") if grant.gzip else raw
@@ -92,7 +111,14 @@ def download(grant: Download, target: Path, *, timeout: float = 300.0) -> None:
         raise TransferError("download: the content does not match the grant's sha256")
 
 
-def upload(grant: Upload, source: Path, *, timeout: float = 600.0) -> UploadedEvidence:
+def upload(
+    grant: Upload,
+    source: Path,
+    *,
+    timeout: float = 600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> UploadedEvidence:
     """Compress ``source`` and send it where ``grant`` says; what the report names."""
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         packed = Path(tmp) / (source.name + ".gz")
@@ -126,5 +152,5 @@ def upload(grant: Upload, source: Path, *, timeout: float = 600.0) -> UploadedEv
                     )
             _check_status(response, f"upload of {grant.key}")
 
-        _retrying(f"upload of {grant.key}", send)
+        _retrying(f"upload of {grant.key}", send, sleep=sleep, clock=clock)
     return UploadedEvidence(key=grant.key, sha256=sha256, size=size, stored_bytes=stored)
