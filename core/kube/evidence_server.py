@@ -55,9 +55,8 @@ class EvidenceServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server  # aiohttp exposes the bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        addresses = self._runner.addresses  # (host, port, ...) of every bound socket
+        self.port = int(addresses[0][1]) if addresses else port
         log.info("evidence server on %s:%s", host, self.port)
         return self.port
 

@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
@@ -194,7 +194,7 @@ def load_grant(raw: str | None) -> Grant | None:
         ) from exc
 
 
-def fetch(env: os._Environ[str] | dict[str, str]) -> int:
+def fetch(env: Mapping[str, str]) -> int:
     """The init container: download the grant's inputs into ``$ORCHESTRATOR_INPUTS``.
 
     A failure is written to ``fetch-error`` there and the container exits 0, so the runner
