@@ -17,7 +17,7 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -59,7 +59,14 @@ from core.engine.state_files import PATCH_LEDGER, STATE_DIR
 from core.engine.task_log import find_task_log, read_records
 from core.errors import OrchestratorError
 from core.identity import TaskKey
-from core.models import CheckStatus, ExecutionResults, FailureClass, GateResult, TaskState
+from core.models import (
+    CheckStatus,
+    ExecutionResults,
+    FailureClass,
+    GateResult,
+    IntegrationResults,
+    TaskState,
+)
 
 app = typer.Typer(
     help="Execute routed AI coding tasks: isolated attempts, test gate, ledger, retries.",
@@ -226,7 +233,7 @@ def execute(
             "--integrate",
             help="Then merge the COMPLETED tasks onto the integration branch (`orchestrator "
             "integrate` with its defaults); tasks it sends back are executed and integrated "
-            "again, until none is.",
+            "again, until none is. kubernetes backend: the run's Integration resource, followed.",
         ),
     ] = False,
     watch: Annotated[
@@ -294,11 +301,14 @@ def execute(
     waiting, 2 bad input (or no sandbox: see --no-sandbox); with --watch 0 after a clean stop.
     """
     if backend is Backend.kubernetes:
-        if integrate_after:
-            raise _fail("--integrate runs on the local backend only (see README: integration)")
         if run is None or watch:
             raise _fail("the kubernetes backend needs --run and does not --watch")
         _execute_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout)
+        if integrate_after:
+            from core.kube.integration_submit import integration_resource
+
+            body = integration_resource(run)
+            _integrate_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout, body)
         return
     if run is None and not watch:
         raise _fail("which run? pass --run <id> (or --watch to execute every run that arrives)")
@@ -424,7 +434,12 @@ def _integrate(
 ) -> IntegrationRun:
     """Run the integration worker and print what it did (raises OrchestratorError)."""
     done = build_integration_worker(config, database_url=database_url, metrics=metrics).run()
-    r, st = done.results, done.results.stats
+    _print_integration(done.results)
+    return done
+
+
+def _print_integration(r: IntegrationResults) -> None:
+    st = r.stats
     for task in r.tasks:
         commit = task.commit[:12] if task.commit else ""
         note = f"  {task.reason}" if task.reason else ""
@@ -443,12 +458,42 @@ def _integrate(
     )
     where = r.repository if r.pushed else r.local_repository
     console.print(f"branch {r.branch} at {r.head_commit[:12]} in {where}", highlight=False)
-    console.print(
-        f"  git -C {r.local_repository} log --oneline {r.base_commit[:12]}..{r.branch}",
-        highlight=False,
-        markup=False,
-    )
-    return done
+    if Path(r.local_repository).is_dir():
+        console.print(
+            f"  git -C {r.local_repository} log --oneline {r.base_commit[:12]}..{r.branch}",
+            highlight=False,
+            markup=False,
+        )
+
+
+def _integrate_on_kubernetes(
+    run: str,
+    workdir: Path,
+    namespace: str,
+    kubeconfig: str | None,
+    timeout: float | None,
+    body: dict[str, Any],
+) -> None:
+    """Apply the run's Integration, follow it, write .state/integration_results.json."""
+    from core.kube.integration_submit import IntegrationSubmitter
+
+    try:
+        submitter = IntegrationSubmitter(workdir, run, namespace, kubeconfig=kubeconfig)
+        created = submitter.submit(body)
+        console.print(
+            f"Integration {namespace}/{run} {'created' if created else 'exists (kept)'}; "
+            "following",
+            highlight=False,
+        )
+        status = submitter.follow(timeout)
+        if status.state == "Failed":
+            raise _fail(f"integration of run {run} failed: {status.reason}: {status.message}", 1)
+        if status.state != "Succeeded":
+            console.print(f"integration of run {run}: {status.state}: {status.message}")
+            raise typer.Exit(3)
+        _print_integration(submitter.write(status))
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from exc
 
 
 @app.command()
@@ -482,6 +527,24 @@ def integrate(
     keep_worktrees: Annotated[
         bool, typer.Option(help="Keep the gate's worktrees under .work/ for debugging.")
     ] = False,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="local: merge and gate here; kubernetes: apply the run's Integration resource "
+            "(the operator merges, gates in Jobs and pushes) and follow it."
+        ),
+    ] = Backend.local,
+    namespace: Annotated[
+        str, typer.Option(help="kubernetes backend: namespace of the run's TaskExecutions.")
+    ] = "default",
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(envvar="KUBECONFIG", help="kubernetes backend: kubeconfig file."),
+    ] = None,
+    follow_timeout: Annotated[
+        float | None,
+        typer.Option(help="kubernetes backend: stop following after this many seconds."),
+    ] = None,
 ) -> None:
     """Merge the run's COMPLETED tasks in queue order onto an integration branch, re-gated.
 
@@ -492,9 +555,24 @@ def integrate(
     conflict or failure in the prompt. Writes .state/integration_results.json, one ledger
     entry per verdict, the database and events; incremental: run it again after more tasks
     completed. Exit code: 0 done, 3 tasks were sent back (run execute, then integrate again).
+    With --backend kubernetes the operator does it (an Integration resource; the branch is
+    pushed to the tasks' repository); exit 1 when it failed, 3 when it did not settle in time.
     """
     if max_batch_size < batch_size:
         raise _fail(f"--max-batch-size {max_batch_size} is below --batch-size {batch_size}")
+    if backend is Backend.kubernetes:
+        from core.kube.integration_submit import integration_resource
+
+        body = integration_resource(
+            run,
+            branch=branch,
+            base_commit=base,
+            batch_size=batch_size,
+            adaptive=adaptive,
+            max_batch_size=max_batch_size,
+        )
+        _integrate_on_kubernetes(run, workdir, namespace, kubeconfig, follow_timeout, body)
+        return
     config = IntegrationConfig(
         run_id=run,
         workdir=workdir,

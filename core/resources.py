@@ -51,6 +51,7 @@ from core.models import (
     RetryPolicy,
     TaskSpec,
     TaskState,
+    TokenUsage,
 )
 from core.rules import Rule, RuledModel, Unique
 
@@ -63,6 +64,11 @@ class _Api(RuledModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
+
+
+class ApiModel(_Api):
+    """The base of API models outside this module (camelCase aliases, unknown fields refused,
+    frozen)."""
 
 
 class Retry(RetryPolicy):
@@ -184,6 +190,23 @@ class AdapterResourceSpec(_Api):
             check=lambda a: (
                 a.kind is AdapterKind.PROCESS or (a.command is None and a.template is None)
             ),
+        ),
+        Rule(
+            cel="self.kind == 'api' ? has(self.api) : !has(self.api)",
+            message="an api adapter needs spec.api (its endpoint), and only api adapters take it",
+            check=lambda a: (a.kind is AdapterKind.API) == (a.api is not None),
+        ),
+        Rule(
+            cel="!has(self.api) || !has(self.api.apiKeyEnv) || "
+            "(has(self.env) && self.env.exists(e, e.name == self.api.apiKeyEnv))",
+            message="api.apiKeyEnv must name a variable of spec.env (take its value from a "
+            "Secret with secretKeyRef)",
+            check=lambda a: (
+                a.api is None
+                or a.api.api_key_env is None
+                or any(e.name == a.api.api_key_env for e in a.env)
+            ),
+            field_path=".api.apiKeyEnv",
         ),
     )
 
@@ -491,6 +514,23 @@ class DiffStatus(_Api):
     patch_stored_bytes: int | None = None
 
 
+class UsageStatus(_Api):
+    """Tokens an api adapter's endpoint reported for the attempt."""
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+
+
+def usage_status(usage: TokenUsage | None) -> UsageStatus | None:
+    return None if usage is None else UsageStatus.model_validate(usage.model_dump())
+
+
+def usage_of(status: UsageStatus | None) -> TokenUsage | None:
+    """Inverse of :func:`usage_status`."""
+    return None if status is None else TokenUsage.model_validate(status.model_dump())
+
+
 class AttemptStatus(_Api):
     attempt: int
     adapter: str
@@ -509,6 +549,9 @@ class AttemptStatus(_Api):
     log_truncated: bool = Field(default=False, description="The log hit its cap.")
     pod_started_at: datetime | None = Field(
         default=None, description="When the adapter's container started (its budget's start)."
+    )
+    usage: UsageStatus | None = Field(
+        default=None, description="api adapters: tokens the endpoint reported."
     )
 
 

@@ -104,6 +104,8 @@ def tex(id: str, changes: dict[tuple[str | int, ...], Any], field: str = "", say
 
 
 S = "spec"
+API = {"protocol": "openai-chat", "url": "http://10.0.0.5:8000/v1", "model": "m",
+       "apiKeyEnv": "TOOL_KEY"}
 LONG_NAME = "a" * 62 + "-b"  # 64 characters; cut to 63 it ended in '-' (a 422 on Job create)
 
 BAD: list[Case] = [
@@ -155,6 +157,12 @@ BAD: list[Case] = [
     adp("process-without-command", {(S, "command"): DELETE}, "spec", "exactly one of command"),
     adp("process-with-both", {(S, "template"): "aider"}, "spec", "exactly one of command"),
     adp("patch-with-command", {(S, "kind"): "patch"}, "spec", "only process adapters"),
+    adp("api-without-endpoint", {(S, "kind"): "api", (S, "command"): DELETE}, "spec",
+        "an api adapter needs spec.api"),
+    adp("endpoint-on-process", {(S, "api"): API}, "spec", "only api adapters take it"),
+    adp("api-key-env-unknown",
+        {(S, "kind"): "api", (S, "command"): DELETE, (S, "api"): {**API, "apiKeyEnv": "NOPE"}},
+        "spec.api.apiKeyEnv", "must name a variable of spec.env"),
     # ------------------------------------------------------------------ egress
     adp("cidr-host-bits", {(S, "egress", 0, "cidr"): "10.0.0.1/8"}, "spec.egress[0].cidr",
         "host bits zero"),
@@ -252,6 +260,9 @@ GOOD: list[Case] = [
     adp("literal-braces", {(S, "command", 1): "{{}}{{{python}}}"}),
     adp("template", {(S, "command"): DELETE, (S, "template"): "aider"}),
     adp("patch-kind", {(S, "kind"): "patch", (S, "command"): DELETE, (S, "image"): DELETE}),
+    adp("api-kind", {(S, "kind"): "api", (S, "command"): DELETE, (S, "api"): API}),
+    adp("api-without-key", {(S, "kind"): "api", (S, "command"): DELETE,
+                            (S, "api"): {k: v for k, v in API.items() if k != "apiKeyEnv"}}),
     adp("cidr-all", {(S, "egress", 0, "cidr"): "0.0.0.0/0"}),
     adp("cidr-host", {(S, "egress", 0, "cidr"): "192.0.2.10/32"}),
     adp("cidr-v6-long", {(S, "egress", 1, "cidr"): "2001:0db8:0000::/48"}),

@@ -3,7 +3,8 @@
 Apart from :mod:`core.db.store` because escalations are a projection of what the store
 recorded: the engine's escalation module (``core.engine.escalation``) decides, this module
 only inserts keyed rows (ON CONFLICT DO NOTHING: a replay adds nothing), records webhook
-deliveries and answers "how many of an adapter's latest attempts failed the same way".
+deliveries and the operator's Warning Events, and answers "how many of an adapter's latest
+attempts failed the same way".
 """
 
 from __future__ import annotations
@@ -84,6 +85,28 @@ class EscalationRows:
         with Session(self.engine) as s:
             return [_as_dict(r) for r in s.scalars(query)]
 
+    def events_pending(
+        self, scopes: tuple[str, ...] = (), limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Escalations of Kubernetes namespaces (``scopes``; empty: every namespace, never the
+        embedded backend's) whose Warning Events were not posted yet, oldest first."""
+        query = select(Escalation).where(
+            Escalation.event_posted_at.is_(None), Escalation.scope != ""
+        )
+        if scopes:
+            query = query.where(Escalation.scope.in_(scopes))
+        with Session(self.engine) as s:
+            return [_as_dict(r) for r in s.scalars(query.order_by(Escalation.id).limit(limit))]
+
+    def event_posted(self, key: str) -> None:
+        """Record that the escalation's Warning Events were posted (or had nothing to go on)."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(Escalation)
+                .where(Escalation.escalation_key == key)
+                .values(event_posted_at=self._now())
+            )
+
     def streak(
         self, scope: str, adapter_id: str, failure_class: str, *, limit: int = 1000
     ) -> Streak:
@@ -120,4 +143,5 @@ def _as_dict(row: Escalation) -> dict[str, Any]:
         "created_at": _aware(row.created_at),
         "notified_at": _aware(row.notified_at),
         "notify_error": row.notify_error,
+        "event_posted_at": _aware(row.event_posted_at),
     }

@@ -139,19 +139,21 @@ class IntegrationRows:
             assert row is not None
             return _state(row)
 
-    def count(self, run_id: str, *, gate_runs: int, batches: int) -> None:
+    def count(
+        self, run_id: str, *, gate_runs: int, batches: int, scope: str = EMBEDDED_SCOPE
+    ) -> None:
         """Add the gate runs and batches an integration run made."""
         with self._session() as s:
-            row = s.get(Integration, (run_id, EMBEDDED_SCOPE), with_for_update=True)
+            row = s.get(Integration, (run_id, scope), with_for_update=True)
             if row is None:
                 return
             row.gate_runs += gate_runs
             row.batches += batches
             row.updated_at = self._now()
 
-    def pushed(self, run_id: str, url: str, commit: str) -> None:
+    def pushed(self, run_id: str, url: str, commit: str, *, scope: str = EMBEDDED_SCOPE) -> None:
         with self._session() as s:
-            row = s.get(Integration, (run_id, EMBEDDED_SCOPE), with_for_update=True)
+            row = s.get(Integration, (run_id, scope), with_for_update=True)
             if row is not None:
                 row.pushed_to, row.pushed_commit, row.updated_at = url, commit, self._now()
 

@@ -243,7 +243,7 @@ class Escalation(Base):
 
     ``escalation_key`` names the fact (the breaker trip, the task, the attempt...), so a
     replayed recording inserts nothing and nobody is told twice. ``notified_at`` /
-    ``notify_error`` record the webhook's delivery.
+    ``notify_error`` record the webhook's delivery, ``event_posted_at`` the operator's Events.
     """
 
     __tablename__ = "escalations"
@@ -264,6 +264,8 @@ class Escalation(Base):
     created_at: Mapped[datetime]
     notified_at: Mapped[datetime | None]
     notify_error: Mapped[str | None] = mapped_column(Text)
+    #: When the operator posted its Kubernetes Warning Events (core.kube.escalation_events).
+    event_posted_at: Mapped[datetime | None]
 
 
 REQUIRED_TABLES = {"tasks": {"adapter_id"}, "adapters": {"id"}}

@@ -412,7 +412,8 @@ class Escalations:
                 fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
-def _record_of(row: Mapping[str, Any]) -> dict[str, Any]:
+def escalation_of(row: Mapping[str, Any]) -> Escalation:
+    """An ``escalations`` row (:class:`core.db.escalations.EscalationRows`) as an Escalation."""
     created: datetime = row["created_at"]
     return Escalation(
         key=row["escalation_key"],
@@ -426,4 +427,8 @@ def _record_of(row: Mapping[str, Any]) -> dict[str, Any]:
         attempt=row["attempt"],
         adapter_id=row["adapter_id"],
         evidence=row["evidence"],
-    ).record()
+    )
+
+
+def _record_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    return escalation_of(row).record()

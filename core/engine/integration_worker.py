@@ -34,8 +34,12 @@ Order of writes per verdict, each idempotent (as for attempts): the ledger entry
 branch to the recorded head; commits are deterministic (fixed identity and dates), so a change
 rebuilt on the same head is the same commit.
 
-The gate runs behind :class:`~core.engine.integration_gate.TreeGate`; on Kubernetes a Job
-based implementation plugs in there (README, "The integration branch").
+The gate runs behind :class:`~core.engine.integration_gate.TreeGate`. On Kubernetes the
+operator drives this worker per ``Integration`` resource (``core.kube.integration_controller``):
+the tasks are one namespace's (``scope``) TaskExecutions, their plans come from those
+resources (:class:`PlanSource`), the gate runs are Jobs (``core.kube.integration_gates``),
+the branch is pushed, and tasks are not sent back (``reopen=False``: a TaskExecution cannot
+be reopened yet); the results go to the resource's status instead of the state file.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from core.db.database import check_schema, default_url, make_engine, redact
 from core.db.integration_rows import IntegrationRows, IntegrationState
@@ -98,6 +103,10 @@ def is_url(source: str) -> bool:
     return "://" in source or source.startswith("git@")
 
 
+#: Why a verdict does not send its task back when the driver cannot reopen tasks.
+NO_REOPEN = "tasks are not sent back by this driver (on Kubernetes: not built yet)"
+
+
 @dataclass(frozen=True)
 class IntegrationConfig:
     run_id: str
@@ -107,10 +116,35 @@ class IntegrationConfig:
     batch: BatchPolicy = field(default_factory=BatchPolicy)
     push: bool = False
     keep_worktrees: bool = False
+    #: Whose tasks: the embedded backend's (""), or one Kubernetes namespace's.
+    scope: str = EMBEDDED_SCOPE
+    #: Send a conflict / gate failure back to its adapter when the retry policy says so.
+    reopen: bool = True
+    #: Write ``.state/integration_results.json`` (the embedded backend's projection).
+    results_file: bool = True
 
     @property
     def branch_name(self) -> str:
         return self.branch or default_branch(self.run_id)
+
+
+class PlanSource(Protocol):
+    """Where a task's plan (adapters, retry policy, gate) comes from."""
+
+    def plan(self, record: TaskRecord) -> TaskPlan:
+        """The task's plan; KeyError when there is none any more (routing or resource gone)."""
+        ...
+
+
+class InputsPlans:
+    """The embedded backend's plans: the run's state files."""
+
+    def __init__(self, inputs: RunInputs) -> None:
+        self.inputs = inputs
+
+    def plan(self, record: TaskRecord) -> TaskPlan:
+        task = self.inputs.task(record.task_id)
+        return TaskPlan.of(task.spec, task.adapter_chain, self.inputs.adapters)
 
 
 @dataclass(frozen=True)
@@ -137,7 +171,7 @@ class IntegrationWorker:
     def __init__(
         self,
         config: IntegrationConfig,
-        inputs: RunInputs,
+        plans: PlanSource,
         store: Store,
         *,
         gate: TreeGate | None = None,
@@ -147,7 +181,8 @@ class IntegrationWorker:
     ) -> None:
         self.config = config
         self.run_id = config.run_id
-        self.inputs = inputs
+        self.plans = plans
+        self.scope = config.scope
         self.store = store
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -164,7 +199,7 @@ class IntegrationWorker:
 
     def run(self) -> IntegrationRun:
         self.recorder.repair(self.run_id)
-        records = self.store.tasks(self.run_id, EMBEDDED_SCOPE)
+        records = self.store.tasks(self.run_id, self.scope)
         if not records:
             raise OrchestratorError(f"run {self.run_id!r} has no tasks; run execute first")
         state, repo = self._open(records)
@@ -178,8 +213,8 @@ class IntegrationWorker:
             )
         repo.set_branch(state.branch, state.head_commit)
         self._merged = [
-            self._gate_of(v.key.task_id, v.adapter_id)
-            for v in self.rows.verdicts(self.run_id)
+            self._gate_of(self.store.task(v.key), v.adapter_id)
+            for v in self.rows.verdicts(self.run_id, self.scope)
             if v.outcome is IntegrationOutcome.MERGED
         ]
         candidates = self._candidates(records, state, repo)
@@ -194,12 +229,15 @@ class IntegrationWorker:
                 depth, queue.gate_runs, queue.merged
             ),
         )
-        self.rows.count(self.run_id, gate_runs=report.gate_runs, batches=report.batches)
+        self.rows.count(
+            self.run_id, gate_runs=report.gate_runs, batches=report.batches, scope=self.scope
+        )
         state = self._state()
         if self.config.push and state.pushed_commit != state.head_commit:
             repo.push(state.source, state.branch, state.head_commit)
-            self.rows.pushed(self.run_id, state.source, state.head_commit)
+            self.rows.pushed(self.run_id, state.source, state.head_commit, scope=self.scope)
         results = self.write_results()
+        where = f"{self.scope}/" if self.scope else ""
         self.recorder.events.write(
             self.store.run_event(
                 self.run_id,
@@ -209,28 +247,31 @@ class IntegrationWorker:
                     "head_commit": results.head_commit,
                     **results.stats.model_dump(mode="json"),
                 },
-                key=f"{self.run_id}//{EventName.INTEGRATION_FINISHED.value}/{results.head_commit}",
+                key=f"{self.run_id}/{where}/{EventName.INTEGRATION_FINISHED.value}/"
+                f"{results.head_commit}",
             )
         )
         return IntegrationRun(results, report, list(self._reopened))
 
     def _state(self) -> IntegrationState:
-        state = self.rows.state(self.run_id)
+        state = self.rows.state(self.run_id, self.scope)
         assert state is not None
         return state
 
-    def _plan(self, task_id: str) -> TaskPlan:
-        task = self.inputs.task(task_id)
-        return TaskPlan.of(task.spec, task.adapter_chain, self.inputs.adapters)
-
-    def _gate_of(self, task_id: str, adapter_id: str) -> tuple[TaskSpec, tuple[GateCheck, ...]]:
-        """A task's gate as its change was judged (the checks of the adapter that made it)."""
-        return self.inputs.task(task_id).spec, self._plan(task_id).gate_checks(adapter_id)
+    def _gate_of(
+        self, record: TaskRecord, adapter_id: str
+    ) -> tuple[TaskSpec, tuple[GateCheck, ...]]:
+        """A task's gate as its change was judged (the checks of the adapter that made it);
+        without a plan any more (its resource is gone), the task's own checks."""
+        try:
+            return record.spec, self.plans.plan(record).gate_checks(adapter_id)
+        except KeyError:
+            return record.spec, tuple(record.spec.gate or ())
 
     # ------------------------------------------------------------------ the branch
 
     def _open(self, records: Sequence[TaskRecord]) -> tuple[IntegrationState, IntegrationRepo]:
-        existing = self.rows.state(self.run_id)
+        existing = self.rows.state(self.run_id, self.scope)
         if existing is not None:
             self._check_consistent(existing)
             return existing, IntegrationRepo.open(Path(existing.repository), existing.source)
@@ -263,12 +304,16 @@ class IntegrationWorker:
                 branch=self.config.branch_name,
                 base_commit=base,
                 head_commit=base,
+                scope=self.scope,
             )
         )
         return state, repo
 
     def _repo_path(self) -> Path:
-        return (self.config.workdir / INTEGRATION_DIR / f"{self.run_id}.git").resolve()
+        root = self.config.workdir / INTEGRATION_DIR
+        if self.scope:  # one directory per namespace: the same run id may be in two
+            root = root / self.scope
+        return (root / f"{self.run_id}.git").resolve()
 
     def _check_consistent(self, state: IntegrationState) -> None:
         for what, asked, have in (
@@ -302,7 +347,7 @@ class IntegrationWorker:
     def _candidates(
         self, records: Sequence[TaskRecord], state: IntegrationState, repo: IntegrationRepo
     ) -> list[Candidate]:
-        decided = {(v.key, v.attempt) for v in self.rows.verdicts(self.run_id)}
+        decided = {(v.key, v.attempt) for v in self.rows.verdicts(self.run_id, self.scope)}
         found: list[Candidate] = []
         for record in records:
             if record.status is not TaskState.COMPLETED or not record.attempt_results:
@@ -324,10 +369,15 @@ class IntegrationWorker:
                     )
                 except OrchestratorError as exc:
                     reason = f"the patch does not apply to its own base commit: {exc}"
-            if change is None:
+            plan: TaskPlan | None = None
+            if change is not None:
+                try:
+                    plan = self.plans.plan(record)
+                except KeyError as exc:
+                    reason = f"its plan is gone ({exc}): the task's resource was deleted"
+            if change is None or plan is None:
                 self._skip(record, entry, state, reason)
                 continue
-            plan = self._plan(record.task_id)
             found.append(Candidate(record.key, record, entry, plan, change))
         return found
 
@@ -394,16 +444,17 @@ class IntegrationWorker:
         failure = self._failure(verdict, repo, state)
         if failure is not None:
             reopening = reopen(cand.plan, cand.record.attempt_results, failure, rng=self.rng)
+            decision = reopening.decision.reason if self.config.reopen else NO_REOPEN
             reason = failure.message
-            if not reopening.reopened:
-                reason += f"; not sent back: {reopening.decision.reason}"
+            if not reopening.reopened or not self.config.reopen:
+                reason += f"; not sent back: {decision}"
             updates: dict[str, object] = {
                 "reason": reason,
-                "retry_decision": reopening.decision.reason,
+                "retry_decision": decision,
                 "conflict_files": list(verdict.conflict.files) if verdict.conflict else [],
                 "gate": verdict.gate,
             }
-            if reopening.result is not None:
+            if reopening.result is not None and self.config.reopen:
                 task_state = TaskState.PENDING
                 updates |= {
                     "sent_back": failure,
@@ -413,7 +464,7 @@ class IntegrationWorker:
                 self._reopened.append(cand.key.task_id)
             record = record.model_copy(update=updates)
         elif verdict.outcome is IntegrationOutcome.MERGED:
-            self._merged.append(self._gate_of(cand.key.task_id, cand.entry.adapter_id))
+            self._merged.append(self._gate_of(cand.record, cand.entry.adapter_id))
         self._commit(cand.key, cand.entry, record, task_state, cand.record)
 
     def _failure(
@@ -501,10 +552,13 @@ class IntegrationWorker:
         between the ledger and the database)."""
         mirrored = self.rows.mirrored_seqs()
         for entry in self.ledger.entries():
-            if entry.kind != "integration" or entry.run_id != self.run_id or entry.task_uid:
+            if entry.kind != "integration" or entry.run_id != self.run_id:
+                continue
+            if (entry.scope or EMBEDDED_SCOPE) != self.scope:
                 continue
             if entry.seq not in mirrored:
-                self._mirror(TaskKey(entry.run_id, entry.task_id), entry)
+                key = TaskKey(entry.run_id, entry.task_id, entry.task_uid or "", self.scope)
+                self._mirror(key, entry)
 
     # ------------------------------------------------------------------ the gate
 
@@ -512,7 +566,7 @@ class IntegrationWorker:
         self, number: int, base: str, head: str, cands: Sequence[Candidate], patch: bytes
     ) -> TreeGateRequest:
         """The merged tree must pass the gate of every task on it (:func:`merged_gate`)."""
-        gates = [*self._merged, *(self._gate_of(c.key.task_id, c.entry.adapter_id) for c in cands)]
+        gates = [*self._merged, *(self._gate_of(c.record, c.entry.adapter_id) for c in cands)]
         checks, baseline, policy = merged_gate(gates)
         return TreeGateRequest(
             run_id=self.run_id,
@@ -530,11 +584,12 @@ class IntegrationWorker:
     # ------------------------------------------------------------------ outputs
 
     def write_results(self) -> IntegrationResults:
-        records = self.store.tasks(self.run_id, EMBEDDED_SCOPE)
+        records = self.store.tasks(self.run_id, self.scope)
         results = build_results(
-            self._state(), self.rows.verdicts(self.run_id), records, self.clock()
+            self._state(), self.rows.verdicts(self.run_id, self.scope), records, self.clock()
         )
-        write_results(self.config.workdir, results)
+        if self.config.results_file:
+            write_results(self.config.workdir, results)
         return results
 
 
@@ -583,5 +638,11 @@ def build_integration_worker(
     engine = make_engine(url)
     check_schema(engine, url, f"run `orchestrator db upgrade {where}`")
     return IntegrationWorker(
-        config, inputs, Store(engine, clock), gate=gate, metrics=metrics, clock=clock, rng=rng
+        config,
+        InputsPlans(inputs),
+        Store(engine, clock),
+        gate=gate,
+        metrics=metrics,
+        clock=clock,
+        rng=rng,
     )

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from core.db.breaker_rows import SqlBreakerRows
 from core.engine.recorder import Recorder
 from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
-from core.engine.resilience.circuit_breaker import BreakerTransition
+from core.engine.resilience.circuit_breaker import BreakerSnapshot, BreakerTransition
 from core.kube.api import KubeApi
 from core.models import AdapterSpec
 from core.resources import AdapterResourceStatus
@@ -69,6 +69,13 @@ class AdapterBreakers:
             f"{ns}/{name}": self.of(ns).view(name).state.value
             for ns, name in sorted(self._policies)
         }
+
+    def snapshots(self) -> dict[str, list[BreakerSnapshot]]:
+        """Every known Adapter's breaker as of now, by namespace (reads the database)."""
+        found: dict[str, list[BreakerSnapshot]] = {}
+        for ns, name in sorted(self._policies):
+            found.setdefault(ns, []).append(self.of(ns).view(name))
+        return found
 
     async def mirror(self, namespace: str) -> None:
         """Copy breaker transitions into the Adapter resources' status (only on change)."""

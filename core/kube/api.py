@@ -100,10 +100,11 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy", True),
         ResourceType("taskexecutions", GROUP, VERSION, "TaskExecution", True, True),
         ResourceType("adapters", GROUP, VERSION, "Adapter", True, True),
+        ResourceType("integrations", GROUP, VERSION, "Integration", True, True),
     )
 }
 #: The custom resources (``plural`` arguments of the ``*_object`` methods).
-CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters"})
+CUSTOM_PLURALS = frozenset({"taskexecutions", "adapters", "integrations"})
 
 
 def resource_type(plural: str) -> ResourceType:
@@ -208,15 +209,23 @@ def check_owned(existing: Body, body: Body) -> None:
 
 
 def event_body(
-    obj: Body, type_: str, reason: str, message: str, action: str, now: datetime
+    obj: Body,
+    type_: str,
+    reason: str,
+    message: str,
+    action: str,
+    now: datetime,
+    name: str | None = None,
 ) -> Body:
-    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation)."""
+    """The ``core/v1`` Event that ``post_event`` creates (the same body in every implementation):
+    named ``name``, else ``<object name>.<random suffix>`` (``generateName``)."""
     meta = obj["metadata"]
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    naming = {"name": name} if name else {"generateName": f"{meta['name'][:200]}."}
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+        "metadata": {**naming, "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": obj["apiVersion"],
             "kind": obj["kind"],
@@ -354,9 +363,17 @@ class KubeApi(Protocol):
         ...
 
     async def post_event(
-        self, obj: Body, type_: str, reason: str, message: str, action: str
-    ) -> None:
-        """A ``core/v1`` Event about ``obj`` (one POST)."""
+        self,
+        obj: Body,
+        type_: str,
+        reason: str,
+        message: str,
+        action: str,
+        *,
+        name: str | None = None,
+    ) -> bool:
+        """A ``core/v1`` Event about ``obj`` (one POST). With a deterministic ``name`` a
+        replay posts nothing: False when an Event of that name exists already (409)."""
         ...
 
     async def get_lease(self, namespace: str, name: str) -> Body | None: ...

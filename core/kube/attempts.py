@@ -36,6 +36,8 @@ from core.resources import (
     TaskExecutionStatus,
     TestList,
     diff_status,
+    usage_of,
+    usage_status,
 )
 from core.runner.protocol import RunnerResult
 
@@ -128,7 +130,8 @@ def gate_evidence(
     log_path: str,
     runner_error: str | None = None,
 ) -> AttemptEvidence:
-    """The attempt after its gate Job: the adapter's part comes from ``current``."""
+    """The attempt after its gate Job: the adapter's part comes from ``current`` (what
+    :func:`gate_started` kept of the adapter's evidence: exit code, diff, log, token usage)."""
     started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
@@ -141,6 +144,7 @@ def gate_evidence(
         log_path=log_path,
         log_bytes=current.log_bytes + (result.log_bytes if result else 0),
         log_truncated=current.log_truncated or bool(result and result.log_truncated),
+        usage=usage_of(current.usage),
         isolation=IsolationLevel.POD,
     )
     if result is None or result.gate is None:
@@ -220,6 +224,7 @@ def gate_started(
             "diff": diff_status(evidence.diff),
             "log_bytes": evidence.log_bytes,
             "log_truncated": evidence.log_truncated,
+            "usage": usage_status(evidence.usage),
         }
     )
     return status.model_copy(
@@ -251,6 +256,7 @@ def attempt_recorded(
                 "gate": gate_summary(result.gate),
                 "log_bytes": result.log_bytes,
                 "log_truncated": result.log_truncated,
+                "usage": usage_status(result.usage),
             }
         )
         if a.attempt == result.attempt

@@ -363,10 +363,18 @@ class ClientKubeApi:
         return await self._replace(rt, namespace, {**existing, "spec": body["spec"]})
 
     async def post_event(
-        self, obj: Body, type_: str, reason: str, message: str, action: str
-    ) -> None:
-        body = event_body(obj, type_, reason, message, action, self.now())
-        await self._create(RESOURCES["events"], obj["metadata"]["namespace"], body)
+        self,
+        obj: Body,
+        type_: str,
+        reason: str,
+        message: str,
+        action: str,
+        *,
+        name: str | None = None,
+    ) -> bool:
+        body = event_body(obj, type_, reason, message, action, self.now(), name)
+        created = await self._create(RESOURCES["events"], obj["metadata"]["namespace"], body)
+        return created.created
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:
         return await self._get(RESOURCES["leases"], namespace, name)

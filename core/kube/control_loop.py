@@ -10,20 +10,24 @@ never blocks the others, and no event is lost to an exception.
 
 Every replica keeps its cache warm; only the holder of the Lease (:mod:`core.kube.leader`)
 runs the workers, the resync and the deletion sweep, so a standby takes over with a complete
-cache and two replicas never act on one task.
+cache and two replicas never act on one task. Other controllers share all of this as
+:class:`~core.kube.loop_part.LoopPart` s (Integrations, escalation Events): they see every
+watch event, own their keys of the queue and lead and follow with the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import partial
 
 from core.errors import ConflictError, TransientApiError
 from core.kube.api import Body, KubeApi
 from core.kube.informer import Informer
 from core.kube.jobs import MANAGED_BY
 from core.kube.leader import ElectionConfig, LeaderElector
+from core.kube.loop_part import LoopPart
 from core.kube.reconciler import Controller, Key
 from core.kube.workqueue import Clock, MonotonicClock, WorkQueue, default_rate_limiter, run_workers
 
@@ -42,8 +46,10 @@ class ControlLoop:
         election: ElectionConfig | None = None,
         identity: str = "orchestrator-operator",
         clock: Clock | None = None,
+        parts: Sequence[LoopPart] = (),
     ) -> None:
         self.controller = controller
+        self.parts = tuple(parts)
         self.api = api
         self.namespaces = namespaces
         self.workers = workers
@@ -65,6 +71,9 @@ class ControlLoop:
                     clock=self.clock,
                 ),
             ]
+            for resource in sorted({r for p in self.parts for r in p.extra_resources}):
+                handler = partial(self._observed, resource)
+                self.informers.append(Informer(api, resource, ns, handler, clock=self.clock))
         self.elector = (
             LeaderElector(
                 api,
@@ -89,14 +98,21 @@ class ControlLoop:
         for key in keys:
             self.queue.add(key)
 
+    def _observed(self, resource: str, type_: str, body: Body) -> None:
+        for part in self.parts:
+            self._add(part.observe(resource, type_, body))
+
     def _task(self, type_: str, body: Body) -> None:
         self._add(self.controller.observe_task(type_, body))
+        self._observed("taskexecutions", type_, body)
 
     def _adapter(self, type_: str, body: Body) -> None:
         self._add(self.controller.observe_adapter(type_, body))
+        self._observed("adapters", type_, body)
 
     def _job(self, type_: str, body: Body) -> None:
         self._add(self.controller.observe_job(type_, body))
+        self._observed("jobs", type_, body)
 
     # ------------------------------------------------------------------ running
 
@@ -129,6 +145,9 @@ class ControlLoop:
         if swept:
             log.warning("recorded %d task(s) CANCELLED whose TaskExecution is gone", swept)
         self._add(self.controller.unfinished_keys())
+        for part in self.parts:
+            await part.lead()
+            self._add(part.resync_keys())
         self._leading = [
             asyncio.create_task(run_workers(self.queue, self._handle, self.workers)),
             asyncio.create_task(self._resync()),
@@ -139,8 +158,13 @@ class ControlLoop:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for part in self.parts:
+            await part.follow()
 
     async def _handle(self, key: Key) -> float | None:
+        part = next((p for p in self.parts if p.owns(key)), None)
+        if part is not None:
+            return await part.sync(key)
         try:
             return await self.controller.sync(key)
         except (TransientApiError, ConflictError):
@@ -154,3 +178,5 @@ class ControlLoop:
         while True:
             await self.clock.sleep(self.resync_seconds)
             self._add(self.controller.unfinished_keys())
+            for part in self.parts:
+                self._add(part.resync_keys())

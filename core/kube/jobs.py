@@ -112,8 +112,8 @@ def job_manifest(
     task_id: str,
     attempt: int,
     image: str,
-    fetch_grant: str,
-    runner_grant: str,
+    fetch_grant: str | None = None,
+    runner_grant: str | None = None,
     deadline_seconds: float,
     adapter: AdapterResourceSpec | None,
     patch_source: dict[str, Any] | None = None,
@@ -121,19 +121,29 @@ def job_manifest(
     adapter_name: str | None = None,
     inputs_size_limit: str | None = None,
     ttl_seconds_after_finished: int | None = None,
+    inputs_configmap: str | None = None,
 ) -> dict[str, Any]:
     """``fetch_grant`` / ``runner_grant``: the init container's and the runner's part of the
     attempt's grant (JSON); ``patch_source``: a volume source (``configMap`` or ``secret``
     with one item, path ``patch``) holding a patch the task names by reference;
     ``ttl_seconds_after_finished``: a backstop only, the operator shortens it once the
-    attempt's evidence is recorded."""
+    attempt's evidence is recorded.
+
+    ``inputs_configmap`` instead of the grants: a ConfigMap (keys ``request.json`` and
+    ``patch``) mounted as the inputs directory, no fetch container and no uploads (the log
+    stays in the pod log). Only an Integration's merged-tree gate runs use it, which keep
+    their patch in a ConfigMap until they move to the evidence store."""
+    if (inputs_configmap is None) == (fetch_grant is None or runner_grant is None):
+        raise ValueError("job_manifest: give fetch_grant and runner_grant, or inputs_configmap")
     res = adapter.resources if adapter else None
     limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
     inputs: dict[str, Any] = {"sizeLimit": inputs_size_limit} if inputs_size_limit else {}
     volumes: list[dict[str, Any]] = [
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "inputs", "emptyDir": inputs},
+        {"name": "inputs", "emptyDir": inputs}
+        if inputs_configmap is None
+        else {"name": "inputs", "configMap": {"name": inputs_configmap}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "work", "mountPath": WORKDIR},
@@ -175,7 +185,7 @@ def job_manifest(
         "command": ["python", "-m", "core.runner", role],
         "env": [
             {"name": "ORCHESTRATOR_REQUEST_FILE", "value": f"{INPUTS_DIR}/request.json"},
-            {"name": "ORCHESTRATOR_GRANT", "value": runner_grant},
+            *([{"name": "ORCHESTRATOR_GRANT", "value": runner_grant}] if runner_grant else []),
             {"name": "ORCHESTRATOR_WORKDIR", "value": WORKDIR},
             {"name": "HOME", "value": f"{WORKDIR}/home"},
             *(_env(adapter) if role == "adapter" else []),
@@ -221,7 +231,7 @@ def job_manifest(
                         "fsGroup": RUNNER_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "initContainers": [fetch],
+                    "initContainers": [] if inputs_configmap is not None else [fetch],
                     "containers": [container],
                     "volumes": volumes,
                 },

@@ -75,16 +75,39 @@ PERMISSIONS: tuple[Permission, ...] = (
         "each Adapter's status mirrors its circuit breaker",
     ),
     Permission(
+        "orchestrator.dev",
+        "integrations",
+        ("get", "list", "watch"),
+        "served",
+        "the informer lists and watches them (one per run: core/kube/integration_controller.py)",
+    ),
+    Permission(
+        "orchestrator.dev",
+        "integrations/status",
+        ("patch",),
+        "served",
+        "each Integration's status mirrors the run's integration branch",
+    ),
+    Permission(
         "batch",
         "jobs",
         ("create", "get", "list", "watch", "patch", "delete"),
         "served",
-        "one Job per attempt and role (a 409 reads the existing one); the informer lists and "
-        "watches only the operator's (label selector); patch: its short TTL once the attempt "
-        "is recorded; pending triage deletes a Job whose pod cannot start (uid precondition)",
+        "one Job per attempt and role and per merged-tree gate run of an Integration (a 409 "
+        "reads the existing one); the informer lists and watches only the operator's (label "
+        "selector); patch: an attempt's Jobs get their short TTL once it is recorded; pending "
+        "triage deletes a Job whose pod cannot start (uid precondition)",
     ),
     Permission("", "pods", ("list",), "served", "an attempt's pods, by the Job's label"),
     Permission("", "pods/log", ("get",), "served", "the runner's report is its pod's log"),
+    Permission(
+        "",
+        "configmaps",
+        ("create", "get"),
+        "served",
+        "an Integration's merged-tree gate run gets its request and merged diff in a "
+        "ConfigMap (a 409 reads the existing one); a task's patch never does",
+    ),
     Permission(
         "networking.k8s.io",
         "networkpolicies",
@@ -93,7 +116,12 @@ PERMISSIONS: tuple[Permission, ...] = (
         "each Adapter's egress policy (get: is the policy of that name the operator's own?)",
     ),
     Permission(
-        "", "events", ("create",), "served", "TASK_STARTED, TASK_COMPLETED, TASK_FAILED, ..."
+        "",
+        "events",
+        ("create",),
+        "served",
+        "TASK_STARTED, TASK_COMPLETED, TASK_FAILED, ...; ESCALATION (Warning) on the "
+        "TaskExecution and the Adapter; INTEGRATION_* on the Integration",
     ),
     Permission(
         "",

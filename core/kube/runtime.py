@@ -4,7 +4,8 @@
 (migrated once at start), work dir, API client, metrics endpoint, the evidence store (the
 local one with its HTTP server for runner pods, or S3), the
 :class:`~core.kube.reconciler.Controller` and the :class:`~core.kube.control_loop.ControlLoop`
-that feeds it (informers, work queue, leader election).
+that feeds it (informers, work queue, leader election), with the parts that share the loop
+(escalation Events, Integrations).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from core.engine.monitoring.metrics import Metrics
 from core.errors import ConfigError
 from core.kube.client_api import ClientKubeApi
 from core.kube.control_loop import ControlLoop
+from core.kube.escalation_events import EscalationEvents
 from core.kube.evidence_server import EvidenceServer
+from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.leader import ElectionConfig
 from core.kube.reconciler import Controller, ControllerSettings
 
@@ -107,6 +110,15 @@ class OperatorSettings(BaseSettings):
         default=None,
         description="Namespace of the Lease. Default: $POD_NAMESPACE, else the first "
         "served namespace, else 'default'.",
+    )
+    integration_workers: int = Field(
+        default=2, ge=1, le=16, description="Integrations merged and gated at once."
+    )
+    integration_poll_seconds: float = Field(
+        default=10.0, gt=0, description="Safety-net look at a running gate Job (events first)."
+    )
+    breaker_check_seconds: float = Field(
+        default=60.0, gt=0, description="How often breakers are checked for escalations."
     )
     lease_duration_seconds: float = 15.0
     renew_deadline_seconds: float = 10.0
@@ -248,6 +260,27 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
     identity = settings.identity or (
         f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
+    events = EscalationEvents(
+        controller.api,
+        controller.recorder.escalations,
+        controller.cache,
+        controller.breakers,
+        namespaces=settings.namespaces,
+        breaker_check_seconds=settings.breaker_check_seconds,
+    )
+    integrations = IntegrationController(
+        controller.api,
+        controller.store,
+        controller.cache,
+        IntegrationSettings(
+            workdir=settings.workdir,
+            runner_image=settings.runner_image,
+            image_pull_policy=settings.image_pull_policy,
+            poll_seconds=settings.integration_poll_seconds,
+            concurrency=settings.integration_workers,
+        ),
+        metrics=controller.metrics,
+    )
     return ControlLoop(
         controller,
         controller.api,
@@ -256,4 +289,5 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         resync_seconds=settings.resync_seconds,
         election=election,
         identity=identity,
+        parts=[events, integrations],
     )

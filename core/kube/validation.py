@@ -209,6 +209,8 @@ def task_execution_problems(
             )
             continue
         kind = AdapterKind(adapter["spec"]["kind"])
+        # patch and manual adapters apply the task's patch (inline or by reference); process
+        # and api ones make their own
         needs_patch = kind in (AdapterKind.PATCH, AdapterKind.MANUAL)
         if needs_patch and spec.task.patch is None and spec.task.patch_from is None:
             problems.append(

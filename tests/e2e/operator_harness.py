@@ -149,9 +149,12 @@ def git_server(
     image: str,
     pull_policy: str,
     bundle: Path = DEMO / "repos/calc.bundle",
+    *,
+    push: bool = False,
 ) -> str:
     """A git daemon pod serving a repository from a bundle (default: examples/demo's calc);
-    returns its git:// URL (``git://<service ip>:9418/calc.git``)."""
+    returns its git:// URL (``git://<service ip>:9418/calc.git``). ``push``: it also accepts
+    (anonymous) pushes, as a server the integration branch goes to."""
     kubectl(
         "create",
         "configmap",
@@ -162,7 +165,9 @@ def git_server(
     )
     script = (
         "set -e; mkdir -p /tmp/repos; git clone -q --bare /bundle/calc.bundle /tmp/repos/calc.git; "
-        "exec git daemon --reuseaddr --export-all --base-path=/tmp/repos --port=9418 /tmp/repos"
+        "exec git daemon --reuseaddr --export-all --base-path=/tmp/repos --port=9418 "
+        + ("--enable=receive-pack " if push else "")
+        + "/tmp/repos"
     )
     labels = {"app": "git-server"}
     pod = {
@@ -221,6 +226,14 @@ def demo_patch(task_id: str) -> str:
     return next(t["patch"] for t in queue["tasks"] if t["task_id"] == task_id)
 
 
+#: Conflicts with add-multiply: both append a function at the end of calc/ops.py.
+DIVIDE_PATCH = (
+    "diff --git a/calc/ops.py b/calc/ops.py\n--- a/calc/ops.py\n+++ b/calc/ops.py\n"
+    "@@ -7,3 +7,7 @@ def add(a, b):\n \n def sub(a, b):\n     return a - b\n+\n+\n"
+    "+def div(a, b):\n+    return a / b\n"
+)
+
+
 GATE = [
     {"name": "compile", "command": ["{python}", "-m", "compileall", "-q", "calc", "tests"]},
     {
@@ -257,4 +270,13 @@ def task_execution(name: str, repo: str, adapter_name: str, **spec: Any) -> dict
             "adapterRef": {"name": adapter_name},
             **spec,
         },
+    }
+
+
+def integration(name: str, run_id: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "orchestrator.dev/v1alpha1",
+        "kind": "Integration",
+        "metadata": {"name": name},
+        "spec": {"runId": run_id, "resources": {"cpu": "500m", "memory": "256Mi"}, **spec},
     }

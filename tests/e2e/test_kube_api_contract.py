@@ -548,6 +548,25 @@ def test_events_are_posted_about_an_object(side: Side) -> None:
     run(side, scenario)
 
 
+def test_a_named_event_is_posted_once(side: Side) -> None:
+    """A deterministic name: the second post is a 409, answered False, and nothing is added."""
+
+    async def scenario(api: KubeApi, ns: str) -> None:
+        obj = (await api.create_object(TE, ns, te("once"))).object
+        name = "once.esc-0123456789abcdef"
+        assert await api.post_event(obj, "Warning", "ESCALATION", "first", "x", name=name)
+        assert not await api.post_event(obj, "Warning", "ESCALATION", "again", "x", name=name)
+        listed = [
+            e
+            for e in (await api.list_resource("events", ns)).items
+            if e["reason"] == "ESCALATION"
+        ]
+        assert [(e["metadata"]["name"], e["message"]) for e in listed] == [(name, "first")]
+        assert listed[0]["involvedObject"]["uid"] == obj["metadata"]["uid"]
+
+    run(side, scenario)
+
+
 def test_a_status_patch_on_a_deleted_and_recreated_name_needs_the_new_version(side: Side) -> None:
     async def scenario(api: KubeApi, ns: str) -> None:
         old = (await api.create_object(TE, ns, te("reborn"))).object

@@ -92,6 +92,14 @@ def test_a_patch_adapter_needs_the_tasks_patch() -> None:
     assert task_execution_problems(with_patch, {**ADAPTERS, "tool": patcher}) == []
 
 
+def test_an_api_adapter_makes_its_own_diff_and_needs_no_patch() -> None:
+    api = {"protocol": "openai-chat", "url": "http://10.0.0.5:8000/v1", "model": "m",
+           "apiKeyEnv": "TOOL_KEY"}  # fmt: skip
+    caller = adapter("tool", kind="api", api=api)
+    del caller["spec"]["command"]
+    assert task_execution_problems(te(), {**ADAPTERS, "tool": caller}) == []
+
+
 def test_missing_secrets_and_keys_are_named_when_known() -> None:
     problems = task_execution_problems(te(), ADAPTERS, {"tool-keys": frozenset({"other"})})
     assert [(p.field, p.reason) for p in problems] == [

@@ -150,7 +150,7 @@ class Derivation:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return {node.value}
         if isinstance(node, ast.Name):
-            return self._constant(module, node.id)
+            return self._constant(module, node.id) or self._part_resource(module, node.id)
         if (
             isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name)
@@ -172,6 +172,41 @@ class Derivation:
                     if (alias.asname or alias.name) == name:
                         return self._constant(stmt.module.removeprefix("core.kube."), alias.name)  # type: ignore[union-attr]
         return set()
+
+    def _part_resource(self, module: str, name: str) -> set[str]:
+        """A loop variable over the loop parts' ``extra_resources`` (core/kube/loop_part.py):
+        every resource a class in the operator's modules declares there."""
+        tree = self.modules.get(module) or ast.parse((KUBE / f"{module}.py").read_text())
+        loops = [
+            n for n in ast.walk(tree)
+            if isinstance(n, (ast.For, ast.comprehension))
+            and isinstance(n.target, ast.Name) and n.target.id == name
+            and any(isinstance(a, ast.Attribute) and a.attr == "extra_resources"
+                    for a in ast.walk(n.iter))
+        ]  # fmt: skip
+        if not loops:
+            return set()
+        out: set[str] = set()
+        for part_module, part_tree in self.modules.items():
+            for cls in (n for n in ast.walk(part_tree) if isinstance(n, ast.ClassDef)):
+                for stmt in cls.body:
+                    target = stmt.target if isinstance(stmt, ast.AnnAssign) else None
+                    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+                        target = stmt.targets[0]
+                    value = getattr(stmt, "value", None)
+                    if not (isinstance(target, ast.Name) and target.id == "extra_resources"):
+                        continue
+                    if value is None:  # the Protocol's declaration
+                        continue
+                    if not isinstance(value, ast.Tuple):
+                        self.unresolved.append(f"core/kube/{part_module}.py:{stmt.lineno}")
+                        continue
+                    for elt in value.elts:
+                        resolved = self._resolve(part_module, elt, None)
+                        if not resolved:
+                            self.unresolved.append(f"core/kube/{part_module}.py:{elt.lineno}")
+                        out |= resolved
+        return out
 
     def _constructed_with(self, cls: ast.ClassDef, attr: str) -> set[str]:
         """``self.<attr>`` set from an ``__init__`` parameter: what every construction of the
@@ -288,7 +323,7 @@ class RecordingTransport:
 
 RESOURCE_NAMES = {
     "jobs", "pods", "configmaps", "secrets", "events", "leases", "networkpolicies",
-    "taskexecutions", "adapters",
+    "taskexecutions", "adapters", "integrations",
 }  # fmt: skip
 
 

@@ -1,0 +1,181 @@
+"""Issue 15 on the cluster: an ``Integration`` merges a run's completed TaskExecutions.
+
+The operator runs as a real ``kopf run`` process. Two TaskExecutions of one run change the
+end of ``calc/ops.py`` differently (both pass their own gate); the Integration merges them in
+queue order onto ``orchestrator/integration/<run>``: the first is merged, the second is a
+``conflict``. The merged-tree gate runs as a gate Job owned by the Integration; the branch is
+pushed to the in-cluster git server (a git daemon that accepts pushes), which is asserted
+from inside the git server's pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.operator_harness import (
+    DIVIDE_PATCH,
+    ROOT,
+    OperatorProcess,
+    adapter,
+    apply,
+    demo_patch,
+    get_json,
+    git_server,
+    integration,
+    task_execution,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+RUN = "merge"
+BRANCH = f"orchestrator/integration/{RUN}"
+SMALL = {"cpu": "250m", "memory": "256Mi"}
+
+
+@pytest.fixture(scope="module")
+def env(
+    kube_cluster, kubectl, kube_api, project_image, image_pull_policy, tmp_path_factory
+) -> Iterator[dict[str, Any]]:
+    from kubernetes import client
+
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/integrations.orchestrator.dev",
+        "crd/taskexecutions.orchestrator.dev",
+    )
+    namespace = f"e2e-itg-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api(kube_api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
+    )
+    wait_for(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        60,
+        "the default ServiceAccount",
+    )
+    repo = git_server(kubectl, namespace, project_image, image_pull_policy, push=True)
+    git_ip = get_json(kubectl, "pod", "git-server", "-n", namespace)["status"]["podIP"]
+    apply(
+        kubectl,
+        namespace,
+        adapter(
+            "patch",
+            "patch",
+            retry={"maxAttempts": 1},
+            egress=[{"cidr": f"{git_ip}/32", "ports": [9418]}],
+            resources=SMALL,
+        ),
+    )
+    workdir = tmp_path_factory.mktemp("operator-itg")
+    operator = OperatorProcess(
+        kubeconfig=kube_cluster.kubeconfig,
+        namespace=namespace,
+        image=project_image,
+        pull_policy=image_pull_policy,
+        workdir=workdir,
+    )
+    operator.start()
+    try:
+        yield {"ns": namespace, "repo": repo, "operator": operator, "workdir": workdir}
+    finally:
+        operator.stop()
+        print(f"\noperator log tail:\n{operator.tail()}")
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def git(kubectl, env, *args: str) -> str:
+    out = kubectl("exec", "-n", env["ns"], "git-server", "--", "git", "--git-dir",
+                  "/tmp/repos/calc.git", *args)  # fmt: skip
+    return str(out.stdout).strip()
+
+
+def test_two_conflicting_task_executions_the_second_conflicts_the_branch_is_pushed(
+    kubectl, env
+) -> None:
+    ns = env["ns"]
+    # queue order: creation order, then task id (these two may be created in one second)
+    for name, patch in (("a-multiply", demo_patch("add-multiply")), ("b-divide", DIVIDE_PATCH)):
+        obj = task_execution(name, env["repo"], "patch", task={"prompt": name, "patch": patch})
+        obj["spec"]["runId"] = RUN
+        apply(kubectl, ns, obj)
+    apply(kubectl, ns, integration(RUN, RUN, resources=SMALL))
+
+    def settled() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "integration", RUN, "-n", ns)
+        return obj if (obj.get("status") or {}).get("state") in ("Succeeded", "Failed") else None
+
+    def debug() -> str:
+        obj = get_json(kubectl, "integration", RUN, "-n", ns)
+        return json.dumps(obj.get("status"), indent=1) + "\n" + env["operator"].tail()
+
+    done = wait_for(settled, 600, "the Integration to settle", debug)
+    status = done["status"]
+    assert status["state"] == "Succeeded", debug()
+    for name in ("a-multiply", "b-divide"):  # each passed its own gate
+        assert get_json(kubectl, "tex", name, "-n", ns)["status"]["state"] == "COMPLETED"
+    assert [(t["taskId"], t["outcome"]) for t in status["tasks"]] == [
+        ("a-multiply", "merged"),
+        ("b-divide", "conflict"),
+    ]
+    merged, conflict = status["tasks"]
+    assert "calc/ops.py" in conflict["reason"] and "not sent back" in conflict["reason"]
+    assert status["branch"] == BRANCH and status["pushed"] is True
+    assert status["repository"] == env["repo"] and status["headCommit"] == merged["commit"]
+    assert status["stats"]["gateRuns"] == 1 and status["stats"]["merged"] == 1
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+
+    # the integration branch on the git server holds the merged commit, and only it
+    assert git(kubectl, env, "rev-parse", f"refs/heads/{BRANCH}") == merged["commit"]
+    ops = git(kubectl, env, "show", f"{BRANCH}:calc/ops.py")
+    assert "def mul(a, b):" in ops and "def div(a, b):" not in ops
+    log = git(kubectl, env, "log", "--format=%s", f"{BRANCH}", "-n", "2").splitlines()
+    assert "a-multiply" in log[0]
+
+    # the merged-tree gate ran as a Job of the Integration, named for its gate run
+    jobs = get_json(
+        kubectl, "jobs", "-n", ns, "-l", f"orchestrator.dev/integration={RUN}"
+    ).get("items", [])
+    assert len(jobs) == 1
+    [job] = jobs
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "Integration"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
+    assert job["metadata"]["labels"]["orchestrator.dev/gate-run"] == "1"
+    assert any(
+        c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"]
+    )
+    table = kubectl("get", "itg", "-n", ns).stdout
+    assert table.splitlines()[0].split()[:5] == ["NAME", "RUN", "STATE", "MERGED", "CONFLICT"]
+    described = kubectl("describe", "itg", RUN, "-n", ns).stdout
+    assert "INTEGRATION_FINISHED" in described
+
+
+def test_integrate_from_a_client_follows_the_resource_and_writes_the_results(
+    kubectl, env, kube_cluster, tmp_path
+) -> None:
+    """`orchestrator integrate --backend kubernetes`: the Integration of the run exists (the
+    test above applied it): kept, followed, and its status written as the local results."""
+    cmd = [
+        sys.executable, "-m", "core.cli", "integrate", "--run", RUN, "--backend", "kubernetes",
+        "--namespace", env["ns"], "--workdir", str(tmp_path), "--follow-timeout", "600",
+    ]  # fmt: skip
+    run_env = {**os.environ, "KUBECONFIG": kube_cluster.kubeconfig}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=700)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Integration {env['ns']}/{RUN} exists (kept)" in out.stdout
+    assert "1 merged, 1 conflict, 0 gate_failed, 0 skipped" in out.stdout
+    results = json.loads((tmp_path / ".state/integration_results.json").read_text())
+    assert results["pushed"] is True and results["repository"] == env["repo"]
+    assert [(t["task_id"], t["outcome"]) for t in results["tasks"]] == [
+        ("a-multiply", "merged"),
+        ("b-divide", "conflict"),
+    ]

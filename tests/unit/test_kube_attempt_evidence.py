@@ -1,0 +1,120 @@
+"""The operator's evidence mapping (core/kube/attempts.py) carries what an api adapter's runner
+reports -- the server's Retry-After and the token usage -- into the one lifecycle, also across
+the gate Job (the adapter's evidence waits in the TaskExecution status meanwhile)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from core.engine.lifecycle import TaskPlan, conclude
+from core.kube.attempts import adapter_evidence, attempt_started, gate_evidence, gate_started
+from core.models import (
+    AdapterKind,
+    AdapterSpec,
+    ApiSpec,
+    DiffSummary,
+    FailureClass,
+    GateResult,
+    RetryPolicy,
+    TaskSpec,
+    TaskState,
+    TokenUsage,
+)
+from core.resources import TaskExecutionStatus
+from core.runner.protocol import RunnerResult
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+USAGE = TokenUsage(prompt_tokens=120, completion_tokens=40, total_tokens=160)
+DIFF = DiffSummary(
+    sha256="a" * 64, bytes=10, files_changed=1, insertions=1, deletions=0, empty=False
+)
+
+
+def _plan() -> TaskPlan:
+    task = TaskSpec(task_id="t", prompt="p", repo="git://x/r.git", base_commit="b" * 40)
+    llm = AdapterSpec(
+        id="llm",
+        kind=AdapterKind.API,
+        api=ApiSpec(protocol="openai-chat", url="http://10.0.0.5:8000/v1", model="m"),
+        retry=RetryPolicy(max_attempts=2, backoff_initial_seconds=0.1, jitter_seconds=0),
+    )
+    return TaskPlan.of(task, ["llm"], {"llm": llm})
+
+
+def _running() -> TaskExecutionStatus:
+    status = attempt_started(
+        TaskExecutionStatus(), attempt=1, adapter="llm", job_name="t-1a", trial=False, now=T0
+    )
+    attempts = [status.attempts[0].model_copy(update={"pod_started_at": T0})]
+    return status.model_copy(update={"attempts": attempts})
+
+
+def _job(done: datetime) -> dict:
+    stamp = done.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "metadata": {"name": "t-1a"},
+        "status": {
+            "completionTime": stamp,
+            "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": stamp}],
+        },
+    }
+
+
+def test_a_throttled_call_is_infrastructure_retried_after_the_servers_delay() -> None:
+    result = RunnerResult(
+        kind="adapter",
+        duration_seconds=1.0,
+        infrastructure_reason="the API throttled the request (HTTP 429, Retry-After 3s)",
+        retry_after_seconds=3.0,
+        diff=DiffSummary(
+            sha256="", bytes=0, files_changed=0, insertions=0, deletions=0, empty=True
+        ),
+        patch_b64="",
+    )
+    current = _running().attempts[-1]
+    done = T0 + timedelta(seconds=2)
+    evidence = adapter_evidence(current, _job(done), result, now=done, log_path="logs/x.jsonl")
+    assert evidence.retry_after_seconds == 3.0
+    verdict = conclude(_plan(), [], evidence, rng=random.Random(0))
+    assert verdict.result.failure_class is FailureClass.INFRASTRUCTURE
+    assert verdict.finish is None and verdict.decision.retry
+    # the policy alone would wait 0.1 s (infrastructure floor 10 s): the server's 3 s wins
+    assert verdict.result.backoff_seconds == 3.0
+
+
+def test_token_usage_survives_the_gate_job_into_the_recorded_result() -> None:
+    result = RunnerResult(
+        kind="adapter",
+        exit_code=0,
+        duration_seconds=1.0,
+        diff=DIFF,
+        patch_b64="ZGlmZg==",
+        usage=USAGE,
+    )
+    status = _running()
+    done = T0 + timedelta(seconds=2)
+    evidence = adapter_evidence(
+        status.attempts[-1], _job(done), result, now=done, log_path="logs/x.jsonl"
+    )
+    assert evidence.usage == USAGE
+    validating = gate_started(status, evidence, "t-1g")
+    assert validating.state is TaskState.VALIDATING
+    # what the status keeps (camelCase in the resource) is what the gate step reads back
+    kept = validating.attempts[-1].usage
+    assert kept is not None and kept.model_dump(by_alias=True) == {
+        "promptTokens": 120,
+        "completionTokens": 40,
+        "totalTokens": 160,
+    }
+    gate_result = RunnerResult(kind="gate", gate=GateResult(passed=True, applied=True, checks=[]))
+    after = gate_evidence(
+        validating.attempts[-1],
+        _job(done + timedelta(seconds=5)),
+        gate_result,
+        now=done + timedelta(seconds=5),
+        log_path="logs/x.jsonl",
+    )
+    assert after.usage == USAGE
+    verdict = conclude(_plan(), [], after, rng=random.Random(0))
+    assert verdict.result.state is TaskState.COMPLETED and verdict.result.usage == USAGE
