@@ -123,6 +123,13 @@ def env(
         operator.stop()
         print(f"\noperator log tail:\n{operator.tail()}")
         kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        # the bucket goes too: SeaweedFS gives each bucket volumes of its own, and a server
+        # that outlives many runs would otherwise run out of them
+        listed = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for page in listed:
+            for obj in page.get("Contents") or []:
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
 
 
 def run_task(kubectl, env, name: str, adapter_name: str, task: dict[str, Any]) -> dict[str, Any]:
