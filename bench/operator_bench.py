@@ -221,14 +221,53 @@ def _on_step(kind, name, dt):
         r = STATS["reconcile"]; r["n"] += 1; r["s"] += dt; r["max"] = max(r["max"], dt)
 
 
+def _top(stats, n=30):
+    return [{"where": str(st.traceback[0]) if st.traceback else "?",
+             "kib": round(st.size / 1024, 1), "blocks": st.count} for st in stats[:n]]
+
+
+def _diff(stats, n=30):
+    return [{"where": str(st.traceback[0]) if st.traceback else "?",
+             "kib": round(st.size / 1024, 1), "kib_diff": round(st.size_diff / 1024, 1),
+             "blocks_diff": st.count_diff} for st in stats[:n]]
+
+
+def _snapshots(state):
+    """Answer snapshot requests: <dir>/<label>.req -> <dir>/<label>.json (tracemalloc)."""
+    import gc, tracemalloc
+    folder = os.environ.get("OPBENCH_TRACEMALLOC")
+    if not folder:
+        return
+    for req in sorted(p for p in os.listdir(folder) if p.endswith(".req")):
+        label = req[:-4]
+        gc.collect()
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)])
+        out = {"label": label, "traced_kib": round(tracemalloc.get_traced_memory()[0] / 1024, 1),
+               "by_file": _top(snap.statistics("filename")),
+               "by_line": _top(snap.statistics("lineno"))}
+        base = state.get("base")
+        if base is None:
+            state["base"] = snap
+        else:
+            out["diff_by_file"] = _diff(snap.compare_to(base, "filename"))
+            out["diff_by_line"] = _diff(snap.compare_to(base, "lineno"))
+        with open(os.path.join(folder, label + ".json.tmp"), "w") as fh:
+            json.dump(out, fh)
+        os.replace(os.path.join(folder, label + ".json.tmp"), os.path.join(folder, label + ".json"))
+        os.remove(os.path.join(folder, req))
+
+
 async def _dump(memo):
     path = os.environ["OPBENCH_STATS"]
     loop = asyncio.get_running_loop()
     lag_max = 0.0
+    snapshots = {}
     while True:
         t = loop.time()
         await asyncio.sleep(0.5)
         lag_max = max(lag_max, loop.time() - t - 0.5)
+        _snapshots(snapshots)
         loop_ = getattr(memo, "loop", None)
         out = dict(STATS, queue=len(loop_.queue) if loop_ else None,
                    loop_lag_max_s=round(lag_max, 4), tasks=len(asyncio.all_tasks()), t=time.time())
@@ -236,6 +275,12 @@ async def _dump(memo):
         with open(tmp, "w") as fh:
             json.dump(out, fh)
         os.replace(tmp, path)
+
+
+if os.environ.get("OPBENCH_TRACEMALLOC"):
+    import tracemalloc
+
+    tracemalloc.start(1)
 
 
 @kopf.on.startup()
@@ -447,8 +492,12 @@ class Session:
         resync: float = 30.0,
         adapter: bool = True,
         profile: bool = False,
+        tracemalloc: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.profile = profile
+        self.tracemalloc = tracemalloc
+        self.extra_env = env or {}
         self.cluster = cluster
         self.ns = f"opbench-{tag}-{uuid.uuid4().hex[:6]}"
         self.run_id = f"opbench-{tag}"
@@ -515,6 +564,10 @@ class Session:
             env["ORCHESTRATOR_DATABASE_URL"] = self.db_url
         if self.profile:
             env["OPBENCH_PYINSTRUMENT"] = str(self.workdir / "pyinstrument.txt")
+        if self.tracemalloc:
+            (self.workdir / "tracemalloc").mkdir(exist_ok=True)
+            env["OPBENCH_TRACEMALLOC"] = str(self.workdir / "tracemalloc")
+        env.update(self.extra_env)
         cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", self.ns]
         cmd += [str(ROOT / "operator/handlers.py"), str(probe)]
         log_path = self.workdir / "operator.log"
@@ -578,6 +631,18 @@ class Session:
     def rss(self) -> dict[str, int]:
         return rss_kib(self.proc.pid) if self.proc else {}
 
+    def heap(self, label: str, timeout: float = 300) -> dict[str, Any] | None:
+        """A tracemalloc snapshot of the operator (the first one is the baseline of the
+        diffs of the later ones); None unless the session traces."""
+        if not self.tracemalloc:
+            return None
+        folder = self.workdir / "tracemalloc"
+        (folder / f"{label}.req").touch()
+        out = folder / f"{label}.json"
+        wait_until(out.exists, timeout, f"tracemalloc snapshot {label}", 0.5)
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
     # -- driving
     def te_body(self, name: str, adapter: str = "patch") -> dict[str, Any]:
         from tests.e2e.operator_harness import task_execution
@@ -613,6 +678,10 @@ class Session:
                 from_post.append(jobs[n]["added"] - self.created[n]["post"])
                 from_posted.append(jobs[n]["added"] - self.created[n]["posted"])
         return from_post, from_posted
+
+    def terminal_or_state(self, name: str) -> set[str]:
+        with self.tes.lock:
+            return set(self.tes.tes.get(name, {}).get("states", {}))
 
     def terminal(self, names: Iterable[str]) -> dict[str, str]:
         out = {}
@@ -777,31 +846,62 @@ def probe_profile(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def raw_job_rate(session: Session, n: int, threads: int) -> dict[str, Any]:
-    """The limit: this client POSTs n suspended copies of an operator Job manifest."""
+def raw_job_rate(
+    session: Session, n: int, threads: int, *, suspend: bool = True, tag: str = ""
+) -> dict[str, Any]:
+    """The limit: this client POSTs n copies of an operator Job manifest (suspended unless
+    told: then the Job controller reacts to them as it does to the operator's)."""
     c = session.cluster
     template = _job_template(session)
-    label = f"raw{threads}"
+    label = f"raw{threads}{tag}"
 
     def body(i: int) -> dict[str, Any]:
         b = json.loads(json.dumps(template))
-        b["metadata"] = {"name": f"raw-{threads}-{i}", "labels": {"opbench": label}}
-        b["spec"]["suspend"] = True
+        b["metadata"] = {"name": f"raw-{threads}{tag}-{i}", "labels": {"opbench": label}}
+        b["spec"]["suspend"] = suspend
         return b
 
     bodies = [body(i) for i in range(n)]
+    done: list[float] = []
 
     def post(b: dict[str, Any]) -> None:
         resp = c.batch.create_namespaced_job(session.ns, b, _preload_content=False)
         resp.data  # noqa: B018 - drain the body: the pooled connection is reused
         resp.release_conn()
+        done.append(time.monotonic())
 
+    procs = pids_named("kube-apiserver", "etcd", "kube-controller")
+    cpu0 = {k: cpu_seconds(v) for k, v in procs.items()}
+    self0 = _self_cpu()
+    load0 = loadavg()
     t0 = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(post, bodies))
     dt = time.monotonic() - t0
+    cpu = {k: _delta(cpu_seconds(v), cpu0[k]) for k, v in procs.items()}
+    cpu["bench_client"] = round(_self_cpu() - self0, 2)
     c.kubectl("delete", "jobs", "-n", session.ns, "-l", f"opbench={label}", "--wait=false")
-    return {"jobs": n, "threads": threads, "seconds": round(dt, 3), "jobs_per_s": rate(n, dt)}
+    return {
+        "jobs": n,
+        "threads": threads,
+        "suspended": suspend,
+        "seconds": round(dt, 3),
+        "jobs_per_s": rate(n, dt),
+        "cpu_seconds": cpu,
+        "load_before_after": [load0, loadavg()],
+        "jobs_created_s": [round(t - t0, 4) for t in sorted(done)],
+    }
+
+
+def _self_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return round(after - before, 2) if after is not None and before is not None else None
 
 
 def _job_template(session: Session) -> dict[str, Any]:
@@ -1012,6 +1112,193 @@ def bench_queued(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+def _cpu_now(session: Session) -> dict[str, float | None]:
+    procs = {"operator": session.proc.pid if session.proc else -1}
+    procs |= pids_named("kube-apiserver", "etcd", "kube-controller")
+    out = {k: cpu_seconds(v) for k, v in procs.items()}
+    out["bench_client"] = _self_cpu()
+    return out
+
+
+def _cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: _delta(b.get(k), v) for k, v in a.items()}
+
+
+def _events_named(cluster: Cluster, ns: str, reason: str) -> int:
+    out = cluster.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"reason={reason}", "-o", "name"
+    )
+    return len(out.stdout.split())
+
+
+def _db_events(session: Session, event: str) -> int:
+    from sqlalchemy import func, select
+
+    from core.db.database import default_url, make_engine
+    from core.db.tables import ExecutionLog
+
+    engine = make_engine(session.db_url or default_url(session.workdir))
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        ExecutionLog.run_id == session.run_id, ExecutionLog.event == event
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def bench_burst(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """N TaskExecutions applied at once (issue 17): Jobs created against the raw limit.
+
+    Pods never start (ResourceQuota pods=0), so this is the operator-bound part alone. The
+    limit: this client creates the same number of copies of an operator Job with the same
+    threads, once before and once after the burst (the mean is the limit). Then everything
+    the contract promises for a start is counted once it has followed: IN_PROGRESS status
+    (the watch), TASK_STARTED Events (the namespace) and execution_log rows (the database).
+    """
+    with Session(
+        cluster, "burst", git=False, quota_pods=0, resync=args.resync, profile=args.profile
+    ) as s:
+        s.create_te("warmup")
+        wait_until(lambda: "warmup" in s.jobs.by_te("adapter"), 120, "warm-up Job", 0.01)
+        wait_until(lambda: "IN_PROGRESS" in s.terminal_or_state("warmup"), 120, "warm-up")
+        time.sleep(2.0)
+        raw_before = raw_job_rate(s, args.raw, args.threads, suspend=not args.raw_unsuspended)
+        time.sleep(3.0)
+        before = api_window(s)
+        cpu0, load0, rss0 = _cpu_now(s), loadavg(), s.rss()
+        names = [f"b-{i:05d}" for i in range(args.n)]
+        t0 = time.monotonic()
+        post_s = s.bulk_create(names, args.threads)
+        cpu_posted = _cpu_now(s)
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                lambda: all(n in s.jobs.by_te("adapter") for n in names),
+                args.job_timeout,
+                "all adapter Jobs",
+                0.05,
+            )
+        t_jobs = time.monotonic()
+        cpu_jobs, load_jobs = _cpu_now(s), loadavg()
+        jobs = s.jobs.by_te("adapter")
+        made = [n for n in names if n in jobs]
+        job_span = max(jobs[n]["added"] for n in made) - t0 if made else None
+        from_post, from_posted = s.job_latencies(names)
+
+        def started() -> int:
+            with s.tes.lock:
+                return sum(
+                    1 for n in names if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+                )
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: started() == len(names), args.job_timeout, "all IN_PROGRESS", 0.1)
+        with s.tes.lock:
+            progress = [
+                s.tes.tes[n]["states"]["IN_PROGRESS"]
+                for n in names
+                if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+            ]
+            status_lag = [
+                s.tes.tes[n]["states"]["IN_PROGRESS"] - jobs[n]["added"]
+                for n in made
+                if "IN_PROGRESS" in s.tes.tes.get(n, {}).get("states", {})
+            ]
+        t_status = time.monotonic()
+        cpu_status = _cpu_now(s)
+        events_expected = len(names) + 1  # and the warm-up's
+
+        def events_done() -> bool:
+            return _events_named(cluster, s.ns, "TASK_STARTED") >= events_expected
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(events_done, 120, "TASK_STARTED Events", 1.0)
+        time.sleep(2.0)
+        after = api_window(s)
+        k8s_events = _events_named(cluster, s.ns, "TASK_STARTED")
+        db_started = _db_events(s, "TASK_STARTED")
+        stats, rss1 = s.stats(), s.rss()
+        time.sleep(3.0)
+        raw_after = raw_job_rate(
+            s, args.raw, args.threads, suspend=not args.raw_unsuspended, tag="b"
+        )
+        profile_text = s.stop_operator() if args.profile else ""
+        raws = [raw_before, raw_after]
+        raw_rate = sum(r["jobs_per_s"] for r in raws) / 2
+        raw_seconds = sum(r["seconds"] for r in raws) / 2
+        job_rate = rate(len(made), job_span)
+        p95 = (summary(from_post).get("p95") or 0) / 1000
+        burst_cpu = _cpu_delta(cpu0, cpu_jobs)
+        return {
+            "benchmark": "burst",
+            "pyinstrument_enabled": args.profile,
+            "pyinstrument_top": profile_text.splitlines()[:150],
+            "tasks": args.n,
+            "jobs_created": len(made),
+            "pods": "ResourceQuota pods=0: Jobs exist, no pod ever starts",
+            "client_threads": args.threads,
+            "te_bulk_post_s": round(post_s, 3),
+            "te_post_rate_per_s": rate(args.n, post_s),
+            "to_adapter_job_created": {
+                "seconds": round(job_span, 3) if job_span else None,
+                "per_s": job_rate,
+            },
+            "raw_job_create_limit": {
+                "before": {k: v for k, v in raw_before.items() if k != "jobs_created_s"},
+                "after": {k: v for k, v in raw_after.items() if k != "jobs_created_s"},
+                "jobs_per_s": round(raw_rate, 2),
+                "seconds": round(raw_seconds, 3),
+            },
+            "targets": {
+                "job_rate_ratio": round(job_rate / raw_rate, 3) if job_rate else None,
+                "job_rate_ratio_target": 0.6,
+                "apply_to_job_p95_s": round(p95, 3),
+                "apply_to_job_p95_limit_s": round(1.25 * raw_seconds, 3),
+                "apply_to_job_p95_vs_raw_seconds": round(p95 / raw_seconds, 3),
+                "apply_to_job_p95_vs_raw_target": 1.25,
+            },
+            "apply_to_adapter_job_ms": summary(from_post),
+            "posted_to_adapter_job_ms": summary(from_posted),
+            "followed": {
+                "in_progress_status": len(progress),
+                "task_started_events": k8s_events,
+                "task_started_db_rows": db_started,
+                "expected": len(names) + 1,
+                "all_in_progress_after_s": round(max(progress) - t0, 3) if progress else None,
+                "job_to_status_lag_ms": summary(status_lag),
+            },
+            "cpu_seconds": {
+                "te_posts": _cpu_delta(cpu0, cpu_posted),
+                "burst_to_last_job": burst_cpu,
+                "follow_up": _cpu_delta(cpu_jobs, cpu_status),
+            },
+            "cpu_ms_per_task_burst": {
+                k: round(1000 * v / args.n, 2) for k, v in burst_cpu.items() if v is not None
+            },
+            "windows_s": {
+                "burst_to_last_job": round(t_jobs - t0, 3),
+                "follow_up": round(t_status - t_jobs, 3),
+            },
+            "timeline": {
+                "note": "seconds from the first TaskExecution POST (operator) or the first "
+                "Job POST (raw); one entry per object, sorted",
+                "te_posts_s": sorted(round(s.created[n]["posted"] - t0, 4) for n in names),
+                "operator_jobs_s": sorted(round(jobs[n]["added"] - t0, 4) for n in made),
+                "operator_status_in_progress_s": sorted(round(t - t0, 4) for t in progress),
+                "raw_jobs_s_before": raw_before["jobs_created_s"],
+                "raw_jobs_s_after": raw_after["jobs_created_s"],
+            },
+            "operator_rss_kib": {"before": rss0, "after": rss1},
+            "load": {"start": load0, "at_jobs": load_jobs, "end": loadavg()},
+            "api_cost": api_cost(before, after, len(made), args.n),
+            "profile": probe_profile(stats),
+        }
+
+
 def bench_api_cost(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
     with Session(cluster, "api", resync=args.resync) as s:
         time.sleep(5.0)
@@ -1055,10 +1342,92 @@ def bench_api_cost(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]
         }
 
 
+def _api_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    calls = {
+        k: v["n"] - before.get("api", {}).get(k, {}).get("n", 0)
+        for k, v in after.get("api", {}).items()
+    }
+    return {k: v for k, v in calls.items() if v}
+
+
+LEASE_CALLS = frozenset({"get:leases", "update:leases", "create:leases"})
+
+
+def _idle(s: Session, seconds: float, resync: float) -> dict[str, Any]:
+    """API calls, reconciles and CPU of the operator while nothing changes."""
+    pid = s.proc.pid if s.proc else -1
+    stats0, cpu0, t0, load0 = s.stats(), cpu_seconds(pid), time.monotonic(), loadavg()
+    time.sleep(seconds)
+    stats1, cpu1, t1 = s.stats(), cpu_seconds(pid), time.monotonic()
+    calls = _api_delta(stats0, stats1)
+    periods = (t1 - t0) / resync
+    objects = {k: v for k, v in calls.items() if k not in LEASE_CALLS}
+    cpu = (cpu1 or 0.0) - (cpu0 or 0.0)
+    return {
+        "seconds": round(t1 - t0, 1),
+        "resync_periods": round(periods, 2),
+        "api_calls": calls,
+        "api_calls_per_resync_period": round(sum(calls.values()) / periods, 2),
+        "api_calls_per_resync_period_without_lease": round(sum(objects.values()) / periods, 2),
+        "lease_calls_per_resync_period": round(
+            sum(v for k, v in calls.items() if k in LEASE_CALLS) / periods, 2
+        ),
+        "reconciles": (stats1.get("reconcile", {}).get("n") or 0)
+        - (stats0.get("reconcile", {}).get("n") or 0),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_percent_of_one_core": round(100 * cpu / (t1 - t0), 3),
+        "load": [load0, loadavg()],
+    }
+
+
+class SoakDriver(threading.Thread):
+    """Steady arrivals and completions: a real task (adapter Job + gate Job) every
+    ``interval`` seconds; a finished one is deleted (its Jobs and ConfigMap follow)."""
+
+    def __init__(self, s: Session, interval: float) -> None:
+        super().__init__(daemon=True, name="soak")
+        self.s, self.interval = s, interval
+        self.stop = threading.Event()
+        self.created: list[str] = []
+        self.deleted: dict[str, str] = {}
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        i = 0
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                if time.monotonic() >= next_at:
+                    name = f"soak-{i:05d}"
+                    self.s.create_te(name)
+                    self.created.append(name)
+                    i += 1
+                    next_at += self.interval
+                pending = [n for n in self.created if n not in self.deleted]
+                for name, state in self.s.terminal(pending).items():
+                    self.s.cluster.custom.delete_namespaced_custom_object(
+                        GROUP, VERSION, self.s.ns, TE, name
+                    )
+                    self.deleted[name] = state
+            except Exception as exc:  # recorded, the soak goes on
+                self.errors.append(repr(exc)[:300])
+            self.stop.wait(0.5)
+
+
 def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
-    """TaskExecutions on a missing Adapter: the operator parks each (one status write)."""
-    with Session(cluster, "mem", git=False, adapter=False, resync=args.resync) as s:
+    """TaskExecutions on a missing Adapter (each parks: one status write), then idle, then a
+    soak with steady arrivals and completions of real tasks next to them."""
+    soak_tasks = args.soak_interval > 0
+    with Session(
+        cluster,
+        "mem",
+        git=soak_tasks,
+        adapter=soak_tasks,
+        resync=args.resync,
+        tracemalloc=args.tracemalloc,
+    ) as s:
         time.sleep(3.0)
+        heaps: dict[str, Any] = {"base": s.heap("base")}
         points = [{"present": 0, "rss_kib": s.rss(), "load": loadavg()}]
         made = 0
         for target in args.sizes:
@@ -1078,7 +1447,7 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                 parked = True
             except TimeoutError:
                 parked = False
-            time.sleep(2.0)
+            time.sleep(5.0)
             points.append(
                 {
                     "present": target,
@@ -1086,18 +1455,44 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                     "create_and_park_s": round(time.monotonic() - t0, 1),
                     "rss_kib": s.rss(),
                     "load": loadavg(),
-                    "profile": probe_profile(s.stats()),
                 }
             )
+            heaps[f"present_{target}"] = s.heap(f"present_{target}")
             print(json.dumps(points[-1]["rss_kib"]), target, file=sys.stderr)
-        soak = []
+        idle = _idle(s, args.idle_periods * args.resync, args.resync) if args.idle_periods else {}
+        print("idle", json.dumps(idle), file=sys.stderr)
+        soak: list[dict[str, Any]] = []
+        driver = SoakDriver(s, args.soak_interval) if soak_tasks else None
+        if driver is not None:
+            driver.start()
         t0 = time.monotonic()
+        pid = s.proc.pid if s.proc else -1
+        cpu0 = cpu_seconds(pid)
         while time.monotonic() - t0 < args.soak:
             soak.append(
-                {"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss(), "load": loadavg()}
+                {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "rss_kib": s.rss().get("VmRSS"),
+                    "arrived": len(driver.created) if driver else 0,
+                    "completed": len(driver.deleted) if driver else 0,
+                    "load1": loadavg()[0],
+                }
             )
             time.sleep(args.soak_step)
-        soak.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
+        if driver is not None:
+            driver.stop.set()
+            driver.join(timeout=30)
+        soak.append(
+            {
+                "t_s": round(time.monotonic() - t0, 1),
+                "rss_kib": s.rss().get("VmRSS"),
+                "arrived": len(driver.created) if driver else 0,
+                "completed": len(driver.deleted) if driver else 0,
+                "load1": loadavg()[0],
+            }
+        )
+        soak_cpu = (cpu_seconds(pid) or 0.0) - (cpu0 or 0.0)
+        heaps["soak_end"] = s.heap("soak_end")
         stats = s.stats()
         restart = []
         if args.restart_wait > 0:  # a fresh operator with everything already present
@@ -1108,19 +1503,55 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                 restart.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
                 time.sleep(args.soak_step)
             restart.append({"t_s": round(time.monotonic() - t0, 1), "rss_kib": s.rss()})
+        rss = [p["rss_kib"] for p in soak if p["rss_kib"]]
+        settled = [p["rss_kib"] for p in soak if p["rss_kib"] and p["t_s"] >= args.soak_warmup]
         return {
             "benchmark": "memory",
             "resync_seconds": args.resync,
+            "tracemalloc_enabled": args.tracemalloc,
             "points": points,
+            "idle": idle,
             "soak": {
                 "seconds": args.soak,
-                "present": made,
+                "present_parked": made,
+                "task_interval_s": args.soak_interval,
+                "arrived": len(driver.created) if driver else 0,
+                "completed": dict(Counter(driver.deleted.values())) if driver else {},
+                "driver_errors": driver.errors[:20] if driver else [],
+                "operator_cpu_percent_of_one_core": round(100 * soak_cpu / max(args.soak, 1), 2),
+                "rss_first_last_kib": [rss[0], rss[-1]] if rss else None,
+                "rss_min_max_kib": [min(rss), max(rss)] if rss else None,
+                "settled_after_s": args.soak_warmup,
+                "rss_settled_min_max_kib": [min(settled), max(settled)] if settled else None,
+                "rss_settled_spread_percent": round(100 * (max(settled) / min(settled) - 1), 2)
+                if settled
+                else None,
                 "samples": soak,
-                "rss_first_last_kib": [
-                    soak[0]["rss_kib"].get("VmRSS"),
-                    soak[-1]["rss_kib"].get("VmRSS"),
-                ],
             },
+            "targets": {
+                "rss_mib_with_10000": round(
+                    max(
+                        [p["rss_kib"].get("VmRSS", 0) for p in points if p["present"] >= 10000]
+                        + ([max(rss)] if rss else [0])
+                    )
+                    / 1024,
+                    1,
+                ),
+                "rss_mib_target": 200,
+                "soak_spread_percent": round(100 * (max(settled) / min(settled) - 1), 2)
+                if settled
+                else None,
+                "soak_spread_target_percent": 5,
+                "soak_minutes": round(args.soak / 60, 1),
+                "idle_api_calls_per_resync_period": idle.get("api_calls_per_resync_period"),
+                "idle_api_calls_per_resync_period_without_lease": idle.get(
+                    "api_calls_per_resync_period_without_lease"
+                ),
+                "idle_api_calls_target": 1,
+                "idle_cpu_percent": idle.get("cpu_percent_of_one_core"),
+                "idle_cpu_target_percent": 2,
+            },
+            "tracemalloc": heaps,
             "profile_end": probe_profile(stats),
             "after_restart": {"present": made, "samples": restart},
         }
@@ -1172,6 +1603,7 @@ BENCHES: dict[str, Callable[[Cluster, argparse.Namespace], dict[str, Any]]] = {
     "throughput": bench_throughput,
     "db": bench_throughput,
     "queued": bench_queued,
+    "burst": bench_burst,
     "api-cost": bench_api_cost,
     "memory": bench_memory,
 }
@@ -1183,11 +1615,23 @@ def parser() -> argparse.ArgumentParser:
     for name in BENCHES:
         sp = sub.add_parser(name)
         sp.add_argument(
-            "--n", type=int, default={"latency": 50, "queued": 1000, "api-cost": 20}.get(name, 100)
+            "--n",
+            type=int,
+            default={"latency": 50, "queued": 1000, "burst": 1000, "api-cost": 20}.get(name, 100),
         )
         sp.add_argument("--resync", type=float, default=30.0, help="ORCHESTRATOR_RESYNC_SECONDS")
         sp.add_argument("--threads", type=int, default=4, help="client threads for bulk creates")
-        sp.add_argument("--raw", type=int, default=200, help="Jobs for the raw create rate")
+        sp.add_argument(
+            "--raw",
+            type=int,
+            default=1000 if name == "burst" else 200,
+            help="Jobs for the raw create rate",
+        )
+        sp.add_argument(
+            "--raw-unsuspended",
+            action="store_true",
+            help="burst: the raw Jobs are not suspended (the Job controller reacts to them)",
+        )
         sp.add_argument("--gap", type=float, default=0.3, help="pause between sequential creates")
         sp.add_argument("--extra", type=int, default=20, help="queued: sequential TEs on top")
         sp.add_argument("--idle", type=float, default=20.0, help="api-cost: background window")
@@ -1196,6 +1640,19 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--park-timeout", type=float, default=900.0)
         sp.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
         sp.add_argument("--soak", type=float, default=300.0, help="memory: soak seconds")
+        sp.add_argument(
+            "--soak-interval",
+            type=float,
+            default=0.0,
+            help="memory: a real task every N seconds during the soak (0: none)",
+        )
+        sp.add_argument(
+            "--soak-warmup", type=float, default=120.0, help="memory: flatness counted after"
+        )
+        sp.add_argument(
+            "--idle-periods", type=int, default=0, help="memory: resync periods measured idle"
+        )
+        sp.add_argument("--tracemalloc", action="store_true", help="memory: heap snapshots")
         sp.add_argument("--soak-step", type=float, default=10.0)
         sp.add_argument("--restart-wait", type=float, default=0.0, help="memory: RSS after restart")
         sp.add_argument(

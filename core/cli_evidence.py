@@ -1,7 +1,9 @@
 """``orchestrator export`` and ``orchestrator gc``: the evidence store from the command line.
 
 Apart from :mod:`core.cli` (which registers these commands) to keep each module one concept:
-these two read and prune the evidence store, the ledger and the task logs of a work dir.
+these two read and prune the evidence store, the ledger and the task logs of a work dir. Their
+``--workdir`` / ``--database-url`` are declared here, not with :mod:`core.cli_common`'s types,
+because those carry help texts these two commands have never shown.
 """
 
 from __future__ import annotations
@@ -15,37 +17,19 @@ from pathlib import Path
 from typing import IO, Annotated
 
 import typer
-from rich.console import Console
 
-from core.db.database import check_schema, default_url, make_engine, redact
+from core.cli_common import console, err, fail, open_store
 from core.db.store import Store, TaskRecord
 from core.engine.evidence import EvidenceStore, local_store
 from core.engine.evidence_s3 import store_from_env
 from core.engine.patch_ledger import PatchLedger
 from core.engine.retention import RetentionPolicy, collect
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
-from core.errors import EvidenceError, OrchestratorError
+from core.errors import EvidenceError
 from core.identity import TaskKey
 from core.models import AttemptResult
 
-console = Console(soft_wrap=True, stderr=False)
-err = Console(stderr=True, soft_wrap=True)
 _CHUNK = 1024 * 1024
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _store(workdir: Path, database_url: str | None) -> Store:
-    url = database_url or os.environ.get("ORCHESTRATOR_DATABASE_URL") or default_url(workdir)
-    engine = make_engine(url)
-    try:
-        check_schema(engine, url, f"run `orchestrator db upgrade --database-url {redact(url)}`")
-    except OrchestratorError as exc:
-        raise _fail(str(exc)) from exc
-    return Store(engine)
 
 
 def _evidence(workdir: Path) -> EvidenceStore:
@@ -54,7 +38,7 @@ def _evidence(workdir: Path) -> EvidenceStore:
     try:
         return store_from_env(os.environ) or local_store(workdir)
     except EvidenceError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 def _find_task(store: Store, run: str, task: str) -> TaskRecord:
@@ -66,8 +50,8 @@ def _find_task(store: Store, run: str, task: str) -> TaskRecord:
         return matches[0]
     if matches:
         names = ", ".join(f"{m.key.display} ({m.key.uid})" for m in matches)
-        raise _fail(f"run {run!r} has several tasks named {task!r}: {names}; name one")
-    raise _fail(f"run {run!r} has no task {task!r} (known runs: {store.runs() or 'none'})")
+        raise fail(f"run {run!r} has several tasks named {task!r}: {names}; name one")
+    raise fail(f"run {run!r} has no task {task!r} (known runs: {store.runs() or 'none'})")
 
 
 def _pick_attempt(record: TaskRecord, attempt: int | None) -> AttemptResult:
@@ -76,10 +60,10 @@ def _pick_attempt(record: TaskRecord, attempt: int | None) -> AttemptResult:
         for result in results:
             if result.attempt == attempt:
                 return result
-        raise _fail(f"task {record.key.display} has no recorded attempt {attempt}")
+        raise fail(f"task {record.key.display} has no recorded attempt {attempt}")
     with_diff = [r for r in results if r.diff is not None and not r.diff.empty]
     if not with_diff:
-        raise _fail(f"task {record.key.display} has no recorded attempt with a diff")
+        raise fail(f"task {record.key.display} has no recorded attempt with a diff")
     return with_diff[-1]
 
 
@@ -105,22 +89,22 @@ def export(
     file reproduces exactly the change that was judged. Exit 1 when the stored copy does not
     match (a copy cut by a version before the evidence store), 2 when there is none.
     """
-    store = _store(workdir, database_url)
+    store = open_store(workdir, database_url)
     record = _find_task(store, run, task)
     result = _pick_attempt(record, attempt)
     diff = result.diff
     if diff is None:
-        raise _fail(f"attempt {result.attempt} of {record.key.display} captured no diff")
+        raise fail(f"attempt {result.attempt} of {record.key.display} captured no diff")
     if diff.truncated:
-        raise _fail(
+        raise fail(
             f"attempt {result.attempt} of {record.key.display}: its diff ({diff.bytes} bytes "
             "seen) exceeded the hard limit and was not kept"
         )
     if diff.empty:
-        raise _fail(f"attempt {result.attempt} of {record.key.display}: the diff is empty")
+        raise fail(f"attempt {result.attempt} of {record.key.display}: the diff is empty")
     key = diff.patch_ref or store.patch_ref(record.key, result.attempt)
     if key is None:
-        raise _fail(f"attempt {result.attempt} of {record.key.display}: no stored copy")
+        raise fail(f"attempt {result.attempt} of {record.key.display}: no stored copy")
     evidence = _evidence(workdir)
     digest, size = hashlib.sha256(), 0
     target = None if str(output) == "-" else output.resolve()
@@ -140,13 +124,13 @@ def export(
         if target is not None:
             tmp.close()
             Path(tmp.name).unlink(missing_ok=True)
-        raise _fail(f"{exc} (pruned by `orchestrator gc --include-referenced`?)") from exc
+        raise fail(f"{exc} (pruned by `orchestrator gc --include-referenced`?)") from exc
     if target is not None:
         tmp.close()
     if digest.hexdigest() != diff.sha256:
         if target is not None:
             Path(tmp.name).unlink(missing_ok=True)
-        raise _fail(
+        raise fail(
             f"the stored copy {key} ({size} bytes, sha256 {digest.hexdigest()}) does not match "
             f"the recorded diff ({diff.bytes} bytes, sha256 {diff.sha256})",
             1,
@@ -207,8 +191,8 @@ def gc(
     Unreferenced patches (a crash between storing and recording) go once an hour old.
     """
     if older_than_days is None and max_size is None:
-        raise _fail("give --older-than-days and/or --max-size (nothing to do otherwise)")
-    store = _store(workdir, database_url)
+        raise fail("give --older-than-days and/or --max-size (nothing to do otherwise)")
+    store = open_store(workdir, database_url)
     evidence = _evidence(workdir)
     ledger = PatchLedger(workdir / STATE_DIR / PATCH_LEDGER, evidence)
     referenced = {e.patch_ref for e in ledger.entries() if e.patch_ref} | store.patch_refs()

@@ -23,6 +23,10 @@ class UnrecoverableError(OrchestratorError):
     """Retrying cannot help: the input, configuration or environment must be fixed first."""
 
 
+class KubeConfigError(UnrecoverableError):
+    """No usable Kubernetes client configuration (kubeconfig or in-cluster service account)."""
+
+
 class EntryContractError(UnrecoverableError):
     """A phase-4 input is missing or invalid; nothing has been executed."""
 

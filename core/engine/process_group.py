@@ -9,6 +9,9 @@ observed through a pidfd, so the loop sleeps in ``select`` instead of polling.
 With a ``sandbox`` (:mod:`core.engine.sandbox`) the command is started inside it; the group
 kill works unchanged through it (bubblewrap stays in the group and passes SIGTERM's grace
 period on to the command; with its PID namespace nothing the command started outlives it).
+A sandbox that fails to set up before the command runs (bubblewrap copies a live mount tree:
+on a Kubernetes node, mounts come and go) is launched again, up to
+:data:`SANDBOX_SETUP_TRIES` times, then reported as a start error (infrastructure).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import os
 import selectors
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +36,8 @@ MAX_LINE_BYTES = 64 * 1024
 #: After the leader exits, how long to keep reading output that is still in flight.
 DRAIN_SECONDS = 2.0
 TAIL_LINES = 40
+#: Launches of a sandboxed command whose sandbox fails to set up before the command runs.
+SANDBOX_SETUP_TRIES = 3
 
 
 class LineSink(Protocol):
@@ -82,18 +88,74 @@ def run_process_group(
     ``sandbox``: run it confined to ``confinement`` (default: only ``cwd`` writable).
     """
     started = clock()
+    run = _Run(cwd, env, stdin_file, started + timeout, sink, grace_seconds, stop, on_start, clock)
+    if sandbox is None:
+        return _follow(run, list(argv), started, _status)[0]
+    tries = SANDBOX_SETUP_TRIES
+    for launch in range(1, tries + 1):
+        with tempfile.TemporaryFile() as status:
+            try:
+                command = sandbox.command(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    confinement=confinement or Confinement((cwd,)),
+                    status_fd=status.fileno(),
+                )
+            except (LaunchError, OSError) as exc:
+                return ProcessResult(None, None, False, False, str(exc), 0.0, "")
+            result, code = _follow(run, command, started, sandbox.status, (status.fileno(),))
+            status.seek(0)
+            if result.timed_out or result.cancelled or result.start_error:
+                return result
+            if not sandbox.never_started(code, status.read()):
+                return result
+        sink.line(
+            "stderr", f"orchestrator: the sandbox failed to set up (launch {launch} of {tries})"
+        )
+    return replace(
+        result, exit_code=None, start_error=f"the sandbox failed to set up {tries} times"
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One command's launch settings (the same for each launch of it)."""
+
+    cwd: Path
+    env: Mapping[str, str]
+    stdin_file: Path | None
+    deadline: float
+    sink: LineSink
+    grace_seconds: float
+    stop: threading.Event | None
+    on_start: Callable[[int], None] | None
+    clock: Callable[[], float]
+
+
+def _follow(
+    run: _Run,
+    argv: list[str],
+    started: float,
+    decode: Callable[[int], tuple[int | None, int | None]],
+    pass_fds: tuple[int, ...] = (),
+) -> tuple[ProcessResult, int]:
+    """Start ``argv`` and follow it to its end: the result and the raw return code (-1 when
+    it could not start)."""
+    cwd, env, sink, stop, on_start, clock = (
+        run.cwd,
+        run.env,
+        run.sink,
+        run.stop,
+        run.on_start,
+        run.clock,
+    )
+    stdin_file, grace_seconds = run.stdin_file, run.grace_seconds
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    if sandbox is not None:
-        try:
-            argv = sandbox.command(
-                argv, cwd=cwd, env=env, confinement=confinement or Confinement((cwd,))
-            )
-        except (LaunchError, OSError) as exc:
-            return ProcessResult(None, None, False, False, str(exc), 0.0, "")
     try:
         with open(stdin_file, "rb") if stdin_file else open(os.devnull, "rb") as stdin:
             proc = subprocess.Popen(
-                list(argv),
+                argv,
                 cwd=cwd,
                 env=dict(env),
                 stdin=stdin,
@@ -101,9 +163,11 @@ def run_process_group(
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=pass_fds,
             )
     except OSError as exc:
-        return ProcessResult(None, None, False, False, f"{argv[0]}: {exc.strerror or exc}", 0.0, "")
+        problem = f"{argv[0]}: {exc.strerror or exc}"
+        return ProcessResult(None, None, False, False, problem, 0.0, ""), -1
     pgid = proc.pid
     if on_start:
         on_start(pgid)
@@ -126,7 +190,7 @@ def run_process_group(
         tail.append(text)
         sink.line(names[fd], text)
 
-    deadline = started + timeout
+    deadline = run.deadline
     kill_at: float | None = None
     drain_until: float | None = None
     timed_out = cancelled = False
@@ -185,8 +249,8 @@ def run_process_group(
     proc.stdout.close()
     proc.stderr.close()
     code = proc.wait()
-    exit_code, sig = sandbox.status(code) if sandbox is not None else _status(code)
-    return ProcessResult(
+    exit_code, sig = decode(code)
+    result = ProcessResult(
         exit_code=exit_code,
         signal=sig,
         timed_out=timed_out,
@@ -195,6 +259,7 @@ def run_process_group(
         duration_seconds=clock() - started,
         tail="\n".join(tail),
     )
+    return result, code
 
 
 def _status(code: int) -> tuple[int | None, int | None]:

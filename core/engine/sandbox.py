@@ -114,10 +114,16 @@ class Sandbox(Protocol):
         cwd: Path,
         env: Mapping[str, str],
         confinement: Confinement,
+        status_fd: int | None = None,
     ) -> list[str]: ...
 
     def status(self, returncode: int) -> tuple[int | None, int | None]:
         """(exit code, signal) of the command from the launched process's return code."""
+        ...
+
+    def never_started(self, returncode: int, status: bytes) -> bool:
+        """Whether the sandbox failed before the command ran, given what it wrote to
+        ``status_fd``: such a launch may simply be tried again."""
         ...
 
 
@@ -138,11 +144,15 @@ class Unconfined:
         cwd: Path,
         env: Mapping[str, str],
         confinement: Confinement,
+        status_fd: int | None = None,
     ) -> list[str]:
         return list(argv)
 
     def status(self, returncode: int) -> tuple[int | None, int | None]:
         return _plain_status(returncode)
+
+    def never_started(self, returncode: int, status: bytes) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,13 @@ class Bubblewrap:
             return None, returncode - 128
         return _plain_status(returncode)
 
+    def never_started(self, returncode: int, status: bytes) -> bool:
+        # bubblewrap reports {"exit-code": N} on its status fd once the command has run; a
+        # failed setup exits 1 without it. The mount tree it copies is live: a mount that
+        # vanishes meanwhile (a pod's network namespace under /run/netns on a node) fails the
+        # setup ("Can't bind mount ... No such file or directory") for no fault of the command.
+        return returncode == 1 and b'"exit-code"' not in status
+
     def command(
         self,
         argv: Sequence[str],
@@ -190,9 +207,11 @@ class Bubblewrap:
         cwd: Path,
         env: Mapping[str, str],
         confinement: Confinement,
+        status_fd: int | None = None,
     ) -> list[str]:
         """The bubblewrap command line for ``argv``; prepares the writable paths.
 
+        ``status_fd``: where bubblewrap writes its JSON status (see :meth:`never_started`).
         Raises :class:`LaunchError` when the program is not found (on the PATH of ``env``)
         or a path to bind does not exist.
         """
@@ -207,6 +226,8 @@ class Bubblewrap:
         out = [t.env, "--ignore-signal=TERM", t.bwrap]
         out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         out += ["--hostname", "sandbox"]
+        if status_fd is not None:
+            out += ["--json-status-fd", str(status_fd)]
         if not confinement.network:
             out.append("--unshare-net")
         if self.run_as is None:

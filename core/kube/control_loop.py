@@ -28,8 +28,15 @@ from core.kube.informer import Informer
 from core.kube.jobs import MANAGED_BY
 from core.kube.leader import ElectionConfig, LeaderElector
 from core.kube.loop_part import LoopPart
-from core.kube.reconciler import Controller, Key
-from core.kube.workqueue import Clock, MonotonicClock, WorkQueue, default_rate_limiter, run_workers
+from core.kube.reconciler import Controller, Key, Next
+from core.kube.workqueue import (
+    Clock,
+    MonotonicClock,
+    Priority,
+    WorkQueue,
+    default_rate_limiter,
+    run_workers,
+)
 
 log = logging.getLogger("orchestrator.operator")
 
@@ -41,8 +48,10 @@ class ControlLoop:
         api: KubeApi,
         *,
         namespaces: tuple[str, ...] = (),
-        workers: int = 4,
+        workers: int = 16,
         resync_seconds: float = 30.0,
+        defer_quiet: float = 0.0,
+        defer_max: float = 30.0,
         election: ElectionConfig | None = None,
         identity: str = "orchestrator-operator",
         clock: Clock | None = None,
@@ -55,7 +64,13 @@ class ControlLoop:
         self.workers = workers
         self.resync_seconds = resync_seconds
         self.clock = clock or MonotonicClock()
-        self.queue: WorkQueue[Key] = WorkQueue(default_rate_limiter(self.clock), clock=self.clock)
+        self.queue: WorkQueue[Key] = WorkQueue(
+            default_rate_limiter(self.clock),
+            clock=self.clock,
+            defer_quiet=defer_quiet,
+            defer_max=defer_max,
+        )
+        self._scopes: tuple[str | None, ...] = tuple(namespaces) or (None,)
         scopes: Iterable[str | None] = namespaces or (None,)
         self.informers: list[Informer] = []
         for ns in scopes:
@@ -94,9 +109,9 @@ class ControlLoop:
 
     # ------------------------------------------------------------------ events -> keys
 
-    def _add(self, keys: list[Key]) -> None:
+    def _add(self, keys: list[Key], priority: Priority = Priority.HIGH) -> None:
         for key in keys:
-            self.queue.add(key)
+            self.queue.add(key, priority)
 
     def _observed(self, resource: str, type_: str, body: Body) -> None:
         for part in self.parts:
@@ -141,6 +156,7 @@ class ControlLoop:
 
     async def _lead(self) -> None:
         await self.synced()  # the cache is complete: the sweep may trust an absence
+        self.controller.cache.listed.update(self._scopes)  # and so may an Adapter lookup
         swept = await self.controller.sweep(self.namespaces)
         if swept:
             log.warning("recorded %d task(s) CANCELLED whose TaskExecution is gone", swept)
@@ -161,7 +177,7 @@ class ControlLoop:
         for part in self.parts:
             await part.follow()
 
-    async def _handle(self, key: Key) -> float | None:
+    async def _handle(self, key: Key) -> Next:
         part = next((p for p in self.parts if p.owns(key)), None)
         if part is not None:
             return await part.sync(key)
@@ -177,6 +193,6 @@ class ControlLoop:
     async def _resync(self) -> None:
         while True:
             await self.clock.sleep(self.resync_seconds)
-            self._add(self.controller.unfinished_keys())
+            self._add(self.controller.unfinished_keys(), Priority.LOW)
             for part in self.parts:
-                self._add(part.resync_keys())
+                self._add(part.resync_keys(), Priority.LOW)

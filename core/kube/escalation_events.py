@@ -228,9 +228,9 @@ class EscalationEvents(PassivePart):
     ) -> Body | None:
         """The TaskExecution with ``uid``: from the watch cache (unfinished ones), else from
         one list of the namespace per pass (finished ones leave the cache)."""
-        for (ns, _), body in list(self.cache.tasks.items()):
-            if ns == namespace and body["metadata"].get("uid") == uid:
-                return body
+        for where, entry in list(self.cache.tasks.entries()):
+            if where[0] == namespace and entry.uid == uid:  # decode only the match
+                return self.cache.tasks.get(where)
         if namespace not in listed:
             listed[namespace] = await self.api.list_objects("taskexecutions", namespace)
         return next((b for b in listed[namespace] if b["metadata"].get("uid") == uid), None)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from core.engine.integration_results import write_results
@@ -24,6 +24,7 @@ from core.engine.integration_worker import default_branch
 from core.errors import OrchestratorError
 from core.integration_models import IntegrationStats, IntegrationTaskResult
 from core.integration_resources import IntegrationStatus
+from core.kube.kubeconfig import api_client_from
 from core.models import IntegrationOutcome, IntegrationResults
 from core.resources import API_VERSION, GROUP, VERSION
 
@@ -115,7 +116,7 @@ class IntegrationSubmitter:
         self.namespace = namespace
         self.poll_seconds = poll_seconds
         self.sleep = sleep
-        api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        api_client = api_client_from(kubeconfig)
         self.custom = client.CustomObjectsApi(api_client)
 
     def submit(self, body: dict[str, Any]) -> bool:

@@ -9,7 +9,10 @@ writes are the recorder's (ledger, database with the breaker, event log). Status
 projection of what was recorded, written through one code path with a resourceVersion
 precondition.
 
-    PENDING     -> lifecycle.next_step: start (create the adapter Job), wait, or finish
+    PENDING     -> lifecycle.next_step: start (create the adapter Job), wait, or finish;
+                   the Job is created first, the rest of the start (database record,
+                   IN_PROGRESS status, TASK_STARTED Event) follows as LOW work of the queue,
+                   so a burst of new tasks gets its Jobs before their paperwork
     IN_PROGRESS -> pod pending: triage (image pull, Secret, scheduling); container started:
                    the budget counts from there; Job done: read the runner's small report
                    from the pod log, check and adopt its uploads (full log, full diff:
@@ -50,6 +53,7 @@ from core.engine.lifecycle import (
 )
 from core.engine.monitoring.metrics import Metrics
 from core.engine.recorder import Recorder, finish_of
+from core.engine.resilience import Admission
 from core.errors import EvidenceError, RejectedError
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
@@ -78,6 +82,7 @@ from core.kube.redactors import operator_redactor
 from core.kube.status_writer import StatusWriter
 from core.kube.task_context import TaskContext, TaskContexts
 from core.kube.watch_cache import Key, WatchCache, slim_job
+from core.kube.workqueue import Later
 from core.models import AdapterKind, FailureClass, TaskState
 from core.resources import (
     TaskExecutionStatus,
@@ -91,14 +96,28 @@ StepObserver = Callable[[str, str, float], None]
 TE = "taskexecutions"
 ADAPTERS = "adapters"
 
-__all__ = ["Controller", "ControllerSettings", "Key", "TaskContext"]
+__all__ = ["Controller", "ControllerSettings", "Key", "Later", "Next", "TaskContext"]
 
+#: When to look at a key again: None (when something changes), seconds (HIGH), or Later.
+Next = float | Later | None
+
+TERMINAL_STATES = frozenset(s.value for s in TaskState if s.terminal)
 #: How often to look at an attempt whose pod has not started yet.
 PENDING_POLL_SECONDS = 5.0
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """A Job created whose start is not recorded yet (the deferred half of ``_start``)."""
+
+    start: Start
+    job_name: str
+    trial: bool
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ class Controller:
             api, store, self.cache, self.status, self.breakers, settings.evidence_egress
         )
         self._reported: dict[tuple[str, str], str] = {}
+        self._starting: dict[str, _Started] = {}  # by TaskExecution uid
         self._observers: list[StepObserver] = []
 
     def breaker_states(self) -> dict[str, str]:
@@ -170,6 +190,12 @@ class Controller:
     # ------------------------------------------------------------------ watch events
 
     def observe_task(self, type_: str, body: Body) -> list[Key]:
+        if type_ == "DELETED" or (body.get("status") or {}).get("state") in TERMINAL_STATES:
+            meta = body["metadata"]
+            uid = str(meta.get("uid", ""))
+            self.contexts.forget(uid)
+            self._starting.pop(uid, None)
+            self._reported.pop((str(meta.get("namespace", "")), str(meta["name"])), None)
         return self.cache.observe_task(type_, body)
 
     def observe_adapter(self, type_: str, body: Body) -> list[Key]:
@@ -179,7 +205,8 @@ class Controller:
         return self.cache.observe_job(type_, body)
 
     def unfinished_keys(self) -> list[Key]:
-        return self.cache.unfinished_keys()
+        """Every unfinished TaskExecution but those parked on an unchanged input."""
+        return [k for k in self.cache.unfinished_keys() if not self.contexts.parked((k[1], k[2]))]
 
     # ------------------------------------------------------------------ the queue handler
 
@@ -198,7 +225,7 @@ class Controller:
             except Exception:
                 log.exception("step observer %r failed", observer)
 
-    async def sync(self, key: Key) -> float | None:
+    async def sync(self, key: Key) -> Next:
         """One step for one key; returns when to look again (None: when something changes)."""
         started = time.perf_counter()
         try:
@@ -206,7 +233,7 @@ class Controller:
         finally:
             self._notify("sync", key[0], started)
 
-    async def _step(self, key: Key) -> float | None:
+    async def _step(self, key: Key) -> Next:
         if key[0] == "gone":
             _, namespace, name, run_id, task_id, uid = key
             await self._gone(TaskKey(run_id, task_id, uid, namespace))
@@ -266,15 +293,17 @@ class Controller:
 
     # ------------------------------------------------------------------ the state machine
 
-    async def _sync(self, te: Body) -> float | None:
+    async def _sync(self, te: Body) -> Next:
         if te["metadata"].get("deletionTimestamp"):
             return None
         ctx = await self.contexts.build(te)
         if ctx is None or ctx.status.state.terminal:
+            self._starting.pop(te["metadata"].get("uid", ""), None)
             return None
-        record: TaskRecord = await self._db(self.store.task, ctx.key)
-        if await self._caught_up(ctx, record):
-            return 0.0
+        record: TaskRecord = await self._db(self.contexts.record, ctx)
+        behind = await self._catch_up(ctx, record)
+        if behind is not None:
+            return behind
         match ctx.status.state:
             case TaskState.PENDING:
                 return await self._pending(ctx, record)
@@ -284,25 +313,45 @@ class Controller:
                 return await self._after_gate(ctx, record)
         return None
 
-    async def _caught_up(self, ctx: TaskContext, record: TaskRecord) -> bool:
-        """Bring status up to what the database recorded (a crash came between the two)."""
+    async def _catch_up(self, ctx: TaskContext, record: TaskRecord) -> float | Later | None:
+        """Bring the record and status up to what was done: the deferred half of a start,
+        or what the database recorded ahead of the status (a crash came between the two).
+        Returns when to look again, or None when nothing was behind."""
         status = ctx.status
+        started = self._starting.get(ctx.uid)
+        if started is not None and (
+            status.state is not TaskState.PENDING or started.start.attempt <= status.attempt
+        ):
+            del self._starting[ctx.uid]  # overtaken (its status came from elsewhere)
+            started = None
+        if started is not None and record.attempts < started.start.attempt:
+            await self._db(self.recorder.begin, ctx.key, started.start, started_at=started.at)
+            record = replace(
+                record,
+                status=TaskState.IN_PROGRESS,
+                attempts=started.start.attempt,
+                current_adapter_id=started.start.adapter_id,
+                attempt_started_at=started.at,
+            )
         live = record.status in (TaskState.IN_PROGRESS, TaskState.VALIDATING)
         if live and status.state is TaskState.PENDING and record.attempts > status.attempt:
-            # the Job of this attempt was created and recorded, its status write was lost
+            # the Job of this attempt was created and recorded, its status is still to write
+            # (deferred by _start, or lost in a crash): write it and the TASK_STARTED Event
+            trial = started is not None and started.trial
             adapter = record.current_adapter_id or record.adapter_id
             name = job_name(ctx.name, ctx.uid, record.attempts, "adapter")
-            started = record.attempt_started_at or self.now()
             new = attempt_started(
                 status,
                 attempt=record.attempts,
                 adapter=adapter,
                 job_name=name,
-                trial=False,
-                now=started,
+                trial=trial,
+                now=record.attempt_started_at or self.now(),
             )
             await self.status.write(ctx.te, new)
-            return True
+            self._starting.pop(ctx.uid, None)
+            await self.api.post_event(ctx.te, "Normal", "TASK_STARTED", new.message, "Start")
+            return Later(PENDING_POLL_SECONDS)
         if status.state in (TaskState.IN_PROGRESS, TaskState.VALIDATING):
             done = next((a for a in record.attempt_results if a.attempt == status.attempt), None)
             if done is not None:
@@ -310,7 +359,7 @@ class Controller:
                 await self.status.write(ctx.te, attempt_recorded(status, done, finish, ""))
                 if finish is not None:
                     await self.status.finished(ctx.te, finish, done.attempt)
-                return True
+                return 0.0
         if record.status.terminal and not status.state.terminal:
             last = record.attempt_results[-1] if record.attempt_results else None
             finish = finish_of(last) if last is not None and last.final else None
@@ -318,27 +367,35 @@ class Controller:
                 finish = Finish(record.status, record.failure_class, record.failure_message or "")
             await self.status.write(ctx.te, task_ended(status, finish, self.now()))
             await self.status.finished(ctx.te, finish, record.attempts)
-            return True
-        return False
+            return 0.0
+        return None
 
-    async def _pending(self, ctx: TaskContext, record: TaskRecord) -> float | None:
+    async def _pending(self, ctx: TaskContext, record: TaskRecord) -> Next:
         now = self.now()
         breakers = self.breakers.of(ctx.ns)
-        admits = await self._db(breakers.admits_map, ctx.plan.chain.adapter_ids)
-        step = next_step(ctx.plan, record.attempt_results, now=now, admits=admits)
+
+        def decide() -> tuple[Start | Wait | Finish, Admission | None]:
+            # one trip to the database thread: the breakers' views, the step, and a slot
+            admits = breakers.admits_map(ctx.plan.chain.adapter_ids)
+            step = next_step(ctx.plan, record.attempt_results, now=now, admits=admits)
+            if isinstance(step, Start):
+                return step, breakers.acquire(step.adapter_id)
+            return step, None
+
+        step, admission = await self._db(decide)
         if isinstance(step, Finish):
             await self._end(ctx, step)
             return None
         if isinstance(step, Wait):
             return await self._wait(ctx, step, now)
-        admission = await self._db(breakers.acquire, step.adapter_id)
+        assert admission is not None
         if not admission.admitted:
             await self.status.park(ctx.te, ctx.status, "WaitingForBreaker", admission.reason)
             await self._db(self.recorder.park, ctx.key, admission.reason)
-            return admission.retry_after_seconds or self.settings.resync_seconds
+            return Later(admission.retry_after_seconds or self.settings.resync_seconds)
         return await self._start(ctx, step, trial=admission.trial, now=now)
 
-    async def _wait(self, ctx: TaskContext, wait: Wait, now: datetime) -> float:
+    async def _wait(self, ctx: TaskContext, wait: Wait, now: datetime) -> float | Later:
         if wait.until is not None:
             if ctx.status.not_before != wait.until:
                 await self.status.write(
@@ -347,11 +404,9 @@ class Controller:
             return max(0.0, (wait.until - now).total_seconds())
         await self.status.park(ctx.te, ctx.status, "WaitingForBreaker", wait.reason)
         await self._db(self.recorder.park, ctx.key, wait.reason)
-        return self.settings.resync_seconds
+        return Later(self.settings.resync_seconds)
 
-    async def _start(
-        self, ctx: TaskContext, start: Start, *, trial: bool, now: datetime
-    ) -> float | None:
+    async def _start(self, ctx: TaskContext, start: Start, *, trial: bool, now: datetime) -> Next:
         adapter = ctx.plan.adapters[start.adapter_id]
         name = job_name(ctx.name, ctx.uid, start.attempt, "adapter")
         # a patch named by reference: from the store (fetched with the request), or a
@@ -400,19 +455,12 @@ class Controller:
             ctx, name, "adapter", start.attempt, inputs, deadline, start.adapter_id, source
         )
         if not await self._create_owned_job(ctx, job):
-            return 60.0
-        await self._db(self.recorder.begin, ctx.key, start, started_at=now)
-        new = attempt_started(
-            ctx.status,
-            attempt=start.attempt,
-            adapter=start.adapter_id,
-            job_name=name,
-            trial=trial,
-            now=now,
-        )
-        await self.status.write(ctx.te, new)
-        await self.api.post_event(ctx.te, "Normal", "TASK_STARTED", new.message, "Start")
-        return PENDING_POLL_SECONDS
+            return Later(60.0)
+        # the Job first; the record, status and Event follow (_catch_up) when no new task
+        # waits for its Job. A crash before then repeats this step: the Job's name is
+        # deterministic and an owned Job on 409 is used.
+        self._starting[ctx.uid] = _Started(start, name, trial, now)
+        return Later(0.0)
 
     async def _create_owned_job(self, ctx: TaskContext, job: Body) -> bool:
         """Create the Job; on 409 use the existing one only if it is this TaskExecution's."""
@@ -515,7 +563,7 @@ class Controller:
             await self._io(self.io.discard, uploaded)
         return report.result, report.runner_error
 
-    async def _triage(self, ctx: TaskContext, job: Body, role: str) -> float | None:
+    async def _triage(self, ctx: TaskContext, job: Body, role: str) -> Next:
         """A running Job whose container has not started: wait, or end the attempt early."""
         current = ctx.status.attempts[-1]
         if role == "adapter" and current.pod_started_at is not None:
@@ -539,7 +587,7 @@ class Controller:
         if verdict.problem is None:
             waiting = f"{role} pod pending: {verdict.waiting}"
             await self.status.park(ctx.te, ctx.status, ctx.status.reason or "Pending", waiting)
-            return PENDING_POLL_SECONDS
+            return Later(PENDING_POLL_SECONDS)
         await self.api.delete_job(ctx.ns, job["metadata"]["name"], uid=job["metadata"]["uid"])
         record = await self._db(self.store.task, ctx.key)
         reason = verdict.problem if role == "adapter" else f"test gate: {verdict.problem}"
@@ -554,7 +602,7 @@ class Controller:
         await self._conclude(ctx, record, evidence)
         return 0.0
 
-    async def _after_adapter(self, ctx: TaskContext, record: TaskRecord) -> float | None:
+    async def _after_adapter(self, ctx: TaskContext, record: TaskRecord) -> Next:
         status = ctx.status
         assert status.job_name is not None
         job = await self._get_job(ctx.ns, status.job_name)
@@ -595,7 +643,7 @@ class Controller:
                 return replace(evidence, diff=diff)
         return replace(evidence, infrastructure_reason=f"evidence upload failed: {problem}")
 
-    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence) -> float | None:
+    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence) -> Next:
         status = ctx.status
         adapter_name = status.adapter or ctx.spec.adapter_ref.name
         name = job_name(ctx.name, ctx.uid, status.attempt, "gate")
@@ -625,12 +673,12 @@ class Controller:
         inputs = await self._prepare(ctx, request, deadline, patch)
         job = self._job(ctx, name, "gate", status.attempt, inputs, deadline, adapter_name)
         if not await self._create_owned_job(ctx, job):
-            return 60.0
+            return Later(60.0)
         await self._db(self.store.set_validating, ctx.key)
         await self.status.write(ctx.te, gate_started(status, evidence, name))
-        return PENDING_POLL_SECONDS
+        return Later(PENDING_POLL_SECONDS)
 
-    async def _after_gate(self, ctx: TaskContext, record: TaskRecord) -> float | None:
+    async def _after_gate(self, ctx: TaskContext, record: TaskRecord) -> Next:
         status = ctx.status
         assert status.gate_job_name is not None
         job = await self._get_job(ctx.ns, status.gate_job_name)

@@ -101,7 +101,16 @@ class OperatorSettings(BaseSettings):
         default=None, ge=1, description="s3: lifecycle rule expiring patches/ (None: keep)."
     )
     kubeconfig: str | None = None
-    workers: int = Field(default=4, ge=1, le=64, description="Keys reconciled at once.")
+    workers: int = Field(default=16, ge=1, le=64, description="Keys reconciled at once.")
+    defer_quiet_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        description="Follow-up work (status after a Job was created, pod polls, resync) waits "
+        "until no new work arrived for this long: a burst gets its Jobs first. 0: no wait.",
+    )
+    defer_max_seconds: float = Field(
+        default=30.0, ge=0, description="Follow-up work waits at most this long for a burst."
+    )
     leader_election: bool = Field(
         default=True, description="Work only while holding the Lease (one active replica)."
     )
@@ -287,6 +296,8 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         namespaces=settings.namespaces,
         workers=settings.workers,
         resync_seconds=settings.resync_seconds,
+        defer_quiet=settings.defer_quiet_seconds,
+        defer_max=settings.defer_max_seconds,
         election=election,
         identity=identity,
         parts=[events, integrations],

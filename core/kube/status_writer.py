@@ -53,7 +53,7 @@ class StatusWriter:
                 self.cache.observe_task("MODIFIED", fresh)
             raise
         if updated is None:  # deleted meanwhile: its DELETED event does the rest
-            self.cache.tasks.pop((meta["namespace"], meta["name"]), None)
+            self.cache.forget((meta["namespace"], meta["name"]))
             return
         te["status"] = updated.get("status", body)
         te["metadata"] = {**meta, "resourceVersion": updated["metadata"]["resourceVersion"]}

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from core.engine.evidence import local_store
@@ -31,6 +31,7 @@ from core.engine.state_files import EXECUTION_RESULTS, PATCH_LEDGER, STATE_DIR, 
 from core.errors import EntryContractError
 from core.identity import TaskKey
 from core.kube.attempts import gate_result, summary_from_status
+from core.kube.kubeconfig import api_client_from
 from core.models import AdapterSpec, AttemptResult, ExecutionResults, TaskResult, TaskState
 from core.resources import API_VERSION, GROUP, VERSION, TaskExecutionStatus
 from core.runner.protocol import parse_pod_log
@@ -146,7 +147,7 @@ class KubernetesSubmitter:
         self.sleep = sleep
         self.inputs = load_inputs(workdir, run_id)
         check_remote_repos(self.inputs)
-        api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        api_client = api_client_from(kubeconfig)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
 

@@ -6,16 +6,21 @@ cannot use ends FAILED with the fields named, a missing or unusable Adapter is s
 status naming the field that refers to it (and the TaskExecution starts by itself once the
 Adapter is there or fixed: the Adapter's watch event re-queues it). The checks are
 :mod:`core.kube.validation`'s.
+
+A parked TaskExecution costs nothing until one of its inputs changes: its fingerprint (its
+own resourceVersion and those of the Adapters it names, all from the watch cache) is kept
+when it parks, and a step or a resync finding the same fingerprint does no work at all (no
+API call, no parsing). 10,000 tasks waiting for a missing Adapter are an in-memory scan per
+resync, not 10,000 reconciles.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from core.db.store import Store
+from core.db.store import Store, TaskRecord
 from core.engine.lifecycle import TaskPlan
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
@@ -25,7 +30,7 @@ from core.kube.egress import EgressPolicies
 from core.kube.status_writer import StatusWriter
 from core.kube.validation import describe, task_execution_problems
 from core.kube.watch_cache import WatchCache, trim
-from core.models import TaskSpec
+from core.models import AdapterSpec, TaskSpec
 from core.resources import (
     AdapterResourceSpec,
     TaskExecutionSpec,
@@ -50,6 +55,9 @@ class TaskContext:
     adapters: dict[str, AdapterResourceSpec]
     plan: TaskPlan
     key: TaskKey = field(init=False)
+    #: the Adapters as the engine sees them, and their generations (what the rows hold)
+    inputs: list[AdapterSpec] = field(init=False, default_factory=list)
+    generations: tuple[tuple[str, object], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         meta = self.te["metadata"]
@@ -88,12 +96,31 @@ class TaskContexts:
         self.status = status
         self.breakers = breakers
         self.egress = EgressPolicies(api, evidence_egress)
-        self._synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
+        self._adapters_synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
+        self._tasks_synced: set[str] = set()  # uids of unfinished tasks with their row
+        self._parked: dict[str, tuple[object, ...]] = {}  # uid -> inputs when it parked
+
+    def _fingerprint(self, where: tuple[str, str]) -> tuple[object, ...] | None:
+        entry = self.cache.tasks.entry(where)
+        if entry is None:
+            return None
+        adapters = []
+        for n in entry.refs:
+            adapter = self.cache.adapters.get((where[0], n)) or {}
+            adapters.append((n, adapter.get("metadata", {}).get("resourceVersion")))
+        return (entry.uid, entry.resource_version, tuple(adapters))
+
+    def parked(self, where: tuple[str, str]) -> bool:
+        """Whether the TaskExecution waits for a fix and none of its inputs changed since."""
+        entry = self.cache.tasks.entry(where)
+        return entry is not None and self._parked.get(entry.uid) == self._fingerprint(where)
 
     async def build(self, te: Body) -> TaskContext | None:
         """The context of one step, or None after saying in the status why there is none."""
         name = te["metadata"]["name"]
         namespace = te["metadata"]["namespace"]
+        if self.parked((namespace, name)):
+            return None  # still waiting for the same fix: said in its status already
         status = TaskExecutionStatus.model_validate(te.get("status") or {})
         try:
             spec = TaskExecutionSpec.model_validate(te["spec"])
@@ -105,7 +132,7 @@ class TaskContexts:
         objects: dict[str, Body | None] = {}
         for adapter_name in names:
             obj = self.cache.adapters.get((namespace, adapter_name))
-            if obj is None:
+            if obj is None and not self.cache.adapters_listed(namespace):
                 obj = await self.api.get_object(ADAPTERS, namespace, adapter_name)
                 if obj is not None:
                     self.cache.adapters[(namespace, adapter_name)] = trim(obj)
@@ -115,6 +142,9 @@ class TaskContexts:
             message = describe(problems)
             if all(p.reason in WAIT_FOR_FIX for p in problems):
                 await self.status.park(te, status, problems[0].reason, message)
+                fingerprint = self._fingerprint((namespace, name))
+                if fingerprint is not None and fingerprint[0] == te["metadata"].get("uid"):
+                    self._parked[str(fingerprint[0])] = fingerprint
             else:  # the spec is immutable: it will never run
                 await self.status.invalid(te, status, [message])
             return None
@@ -127,13 +157,27 @@ class TaskContexts:
         for adapter in engine.values():
             self.breakers.know(namespace, adapter)
         ctx = TaskContext(te, spec, status, task, adapters, TaskPlan.of(task, names, engine))
-        synced = (ctx.uid, self.cache.generations(namespace, names))
-        if synced not in self._synced:
-            seq = int(parse_time(te["metadata"].get("creationTimestamp")).timestamp())
-            await asyncio.to_thread(self.store.sync_adapters, namespace, list(engine.values()))
-            await asyncio.to_thread(self.store.sync_tasks, [(ctx.key, seq, task, names[0])])
-            self._synced.add(synced)
+        ctx.inputs = list(engine.values())
+        ctx.generations = self.cache.generations(namespace, names)
         return ctx
+
+    def record(self, ctx: TaskContext) -> TaskRecord:
+        """The task's database record, its rows synced first (once per task and per Adapter
+        generation). Blocking: call it in a thread; one trip does both."""
+        adapters = (ctx.ns, ctx.generations)
+        if adapters not in self._adapters_synced:
+            self.store.sync_adapters(ctx.ns, ctx.inputs)
+            self._adapters_synced.add(adapters)
+        if ctx.uid not in self._tasks_synced:
+            seq = int(parse_time(ctx.te["metadata"].get("creationTimestamp")).timestamp())
+            self.store.sync_tasks([(ctx.key, seq, ctx.task, ctx.plan.chain.adapter_ids[0])])
+            self._tasks_synced.add(ctx.uid)
+        return self.store.task(ctx.key)
+
+    def forget(self, uid: str) -> None:
+        """The task is finished or gone: nothing of it stays in memory."""
+        self._tasks_synced.discard(uid)
+        self._parked.pop(uid, None)
 
 
 def problems_of(exc: ValidationError) -> list[str]:

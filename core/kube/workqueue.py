@@ -9,6 +9,11 @@ Watch events, timers and resync feed one queue of keys that a few workers reconc
 - :meth:`WorkQueue.add_rate_limited` waits the larger of a per-key exponential backoff and an
   overall token bucket (client-go's ``DefaultControllerRateLimiter``); :meth:`WorkQueue.forget`
   resets a key's failures;
+- two lanes: a :data:`Priority.LOW` key (a follow-up that may wait: a status projection, a
+  poll, a resync) is handed out only when no :data:`Priority.HIGH` key is ready, and, with
+  ``defer_quiet`` set, only once no HIGH key arrived for that long (a burst is going on) or
+  the low key waited ``defer_max`` seconds (so it never starves). A key asked for at both
+  priorities goes in the higher lane;
 - after :meth:`WorkQueue.shutdown` adds are ignored, delayed keys are dropped, keys already
   queued are still handed out, and then :meth:`WorkQueue.get` raises
   :class:`~core.errors.QueueShutDownError`. Nothing is lost for good: the next leader's resync
@@ -32,12 +37,14 @@ Time comes from an injected :class:`Clock`, so tests move it by hand and never s
 from __future__ import annotations
 
 import asyncio
+import enum
 import heapq
 import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from core.errors import QueueShutDownError
@@ -46,6 +53,21 @@ K = TypeVar("K", bound=Hashable)
 K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 
 log = logging.getLogger("orchestrator.workqueue")
+
+
+class Priority(enum.IntEnum):
+    """The lane of a key: HIGH work first; LOW work when HIGH work pauses (see the module)."""
+
+    HIGH = 0
+    LOW = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """A handler's answer: look at the key again in ``seconds``, in ``priority``'s lane."""
+
+    seconds: float
+    priority: Priority = Priority.LOW
 
 
 class Clock(Protocol):
@@ -195,28 +217,42 @@ class WorkQueue(Generic[K]):
         *,
         clock: Clock | None = None,
         metrics: QueueMetrics | None = None,
+        defer_quiet: float = 0.0,
+        defer_max: float = 30.0,
     ) -> None:
+        if defer_quiet < 0 or defer_max < 0:
+            raise ValueError("defer_quiet and defer_max must not be negative")
         self._clock = clock or MonotonicClock()
         self._limiter: RateLimiter[K] = rate_limiter or default_rate_limiter(self._clock)
         self._metrics = metrics or NoMetrics()
-        self._queue: deque[K] = deque()
-        self._dirty: set[K] = set()  # queued, or added again while processing
+        self.defer_quiet, self.defer_max = defer_quiet, defer_max
+        # Ready keys per lane, with when they became ready; an entry whose key is no longer
+        # ready in that lane (handed out, or promoted to HIGH) is stale and skipped.
+        self._lanes: tuple[deque[tuple[K, float]], deque[tuple[K, float]]] = (deque(), deque())
+        self._ready: dict[K, Priority] = {}
+        self._dirty: dict[K, Priority] = {}  # queued, or added again while processing
         self._processing: dict[K, float] = {}  # key -> when a worker took it
         self._added_at: dict[K, float] = {}
+        self._last_high = float("-inf")  # when a HIGH key last became ready
         self._getters: deque[asyncio.Future[None]] = deque()
         self._drained: list[asyncio.Future[None]] = []
         self._shutting_down = False
         self._draining = False
-        # Delayed keys: earliest due time per key; the heap may hold stale entries.
-        self._waiting: dict[K, float] = {}
+        # Delayed keys: earliest due time (and the lane) per key; the heap may hold stale entries.
+        self._waiting: dict[K, tuple[float, Priority]] = {}
         self._heap: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
         self._timer: asyncio.Task[None] | None = None
         self._timer_due = 0.0
+        self._release: asyncio.Task[None] | None = None  # ends the LOW lane's hold
 
     def __len__(self) -> int:
         """Keys ready to be handed out (not the delayed ones, not those being processed)."""
-        return len(self._queue)
+        return len(self._ready)
+
+    def ready(self, priority: Priority) -> int:
+        """Keys ready to be handed out in one lane."""
+        return sum(1 for lane in self._ready.values() if lane is priority)
 
     @property
     def shutting_down(self) -> bool:
@@ -226,32 +262,47 @@ class WorkQueue(Generic[K]):
         """Keys waiting for their ``add_after`` time."""
         return len(self._waiting)
 
-    def add(self, key: K) -> None:
-        if self._shutting_down or key in self._dirty:
+    def in_progress(self) -> int:
+        """Keys a worker holds."""
+        return len(self._processing)
+
+    def add(self, key: K, priority: Priority = Priority.HIGH) -> None:
+        if self._shutting_down:
             return
-        self._dirty.add(key)
+        wanted = self._dirty.get(key)
+        if wanted is not None:
+            if priority < wanted:  # asked for sooner: promote
+                self._dirty[key] = priority
+                if key in self._ready:
+                    self._push(key, priority)
+            return
+        self._dirty[key] = priority
         self._added_at.setdefault(key, self._clock.now())
         self._metrics.added()
         self._metrics.depth(len(self._dirty))
         if key not in self._processing:
-            self._push(key)
+            self._push(key, priority)
 
-    def add_after(self, key: K, seconds: float) -> None:
-        """Add ``key`` in ``seconds``; an earlier pending due time for the key wins."""
+    def add_after(self, key: K, seconds: float, priority: Priority = Priority.HIGH) -> None:
+        """Add ``key`` in ``seconds``; an earlier pending due time for the key wins (and the
+        higher of the two priorities)."""
         if self._shutting_down:
             return
         self._metrics.retried()
         if seconds <= 0:
-            self.add(key)
+            self.add(key, priority)
             return
         due = self._clock.now() + seconds
         earlier = self._waiting.get(key)
-        if earlier is not None and earlier <= due:
-            return
-        self._waiting[key] = due
+        if earlier is not None:
+            priority = min(priority, earlier[1])
+            if earlier[0] <= due:
+                self._waiting[key] = (earlier[0], priority)
+                return
+        self._waiting[key] = (due, priority)
         heapq.heappush(self._heap, (due, next(self._seq), key))
         if len(self._heap) > 2 * len(self._waiting) + 64:
-            self._heap = [(d, n, k) for d, n, k in self._heap if self._waiting.get(k) == d]
+            self._heap = [(d, n, k) for d, n, k in self._heap if self._due(k) == d]
             heapq.heapify(self._heap)
         self._arm()
 
@@ -275,28 +326,33 @@ class WorkQueue(Generic[K]):
 
         Raises :class:`~core.errors.QueueShutDownError` once shut down and empty.
         """
-        while not self._queue:
-            if self._shutting_down:
+        while True:
+            key = self._take()
+            if key is not None:
+                break
+            if self._shutting_down and not self._ready:
                 raise QueueShutDownError("work queue shut down")
             getter = asyncio.get_running_loop().create_future()
             self._getters.append(getter)
+            self._arm_release()
             try:
                 await getter
             except BaseException:
                 getter.cancel()
                 if getter in self._getters:
                     self._getters.remove(getter)
-                elif self._queue:
+                elif self._ready:
                     self._wake_one()  # this getter was woken for a key: pass the turn on
                 raise
-        key = self._queue.popleft()
         now = self._clock.now()
         self._processing[key] = now
-        self._dirty.discard(key)
+        del self._dirty[key]
         self._metrics.depth(len(self._dirty))
         added = self._added_at.pop(key, None)
         if added is not None:
             self._metrics.queued(now - added)
+        if self._ready and self._getters:
+            self._wake_one()  # a held-back key may have been released for several getters
         return key
 
     def done(self, key: K) -> None:
@@ -308,8 +364,9 @@ class WorkQueue(Generic[K]):
         if started is None:
             return
         self._metrics.worked(self._clock.now() - started)
-        if key in self._dirty:
-            self._push(key)
+        priority = self._dirty.get(key)
+        if priority is not None:
+            self._push(key, priority)
         elif not self._processing:
             _resolve(self._drained)
 
@@ -345,17 +402,73 @@ class WorkQueue(Generic[K]):
 
     def _stop(self) -> None:
         self._shutting_down = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._release):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._release = None
         self._waiting.clear()
         self._heap.clear()
         _resolve(self._getters)
         self._getters.clear()
 
-    def _push(self, key: K) -> None:
-        self._queue.append(key)
+    # ------------------------------------------------------------------ the lanes
+
+    def _push(self, key: K, priority: Priority) -> None:
+        now = self._clock.now()
+        self._ready[key] = priority
+        self._lanes[priority].append((key, now))
+        if priority is Priority.HIGH:
+            self._last_high = now
         self._wake_one()
+
+    def _head(self, priority: Priority) -> tuple[K, float] | None:
+        """The first live entry of a lane (stale entries are dropped on the way)."""
+        lane = self._lanes[priority]
+        while lane:
+            key, since = lane[0]
+            if self._ready.get(key) is priority:
+                return key, since
+            lane.popleft()
+        return None
+
+    def _held_until(self) -> float | None:
+        """While LOW keys are held back (a burst of HIGH work), when the hold ends."""
+        if self.defer_quiet <= 0 or self._shutting_down:
+            return None
+        head = self._head(Priority.LOW)
+        if head is None:
+            return None
+        until = min(self._last_high + self.defer_quiet, head[1] + self.defer_max)
+        return until if until > self._clock.now() else None
+
+    def _take(self) -> K | None:
+        for priority in Priority:
+            head = self._head(priority)
+            if head is None:
+                continue
+            if priority is Priority.LOW and self._held_until() is not None:
+                return None
+            self._lanes[priority].popleft()
+            del self._ready[head[0]]
+            return head[0]
+        return None
+
+    def _arm_release(self) -> None:
+        """One timer wakes the getters when the LOW lane's hold ends."""
+        until = self._held_until()
+        if until is None or (self._release is not None and not self._release.done()):
+            return
+        self._release = asyncio.get_running_loop().create_task(
+            self._release_at(until), name="workqueue-release"
+        )
+
+    async def _release_at(self, until: float) -> None:
+        await self._clock.sleep(max(0.0, until - self._clock.now()))
+        self._release = None
+        if self._ready:
+            self._wake_one()
+        if self._getters and self._held_until() is not None:
+            self._arm_release()  # new HIGH work came meanwhile: hold on
 
     def _wake_one(self) -> None:
         while self._getters:
@@ -364,9 +477,15 @@ class WorkQueue(Generic[K]):
                 getter.set_result(None)
                 return
 
+    # ------------------------------------------------------------------ delayed keys
+
+    def _due(self, key: K) -> float | None:
+        waiting = self._waiting.get(key)
+        return waiting[0] if waiting is not None else None
+
     def _arm(self) -> None:
         """Keep one timer task sleeping until the earliest due time of the delayed keys."""
-        while self._heap and self._waiting.get(self._heap[0][2]) != self._heap[0][0]:
+        while self._heap and self._due(self._heap[0][2]) != self._heap[0][0]:
             heapq.heappop(self._heap)
         if not self._heap:
             return
@@ -386,9 +505,10 @@ class WorkQueue(Generic[K]):
         now = self._clock.now()
         while self._heap and self._heap[0][0] <= now:
             due_at, _, key = heapq.heappop(self._heap)
-            if self._waiting.get(key) == due_at:
+            waiting = self._waiting.get(key)
+            if waiting is not None and waiting[0] == due_at:
                 del self._waiting[key]
-                self.add(key)
+                self.add(key, waiting[1])
         self._arm()
 
 
@@ -398,7 +518,8 @@ def _resolve(waiters: Iterable[asyncio.Future[None]]) -> None:
             waiter.set_result(None)
 
 
-Handler = Callable[[K], Awaitable[float | None]]  # None: done; seconds: look again then
+#: None: done; seconds: look again then (HIGH); :class:`Later`: then, in its lane.
+Handler = Callable[[K], Awaitable[float | Later | None]]
 
 
 async def run_workers(queue: WorkQueue[K], handler: Handler[K], concurrency: int) -> None:
@@ -438,7 +559,9 @@ async def process(queue: WorkQueue[K], handler: Handler[K], key: K) -> None:
         _failed(queue, key)
     else:
         queue.forget(key)
-        if again is not None:
+        if isinstance(again, Later):
+            queue.add_after(key, again.seconds, again.priority)
+        elif again is not None:
             queue.add_after(key, again)
     finally:
         queue.done(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -24,10 +25,18 @@ from tests.workdirs import fake_ai_adapter, make_workdir
 GOOD = "fake-ai: write out.txt :: ok"
 
 
-def run(workdir: Path, run_id: str, sleeps: list[float] | None = None, **config):
+def run(
+    workdir: Path, run_id: str, sleeps: list[float] | None = None, *, frozen: bool = False, **config
+):
+    """``frozen``: the executor's wall clock moves only by what it sleeps (attempts take no
+    time), so the backoffs it sleeps are exactly the planned ones, whatever the machine's load."""
     upgrade(default_url(workdir))
     metrics = Metrics()
     clocks = Clocks(sleep=(sleeps.append if sleeps is not None else (lambda _: None)))
+    if frozen:
+        assert sleeps is not None
+        start = datetime.now(UTC)
+        clocks = Clocks(sleep=sleeps.append, wall=lambda: start + timedelta(seconds=sum(sleeps)))
     executor = build_executor(
         ExecutorConfig(run_id=run_id, workdir=workdir, **config),
         progress=SilentProgress(),
@@ -52,7 +61,7 @@ def test_flaky_adapter_completes_on_the_third_attempt(tmp_path: Path) -> None:
         routes={"t1": "fake-ai"},
     )
     sleeps: list[float] = []
-    results, executor = run(workdir, "flaky", sleeps)
+    results, executor = run(workdir, "flaky", sleeps, frozen=True)
     task = results.tasks[0]
     assert task.state is TaskState.COMPLETED
     assert [a.failure_class for a in task.attempts] == [
@@ -108,7 +117,16 @@ def test_failing_adapter_opens_its_breaker_and_the_fallback_takes_over(tmp_path:
     assert [(t["from"], t["to"]) for t in transitions] == [("CLOSED", "OPEN")]
 
     status = subprocess.run(
-        [sys.executable, "-m", "core.cli", "status", "--run", "fallback", "--workdir", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "status",
+            "--run",
+            "fallback",
+            "--workdir",
+            str(workdir),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -148,16 +166,18 @@ def test_gate_failure_retry_feeds_the_gate_summary_to_the_next_attempt(tmp_path:
     )
     check = {
         "name": "answer",
-        "command": [sys.executable, "-c", "import sys; sys.exit(open('answer.txt').read().strip() != '42')"],
+        "command": [
+            sys.executable,
+            "-c",
+            "import sys; sys.exit(open('answer.txt').read().strip() != '42')",
+        ],
     }
     workdir = make_workdir(
         tmp_path / "w",
         run_id="feedback",
         tasks=[{"task_id": "t1", "prompt": prompt}],
         adapters=[
-            fake_ai_adapter(
-                gate=[check], retry={"max_attempts": 2, "retry_on": ["gate_failed"]}
-            )
+            fake_ai_adapter(gate=[check], retry={"max_attempts": 2, "retry_on": ["gate_failed"]})
         ],
         routes={"t1": "fake-ai"},
     )
@@ -173,7 +193,11 @@ def test_unhealthy_adapters_put_the_executor_in_safe_mode_until_they_recover(
     # in the work dir, where the sandboxed probe can read it (not in the host's private /tmp)
     flag = tmp_path / "w" / "healthy"
     probe = {
-        "command": [sys.executable, "-c", f"import os, sys; sys.exit(not os.path.exists({str(flag)!r}))"],
+        "command": [
+            sys.executable,
+            "-c",
+            f"import os, sys; sys.exit(not os.path.exists({str(flag)!r}))",
+        ],
         "timeout_seconds": 10,
         "interval_seconds": 1,
     }
@@ -204,5 +228,7 @@ def test_unhealthy_adapters_put_the_executor_in_safe_mode_until_they_recover(
     flag.write_text("yes")
     results, _ = run(workdir, "safe", wait_for_breakers=False)
     assert [t.state for t in results.tasks] == [TaskState.COMPLETED, TaskState.COMPLETED]
-    events = [json.loads(x)["event"] for x in (workdir / "logs/executor.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(x)["event"] for x in (workdir / "logs/executor.jsonl").read_text().splitlines()
+    ]
     assert "SAFE_MODE_ENTERED" in events

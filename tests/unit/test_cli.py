@@ -140,3 +140,13 @@ def test_module_entry_point_runs_the_executor(demo: Path) -> None:
     assert result.returncode == 3, result.stderr
     data = json.loads((demo / ".state/execution_results.json").read_text())
     assert data["summary"]["COMPLETED"] == 3 and data["finished"] is False
+
+
+def test_an_unusable_kubeconfig_is_an_error_naming_the_option(demo: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-kubeconfig"
+    args = ("--backend", "kubernetes", "--kubeconfig", str(missing), "--run", "demo")
+    done = cli("integrate", *args, "--workdir", str(demo))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"no usable Kubernetes configuration in {missing}" in done.stderr
+    assert "fix: pass --kubeconfig" in done.stderr

@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from core.cli import _gate_cell
+from core.cli_tasks import _gate_cell
 from core.kube.attempts import gate_result, gate_summary
 from core.models import CheckResult, CheckStatus, GateResult, TamperReport, TestNames
 from core.resources import STATUS_TEST_NAMES, GateSummary

@@ -482,3 +482,62 @@ def test_a_working_bubblewrap_is_chosen(sandbox_tools: Any, tmp_path: Path) -> N
     assert isinstance(chosen, Bubblewrap)
     assert chosen.isolation(True) is IsolationLevel.SANDBOX
     assert Unconfined().isolation(True) is IsolationLevel.NONE
+
+
+# --------------------------------------------------------------------------- setup failures
+
+
+def vanishing(make_sandbox: Any, failures: int) -> Any:
+    """The real sandbox, whose first ``failures`` launches bind a path that is gone by the time
+    bubblewrap mounts it: what a pod's network namespace vanishing from /run/netns does."""
+    sandbox = make_sandbox()
+    launches = []
+    real = sandbox.command
+
+    def command(argv: Any, **kw: Any) -> list[str]:
+        out = real(argv, **kw)
+        launches.append(out)
+        if len(launches) <= failures:
+            at = out.index(sandbox.tools.bwrap) + 1
+            out[at:at] = ["--ro-bind", f"/vanished-{uuid.uuid4().hex}", "/mnt"]
+        return out
+
+    sandbox.command = command
+    sandbox.launches = launches
+    return sandbox
+
+
+def test_a_sandbox_that_fails_to_set_up_is_launched_again(
+    make_sandbox: Any, tmp_path: Path, sink: Any
+) -> None:
+    sandbox = vanishing(make_sandbox, failures=2)
+    result = run(sandbox, sh("echo ran >> count"), tmp_path, sink)
+    assert result.exit_code == 0 and result.start_error is None
+    assert len(sandbox.launches) == 3
+    assert (tmp_path / "count").read_text() == "ran\n"  # the command ran once
+    notes = [t for t in sink.texts("stderr") if t.startswith("orchestrator: the sandbox failed")]
+    assert notes == [
+        "orchestrator: the sandbox failed to set up (launch 1 of 3)",
+        "orchestrator: the sandbox failed to set up (launch 2 of 3)",
+    ]
+
+
+def test_a_sandbox_that_never_sets_up_is_a_start_error(
+    make_sandbox: Any, tmp_path: Path, sink: Any
+) -> None:
+    sandbox = vanishing(make_sandbox, failures=5)
+    result = run(sandbox, sh("echo ran >> count"), tmp_path, sink)
+    assert result.start_error == "the sandbox failed to set up 3 times"
+    assert result.exit_code is None and not result.succeeded
+    assert len(sandbox.launches) == 3
+    assert not (tmp_path / "count").exists()
+
+
+def test_the_command_failing_on_its_own_is_not_launched_again(
+    make_sandbox: Any, tmp_path: Path, sink: Any
+) -> None:
+    sandbox = vanishing(make_sandbox, failures=0)
+    result = run(sandbox, sh("echo ran >> count; echo 'bwrap: fake' >&2; exit 1"), tmp_path, sink)
+    assert result.exit_code == 1 and result.start_error is None
+    assert len(sandbox.launches) == 1
+    assert (tmp_path / "count").read_text() == "ran\n"

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from core.errors import QueueShutDownError
 from core.kube.workqueue import (
     ItemExponentialBackoff,
+    Later,
     MaxOf,
+    Priority,
     TokenBucket,
     WorkQueue,
     default_rate_limiter,
@@ -118,6 +120,163 @@ def test_a_cancelled_getter_passes_its_key_on() -> None:
         await clock.settle()
         assert first.cancelled()
         assert second.done() and second.result() == "a"
+
+    run(scenario)
+
+
+# --- lanes: HIGH work first, LOW work when HIGH work pauses -------------------------------
+
+
+def test_low_keys_are_handed_out_after_every_ready_high_key() -> None:
+    async def scenario() -> None:
+        q = queue_on(FakeClock())
+        q.add("poll-1", Priority.LOW)
+        q.add("new-1")
+        q.add("poll-2", Priority.LOW)
+        q.add("new-2", Priority.HIGH)
+        assert q.ready(Priority.HIGH) == 2 and q.ready(Priority.LOW) == 2 and len(q) == 4
+        assert [await q.get() for _ in range(4)] == ["new-1", "new-2", "poll-1", "poll-2"]
+
+    run(scenario)
+
+
+def test_a_low_key_asked_for_at_high_priority_is_promoted_once() -> None:
+    async def scenario() -> None:
+        q = queue_on(FakeClock())
+        q.add("a", Priority.LOW)
+        q.add("b", Priority.LOW)
+        q.add("b", Priority.HIGH)  # e.g. its Job finished while a poll of it waited
+        q.add("b", Priority.LOW)  # a lower ask never demotes
+        assert len(q) == 2
+        assert [await q.get() for _ in range(2)] == ["b", "a"]
+        assert len(q) == 0
+
+    run(scenario)
+
+
+def test_a_key_re_added_while_processing_keeps_the_highest_priority_asked() -> None:
+    async def scenario() -> None:
+        q = queue_on(FakeClock())
+        q.add("a")
+        key = await q.get()
+        q.add("a", Priority.LOW)
+        q.add("a", Priority.HIGH)
+        q.add("z", Priority.LOW)
+        q.done(key)
+        assert [await q.get() for _ in range(2)] == ["a", "z"]
+
+    run(scenario)
+
+
+def test_with_defer_quiet_low_keys_wait_while_high_keys_keep_coming() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = queue_on(clock, defer_quiet=0.5, defer_max=10.0)
+        got: list[tuple[float, str]] = []
+        start = clock.now()
+
+        async def worker() -> None:
+            while True:
+                key = await q.get()
+                got.append((clock.now() - start, key))
+                q.done(key)
+
+        task = asyncio.create_task(worker())
+        q.add("status-0", Priority.LOW)
+        for i in range(4):  # a burst: a HIGH key every 0.2 s
+            q.add(f"new-{i}")
+            await clock.run_for(0.2, step=0.1)
+        await clock.run_for(1.0, step=0.1)
+        lows = [t for t, k in got if k.startswith("status")]
+        highs = [t for t, k in got if k.startswith("new")]
+        assert [k for _, k in got] == ["new-0", "new-1", "new-2", "new-3", "status-0"]
+        # released 0.5 s after the last HIGH key arrived (at 0.6 s), not before
+        assert highs[-1] == pytest.approx(0.6) and lows == [pytest.approx(1.1)]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_a_held_low_key_is_served_after_defer_max_even_if_the_burst_goes_on() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = queue_on(clock, defer_quiet=1.0, defer_max=3.0)
+        got: list[tuple[float, str]] = []
+        start = clock.now()
+
+        async def worker() -> None:
+            while True:
+                key = await q.get()
+                got.append((clock.now() - start, key))
+                q.done(key)
+
+        task = asyncio.create_task(worker())
+        q.add("status", Priority.LOW)
+        for i in range(20):  # HIGH work never pauses for 1 s
+            q.add(f"new-{i}")
+            await clock.run_for(0.25, step=0.25)
+        low = [t for t, k in got if k == "status"]
+        assert low == [pytest.approx(3.0)], got
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_shutdown_hands_out_held_low_keys() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = queue_on(clock, defer_quiet=5.0)
+        q.add("new")
+        q.add("status", Priority.LOW)
+        assert await q.get() == "new"
+        waiting = asyncio.create_task(q.get())
+        await clock.settle()
+        assert not waiting.done(), "held back while HIGH work was just added"
+        q.shutdown()
+        await clock.settle()
+        assert waiting.result() == "status"
+        with pytest.raises(QueueShutDownError):
+            await q.get()
+
+    run(scenario)
+
+
+def test_add_after_keeps_the_higher_priority_of_two_asks() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = queue_on(clock)
+        q.add_after("a", 5.0, Priority.LOW)
+        q.add_after("a", 8.0, Priority.HIGH)  # later, but HIGH: the due time stays 5 s
+        q.add_after("b", 2.0, Priority.LOW)
+        await clock.run_for(5.0, step=1.0)
+        assert q.ready(Priority.HIGH) == 1 and q.ready(Priority.LOW) == 1
+        assert [await q.get() for _ in range(2)] == ["a", "b"]
+
+    run(scenario)
+
+
+def test_a_handler_answering_later_is_requeued_in_the_low_lane() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = queue_on(clock)
+        seen: list[str] = []
+
+        async def handler(key: str) -> float | Later | None:
+            seen.append(key)
+            if key == "started" and seen.count(key) == 1:
+                q.add("x")  # watch events arriving while the Job is created
+                q.add("y")
+                return Later(0.0)  # the status follows when nothing more urgent waits
+            return None
+
+        q.add("started")
+        workers = asyncio.create_task(run_workers(q, handler, concurrency=1))
+        await clock.run_for(1, step=0.5)
+        assert seen == ["started", "x", "y", "started"]
+        q.shutdown()
+        await workers
 
     run(scenario)
 
