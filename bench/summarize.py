@@ -1,7 +1,12 @@
 #!/usr/bin/env python
-"""Print the Markdown tables of bench/README.md from the recorded JSON results.
+"""Print the Markdown tables of bench/README.md from the recorded JSON results, and draw its
+plots.
 
 ``.venv/bin/python bench/summarize.py [bench/results/engine_overhead-*.json ...]``
+``.venv/bin/python bench/summarize.py --plots`` draws ``bench/burst.png`` (Jobs created over
+time, the operator against the raw client, from ``results/operator-burst.json``) and
+``bench/soak.png`` (operator RSS over the soak, from ``results/operator-memory.json``) with
+matplotlib; a result that is not recorded yet is skipped with a note.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
 
 
 def overhead_table(reports: list[dict[str, Any]]) -> str:
@@ -92,7 +98,112 @@ def profile_tables(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cumulative(times: list[float]) -> tuple[list[float], list[int]]:
+    """Step data: after the i-th event (sorted), i objects exist."""
+    xs = sorted(times)
+    return [0.0, *xs], list(range(len(xs) + 1))
+
+
+def burst_plot(report: dict[str, Any], out: Path) -> Any:
+    """Jobs created over time: the operator's burst against the raw client's, same run."""
+    plt = _pyplot()
+    timeline = report["timeline"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = [
+        ("TaskExecutions POSTed", timeline["te_posts_s"], ":"),
+        ("Jobs created by the operator", timeline["operator_jobs_s"], "-"),
+        ("raw client, before", timeline["raw_jobs_s_before"], "--"),
+        ("raw client, after", timeline["raw_jobs_s_after"], "--"),
+    ]
+    for label, times, style in series:
+        xs, ys = _cumulative(times)
+        ax.step(xs, ys, where="post", linestyle=style, label=label)
+    targets = report.get("targets", {})
+    ax.set_title(
+        f"{report['tasks']} TaskExecutions at once: Jobs at "
+        f"{targets.get('job_rate_ratio', '?')} of the raw rate "
+        f"({report['client_threads']} client threads)"
+    )
+    ax.set_xlabel("seconds from the first POST")
+    ax.set_ylabel("objects created")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def soak_plot(report: dict[str, Any], out: Path) -> Any:
+    """Operator RSS over the soak, with the target and the objects present."""
+    plt = _pyplot()
+    soak = report["soak"]
+    samples = [p for p in soak["samples"] if p.get("rss_kib")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(
+        [p["t_s"] / 60 for p in samples],
+        [p["rss_kib"] / 1024 for p in samples],
+        label="operator RSS",
+    )
+    target = report.get("targets", {}).get("rss_mib_target")
+    if target is not None:
+        ax.axhline(target, color="red", linestyle="--", label=f"target {target} MiB")
+    ax.set_title(
+        f"{soak['present_parked']} TaskExecutions present, a task every "
+        f"{soak['task_interval_s']} s arriving and completing"
+    )
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+PLOTS: tuple[tuple[str, str, Any, Any], ...] = (
+    # (result, picture, draw, whether the result holds what the picture needs)
+    ("operator-burst.json", "burst.png", burst_plot, lambda r: "timeline" in r),
+    # the soak with steady arrivals and completions (older results soaked parked objects)
+    (
+        "operator-memory.json",
+        "soak.png",
+        soak_plot,
+        lambda r: "present_parked" in r.get("soak", {}),
+    ),
+)
+
+
+def draw_plots(results: Path = RESULTS, into: Path = BENCH) -> list[Path]:
+    """Every plot whose result is recorded; returns the files written."""
+    written = []
+    for source, name, draw, usable in PLOTS:
+        path = results / source
+        report = json.loads(path.read_text()) if path.is_file() else None
+        if report is None or not usable(report):
+            print(f"{name}: skipped, {source} has no recorded data for it", file=sys.stderr)
+            continue
+        draw(report, into / name)
+        written.append(into / name)
+    return written
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--plots"]:
+        for path in draw_plots():
+            print(path)
+        return 0
     paths = [Path(p) for p in argv] or sorted(
         RESULTS.glob("engine_overhead-*.json"), key=lambda p: ("postgres" in p.name, p.name)
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.db.tables import Adapter
@@ -30,6 +30,14 @@ BREAKER_COLUMNS = (
     "breaker_tripped_at",
     "breaker_updated_at",
     "breaker_window",
+)
+
+
+_ADAPTERS = Adapter.__table__
+#: Built once (the breaker is read before every attempt): a statement built per call costs
+#: SQLAlchemy more Python than SQLite takes to run it.
+_LOAD = select(*(_ADAPTERS.c[c] for c in BREAKER_COLUMNS)).where(
+    (_ADAPTERS.c.scope == bindparam("scope")) & (_ADAPTERS.c.id == bindparam("adapter_id"))
 )
 
 
@@ -52,12 +60,8 @@ class SqlBreakerRows:
         self.scope = scope
 
     def load(self, adapter_id: str) -> dict[str, Any] | None:
-        with Session(self.engine) as s:
-            row = s.execute(
-                select(*(getattr(Adapter, c) for c in BREAKER_COLUMNS)).where(
-                    Adapter.scope == self.scope, Adapter.id == adapter_id
-                )
-            ).one_or_none()
+        with self.engine.connect() as conn:
+            row = conn.execute(_LOAD, {"scope": self.scope, "adapter_id": adapter_id}).first()
         if row is None:
             return None
         return {c: aware(v) for c, v in zip(BREAKER_COLUMNS, row, strict=True)}

@@ -3,22 +3,30 @@
 Why not the cursor's ``rowcount``: psycopg reports -1 for such an insert, so a duplicate
 looked new on PostgreSQL and a replayed event, flake or verdict was counted twice. The
 insert returns the new row's primary key instead: a row back means it was added.
+
+The statement is built once per (dialect, table) and the values travel as parameters: a
+statement built with the values in it costs SQLAlchemy a new cache key (every value coerced)
+on every call, several times the cost of the insert itself on SQLite.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
+
+
+@cache
+def _statement(dialect: str, table: Table) -> Insert:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).on_conflict_do_nothing().returning(*table.primary_key)
 
 
 def insert_ignore(session: Session, table: Table, values: dict[str, Any]) -> bool:
     """Insert ``values`` unless a unique key already holds them; True if a row was added."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = (
-        insert(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key)
-    )
-    return session.execute(statement).first() is not None
+    statement = _statement(session.get_bind().dialect.name, table)
+    return session.execute(statement, values).first() is not None

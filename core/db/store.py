@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, select, update
+from sqlalchemy import Engine, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.db.breaker_rows import breaker_columns
@@ -49,6 +49,35 @@ BreakerUpdate = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# The writes of every attempt, built once with bound parameters: a statement built per call
+# costs SQLAlchemy more Python (coercions, cache key, the ORM's session sync) than SQLite
+# takes to run it. Core statements on the table: no ORM object is loaded for them.
+_TASKS: Table = Task.__table__  # type: ignore[assignment]
+_BY_KEY = (
+    (_TASKS.c.run_id == bindparam("k_run"))
+    & (_TASKS.c.task_id == bindparam("k_task"))
+    & (_TASKS.c.uid == bindparam("k_uid"))
+)
+_SET_PROCESS = (
+    update(_TASKS)
+    .where(_BY_KEY)
+    .values(pid=bindparam("pid"), workspace=bindparam("workspace"), updated_at=bindparam("now"))
+)
+#: IN_PROGRESS -> VALIDATING, the only legal way in; any other row is left to the full check.
+_SET_VALIDATING = (
+    update(_TASKS)
+    .where(_BY_KEY & (_TASKS.c.status == TaskState.IN_PROGRESS.value))
+    .values(status=TaskState.VALIDATING.value, updated_at=bindparam("now"))
+)
+
+
+_TASK = select(_TASKS).where(_BY_KEY)
+
+
+def _key_params(key: TaskKey) -> dict[str, Any]:
+    return {"k_run": key.run_id, "k_task": key.task_id, "k_uid": key.uid}
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -130,7 +159,8 @@ class Event:
         return {**record, **self.payload}
 
 
-def _record(row: Task) -> TaskRecord:
+def _record(row: Any) -> TaskRecord:
+    """From a :class:`Task` object or a row of the ``tasks`` table (same attribute names)."""
     return TaskRecord(
         key=TaskKey(row.run_id, row.task_id, row.uid, row.scope),
         seq=row.seq,
@@ -173,6 +203,8 @@ class Recorded:
 
     events: list[Event]
     new: bool
+    #: The task's row as the recording transaction left it (saves the caller a read).
+    record: TaskRecord | None = None
 
 
 class Store:
@@ -264,11 +296,11 @@ class Store:
     # ------------------------------------------------------------------ reads
 
     def task(self, key: TaskKey) -> TaskRecord:
-        with self._session() as s:
-            row = s.get(Task, (key.run_id, key.task_id, key.uid))
-            if row is None:
-                raise KeyError(key.qualified)
-            return _record(row)
+        with self.engine.connect() as conn:
+            row = conn.execute(_TASK, _key_params(key)).first()
+        if row is None:
+            raise KeyError(key.qualified)
+        return _record(row)
 
     def find_task(self, key: TaskKey) -> TaskRecord | None:
         try:
@@ -391,11 +423,7 @@ class Store:
         return ev if inserted else None
 
     def _locked(self, s: Session, key: TaskKey) -> Task:
-        row = s.scalars(
-            select(Task)
-            .where(Task.run_id == key.run_id, Task.task_id == key.task_id, Task.uid == key.uid)
-            .with_for_update()
-        ).one_or_none()
+        row = s.get(Task, (key.run_id, key.task_id, key.uid), with_for_update=True)
         if row is None:
             raise KeyError(key.qualified)
         return row
@@ -432,14 +460,16 @@ class Store:
             return [ev] if ev else []
 
     def set_process(self, key: TaskKey, pid: int | None, workspace: str | None) -> None:
-        with self._session() as s:
-            s.execute(
-                update(Task)
-                .where(Task.run_id == key.run_id, Task.task_id == key.task_id, Task.uid == key.uid)
-                .values(pid=pid, workspace=workspace, updated_at=self._now())
-            )
+        params = {"pid": pid, "workspace": workspace, "now": self._now()}
+        with self.engine.begin() as conn:
+            conn.execute(_SET_PROCESS, _key_params(key) | params)
 
     def set_validating(self, key: TaskKey) -> None:
+        with self.engine.begin() as conn:
+            moved = conn.execute(_SET_VALIDATING, _key_params(key) | {"now": self._now()})
+        if moved.rowcount == 1:
+            return
+        # already VALIDATING (a replay), or not a legal move: the full check says which
         with self._session() as s:
             row = self._locked(s, key)
             if row.status == TaskState.VALIDATING.value:
@@ -478,7 +508,7 @@ class Store:
                 self._mirror(s, entry, key.scope)
             attempts = list((row.result or {}).get("attempts", []))
             if any(a["attempt"] == result.attempt for a in attempts):
-                return Recorded([], new=False)
+                return Recorded([], new=False, record=_record(row))
             target = final_state or TaskState.PENDING
             row.status = transition(TaskState(row.status), target).value
             row.result = {"attempts": [*attempts, result.model_dump(mode="json")]}
@@ -526,16 +556,12 @@ class Store:
                 state=target,
                 payload=payload,
             )
-            return Recorded([ev] if ev else [], new=True)
+            return Recorded([ev] if ev else [], new=True, record=_record(row))
 
     def _feed_breaker(
         self, s: Session, scope: str, adapter_id: str, breaker: BreakerUpdate
     ) -> None:
-        row = s.scalars(
-            select(Adapter)
-            .where(Adapter.scope == scope, Adapter.id == adapter_id)
-            .with_for_update()
-        ).one_or_none()
+        row = s.get(Adapter, (scope, adapter_id), with_for_update=True)
         if row is None:
             return
         columns = breaker(breaker_columns(row))

@@ -86,6 +86,8 @@ from core.models import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
+#: How old a breaker snapshot may be when a peek (not an admission) is answered from it.
+BREAKER_PEEK_SECONDS = 1.0
 #: Hard limit of one attempt's diff: a larger one is not kept and fails as diff_too_large.
 DEFAULT_MAX_DIFF_BYTES = 100 * 1024 * 1024
 
@@ -199,6 +201,10 @@ class Executor:
             lambda adapter_id: inputs.adapters[adapter_id].breaker,
             self.clocks.wall,
             self.recorder.on_breaker_transition,
+            # peeks (safe mode, admits) within a second of a read or write of this process
+            # are answered from it: 1 breaker read per attempt instead of 4
+            max_age_seconds=BREAKER_PEEK_SECONDS,
+            monotonic=self.clocks.monotonic,
         )
         self.health = AdapterHealth(
             inputs.adapters,
@@ -256,7 +262,8 @@ class Executor:
             self.metrics.heartbeat()
             if self.stop.is_set():
                 break
-            if self.store.task(self.key(task)).status.terminal:
+            record = self.store.task(self.key(task))
+            if record.status.terminal:
                 continue
             if self.config.max_tasks is not None and self._started >= self.config.max_tasks:
                 break
@@ -265,7 +272,7 @@ class Executor:
                 self._wait(task, safe_mode.summary())
                 continue
             self._started += 1
-            self.execute_task(task)
+            self.execute_task(task, record)
         return self._parked
 
     def _next_check_delay(self) -> float:
@@ -281,12 +288,16 @@ class Executor:
         candidates = [w for w in waits if w] + probes
         return min(max(min(candidates, default=5.0), 0.5), 60.0)
 
-    def execute_task(self, task: RoutedTask) -> TaskRecord:
-        """Run attempts of one task until it is terminal or has to wait."""
+    def execute_task(self, task: RoutedTask, record: TaskRecord | None = None) -> TaskRecord:
+        """Run attempts of one task until it is terminal or has to wait.
+
+        ``record``: the task's row as the caller has just read it (saves reading it again).
+        """
         key, plan = self.key(task), self.plan(task)
         served: datetime | None = None  # a backoff this process already waited out
+        fresh = record
         while True:
-            record = self.store.task(key)
+            record, fresh = fresh or self.store.task(key), None
             if record.status.terminal:
                 return record
             now = self.clocks.wall()

@@ -178,9 +178,14 @@ def check_base_commits(inputs: RunInputs, mirrors: Path) -> None:
     record and retry.
     """
     queue = inputs.workdir / STATE_DIR / TASK_QUEUE
+    checked: set[tuple[str, str]] = set()  # tasks mostly share a base: one lookup each
     for task in inputs.tasks:
+        source = (inputs.repo_url(task.spec), task.spec.base_commit)
+        if source in checked:
+            continue
+        checked.add(source)
         try:
-            ensure_mirror(mirrors, inputs.repo_url(task.spec), task.spec.base_commit)
+            ensure_mirror(mirrors, *source)
         except MissingCommitError as exc:
             raise EntryContractError(
                 f"{queue}: field `tasks.{task.seq}.base_commit`",

@@ -54,6 +54,7 @@ from core.engine.workspace import (
     apply_patch,
     capture_diff,
     ensure_mirror,
+    mirror_path,
     remove_worktree,
 )
 from core.errors import InfrastructureError, MissingCommitError
@@ -104,6 +105,8 @@ class LocalBackend:
         self.stop = stop
         self.clock = clock
         self._mirrors = self.workdir / WORK_DIR / "mirrors"
+        #: (repository, commit) pairs found in their mirror by this process.
+        self._verified: set[tuple[str, str]] = set()
 
     def attempt_dir(self, key: TaskKey, attempt: int) -> Path:
         return self.workdir / WORK_DIR / key.run_id / key.log_name / str(attempt)
@@ -123,8 +126,7 @@ class LocalBackend:
         isolation = self.isolation(adapter)
         started = self.clock()
         try:
-            handle.mirror = ensure_mirror(self._mirrors, request.repo_url, task.base_commit)
-            handle.tree = add_worktree(handle.mirror, adir / "tree", task.base_commit)
+            handle.mirror, handle.tree = self._checkout(request.repo_url, task.base_commit, adir)
         except (InfrastructureError, MissingCommitError) as exc:
             log.note("attempt_not_started", error=str(exc))
             outcome = AttemptOutcome(
@@ -136,7 +138,10 @@ class LocalBackend:
             )
             return AdapterRun(outcome, handle)
         tree = handle.tree
-        hooks.started(None, tree)
+        if adapter.kind is not AdapterKind.PROCESS:
+            # a process adapter's start writes its process group and checkout in one go
+            # (recovery finds the checkout from the attempt number in any case)
+            hooks.started(None, tree)
         log.note(
             "attempt_started",
             adapter=adapter.id,
@@ -185,6 +190,22 @@ class LocalBackend:
             isolation=isolation,
         )
         return AdapterRun(outcome, handle)
+
+    def _checkout(self, repo_url: str, commit: str, adir: Path) -> tuple[Path, Path]:
+        """(mirror, the attempt's checkout of ``commit``). A commit this process found in the
+        mirror before is not looked up again (one git process less per attempt): commits do
+        not leave a mirror; should one have gone anyway, the checkout fails and the mirror
+        is verified (and fetched) the long way."""
+        mirror = mirror_path(self._mirrors, repo_url)
+        if (repo_url, commit) in self._verified and mirror.exists():
+            try:
+                return mirror, add_worktree(mirror, adir / "tree", commit)
+            except InfrastructureError:
+                self._verified.discard((repo_url, commit))
+        mirror = ensure_mirror(self._mirrors, repo_url, commit)
+        tree = add_worktree(mirror, adir / "tree", commit)
+        self._verified.add((repo_url, commit))
+        return mirror, tree
 
     def _keep(self, request: AttemptRequest, tree: Path, adir: Path, log: TaskLog) -> CapturedDiff:
         """Capture the diff (up to the hard limit) and put it in the evidence store."""

@@ -177,7 +177,7 @@ class Recorder:
         self.events.write(recorded.events)
         # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
         record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
-        record = self.store.task(key)
+        record = recorded.record or self.store.task(key)
         if recorded.new:
             feed.announce()
             if result.usage is not None:

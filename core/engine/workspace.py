@@ -317,9 +317,12 @@ def capture_diff(
     sha256, size, complete = _spool(
         [*common, "--binary", "--full-index", base_commit], tree, spool, max_bytes
     )
-    files = _file_changes(
-        tree_git(tree, *common, "--name-status", "-z", base_commit),
-        tree_git(tree, *common, "--numstat", "-z", base_commit),
+    # every changed path (a mode change, an empty new file) has lines in the patch, so an
+    # empty patch means no file changed: no second git process for the file list
+    files = (
+        _file_changes(tree_git(tree, *common, "--raw", "--numstat", "-z", base_commit))
+        if size
+        else []
     )
     summary = DiffSummary(
         sha256=sha256 if complete else "",
@@ -372,19 +375,23 @@ def _spool(args: list[str], tree: Path, target: Path, limit: int) -> tuple[str, 
     return digest.hexdigest(), size, True
 
 
-def _file_changes(name_status: bytes, numstat: bytes) -> list[FileChange]:
-    fields = name_status.decode("utf-8", errors="surrogateescape").split("\0")
+def _file_changes(raw_numstat: bytes) -> list[FileChange]:
+    """Parse ``--raw --numstat -z`` (one git process): first one raw record per changed
+    path (``:<modes> <blobs> <status>`` then the path, or the old and new path of a rename
+    or copy), then as many numstat records. A raw record's header always starts with ``:``
+    and a numstat record never does, and paths are read by position, never sniffed."""
+    fields = raw_numstat.decode("utf-8", errors="surrogateescape").split("\0")
     changes: list[tuple[str, str | None, FileStatus]] = []
     i = 0
-    while i < len(fields) - 1:
-        code = fields[i][:1]
+    while i < len(fields) - 1 and fields[i].startswith(":"):
+        code = fields[i].rsplit(" ", 1)[-1][:1]
         if code in ("R", "C"):
             changes.append((fields[i + 2], fields[i + 1], _STATUS[code]))
             i += 3
         else:
             changes.append((fields[i + 1], None, _STATUS.get(code, "modified")))
             i += 2
-    stats = _numstat(numstat)
+    stats = _numstat("\0".join(fields[i:]))
     out = []
     for path, old, status in changes:
         ins, dels = stats.get(path, (None, None))
@@ -401,9 +408,9 @@ def _file_changes(name_status: bytes, numstat: bytes) -> list[FileChange]:
     return out
 
 
-def _numstat(raw: bytes) -> dict[str, tuple[int | None, int | None]]:
+def _numstat(raw: str) -> dict[str, tuple[int | None, int | None]]:
     """Parse ``--numstat -z``: binary files show ``-`` counts; renames carry two paths."""
-    fields = raw.decode("utf-8", errors="surrogateescape").split("\0")
+    fields = raw.split("\0")
     stats: dict[str, tuple[int | None, int | None]] = {}
     i = 0
     while i < len(fields) - 1:

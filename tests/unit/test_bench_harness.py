@@ -63,6 +63,18 @@ def test_report_has_the_expected_shape_and_sane_values(tmp_path: Path) -> None:
         abs_tol=0.05,
     )
     assert isinstance(run["meets_target"], bool) and run["target_ms"] == 50.0
+    assert math.isclose(
+        run["overhead_share_of_bare"],
+        run["overhead_per_task_ms"] / bare["per_task_ms"],
+        abs_tol=0.01,
+    )
+    assert run["target_share_of_bare"] == 0.30 and isinstance(run["meets_share_target"], bool)
+    # what the engine did, counted per task: the adapter and the gate check are two child
+    # processes, git several more, and every attempt writes the database
+    counts = engine["per_task"]
+    assert counts["child_processes"] >= counts["git_processes"] + 2
+    assert counts["git_processes"] >= 2
+    assert counts["db_statements"] >= counts["db_commits"] >= 1
 
     prof = report["profile"]
     assert prof["profiler"] == "cProfile" and prof["tasks"] == 3

@@ -318,6 +318,23 @@ def test_exotic_file_names_round_trip(gt: Any, repo: Any, tmp_path: Path) -> Non
     assert gt.tree_snapshot(fresh) == gt.tree_snapshot(tree)
 
 
+def test_file_list_is_read_by_position_not_by_name(gt: Any, repo: Any, tmp_path: Path) -> None:
+    """The file list comes from one ``--raw --numstat`` process: names that look like a raw
+    record (a leading colon) or a numstat record (digits and tabs) are still just names."""
+    tree = worktree(repo, tmp_path, "adapter")
+    gt.write_files(tree, {":100644 M.txt": "x\n", "1\t2\tthree": "y\nz\n", "modify.txt": None})
+    (tree / "rename_src.txt").rename(tree / ":renamed")
+    diff = capture_diff(tree, repo.base, BIG)
+    got = {f.path: (f.status, f.old_path, f.insertions, f.deletions) for f in diff.summary.files}
+    assert got == {
+        ":100644 M.txt": ("added", None, 1, 0),
+        "1\t2\tthree": ("added", None, 2, 0),
+        "modify.txt": ("deleted", None, 0, 3),
+        ":renamed": ("renamed", "rename_src.txt", 0, 0),
+    }
+    assert diff.summary.files_changed == 4
+
+
 # --------------------------------------------------------------------------- mirrors
 
 

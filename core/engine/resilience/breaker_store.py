@@ -20,6 +20,7 @@ Finishing an attempt feeds the breaker inside the attempt's own database transac
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
@@ -137,6 +138,8 @@ class BreakerFeed:
         self.outcome = outcome
         self.trial = trial
         self.transitions: tuple[BreakerTransition, ...] = ()
+        #: The breaker as the recording transaction leaves it (None: not applied yet).
+        self.stored: BreakerSnapshot | None = None
 
     def __call__(self, columns: dict[str, Any] | None) -> dict[str, Any] | None:
         loaded = (
@@ -144,16 +147,23 @@ class BreakerFeed:
             if columns is not None
             else BreakerSnapshot(self.adapter_id)
         )
+        self.breakers.forget(self.adapter_id)  # until the transaction is known to commit
         policy = self.breakers.policy_for(self.adapter_id)
         update = record(
             loaded, policy, self.breakers.clock(), self.outcome, trial=self.trial
         )
         self.transitions = tuple(update.transitions)
         if not update.changed:
+            self.stored = loaded
             return None
+        # the database layer stores these columns with the version incremented
+        self.stored = replace(update.snapshot, version=loaded.version + 1)
         return replace(update.snapshot, version=loaded.version).to_columns()
 
     def announce(self) -> None:
+        """After the recording transaction committed: hand over the transitions."""
+        if self.stored is not None:
+            self.breakers.remember(self.stored)
         if self.breakers.on_transition is not None:
             for transition in self.transitions:
                 self.breakers.on_transition(transition)
@@ -169,6 +179,13 @@ class CircuitBreakers:
     ``policy_for(adapter_id)`` gives each adapter's policy; ``clock`` is an aware wall clock
     (``lambda: datetime.now(UTC)`` in production); ``on_transition`` receives every persisted
     transition (write it to ``logs/resilience.jsonl``, set the gauge).
+
+    ``max_age_seconds``: :meth:`view` and :meth:`admits` (peeks, taken several times per
+    attempt) may answer from the last snapshot this object loaded or wrote if it is younger
+    than this (``monotonic`` seconds); 0, the default, reads the store every time. Another
+    process's change is then seen up to that much later; what this process writes is seen
+    at once, and :meth:`acquire` and :meth:`record` always read the store (their
+    compare-and-set would catch a stale read anyway).
     """
 
     def __init__(
@@ -179,12 +196,34 @@ class CircuitBreakers:
         on_transition: Callable[[BreakerTransition], None] | None = None,
         *,
         max_conflicts: int = 50,
+        max_age_seconds: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.policy_for = policy_for
         self.clock = clock
         self.on_transition = on_transition
         self.max_conflicts = max_conflicts
+        self.max_age_seconds = max_age_seconds
+        self.monotonic = monotonic
+        self._seen: dict[str, tuple[float, BreakerSnapshot]] = {}
+
+    def remember(self, snapshot: BreakerSnapshot) -> None:
+        """``snapshot`` is what the store holds now (just loaded or written)."""
+        if self.max_age_seconds > 0:
+            self._seen[snapshot.adapter_id] = (self.monotonic(), snapshot)
+
+    def forget(self, adapter_id: str) -> None:
+        self._seen.pop(adapter_id, None)
+
+    def _load(self, adapter_id: str, *, peek: bool = False) -> BreakerSnapshot:
+        if peek:
+            seen = self._seen.get(adapter_id)
+            if seen is not None and self.monotonic() - seen[0] < self.max_age_seconds:
+                return seen[1]
+        loaded = self.store.load(adapter_id)
+        self.remember(loaded)
+        return loaded
 
     def _mutate(
         self,
@@ -194,14 +233,16 @@ class CircuitBreakers:
     ) -> tuple[T, BreakerSnapshot]:
         policy = self.policy_for(adapter_id)
         for _ in range(self.max_conflicts):
-            loaded = self.store.load(adapter_id)
+            loaded = self._load(adapter_id)
             result = step(loaded, policy, self.clock())
             update = update_of(result)
             if not update.changed:
                 return result, loaded
             saved = self.store.compare_and_set(replace(update.snapshot, version=loaded.version))
             if saved is None:
+                self.forget(adapter_id)
                 continue  # another process won; recompute from its state
+            self.remember(saved)
             if self.on_transition is not None:
                 for transition in update.transitions:
                     self.on_transition(transition)
@@ -214,11 +255,12 @@ class CircuitBreakers:
     def view(self, adapter_id: str) -> BreakerSnapshot:
         """The snapshot as of now (cool-down applied), without saving anything."""
         policy = self.policy_for(adapter_id)
-        return refresh(self.store.load(adapter_id), policy, self.clock()).snapshot
+        return refresh(self._load(adapter_id, peek=True), policy, self.clock()).snapshot
 
     def admits(self, adapter_id: str) -> bool:
         """A peek for :func:`~core.engine.resilience.retry.decide_retry`'s ``admits``."""
-        return would_admit(self.store.load(adapter_id), self.policy_for(adapter_id), self.clock())
+        snapshot = self._load(adapter_id, peek=True)
+        return would_admit(snapshot, self.policy_for(adapter_id), self.clock())
 
     def admits_map(self, adapter_ids: Iterable[str]) -> dict[str, bool]:
         return {a: self.admits(a) for a in adapter_ids}

@@ -558,3 +558,79 @@ def test_property_no_sequence_reaches_an_illegal_state(
             assert not acquire(snap, cfg, now).admitted or (
                 (now - snap.opened_at).total_seconds() >= cooldown
             )
+
+
+@dataclass
+class CountingStore:
+    """Counts the loads that reach the store."""
+
+    inner: InMemoryBreakerStore
+    loads: int = 0
+
+    def load(self, adapter_id: str) -> BreakerSnapshot:
+        self.loads += 1
+        return self.inner.load(adapter_id)
+
+    def compare_and_set(self, snapshot: BreakerSnapshot) -> BreakerSnapshot | None:
+        return self.inner.compare_and_set(snapshot)
+
+
+def test_peeks_are_answered_from_a_young_snapshot_admissions_never() -> None:
+    store = CountingStore(InMemoryBreakerStore())
+    ticks = [0.0]
+    clock = Clock()
+    breakers = CircuitBreakers(
+        store, lambda _: CFG, clock, max_age_seconds=1.0, monotonic=lambda: ticks[0]
+    )
+    assert breakers.view("aider").state is CLOSED and store.loads == 1
+    assert breakers.admits("aider") and breakers.view("aider").state is CLOSED
+    assert store.loads == 1  # both peeks from the snapshot just loaded
+    assert breakers.acquire("aider").admitted and store.loads == 2  # always read
+
+    # another process opens the breaker: a peek sees it once the snapshot is a second old
+    other = CircuitBreakers(store.inner, lambda _: CFG, clock)
+    for _ in range(3):
+        other.record("aider", Outcome.FAILURE, trial=False)
+    assert breakers.admits("aider")  # (at most a second late)
+    ticks[0] = 1.0
+    assert not breakers.admits("aider") and store.loads == 3
+    # the cool-down is judged by the wall clock at peek time, not when the snapshot was read
+    clock.advance(60)
+    assert breakers.view("aider").state is HALF and store.loads == 3
+
+
+def test_own_writes_are_seen_at_once() -> None:
+    store = CountingStore(InMemoryBreakerStore())
+    breakers = CircuitBreakers(
+        store, lambda _: CFG, Clock(), max_age_seconds=60.0, monotonic=lambda: 0.0
+    )
+    assert breakers.admits("aider")
+    err = Classification.failure(FailureClass.ADAPTER_ERROR, "boom")
+    for _ in range(3):
+        breakers.record("aider", err, trial=False)  # compare-and-set: remembered when saved
+    loads = store.loads
+    assert not breakers.admits("aider") and store.loads == loads
+
+    # a finished attempt's feed (applied by the recording transaction): seen once announced
+    fresh = CircuitBreakers(
+        store, lambda _: CFG, Clock(), max_age_seconds=60.0, monotonic=lambda: 0.0
+    )
+    assert fresh.view("claude").consecutive_failures == 0
+    feed = fresh.feed("claude", Outcome.FAILURE, trial=False)
+    columns = feed(store.inner.load("claude").to_columns())
+    assert columns is not None
+    # what the database layer does with them: store them at the next version
+    stored = BreakerSnapshot.from_columns("claude", {**columns, "breaker_version": 1})
+    assert feed.stored == stored
+    loads = store.loads
+    feed.announce()
+    assert fresh.view("claude").consecutive_failures == 1 and store.loads == loads
+
+
+def test_without_max_age_every_peek_reads() -> None:
+    store = CountingStore(InMemoryBreakerStore())
+    breakers = CircuitBreakers(store, lambda _: CFG, Clock())
+    breakers.view("aider")
+    breakers.admits("aider")
+    breakers.admits("aider")
+    assert store.loads == 3

@@ -1,0 +1,89 @@
+"""The writes of one attempt, on SQLite and PostgreSQL: each state change as the database
+holds it afterwards, replays that change nothing, and refusals of illegal moves.
+
+The hot ones are single statements built once (``core.db.store``); these tests hold them to
+the same contract as the full read-check-write they replaced.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db.database import make_engine, upgrade
+from core.db.store import Store
+from core.db.tables import Task
+from core.errors import IllegalTransitionError
+from core.identity import TaskKey
+from core.models import AdapterSpec, AttemptResult, TaskSpec, TaskState
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+KEY = TaskKey("r", "t1")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = (
+        f"sqlite:///{tmp_path / 'db.sqlite'}"
+        if request.param == "sqlite"
+        else str(request.getfixturevalue("postgres_url"))
+    )
+    upgrade(url)
+    store = Store(make_engine(url), now=lambda: T0)
+    adapter = AdapterSpec(id="a", kind="process", command=["true"])
+    spec = TaskSpec(task_id="t1", prompt="p", repo="repo", base_commit="0" * 40)
+    store.sync_inputs("r", [adapter], [(0, spec, "a")])
+    return store
+
+
+def _row(store: Store) -> Task:
+    with Session(store.engine) as s:
+        row = s.scalars(select(Task).where(Task.task_id == "t1")).one()
+        s.expunge(row)
+        return row
+
+
+def test_an_attempt_moves_through_its_states(store: Store) -> None:
+    assert store.begin_attempt(KEY, 1, "a", timeout_seconds=30, started_at=T0)
+    assert store.begin_attempt(KEY, 1, "a", timeout_seconds=30, started_at=T0) == []  # replay
+    store.set_process(KEY, 4242, "/w/tree")
+    row = _row(store)
+    assert (row.status, row.pid, row.workspace) == ("IN_PROGRESS", 4242, "/w/tree")
+    assert store.task(KEY).pid == 4242 and store.task(KEY).workspace == "/w/tree"
+
+    store.set_validating(KEY)
+    store.set_validating(KEY)  # a replay is a no-op, not an error
+    assert _row(store).status == "VALIDATING" and store.task(KEY).status is TaskState.VALIDATING
+
+    result = AttemptResult(
+        attempt=1,
+        adapter_id="a",
+        state=TaskState.COMPLETED,
+        started_at=T0,
+        finished_at=T0 + timedelta(seconds=2),
+        duration_seconds=2.0,
+        final=True,
+        task_final_state=TaskState.COMPLETED,
+    )
+    recorded = store.finish_attempt(KEY, result, final_state=TaskState.COMPLETED, entry=None)
+    assert recorded.new and recorded.record is not None
+    # the record handed back is the row as a fresh read sees it
+    assert recorded.record == store.task(KEY)
+    again = store.finish_attempt(KEY, result, final_state=TaskState.COMPLETED, entry=None)
+    assert not again.new and again.events == [] and again.record == store.task(KEY)
+    row = _row(store)
+    assert (row.status, row.pid, row.workspace) == ("COMPLETED", None, None)
+
+
+def test_illegal_moves_are_refused(store: Store) -> None:
+    with pytest.raises(IllegalTransitionError):
+        store.set_validating(KEY)  # PENDING -> VALIDATING skips IN_PROGRESS
+    assert _row(store).status == "PENDING"
+    with pytest.raises(KeyError):
+        store.set_validating(TaskKey("r", "nope"))
+    with pytest.raises(KeyError):
+        store.task(TaskKey("r", "nope"))
