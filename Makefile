@@ -28,9 +28,10 @@ demo-fallback: setup sandbox-deps  ## the circuit-breaker scenario: a crashing a
 	$(BIN)/orchestrator execute --run fallback --workdir $(DEMO)-fallback
 	$(BIN)/orchestrator status --run fallback --workdir $(DEMO)-fallback
 
-system-deps: sandbox-deps  ## the local Kubernetes (apt packages + Go builds, cached), helm, bubblewrap
+system-deps: sandbox-deps  ## the local Kubernetes (apt packages + Go builds, cached), helm, bubblewrap, the e2e S3 server (Go build, cached)
 	hack/cluster/install-deps
 	hack/tools/helm >/dev/null
+	hack/s3/install >/dev/null
 
 sandbox-deps: setup  ## bubblewrap for the embedded sandbox (apt, if missing), checked to work here
 	hack/sandbox/install

@@ -45,7 +45,9 @@ def manifest(name: str) -> dict[str, Any]:
         task_id="bench",
         attempt=1,
         image="bench.invalid/none",
-        request_json=json.dumps({"kind": "adapter", "padding": "x" * 2000}),
+        # two grants of about the size the operator makes (a few KiB of JSON together)
+        fetch_grant=json.dumps({"kind": "fetch", "padding": "x" * 1000}),
+        runner_grant=json.dumps({"kind": "upload", "padding": "x" * 1000}),
         deadline_seconds=60,
         adapter=None,
     )

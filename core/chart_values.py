@@ -110,7 +110,15 @@ class Operator(_Values):
     )
     workers: int = Field(default=4, ge=1, le=64, description="TaskExecutions reconciled at once.")
     max_diff_bytes: int = Field(
-        default=512 * 1024, gt=0, le=900 * 1024, description="Diff cap (it travels in a ConfigMap)."
+        default=100 * 1024 * 1024,
+        gt=0,
+        description="Hard limit of a diff (kept whole in the evidence store; over it the "
+        "attempt fails as diff_too_large).",
+    )
+    job_ttl_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="A finished Job's ttlSecondsAfterFinished once its attempt is recorded.",
     )
     log_format: Literal["plain", "full", "json"] = "plain"
     verbose: bool = Field(default=False, description="kopf --verbose.")
@@ -130,6 +138,48 @@ class PostgreSQL(_Values):
         default_factory=lambda: SecretKey(key="url"),
         description="Secret holding the SQLAlchemy URL, e.g. postgresql://user:pw@host:5432/db.",
     )
+
+
+class S3(_Values):
+    endpoint: str = Field(default="", description="Endpoint URL; empty: AWS S3.")
+    public_endpoint: str = Field(
+        default="",
+        description="The endpoint as runner pods reach it (grants are signed for this host); "
+        "default: endpoint.",
+    )
+    bucket: str = Field(default="", description="The bucket (must exist).")
+    prefix: str = Field(default="", description="Key prefix inside the bucket.")
+    region: str = "us-east-1"
+    credentials_secret: SecretKey = Field(
+        default_factory=SecretKey,
+        description="Secret with keys access-key-id and secret-access-key (the key field is "
+        "unused); empty: the pod's own identity (IRSA, instance role).",
+    )
+    temporary_days: int = Field(
+        default=8, ge=1, description="Lifecycle rule: expire requests/ and incoming/ after."
+    )
+    patch_days: int | None = Field(
+        default=None, ge=1, description="Lifecycle rule: expire patches/ after (null: keep)."
+    )
+    egress: list[EgressRule] = Field(
+        default_factory=list,
+        description="Where runner pods reach the endpoint (the object store's addresses).",
+    )
+
+
+class Evidence(_Values):
+    backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="local: the operator's work volume, served to runner pods by the operator "
+        "(port below); s3: an S3-compatible bucket (lifecycle rules, no volume needed).",
+    )
+    port: int = Field(default=8081, ge=1, le=65535, description="local: the evidence server.")
+    url: str = Field(
+        default="",
+        description="local: the URL runner pods use; default: the Service's ClusterIP and port "
+        "(no cluster DNS needed).",
+    )
+    s3: S3 = Field(default_factory=S3)
 
 
 class Database(_Values):
@@ -321,6 +371,7 @@ class ChartValues(_Values):
     )
     leader_election: LeaderElection = Field(default_factory=LeaderElection)
     operator: Operator = Field(default_factory=Operator)
+    evidence: Evidence = Field(default_factory=Evidence)
     database: Database = Field(default_factory=Database)
     migrations: Migrations = Field(default_factory=Migrations)
     persistence: Persistence = Field(default_factory=Persistence)

@@ -20,7 +20,8 @@ import typer
 
 from core.cli_common import console, err, fail, open_store
 from core.db.store import Store, TaskRecord
-from core.engine.evidence import local_store
+from core.engine.evidence import EvidenceStore, local_store
+from core.engine.evidence_s3 import store_from_env
 from core.engine.patch_ledger import PatchLedger
 from core.engine.retention import RetentionPolicy, collect
 from core.engine.state_files import PATCH_LEDGER, STATE_DIR
@@ -29,6 +30,15 @@ from core.identity import TaskKey
 from core.models import AttemptResult
 
 _CHUNK = 1024 * 1024
+
+
+def _evidence(workdir: Path) -> EvidenceStore:
+    """The work dir's store, or the operator's S3 bucket when the environment names it
+    (``ORCHESTRATOR_EVIDENCE_BACKEND=s3`` and ``ORCHESTRATOR_S3_*``, as the operator's)."""
+    try:
+        return store_from_env(os.environ) or local_store(workdir)
+    except EvidenceError as exc:
+        raise fail(str(exc)) from exc
 
 
 def _find_task(store: Store, run: str, task: str) -> TaskRecord:
@@ -95,7 +105,7 @@ def export(
     key = diff.patch_ref or store.patch_ref(record.key, result.attempt)
     if key is None:
         raise fail(f"attempt {result.attempt} of {record.key.display}: no stored copy")
-    evidence = local_store(workdir)
+    evidence = _evidence(workdir)
     digest, size = hashlib.sha256(), 0
     target = None if str(output) == "-" else output.resolve()
     tmp: IO[bytes]
@@ -172,7 +182,10 @@ def gc(
 ) -> None:
     """Apply a retention policy to the work dir's evidence store and task logs.
 
-    Never deletes a patch the ledger or the database references unless
+    The operator's work dir too: its store also holds runner requests and pod uploads
+    (requests/, incoming/), temporary, deleted like orphans. With
+    ORCHESTRATOR_EVIDENCE_BACKEND=s3 (and the operator's ORCHESTRATOR_S3_* settings) the
+    store is that bucket. Never deletes a patch the ledger or the database references unless
     --include-referenced is given; never deletes the log of a task that is running or
     waiting; never touches state files, the ledger, the database or logs/*.jsonl.
     Unreferenced patches (a crash between storing and recording) go once an hour old.
@@ -180,7 +193,7 @@ def gc(
     if older_than_days is None and max_size is None:
         raise fail("give --older-than-days and/or --max-size (nothing to do otherwise)")
     store = open_store(workdir, database_url)
-    evidence = local_store(workdir)
+    evidence = _evidence(workdir)
     ledger = PatchLedger(workdir / STATE_DIR / PATCH_LEDGER, evidence)
     referenced = {e.patch_ref for e in ledger.entries() if e.patch_ref} | store.patch_refs()
     active = {r.key.log_name for r in store.unfinished()}
@@ -197,6 +210,7 @@ def gc(
         active_logs=active,
         policy=policy,
         now=datetime.now(UTC),
+        tombstones_dir=local_store(workdir).root,
     )
     verb = "would delete" if dry_run else "deleted"
     for item, why in report.removed:

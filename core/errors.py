@@ -53,6 +53,10 @@ class EvidenceError(UnrecoverableError):
     """Stored evidence (a patch) is missing, unreadable or does not match its hash."""
 
 
+class ConfigError(UnrecoverableError):
+    """A setting the process cannot work with (named in the message)."""
+
+
 class MissingCommitError(UnrecoverableError):
     """A task's base commit is not in its repository (fetched): no attempt can start."""
 

@@ -272,9 +272,10 @@ class AdapterResourceStatus(_Api):
 
 # --------------------------------------------------------------------------- TaskExecution
 
-#: The prompt and a patch reach the runner pod in one environment variable, and Linux caps
-#: one at 128 KiB (MAX_ARG_STRLEN): this bound leaves room for the rest of the request.
-MAX_TASK_TEXT_BYTES = 96 * 1024
+#: The prompt and an inline patch live in the custom resource, which etcd caps at about
+#: 1.5 MiB (they reach the runner pod as a file through the evidence store, so no
+#: environment variable limit applies); a larger patch is named by reference (patchFrom).
+MAX_TASK_TEXT_BYTES = 1024 * 1024
 
 
 def _text_bytes(task: TaskText) -> int:
@@ -291,15 +292,63 @@ class Source(_Api):
     )
 
 
+class KeyReference(_Api):
+    name: str = Field(max_length=253, pattern=SUBDOMAIN_PATTERN, description="Object name.")
+    key: str = Field(max_length=253, pattern=SECRET_KEY_PATTERN, description="Key in it.")
+
+
+class EvidencePatch(_Api):
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of a patch in the operator's evidence store (e.g. an earlier "
+        "attempt's status.diff.sha256, or one uploaded to an S3 store as "
+        "patches/<sha256>.diff.gz).",
+    )
+
+
+def _one_source(p: PatchSource) -> bool:
+    return sum(x is not None for x in (p.config_map_key_ref, p.secret_key_ref, p.evidence)) == 1
+
+
+class PatchSource(_Api):
+    """A patch too large for the custom resource (etcd stores at most about 1.5 MiB)."""
+
+    model_rules = (
+        Rule(
+            cel="(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) + "
+            "(has(self.evidence) ? 1 : 0) == 1",
+            message="patchFrom needs exactly one of configMapKeyRef, secretKeyRef or evidence",
+            check=_one_source,
+        ),
+    )
+
+    config_map_key_ref: KeyReference | None = Field(
+        default=None,
+        description="A key of a ConfigMap in the namespace (data or binaryData), mounted in "
+        "the adapter pod by the kubelet (the operator does not read it).",
+    )
+    secret_key_ref: KeyReference | None = Field(
+        default=None, description="A key of a Secret in the namespace, mounted likewise."
+    )
+    evidence: EvidencePatch | None = Field(
+        default=None, description="A patch in the evidence store, by its sha256."
+    )
+
+
 class TaskText(_Api):
     model_rules = (
         Rule(
             cel="size(bytes(self.prompt)) + (has(self.patch) ? size(bytes(self.patch)) : 0)"
             f" <= {MAX_TASK_TEXT_BYTES}",
             message=f"prompt and patch together may hold at most {MAX_TASK_TEXT_BYTES // 1024} "
-            "KiB (UTF-8): they reach the runner pod in an environment variable, which Linux "
-            "caps at 128 KiB; shorten them",
+            "KiB (UTF-8): the custom resource is stored in etcd; name a larger patch in "
+            "patchFrom",
             check=lambda t: _text_bytes(t) <= MAX_TASK_TEXT_BYTES,
+        ),
+        Rule(
+            cel="!(has(self.patch) && has(self.patchFrom))",
+            message="give the patch inline (patch) or by reference (patchFrom), not both",
+            check=lambda t: t.patch is None or t.patch_from is None,
         ),
     )
 
@@ -315,6 +364,11 @@ class TaskText(_Api):
         default=None,
         max_length=MAX_TASK_TEXT_BYTES,
         description="Unified diff, for `patch` and `manual` adapters.",
+    )
+    patch_from: PatchSource | None = Field(
+        default=None,
+        description="The unified diff by reference (ConfigMap, Secret or evidence store), "
+        "for `patch` and `manual` adapters, when it is too large for the resource.",
     )
 
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import kopf
 
-from core.kube.runtime import OperatorSettings, build_control_loop, build_controller
+from core.kube.client_api import ClientKubeApi
+from core.kube.runtime import OperatorSettings, build_control_loop, build_controller, start_evidence
 
 log = logging.getLogger("orchestrator.operator")
 
@@ -31,7 +32,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = False  # Kubernetes Events are posted by the controller only
     settings.scanning.disabled = True  # no cluster-wide list/watch of namespaces and CRDs
     operator = OperatorSettings()
-    memo.controller = await build_controller(operator)
+    api = await ClientKubeApi.connect(operator.kubeconfig)
+    try:
+        memo.evidence = await start_evidence(operator, api)
+    finally:
+        await api.close()
+    memo.controller = await build_controller(operator, memo.evidence)
     memo.loop = build_control_loop(operator, memo.controller)
     memo.task = asyncio.create_task(memo.loop.run())
     log.info("controller ready")
@@ -43,6 +49,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.task.cancel()
     await asyncio.gather(memo.task, return_exceptions=True)
     await memo.controller.api.close()
+    await memo.evidence.close()
 
 
 @kopf.on.probe(id="executor_heartbeat")

@@ -241,9 +241,15 @@ BAD: list[Case] = [
     tex("commit", {(S, "source", "baseCommit"): "main"}, "spec.source.baseCommit", "should match"),
     tex("credentials", {(S, "source", "credentialsSecretRef", "name"): "Git_Creds"},
         "spec.source.credentialsSecretRef.name", "should match"),
-    tex("text-too-large", {(S, "task", "prompt"): "p" * 50_000, (S, "task", "patch"): "d" * 50_000},
-        "spec.task", "96 KiB"),
-    tex("text-bytes", {(S, "task", "prompt"): "\u00e9" * 50_000}, "spec.task", "96 KiB"),
+    tex("text-too-large", {(S, "task", "prompt"): "p" * 600_000, (S, "task", "patch"): "d" * 600_000},
+        "spec.task", "1024 KiB"),
+    tex("text-bytes", {(S, "task", "prompt"): "\u00e9" * 600_000}, "spec.task", "1024 KiB"),
+    tex("patch-twice", {(S, "task", "patch"): "d",
+                        (S, "task", "patchFrom"): {"evidence": {"sha256": "a" * 64}}},
+        "spec.task", "not both"),
+    tex("patch-from-two", {(S, "task", "patchFrom"): {"evidence": {"sha256": "a" * 64},
+                                                        "secretKeyRef": {"name": "s", "key": "k"}}},
+        "spec.task.patchFrom", "exactly one"),
     tex("timeout", {(S, "timeoutSeconds"): 0}, "spec.timeoutSeconds", "greater than 0"),
 ]
 

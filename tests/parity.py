@@ -25,12 +25,15 @@ from sqlalchemy.orm import Session
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.db.tables import ExecutionLog, GateTestResult
+from core.engine.evidence import LEDGER_DIR
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore, load_secret
 from core.engine.executor import Clocks, ExecutorConfig, build_executor
 from core.engine.inputs import load_inputs
 from core.engine.monitoring.metrics import Metrics
 from core.engine.monitoring.progress import SilentProgress
 from core.kube.api import KubeApi
 from core.kube.control_loop import ControlLoop
+from core.kube.evidence_server import EvidenceServer
 from core.kube.reconciler import Controller, ControllerSettings
 from core.kube.submit import adapter_resource, resource_name, task_resource
 from core.models import LedgerEntry, TaskState
@@ -361,6 +364,9 @@ class Cluster:
     runner_image: str = "unused"
     image_pull_policy: str = "IfNotPresent"
     timeout: float = 300.0
+    #: Where the operator's evidence server listens, reachable by the runner pods (the fake
+    #: kubelet's run on this machine; a real cluster's reach the node address).
+    evidence_host: str = "127.0.0.1"
 
 
 async def _state(api: KubeApi, ns: str, name: str) -> tuple[str, str]:
@@ -386,6 +392,14 @@ async def drive_kubernetes(
     """Submit the scenario and run an operator (the control loop) until every task settled."""
     url = default_url(operator_workdir)
     upgrade(url)
+    # the operator's local evidence store, served to the runner pods as core.kube.runtime does
+    signer = GrantSigner(load_secret(operator_workdir / ".evidence-grant-key"))
+    store = LocalGrantingStore(operator_workdir / LEDGER_DIR, base_url="", signer=signer)
+    server = EvidenceServer(store, signer)
+    port = await server.start(cluster.evidence_host, 0)
+    store.base_url = f"http://{cluster.evidence_host}:{port}"
+    reach = {"to": [{"ipBlock": {"cidr": f"{cluster.evidence_host}/32"}}],
+             "ports": [{"protocol": "TCP", "port": port}]}  # fmt: skip
     controller = Controller(
         api,
         Store(make_engine(url)),
@@ -395,7 +409,9 @@ async def drive_kubernetes(
             namespaces=(cluster.namespace,),
             image_pull_policy=cluster.image_pull_policy,
             resync_seconds=2,
+            evidence_egress=(reach,),
         ),
+        evidence=store,
     )
     loop = ControlLoop(controller, api, namespaces=(cluster.namespace,), resync_seconds=2)
     running = asyncio.create_task(loop.run())
@@ -421,6 +437,7 @@ async def drive_kubernetes(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+        await server.close()
 
 
 async def _until(api: KubeApi, cluster: Cluster, names: list[str]) -> None:

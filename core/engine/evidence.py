@@ -150,7 +150,7 @@ class LocalEvidenceStore:
     def put_file(self, source: Path, sha256: str | None = None) -> EvidenceRef:
         size = source.stat().st_size
         if sha256 is None:
-            sha256 = _file_sha256(source)
+            sha256 = file_sha256(source)
         key = patch_key(sha256)
         target = self.path(key)
         if target.exists():
@@ -210,7 +210,8 @@ class LocalEvidenceStore:
             )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):

@@ -13,6 +13,14 @@ ledger names breaks ``orchestrator export`` and ``ledger verify`` for that attem
   than :data:`ORPHAN_GRACE` (an attempt being recorded right now has one for a moment).
 * **Task logs** (``logs/execution/*.jsonl``) of tasks that are not running or waiting are
   deleted once older than the age limit (by modification time).
+* **Runner requests and pod uploads** (``requests/``, ``incoming/``: the Kubernetes
+  backend's, see ``core.engine.evidence_grants``) are temporary: the request is read when
+  its pod starts, an upload is adopted (or discarded) when its attempt is recorded. They
+  go like orphans, never younger than :data:`ORPHAN_GRACE`.
+
+The store may be the local directory or an S3 bucket (``objects``/``delete`` of the
+:class:`~core.engine.evidence.EvidenceStore` Protocol); on a bucket the lifecycle rules
+expire the temporary prefixes as well, and tombstones go to the work dir's ledger directory.
 
 An age limit applies first; a size limit then deletes what is eligible, oldest first, until
 evidence and logs together fit (referenced patches only with ``include_referenced``). Nothing
@@ -27,7 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.engine.evidence import PATCHES, LocalEvidenceStore
+from core.engine.evidence import PATCHES, EvidenceStore, LocalEvidenceStore
+from core.engine.evidence_grants import INCOMING, REQUESTS
 
 ORPHAN_GRACE = timedelta(hours=1)
 PRUNED_FILE = "pruned.jsonl"
@@ -43,7 +52,7 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class Item:
-    kind: str  # "patch", "orphan", "log", "temp"
+    kind: str  # "patch", "orphan", "log", "temp", "request", "upload"
     name: str
     size: int
     modified: datetime
@@ -61,8 +70,10 @@ class GcReport:
         return sum(item.size for item, _ in self.removed)
 
 
-def pruned_keys(store: LocalEvidenceStore) -> set[str]:
-    path = store.root / PRUNED_FILE
+def pruned_keys(store: LocalEvidenceStore | Path) -> set[str]:
+    """Keys ``gc --include-referenced`` pruned (``store``: the local store or its root)."""
+    root = store if isinstance(store, Path) else store.root
+    path = root / PRUNED_FILE
     if not path.exists():
         return set()
     keys = set()
@@ -75,10 +86,15 @@ def pruned_keys(store: LocalEvidenceStore) -> set[str]:
 
 
 def inventory(
-    store: LocalEvidenceStore, logs_dir: Path, referenced: Collection[str], active_logs: set[str]
+    store: EvidenceStore, logs_dir: Path, referenced: Collection[str], active_logs: set[str]
 ) -> list[Item]:
     """Everything gc may consider, with whether the ledger references it."""
     items = [
+        Item("request" if prefix == REQUESTS else "upload", obj.key, obj.stored_bytes, obj.modified)
+        for prefix in (REQUESTS, INCOMING)
+        for obj in store.objects(prefix)
+    ]
+    items += [
         Item(
             "patch" if obj.key in referenced else "orphan",
             obj.key,
@@ -89,8 +105,8 @@ def inventory(
         for obj in store.objects(PATCHES)
         if not obj.key.rsplit("/", 1)[-1].startswith(".")
     ]
-    patches = store.root / PATCHES
-    for temp in patches.glob(".put-*.tmp") if patches.is_dir() else ():
+    patches = store.root / PATCHES if isinstance(store, LocalEvidenceStore) else None
+    for temp in patches.glob(".put-*.tmp") if patches is not None and patches.is_dir() else ():
         st = temp.stat()
         items.append(Item("temp", temp.name, st.st_size, _mtime(st.st_mtime)))
     if logs_dir.is_dir():
@@ -115,7 +131,8 @@ def plan(items: Iterable[Item], policy: RetentionPolicy, now: datetime) -> list[
     def eligible(item: Item) -> bool:
         if item.referenced and not policy.include_referenced:
             return False
-        return item.kind not in ("orphan", "temp") or now - item.modified >= ORPHAN_GRACE
+        temporary = ("orphan", "temp", "request", "upload")
+        return item.kind not in temporary or now - item.modified >= ORPHAN_GRACE
 
     if policy.older_than is not None:
         for item in items:
@@ -135,38 +152,42 @@ def plan(items: Iterable[Item], policy: RetentionPolicy, now: datetime) -> list[
 
 
 def collect(
-    store: LocalEvidenceStore,
+    store: EvidenceStore,
     logs_dir: Path,
     *,
     referenced: Collection[str],
     active_logs: set[str],
     policy: RetentionPolicy,
     now: datetime,
+    tombstones_dir: Path | None = None,
 ) -> GcReport:
-    """Apply ``policy`` (or, with ``dry_run``, only say what it would delete)."""
+    """Apply ``policy`` (or, with ``dry_run``, only say what it would delete).
+
+    ``tombstones_dir``: where ``pruned.jsonl`` goes (default: the local store's root)."""
     items = inventory(store, logs_dir, referenced, active_logs)
     doomed = plan(items, policy, now)
     report = GcReport(removed=doomed)
     gone = {(i.kind, i.name) for i, _ in doomed}
-    report.kept_referenced = sum(
-        1 for i in items if i.referenced and (i.kind, i.name) not in gone
-    )
+    report.kept_referenced = sum(1 for i in items if i.referenced and (i.kind, i.name) not in gone)
     report.remaining_bytes = sum(i.size for i in items if (i.kind, i.name) not in gone)
     if policy.dry_run:
         return report
     tombstones = []
     for item, _ in doomed:
-        if item.kind in ("patch", "orphan"):
+        if item.kind in ("patch", "orphan", "request", "upload"):
             store.delete(item.name)
             if item.referenced:
                 tombstones.append({"key": item.name, "pruned_at": now.isoformat()})
-        elif item.kind == "temp":
+        elif item.kind == "temp" and isinstance(store, LocalEvidenceStore):
             (store.root / PATCHES / item.name).unlink(missing_ok=True)
         else:
             (logs_dir / item.name).unlink(missing_ok=True)
     if tombstones:
-        store.root.mkdir(parents=True, exist_ok=True)
-        with open(store.root / PRUNED_FILE, "a", encoding="utf-8") as fh:
+        root = tombstones_dir or (store.root if isinstance(store, LocalEvidenceStore) else None)
+        if root is None:
+            raise ValueError("tombstones_dir: required for a store that is not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / PRUNED_FILE, "a", encoding="utf-8") as fh:
             for stone in tombstones:
                 fh.write(json.dumps(stone) + "\n")
     return report

@@ -127,7 +127,10 @@ class TaskLog:
         mirror: IO[str] | None = None,
         redactor: Redactor = SHAPES_ONLY,
         section_bytes: int | None = None,
+        mirror_notes_only: bool = False,
     ) -> None:
+        """``mirror_notes_only``: mirror only our own notes (few and small), not the output:
+        a runner whose full log goes to the evidence store keeps its pod log small."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file: IO[bytes] = open(path, "ab")
@@ -135,6 +138,7 @@ class TaskLog:
         self._attempt = attempt
         self._now = now
         self._mirror = mirror
+        self._mirror_notes_only = mirror_notes_only
         self.redactor = redactor
         self.max_bytes = max_bytes
         self.notes_budget = min(max_bytes // NOTES_SHARE, NOTES_MAX)
@@ -177,7 +181,7 @@ class TaskLog:
             self.dropped += len(record)
             return
         self._notes += len(record)
-        self.emit(record)
+        self.emit(record, note=True)
 
     def close(self) -> None:
         if self._file.closed:
@@ -202,11 +206,11 @@ class TaskLog:
         # a lone surrogate (an undecodable file name) becomes a valid JSON \\u escape
         return text.encode("utf-8", errors="backslashreplace")
 
-    def emit(self, record: bytes) -> None:
+    def emit(self, record: bytes, *, note: bool = False) -> None:
         self._file.write(record)
         self._file.flush()
         self.written += len(record)
-        if self._mirror is not None:
+        if self._mirror is not None and (note or not self._mirror_notes_only):
             self._mirror.write(record.decode("utf-8", errors="replace"))
             self._mirror.flush()
 

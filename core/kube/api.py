@@ -94,6 +94,7 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("pods", "", "v1", "Pod", generation=True, status_subresource=True),
         ResourceType("configmaps", "", "v1", "ConfigMap", generation=False),
         ResourceType("secrets", "", "v1", "Secret", generation=False),
+        ResourceType("services", "", "v1", "Service", generation=False),
         ResourceType("events", "", "v1", "Event", generation=False),
         ResourceType("leases", "coordination.k8s.io", "v1", "Lease", generation=False),
         ResourceType("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy", True),

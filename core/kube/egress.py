@@ -9,6 +9,8 @@ with no policy and no rules nothing is created (an empty policy would isolate th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from core.kube.api import Body, KubeApi
 from core.kube.jobs import egress_policy, egress_policy_action, egress_policy_name
 from core.resources import AdapterResourceSpec
@@ -17,8 +19,11 @@ POLICIES = "networkpolicies"
 
 
 class EgressPolicies:
-    def __init__(self, api: KubeApi) -> None:
+    def __init__(self, api: KubeApi, extra: Sequence[Body] = ()) -> None:
+        """``extra``: egress rules every Adapter's policy also carries (the evidence store:
+        a pod selected by a policy may reach only what the policies list)."""
         self.api = api
+        self.extra = tuple(extra)
         self._done: set[tuple[str, str, str, int | None]] = set()
 
     async def ensure(self, adapter: Body, spec: AdapterResourceSpec) -> None:
@@ -29,16 +34,17 @@ class EgressPolicies:
             return
         name = egress_policy_name(meta["name"])
         existing = await self.api.get_object(POLICIES, meta["namespace"], name)
-        action = egress_policy_action(existing, adapter, spec)
+        action = egress_policy_action(existing, adapter, spec, self.extra)
         if action == "create":
-            await self.api.create_object(POLICIES, meta["namespace"], egress_policy(adapter, spec))
+            body = egress_policy(adapter, spec, self.extra)
+            await self.api.create_object(POLICIES, meta["namespace"], body)
             return  # created, or raced with someone: decide again on the next step
         if action == "patch" and existing is not None:
             await self.api.patch_object(
                 POLICIES,
                 meta["namespace"],
                 name,
-                {"spec": egress_policy(adapter, spec)["spec"]},
+                {"spec": egress_policy(adapter, spec, self.extra)["spec"]},
                 resource_version=existing["metadata"]["resourceVersion"],
             )
         elif action == "foreign":

@@ -47,10 +47,10 @@ from core.kube.api import Body, KubeApi, is_owned_by
 from core.kube.attempts import parse_time
 from core.kube.jobs import (
     BACKSTOP_GRACE_SECONDS,
+    INPUTS_DIR,
     LABEL_ROLE,
     LABEL_RUN,
     MANAGED_BY,
-    PATCH_DIR,
     job_failure_reason,
     job_finished,
     job_manifest,
@@ -125,7 +125,7 @@ def gate_request(request: TreeGateRequest, repo_url: str, max_log_bytes: int) ->
         max_log_bytes=max_log_bytes,
         gate_checks=checks,
         gate_baseline=request.baseline,
-        patch_file=f"{PATCH_DIR}/patch",
+        patch_file=f"{INPUTS_DIR}/patch",
     )
 
 
@@ -155,10 +155,9 @@ def gate_job(
         task_id="integration",
         attempt=number,
         image=image,
-        request_json=request.model_dump_json(),
         deadline_seconds=deadline,
         adapter=AdapterResourceSpec(kind=ResourceKind.PATCH, resources=resources),
-        patch_configmap=f"{name}-patch",
+        inputs_configmap=f"{name}-patch",
         image_pull_policy=image_pull_policy,
     )
     labels = gate_labels(integration["metadata"]["name"], request.run_id, number)
@@ -168,7 +167,11 @@ def gate_job(
     return job
 
 
-def patch_configmap(integration: Body, name: str, patch: bytes, number: int) -> Body:
+def patch_configmap(
+    integration: Body, name: str, patch: bytes, number: int, request: RunnerRequest
+) -> Body:
+    """The gate run's inputs: the runner's request and the merged diff (the pod's inputs
+    directory, :func:`core.kube.jobs.job_manifest` ``inputs_configmap``)."""
     meta = integration["metadata"]
     return {
         "apiVersion": "v1",
@@ -183,6 +186,7 @@ def patch_configmap(integration: Body, name: str, patch: bytes, number: int) -> 
             },
             "ownerReferences": [owner_reference(integration)],
         },
+        "data": {"request.json": request.model_dump_json()},
         "binaryData": {"patch": base64.b64encode(patch).decode()},
     }
 
@@ -295,7 +299,7 @@ class JobTreeGate:
             )
         self._push(request)
         runner = gate_request(request, self.repo_url, self.settings.max_log_bytes)
-        self._configmap(name, request.patch, number)
+        self._configmap(name, request.patch, number, runner)
         job = gate_job(
             self.integration,
             name=name,
@@ -335,9 +339,9 @@ class JobTreeGate:
         repo.push(self.repo_url, self.branch, request.base_commit)
         self._pushed = request.base_commit
 
-    def _configmap(self, name: str, patch: bytes, number: int) -> None:
+    def _configmap(self, name: str, patch: bytes, number: int, request: RunnerRequest) -> None:
         cm_name = f"{name}-patch"
-        body = patch_configmap(self.integration, cm_name, patch, number)
+        body = patch_configmap(self.integration, cm_name, patch, number, request)
         made = self._call(self.api.create_configmap(self.namespace, body))
         if made.created:
             return

@@ -1,16 +1,22 @@
-"""Job and ConfigMap manifests for adapter and gate attempts, and each Adapter's egress policy.
+"""Job manifests for adapter and gate attempts, and each Adapter's egress policy.
 
 Names are deterministic (TaskExecution uid + attempt + role), so a retried or replayed
 reconcile creates the same object and a 409 means "already done". Pods run untrusted code:
 no service-account token, non-root, no privilege escalation, all capabilities dropped,
 RuntimeDefault seccomp, read-only root filesystem, resource limits from the Adapter. The
 runner enforces the budget; ``activeDeadlineSeconds`` is only a backstop.
+
+Bulk never goes into a manifest: the init container ``fetch`` downloads the runner request
+(and a patch to apply) through the attempt's grant into the ``inputs`` emptyDir, which the
+runner container mounts read-only (see :mod:`core.kube.attempt_io`). A patch the task
+names in a ConfigMap or Secret is mounted by the kubelet (the operator never reads it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from core.resources import AdapterResourceSpec
@@ -25,8 +31,12 @@ LABEL_ROLE = "orchestrator.dev/role"
 LABEL_ADAPTER = "orchestrator.dev/adapter"
 BACKSTOP_GRACE_SECONDS = 60
 WORKDIR = "/work"
-PATCH_DIR = "/etc/orchestrator/patch"
+INPUTS_DIR = "/etc/orchestrator/inputs"
+PATCH_SOURCE_DIR = "/etc/orchestrator/patch-source"
+PATCH_SOURCE_FILE = f"{PATCH_SOURCE_DIR}/patch"
 RUNNER_UID = 10001
+#: The init container only downloads: small fixed resources.
+FETCH_RESOURCES = {"cpu": "200m", "memory": "128Mi"}
 
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -102,54 +112,98 @@ def job_manifest(
     task_id: str,
     attempt: int,
     image: str,
-    request_json: str,
+    fetch_grant: str | None = None,
+    runner_grant: str | None = None,
     deadline_seconds: float,
     adapter: AdapterResourceSpec | None,
-    patch_configmap: str | None = None,
+    patch_source: dict[str, Any] | None = None,
     image_pull_policy: str = "IfNotPresent",
     adapter_name: str | None = None,
+    inputs_size_limit: str | None = None,
+    ttl_seconds_after_finished: int | None = None,
+    inputs_configmap: str | None = None,
 ) -> dict[str, Any]:
+    """``fetch_grant`` / ``runner_grant``: the init container's and the runner's part of the
+    attempt's grant (JSON); ``patch_source``: a volume source (``configMap`` or ``secret``
+    with one item, path ``patch``) holding a patch the task names by reference;
+    ``ttl_seconds_after_finished``: a backstop only, the operator shortens it once the
+    attempt's evidence is recorded.
+
+    ``inputs_configmap`` instead of the grants: a ConfigMap (keys ``request.json`` and
+    ``patch``) mounted as the inputs directory, no fetch container and no uploads (the log
+    stays in the pod log). Only an Integration's merged-tree gate runs use it, which keep
+    their patch in a ConfigMap until they move to the evidence store."""
+    if (inputs_configmap is None) == (fetch_grant is None or runner_grant is None):
+        raise ValueError("job_manifest: give fetch_grant and runner_grant, or inputs_configmap")
     res = adapter.resources if adapter else None
     limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
+    inputs: dict[str, Any] = {"sizeLimit": inputs_size_limit} if inputs_size_limit else {}
     volumes: list[dict[str, Any]] = [
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "inputs", "emptyDir": inputs}
+        if inputs_configmap is None
+        else {"name": "inputs", "configMap": {"name": inputs_configmap}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "work", "mountPath": WORKDIR},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
     ]
-    if patch_configmap is not None:
-        volumes.append({"name": "patch", "configMap": {"name": patch_configmap}})
-        mounts.append({"name": "patch", "mountPath": PATCH_DIR, "readOnly": True})
+    if patch_source is not None:
+        volumes.append({"name": "patch-source", **patch_source})
+        mounts.append({"name": "patch-source", "mountPath": PATCH_SOURCE_DIR, "readOnly": True})
+    security = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUNNER_UID,
+        "runAsGroup": RUNNER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    fetch = {
+        "name": "fetch",
+        "image": image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["python", "-m", "core.runner", "fetch"],
+        "env": [
+            {"name": "ORCHESTRATOR_GRANT", "value": fetch_grant},
+            {"name": "ORCHESTRATOR_INPUTS", "value": INPUTS_DIR},
+        ],
+        "resources": {"requests": dict(FETCH_RESOURCES), "limits": dict(FETCH_RESOURCES)},
+        "volumeMounts": [
+            {"name": "inputs", "mountPath": INPUTS_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": security,
+    }
     container = {
         "name": role,
         "image": image,
         "imagePullPolicy": image_pull_policy,
         "command": ["python", "-m", "core.runner", role],
         "env": [
-            {"name": "ORCHESTRATOR_REQUEST", "value": request_json},
+            {"name": "ORCHESTRATOR_REQUEST_FILE", "value": f"{INPUTS_DIR}/request.json"},
+            *([{"name": "ORCHESTRATOR_GRANT", "value": runner_grant}] if runner_grant else []),
             {"name": "ORCHESTRATOR_WORKDIR", "value": WORKDIR},
             {"name": "HOME", "value": f"{WORKDIR}/home"},
             *(_env(adapter) if role == "adapter" else []),
         ],
         "resources": {"requests": dict(limits), "limits": dict(limits)},
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUNNER_UID,
-            "runAsGroup": RUNNER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": security,
     }
     pod_labels = labels(te["metadata"]["name"], run_id, task_id, attempt, role)
     if adapter_name is not None and role == "adapter":
         # Selects the pod for its Adapter's egress policy. Gate pods never carry it: they run
         # the repository's own checks and get only the chart's runner policy (git server).
         pod_labels[LABEL_ADAPTER] = adapter_name
+    ttl = (
+        {}
+        if ttl_seconds_after_finished is None
+        else {"ttlSecondsAfterFinished": ttl_seconds_after_finished}
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -160,6 +214,7 @@ def job_manifest(
             "ownerReferences": [owner_reference(te)],
         },
         "spec": {
+            **ttl,
             "backoffLimit": 0,
             "activeDeadlineSeconds": max(1, int(deadline_seconds) + BACKSTOP_GRACE_SECONDS),
             "template": {
@@ -176,6 +231,7 @@ def job_manifest(
                         "fsGroup": RUNNER_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    "initContainers": [] if inputs_configmap is not None else [fetch],
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -184,21 +240,14 @@ def job_manifest(
     }
 
 
-def patch_configmap(te: dict[str, Any], name: str, patch_b64: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": te["metadata"]["namespace"],
-            "labels": {
-                "app.kubernetes.io/managed-by": MANAGED_BY,
-                LABEL_TE: label_value(te["metadata"]["name"]),
-            },
-            "ownerReferences": [owner_reference(te)],
-        },
-        "binaryData": {"patch": patch_b64},
-    }
+def patch_source_volume(
+    kind: Literal["configMap", "secret"], name: str, key: str
+) -> dict[str, Any]:
+    """A volume source projecting one key of a ConfigMap or Secret as the file ``patch``."""
+    items = [{"key": key, "path": "patch"}]
+    if kind == "configMap":
+        return {"configMap": {"name": name, "items": items}}
+    return {"secret": {"secretName": name, "items": items}}
 
 
 def job_finished(job: dict[str, Any]) -> str | None:
@@ -220,7 +269,9 @@ def egress_policy_name(adapter_name: str) -> str:
     return f"orchestrator-adapter-{adapter_name}"[:253]
 
 
-def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[str, Any]:
+def egress_policy(
+    adapter: dict[str, Any], spec: AdapterResourceSpec, extra: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     """A NetworkPolicy letting the Adapter's adapter pods reach what its ``spec.egress`` declares.
 
     NetworkPolicies add up: with the chart's default-deny policy for runner pods, this is the
@@ -228,7 +279,9 @@ def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[st
     label). An empty ``spec.egress`` gives a policy without rules: it selects the pods and
     allows nothing more, which is how a cleared ``spec.egress`` takes the allowance back.
     The Adapter is its controller owner (garbage-collected with it), and the managed-by and
-    adapter labels mark it as the operator's: see :func:`egress_policy_action`.
+    adapter labels mark it as the operator's: see :func:`egress_policy_action`. ``extra``:
+    rules every such policy carries (the evidence store the pods must reach, which a policy
+    selecting them would otherwise deny where no chart policy admits it).
     """
     meta = adapter["metadata"]
     rules = []
@@ -237,6 +290,8 @@ def egress_policy(adapter: dict[str, Any], spec: AdapterResourceSpec) -> dict[st
         if rule.ports:
             entry["ports"] = [{"protocol": "TCP", "port": p} for p in rule.ports]
         rules.append(entry)
+    if rules:
+        rules.extend(dict(rule) for rule in extra)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -284,7 +339,10 @@ EgressAction = Literal["create", "patch", "none", "foreign"]
 
 
 def egress_policy_action(
-    existing: dict[str, Any] | None, adapter: dict[str, Any], spec: AdapterResourceSpec
+    existing: dict[str, Any] | None,
+    adapter: dict[str, Any],
+    spec: AdapterResourceSpec,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> EgressAction:
     """What the operator does with an Adapter's egress policy, given what the API server has.
 
@@ -299,7 +357,7 @@ def egress_policy_action(
         return "create" if spec.egress else "none"
     if not is_own_egress_policy(existing, adapter):
         return "foreign"
-    desired = egress_policy(adapter, spec)["spec"]
+    desired = egress_policy(adapter, spec, extra)["spec"]
     current = existing.get("spec") or {}
     same = all(current.get(k) == desired[k] for k in ("podSelector", "policyTypes"))
     same = same and (current.get("egress") or []) == desired["egress"]

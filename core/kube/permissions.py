@@ -10,13 +10,16 @@ watch; POST create, PUT update, PATCH patch, DELETE delete; a 409 on create read
 A new call without a line here fails that test; a line here the chart does not grant fails
 ``tests/unit/test_chart.py``; the e2e tests ask the real API server (403 for everything else).
 
-Two scopes: ``served`` permissions go into a Role in each served namespace (the informers,
+Three scopes: ``served`` permissions go into a Role in each served namespace (the informers,
 the Jobs and their pods, Events ...); ``lease`` permissions into a Role in the operator's own
-namespace, for leader election (:mod:`core.kube.leader`). ``get`` and ``update`` of the Lease
-are limited to its name (``resourceNames``); ``create`` cannot be (RBAC sees no name on a
-create), so it stays a rule of its own. Nothing is cluster-wide: kopf runs with its cluster
-scanning off (operator/handlers.py), and its discovery reads (``/api``, ``/apis``) are open
-to every authenticated client (the default ``system:discovery`` ClusterRole).
+namespace, for leader election (:mod:`core.kube.leader`); ``evidence`` into a Role there too,
+when the operator serves the evidence store itself (``evidence.backend=local`` without a
+configured URL): it reads its own Service's ClusterIP (``resourceNames``: the Service), the
+address runner pods upload to. ``get`` and ``update`` of the Lease are limited to its name;
+``create`` cannot be (RBAC sees no name on a create), so it stays a rule of its own.
+Nothing is cluster-wide: kopf runs with its cluster scanning off (operator/handlers.py), and
+its discovery reads (``/api``, ``/apis``) are open to every authenticated client (the default
+``system:discovery`` ClusterRole).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Scope = Literal["served", "lease"]
+Scope = Literal["served", "lease", "evidence"]
 #: One permission as RBAC checks it: (API group, resource[/subresource], verb).
 Grant = tuple[str, str, str]
 
@@ -88,11 +91,12 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(
         "batch",
         "jobs",
-        ("create", "get", "list", "watch", "delete"),
+        ("create", "get", "list", "watch", "patch", "delete"),
         "served",
         "one Job per attempt and role and per merged-tree gate run of an Integration (a 409 "
         "reads the existing one); the informer lists and watches only the operator's (label "
-        "selector); pending triage deletes a Job whose pod cannot start (uid precondition)",
+        "selector); patch: an attempt's Jobs get their short TTL once it is recorded; pending "
+        "triage deletes a Job whose pod cannot start (uid precondition)",
     ),
     Permission("", "pods", ("list",), "served", "an attempt's pods, by the Job's label"),
     Permission("", "pods/log", ("get",), "served", "the runner's report is its pod's log"),
@@ -101,7 +105,8 @@ PERMISSIONS: tuple[Permission, ...] = (
         "configmaps",
         ("create", "get"),
         "served",
-        "the adapter's patch travels to the gate Job in a ConfigMap, read back at the end",
+        "an Integration's merged-tree gate run gets its request and merged diff in a "
+        "ConfigMap (a 409 reads the existing one); a task's patch never does",
     ),
     Permission(
         "networking.k8s.io",
@@ -117,6 +122,14 @@ PERMISSIONS: tuple[Permission, ...] = (
         "served",
         "TASK_STARTED, TASK_COMPLETED, TASK_FAILED, ...; ESCALATION (Warning) on the "
         "TaskExecution and the Adapter; INTEGRATION_* on the Integration",
+    ),
+    Permission(
+        "",
+        "services",
+        ("get",),
+        "evidence",
+        "the local evidence store: its own Service's ClusterIP is the URL runner pods use "
+        "(resourceNames: its name)",
     ),
     Permission(
         "coordination.k8s.io",

@@ -14,11 +14,12 @@ precondition.
                    IN_PROGRESS status, TASK_STARTED Event) follows as LOW work of the queue,
                    so a burst of new tasks gets its Jobs before their paperwork
     IN_PROGRESS -> pod pending: triage (image pull, Secret, scheduling); container started:
-                   the budget counts from there; Job done: read the runner's report from the
-                   pod log, save logs; lifecycle.needs_gate -> patch ConfigMap + gate Job,
-                   else conclude
+                   the budget counts from there; Job done: read the runner's small report
+                   from the pod log, check and adopt its uploads (full log, full diff:
+                   core.kube.attempt_io); lifecycle.needs_gate -> gate Job, else conclude
     VALIDATING  -> gate Job done: conclude with the gate's result
-    conclude    -> lifecycle.conclude, Recorder.record, then status and an Event
+    conclude    -> lifecycle.conclude (with the attempt's redactor), Recorder.record, then
+                   status and an Event; the attempt's Jobs get their short TTL
 
 Nothing here swallows an error: an exception goes back to the work queue, which retries the
 key with a per-key backoff (and :meth:`Controller.report_error` shows it in the status). Only
@@ -29,18 +30,17 @@ used.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from core.db.store import Store, TaskRecord
+from core.engine.evidence_grants import GrantingStore
 from core.engine.lifecycle import (
     AttemptEvidence,
     Finish,
@@ -54,15 +54,15 @@ from core.engine.lifecycle import (
 from core.engine.monitoring.metrics import Metrics
 from core.engine.recorder import Recorder, finish_of
 from core.engine.resilience import Admission
-from core.errors import RejectedError
+from core.errors import EvidenceError, RejectedError
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
 from core.kube.api import Body, KubeApi, is_owned_by
+from core.kube.attempt_io import AttemptIO, PatchInput, PodInputs
 from core.kube.attempts import (
     adapter_evidence,
     attempt_recorded,
     attempt_started,
-    diff_too_large,
     gate_evidence,
     gate_started,
     parse_time,
@@ -70,23 +70,24 @@ from core.kube.attempts import (
 )
 from core.kube.jobs import (
     BACKSTOP_GRACE_SECONDS,
-    PATCH_DIR,
+    PATCH_SOURCE_FILE,
     job_finished,
     job_manifest,
     job_name,
+    patch_source_volume,
 )
-from core.kube.jobs import patch_configmap as configmap_manifest
 from core.kube.pod_logs import read_report, save_log
 from core.kube.pods import triage
+from core.kube.redactors import operator_redactor
 from core.kube.status_writer import StatusWriter
 from core.kube.task_context import TaskContext, TaskContexts
 from core.kube.watch_cache import Key, WatchCache, slim_job
 from core.kube.workqueue import Later
-from core.models import FailureClass, TaskState
+from core.models import AdapterKind, FailureClass, TaskState
 from core.resources import (
     TaskExecutionStatus,
 )
-from core.runner.protocol import RunnerRequest, RunnerResult
+from core.runner.protocol import DEFAULT_PATCH_FILE, RunnerRequest, RunnerResult
 
 log = logging.getLogger("orchestrator.operator")
 T = TypeVar("T")
@@ -127,8 +128,15 @@ class ControllerSettings:
     namespaces: tuple[str, ...] = ()
     image_pull_policy: str = "IfNotPresent"
     max_log_bytes: int = 2 * 1024 * 1024
-    max_diff_bytes: int = 512 * 1024  # the patch travels in a ConfigMap (1 MiB limit)
+    #: The hard limit of a diff (it travels through the evidence store, never etcd).
+    max_diff_bytes: int = 100 * 1024 * 1024
     resync_seconds: float = 30.0
+    #: A finished Job's TTL once its attempt is recorded (the evidence is in the store).
+    job_ttl_seconds: int = 300
+    #: The TTL a Job is created with: a backstop for an operator that never comes back.
+    job_ttl_backstop_seconds: int = 7 * 24 * 3600
+    #: NetworkPolicy egress rules reaching the evidence store, added to every Adapter's policy.
+    evidence_egress: tuple[dict[str, Any], ...] = ()
 
 
 class Controller:
@@ -140,6 +148,7 @@ class Controller:
         store: Store,
         settings: ControllerSettings,
         *,
+        evidence: GrantingStore,
         metrics: Metrics | None = None,
         now: Callable[[], datetime] = _now,
         rng: random.Random | None = None,
@@ -150,14 +159,27 @@ class Controller:
         self.metrics = metrics or Metrics()
         self.now = now
         self.rng = rng or random.Random()
+        self.io = AttemptIO(
+            evidence,
+            max_diff_bytes=settings.max_diff_bytes,
+            max_log_bytes=settings.max_log_bytes,
+            spool_dir=settings.workdir,
+        )
         # the database de-duplicates events (keyed inserts): no key set kept in memory
         self.recorder = Recorder(
-            store, settings.workdir, metrics=self.metrics, clock=now, dedupe_events=False
+            store,
+            settings.workdir,
+            metrics=self.metrics,
+            clock=now,
+            dedupe_events=False,
+            evidence=evidence,
         )
         self.breakers = AdapterBreakers(api, store.engine, self.recorder, now)
         self.cache = WatchCache()
         self.status = StatusWriter(api, self.cache, now)
-        self.contexts = TaskContexts(api, store, self.cache, self.status, self.breakers)
+        self.contexts = TaskContexts(
+            api, store, self.cache, self.status, self.breakers, settings.evidence_egress
+        )
         self._reported: dict[tuple[str, str], str] = {}
         self._starting: dict[str, _Started] = {}  # by TaskExecution uid
         self._observers: list[StepObserver] = []
@@ -387,6 +409,29 @@ class Controller:
     async def _start(self, ctx: TaskContext, start: Start, *, trial: bool, now: datetime) -> Next:
         adapter = ctx.plan.adapters[start.adapter_id]
         name = job_name(ctx.name, ctx.uid, start.attempt, "adapter")
+        # a patch named by reference: from the store (fetched with the request), or a
+        # ConfigMap/Secret key the kubelet mounts
+        source, patch, patch_file = None, None, None
+        task_patch = ctx.spec.task.patch_from
+        if adapter.kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and task_patch is not None:
+            if task_patch.evidence is not None:
+                sha = task_patch.evidence.sha256
+                if not await self._io(self.io.patch_exists, sha):
+                    problem = (
+                        f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
+                        "store"
+                    )
+                    await self.status.invalid(ctx.te, ctx.status, [problem])
+                    return None
+                patch, patch_file = PatchInput(sha), DEFAULT_PATCH_FILE
+            else:
+                ref = task_patch.config_map_key_ref or task_patch.secret_key_ref
+                assert ref is not None  # one source: the CRD's rule
+                kind: Literal["configMap", "secret"] = (
+                    "configMap" if task_patch.config_map_key_ref else "secret"
+                )
+                source = patch_source_volume(kind, ref.name, ref.key)
+                patch_file = PATCH_SOURCE_FILE
         request = RunnerRequest(
             kind="adapter",
             run_id=ctx.key.run_id,
@@ -400,12 +445,15 @@ class Controller:
             extra_input=start.feedback,
             gate_checks=[],
             gate_baseline=False,
-            patch_file=None,
+            patch_file=patch_file,
         )
         # the Job's deadline is only a backstop: the runner enforces the budget itself, from
         # its container's start; pulling and scheduling have their own limit
         deadline = start.timeout_seconds + ctx.spec.pending_timeout_seconds
-        job = self._job(ctx, name, "adapter", start.attempt, request, deadline, start.adapter_id)
+        inputs = await self._prepare(ctx, request, deadline, patch)
+        job = self._job(
+            ctx, name, "adapter", start.attempt, inputs, deadline, start.adapter_id, source
+        )
         if not await self._create_owned_job(ctx, job):
             return Later(60.0)
         # the Job first; the record, status and Event follow (_catch_up) when no new task
@@ -444,16 +492,23 @@ class Controller:
         await self.status.finished(ctx.te, finish, ctx.status.attempt)
         await self.status.write(ctx.te, task_ended(ctx.status, finish, self.now()))
 
+    async def _prepare(
+        self, ctx: TaskContext, request: RunnerRequest, deadline: float, patch: PatchInput | None
+    ) -> PodInputs:
+        """Store the request and grant the pod its inputs and uploads until its backstop."""
+        expires = self.now() + timedelta(seconds=deadline + BACKSTOP_GRACE_SECONDS)
+        return await self._io(self.io.prepare, ctx.key, request, expires_at=expires, patch=patch)
+
     def _job(
         self,
         ctx: TaskContext,
         name: str,
         role: str,
         attempt: int,
-        request: RunnerRequest,
+        inputs: PodInputs,
         deadline: float,
         adapter_name: str,
-        configmap: str | None = None,
+        patch_source: Body | None = None,
     ) -> Body:
         resource = ctx.adapters[adapter_name]
         return job_manifest(
@@ -465,12 +520,14 @@ class Controller:
             attempt=attempt,
             image=(resource.image if role == "adapter" and resource.image else None)
             or self.settings.runner_image,
-            request_json=request.model_dump_json(),
+            fetch_grant=inputs.fetch_grant,
+            runner_grant=inputs.runner_grant,
             deadline_seconds=deadline,
             adapter=resource,
-            patch_configmap=configmap,
+            patch_source=patch_source,
             image_pull_policy=self.settings.image_pull_policy,
             adapter_name=adapter_name,
+            ttl_seconds_after_finished=self.settings.job_ttl_backstop_seconds,
         )
 
     async def _get_job(self, namespace: str, name: str) -> Body | None:
@@ -486,16 +543,24 @@ class Controller:
     async def _report(
         self, ctx: TaskContext, job: Body | None, role: str
     ) -> tuple[RunnerResult | None, str | None]:
-        """The runner's report from the finished Job's pod log, the log saved first."""
+        """The runner's report from the finished Job's pod log; the full log it uploaded
+        (checked) saved first, or, without one, what the pod log holds."""
         if job is None:
             return None, None
         report = await read_report(self.api, ctx.ns, job["metadata"]["name"])
         if report is None:
             return None, None
+        records, uploaded = report.records, report.result.log if report.result else None
+        if uploaded is not None:
+            try:
+                records = await self._io(self.io.log_records, uploaded)
+            except EvidenceError as exc:  # gone after an earlier save, or not what was said
+                note = {"stream": "orchestrator", "event": "log_upload_unusable"}
+                records = [*records, {**note, "error": str(exc)}]
         attempt = ctx.status.attempt
-        await self._db(
-            save_log, self.settings.workdir, ctx.key, attempt, role, report.records, self.now
-        )
+        await self._db(save_log, self.settings.workdir, ctx.key, attempt, role, records, self.now)
+        if uploaded is not None:
+            await self._io(self.io.discard, uploaded)
         return report.result, report.runner_error
 
     async def _triage(self, ctx: TaskContext, job: Body, role: str) -> Next:
@@ -534,7 +599,7 @@ class Controller:
             now=self.now(),
             reason=reason,
         )
-        await self._conclude(ctx, record, evidence, None)
+        await self._conclude(ctx, record, evidence)
         return 0.0
 
     async def _after_adapter(self, ctx: TaskContext, record: TaskRecord) -> Next:
@@ -553,24 +618,36 @@ class Controller:
             log_path=ctx.log_path,
             runner_error=runner_error,
         )
+        if result is not None and evidence.diff is not None and not evidence.diff.truncated:
+            evidence = await self._adopt_diff(evidence, result)
         if needs_gate(ctx.plan, evidence) and result is not None:
-            if result.patch_b64 is None and evidence.diff is not None and not evidence.diff.empty:
-                evidence = replace(evidence, gate=diff_too_large(self.settings.max_diff_bytes))
-            else:
-                return await self._start_gate(ctx, evidence, result.patch_b64 or "")
-        patch = base64.b64decode(result.patch_b64) if result and result.patch_b64 else None
-        await self._conclude(ctx, record, evidence, patch)
+            return await self._start_gate(ctx, evidence)
+        await self._conclude(ctx, record, evidence)
         return 0.0
 
-    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence, patch: str) -> Next:
+    async def _adopt_diff(
+        self, evidence: AttemptEvidence, result: RunnerResult
+    ) -> AttemptEvidence:
+        """The full diff the pod uploaded, checked and stored by its sha256 (the summary then
+        names it); an upload that is missing or not what the runner measured is an
+        infrastructure failure (the evidence is lost, the adapter is not blamed)."""
+        assert evidence.diff is not None
+        if result.patch is None:
+            problem = result.upload_error or "the runner did not upload its diff"
+        else:
+            try:
+                diff = await self._io(self.io.adopt_patch, evidence.diff, result.patch)
+            except EvidenceError as exc:
+                problem = str(exc)
+            else:
+                return replace(evidence, diff=diff)
+        return replace(evidence, infrastructure_reason=f"evidence upload failed: {problem}")
+
+    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence) -> Next:
         status = ctx.status
         adapter_name = status.adapter or ctx.spec.adapter_ref.name
         name = job_name(ctx.name, ctx.uid, status.attempt, "gate")
-        cm = f"{name}-patch"
-        made = await self.api.create_configmap(ctx.ns, configmap_manifest(ctx.te, cm, patch))
-        if not made.created and not _own_patch(made.object, ctx.uid, evidence):
-            await self._foreign(ctx, "ConfigMap", cm)
-            return Later(60.0)
+        assert evidence.diff is not None  # needs_gate
         checks = ctx.plan.gate_checks(adapter_name)
         request = RunnerRequest(
             kind="gate",
@@ -585,14 +662,16 @@ class Controller:
             extra_input=None,
             gate_checks=list(checks),
             gate_baseline=ctx.task.gate_baseline,
-            patch_file=f"{PATCH_DIR}/patch",
+            patch_file=DEFAULT_PATCH_FILE,
         )
         deadline = (
             request.timeout_seconds * (2 if ctx.task.gate_baseline else 1)
             + ctx.spec.pending_timeout_seconds
             + BACKSTOP_GRACE_SECONDS
         )
-        job = self._job(ctx, name, "gate", status.attempt, request, deadline, adapter_name, cm)
+        patch = PatchInput(evidence.diff.sha256, evidence.diff.bytes)
+        inputs = await self._prepare(ctx, request, deadline, patch)
+        job = self._job(ctx, name, "gate", status.attempt, inputs, deadline, adapter_name)
         if not await self._create_owned_job(ctx, job):
             return Later(60.0)
         await self._db(self.store.set_validating, ctx.key)
@@ -606,9 +685,6 @@ class Controller:
         if job is not None and job_finished(job) is None:
             return await self._triage(ctx, job, "gate")
         result, runner_error = await self._report(ctx, job, "gate")
-        cm = await self.api.get_configmap(ctx.ns, f"{status.gate_job_name}-patch")
-        raw = ((cm or {}).get("binaryData") or {}).get("patch")
-        patch = base64.b64decode(raw) if raw and cm and is_owned_by(cm, ctx.uid) else None
         evidence = gate_evidence(
             status.attempts[-1],
             job,
@@ -617,18 +693,17 @@ class Controller:
             log_path=ctx.log_path,
             runner_error=runner_error,
         )
-        await self._conclude(ctx, record, evidence, patch)
+        await self._conclude(ctx, record, evidence)
         return 0.0
 
     async def _conclude(
-        self,
-        ctx: TaskContext,
-        record: TaskRecord,
-        evidence: AttemptEvidence,
-        patch: bytes | None,
+        self, ctx: TaskContext, record: TaskRecord, evidence: AttemptEvidence
     ) -> None:
         history = [a for a in record.attempt_results if a.attempt < evidence.attempt]
-        verdict = conclude(ctx.plan, history, evidence, rng=self.rng)
+        adapter = ctx.adapters.get(evidence.adapter_id)
+        checks = ctx.plan.gate_checks(evidence.adapter_id) if adapter is not None else ()
+        redactor = operator_redactor(adapter, checks)
+        verdict = conclude(ctx.plan, history, evidence, rng=self.rng, redactor=redactor)
         trial = ctx.status.attempts[-1].trial if ctx.status.attempts else False
         outcome = await self._db(
             self.recorder.record,
@@ -637,13 +712,26 @@ class Controller:
             verdict,
             breakers=self.breakers.of(ctx.ns),
             trial=trial,
-            patch=patch,
         )
         result = outcome.entry.result
         why = verdict.decision.reason
         if outcome.finish is not None:  # the Event first: see core.kube.status_writer
             await self.status.finished(ctx.te, outcome.finish, result.attempt)
         await self.status.write(ctx.te, attempt_recorded(ctx.status, result, outcome.finish, why))
+        await self._expire_jobs(ctx, ctx.status.job_name, ctx.status.gate_job_name)
+
+    async def _expire_jobs(self, ctx: TaskContext, *names: str | None) -> None:
+        """The attempt is recorded, its evidence in the store: its finished Jobs may go
+        (the TTL controller deletes them, their pods with them, after the short TTL)."""
+        ttl = {"spec": {"ttlSecondsAfterFinished": self.settings.job_ttl_seconds}}
+        for name in names:
+            job = await self._get_job(ctx.ns, name) if name else None
+            if job is None or not is_owned_by(job, ctx.uid):
+                continue
+            try:
+                await self.api.patch_object("jobs", ctx.ns, str(name), ttl)
+            except Exception:  # the backstop TTL still applies
+                log.warning("could not shorten the TTL of Job %s/%s", ctx.ns, name, exc_info=True)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()
@@ -652,11 +740,6 @@ class Controller:
         finally:
             self._notify("db", getattr(fn, "__qualname__", repr(fn)), started)
 
-
-def _own_patch(cm: Body, uid: str, evidence: AttemptEvidence) -> bool:
-    """Whether an existing patch ConfigMap is ours and holds exactly this attempt's diff."""
-    if not is_owned_by(cm, uid):
-        return False
-    raw = (cm.get("binaryData") or {}).get("patch") or ""
-    sha = hashlib.sha256(base64.b64decode(raw)).hexdigest()
-    return evidence.diff is not None and sha == evidence.diff.sha256
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Evidence-store calls (files, HTTP to an object store) off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)

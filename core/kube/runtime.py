@@ -1,7 +1,8 @@
 """Assembling the operator from its settings (environment variables, pydantic-settings).
 
 ``operator/handlers.py`` only starts and stops what this module builds: the database
-(migrated once at start), work dir, API client, metrics endpoint, the
+(migrated once at start), work dir, API client, metrics endpoint, the evidence store (the
+local one with its HTTP server for runner pods, or S3), the
 :class:`~core.kube.reconciler.Controller` and the :class:`~core.kube.control_loop.ControlLoop`
 that feeds it (informers, work queue, leader election), with the parts that share the loop
 (escalation Events, Integrations).
@@ -9,20 +10,30 @@ that feeds it (informers, work queue, leader election), with the parts that shar
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.db.database import check_schema, default_url, make_engine, upgrade
 from core.db.store import Store
+from core.engine.evidence import LEDGER_DIR
+from core.engine.evidence_grants import GrantingStore, GrantSigner, LocalGrantingStore, load_secret
+from core.engine.evidence_s3 import S3EvidenceStore, s3_client
 from core.engine.monitoring.metrics import Metrics
+from core.errors import ConfigError
 from core.kube.client_api import ClientKubeApi
 from core.kube.control_loop import ControlLoop
 from core.kube.escalation_events import EscalationEvents
+from core.kube.evidence_server import EvidenceServer
 from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.leader import ElectionConfig
 from core.kube.reconciler import Controller, ControllerSettings
@@ -46,7 +57,49 @@ class OperatorSettings(BaseSettings):
     metrics_address: str = "0.0.0.0"  # noqa: S104 - the metrics Service scrapes the pod
     migrate: bool = Field(default=True, description="Run database migrations at start.")
     resync_seconds: float = 30.0
-    max_diff_bytes: int = 512 * 1024
+    max_diff_bytes: int = Field(
+        default=100 * 1024 * 1024, description="Hard limit of a diff (over it: diff_too_large)."
+    )
+    job_ttl_seconds: int = Field(
+        default=300, ge=0, description="A finished Job's TTL once its attempt is recorded."
+    )
+    evidence_backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="local: <workdir>/.ledger served to runner pods by this process; s3: a bucket.",
+    )
+    evidence_listen: str = Field(
+        default="0.0.0.0:8081", description="local: host:port of the evidence server."
+    )
+    evidence_url: str | None = Field(
+        default=None, description="local: the URL runner pods reach the evidence server at."
+    )
+    evidence_service: str | None = Field(
+        default=None,
+        description="local, when evidence_url is unset: the Service (in $POD_NAMESPACE) whose "
+        "ClusterIP and port 'evidence' make the URL (no cluster DNS needed).",
+    )
+    evidence_egress: str | None = Field(
+        default=None,
+        description="JSON list of NetworkPolicy egress rules reaching the evidence store, added "
+        "to every Adapter's policy. Default: the store URL's address when it is an IP.",
+    )
+    s3_endpoint: str | None = Field(default=None, description="s3: endpoint URL (None: AWS).")
+    s3_public_endpoint: str | None = Field(
+        default=None, description="s3: the endpoint pods reach (grants are signed for it)."
+    )
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = Field(default=None, description="Default: boto3's chain.")
+    s3_secret_access_key: str | None = None
+    s3_temporary_days: int | None = Field(
+        default=8,
+        ge=1,
+        description="s3: lifecycle rule expiring requests/ and incoming/ (None: set none).",
+    )
+    s3_patch_days: int | None = Field(
+        default=None, ge=1, description="s3: lifecycle rule expiring patches/ (None: keep)."
+    )
     kubeconfig: str | None = None
     workers: int = Field(default=16, ge=1, le=64, description="Keys reconciled at once.")
     defer_quiet_seconds: float = Field(
@@ -88,7 +141,88 @@ class OperatorSettings(BaseSettings):
         return tuple(n.strip() for n in (self.namespace or "").split(",") if n.strip())
 
 
-async def build_controller(settings: OperatorSettings) -> Controller:
+@dataclass
+class Evidence:
+    """The operator's evidence store, and the server that serves a local one to pods."""
+
+    store: GrantingStore
+    server: EvidenceServer | None = None
+    #: The URL runner pods reach the store at.
+    url: str = ""
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+async def start_evidence(settings: OperatorSettings, api: ClientKubeApi | None = None) -> Evidence:
+    """The configured store; for ``local``, its server listening and its public URL known."""
+    if settings.evidence_backend == "s3":
+        if not settings.s3_bucket:
+            raise ConfigError("ORCHESTRATOR_S3_BUCKET: required with evidence_backend=s3")
+
+        def client(endpoint: str | None) -> object:
+            return s3_client(
+                endpoint,
+                region=settings.s3_region,
+                access_key=settings.s3_access_key_id,
+                secret_key=settings.s3_secret_access_key,
+            )
+
+        store = S3EvidenceStore(
+            client(settings.s3_endpoint),
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            presigner=client(settings.s3_public_endpoint or settings.s3_endpoint),
+        )
+        if settings.s3_temporary_days is not None:
+            store.ensure_lifecycle(
+                temporary_days=settings.s3_temporary_days, patch_days=settings.s3_patch_days
+            )
+        return Evidence(store, url=settings.s3_public_endpoint or settings.s3_endpoint or "")
+    host, _, port = settings.evidence_listen.rpartition(":")
+    signer = GrantSigner(load_secret(settings.workdir / ".evidence-grant-key"))
+    url = settings.evidence_url
+    if url is None and settings.evidence_service and api is not None:
+        url = await _service_url(api, settings.evidence_service)
+    root = settings.workdir / LEDGER_DIR
+    server = EvidenceServer(LocalGrantingStore(root, base_url="", signer=signer), signer)
+    bound = await server.start(host or "0.0.0.0", int(port))  # noqa: S104 - pods connect
+    url = url or f"http://127.0.0.1:{bound}"
+    server.store.base_url = url.rstrip("/")
+    return Evidence(server.store, server, url)
+
+
+def evidence_egress(settings: OperatorSettings, url: str) -> tuple[dict[str, Any], ...]:
+    """The egress rules reaching the store: as configured, else the URL's IP and port."""
+    if settings.evidence_egress:
+        rules = json.loads(settings.evidence_egress)
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise ConfigError("ORCHESTRATOR_EVIDENCE_EGRESS: a JSON list of egress rules")
+        return tuple(rules)
+    parts = urlsplit(url)
+    try:
+        address = ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        return ()  # a name: the chart's runner policy admits the store
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    cidr = f"{address}/{address.max_prefixlen}"
+    return ({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]},)
+
+
+async def _service_url(api: ClientKubeApi, name: str) -> str:
+    namespace = os.environ.get("POD_NAMESPACE") or "default"
+    service = await api.get_object("services", namespace, name)
+    if service is None:
+        raise ConfigError(f"the evidence Service {namespace}/{name} does not exist")
+    spec = service.get("spec") or {}
+    ports = [p for p in spec.get("ports") or [] if p.get("name") == "evidence"]
+    if not spec.get("clusterIP") or not ports:
+        raise ConfigError(f"Service {namespace}/{name} has no ClusterIP or no port 'evidence'")
+    return f"http://{spec['clusterIP']}:{ports[0]['port']}"
+
+
+async def build_controller(settings: OperatorSettings, evidence: Evidence) -> Controller:
     settings.workdir.mkdir(parents=True, exist_ok=True)
     url = settings.database_url or default_url(settings.workdir)
     if settings.migrate:
@@ -109,7 +243,10 @@ async def build_controller(settings: OperatorSettings) -> Controller:
             image_pull_policy=settings.image_pull_policy,
             max_diff_bytes=settings.max_diff_bytes,
             resync_seconds=settings.resync_seconds,
+            job_ttl_seconds=settings.job_ttl_seconds,
+            evidence_egress=evidence_egress(settings, evidence.url),
         ),
+        evidence=evidence.store,
         metrics=metrics,
     )
 

@@ -88,13 +88,14 @@ class TaskContexts:
         cache: WatchCache,
         status: StatusWriter,
         breakers: AdapterBreakers,
+        evidence_egress: tuple[Body, ...] = (),
     ) -> None:
         self.api = api
         self.store = store
         self.cache = cache
         self.status = status
         self.breakers = breakers
-        self.egress = EgressPolicies(api)
+        self.egress = EgressPolicies(api, evidence_egress)
         self._adapters_synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
         self._tasks_synced: set[str] = set()  # uids of unfinished tasks with their row
         self._parked: dict[str, tuple[object, ...]] = {}  # uid -> inputs when it parked

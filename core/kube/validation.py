@@ -4,7 +4,7 @@ Why a module of its own: the CRDs refuse everything one object can say wrong abo
 (placeholders, CIDRs, names, paths: see :mod:`core.rules`), but some defects need other
 objects or the operator's own view: an Adapter that does not exist (yet), an Adapter stored
 before the CRD had its rules, a ``patch`` adapter routed a task without a patch, a Secret
-without the key an Adapter names, a runner request too large for the pod's environment.
+without the key an Adapter names.
 Each becomes a :class:`Problem` naming the field (the API path, as the API server names
 fields), what is wrong and the fix, so the reconciler can put it into a condition within
 seconds instead of failing an attempt minutes later.
@@ -28,12 +28,8 @@ from core.resources import (
     AdapterResourceSpec,
     TaskExecutionSpec,
 )
-from core.runner.protocol import REQUEST_ENV
 
 Kind = Literal["TaskExecution", "Adapter"]
-
-#: Linux's limit on one environment string, ``NAME=value`` and its NUL (MAX_ARG_STRLEN).
-MAX_ENV_STRING_BYTES = 32 * 4096
 
 #: Secret name -> the keys it holds, or None when the Secret does not exist.
 Secrets = Mapping[str, frozenset[str] | None]
@@ -213,30 +209,17 @@ def task_execution_problems(
             )
             continue
         kind = AdapterKind(adapter["spec"]["kind"])
-        # patch and manual adapters apply the task's patch; process and api ones make their own
-        if kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and spec.task.patch is None:
+        # patch and manual adapters apply the task's patch (inline or by reference); process
+        # and api ones make their own
+        needs_patch = kind in (AdapterKind.PATCH, AdapterKind.MANUAL)
+        if needs_patch and spec.task.patch is None and spec.task.patch_from is None:
             problems.append(
                 Problem(
                     "spec.task.patch",
-                    f"Adapter {name!r} is a {kind.value} adapter: it applies spec.task.patch, "
-                    "which is empty",
-                    "create the TaskExecution again with the diff in spec.task.patch, or "
-                    "route it to a process adapter",
+                    f"Adapter {name!r} is a {kind.value} adapter: it applies spec.task.patch "
+                    "(or spec.task.patchFrom), which is empty",
+                    "create the TaskExecution again with the diff in spec.task.patch or "
+                    "spec.task.patchFrom, or route it to a process adapter",
                 )
             )
     return problems
-
-
-def request_problem(request_json: str) -> Problem | None:
-    """A runner request too large for the pod's environment variable (the pod would never
-    start: exec fails with E2BIG), before the Job is created."""
-    size = len(REQUEST_ENV.encode()) + 1 + len(request_json.encode()) + 1
-    if size <= MAX_ENV_STRING_BYTES:
-        return None
-    return Problem(
-        "spec.task",
-        f"the runner request is {size} bytes; one environment variable holds at most "
-        f"{MAX_ENV_STRING_BYTES} on Linux",
-        "shorten spec.task.prompt or spec.task.patch, or the adapter's command and gate",
-        "RequestTooLarge",
-    )

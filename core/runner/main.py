@@ -1,9 +1,11 @@
 """What runs inside an adapter or gate pod: ``python -m core.runner adapter|gate``.
 
-The runner holds no Kubernetes credentials and talks to nobody: it reads its request from the
-environment, works in ``$ORCHESTRATOR_WORKDIR`` (an emptyDir), and reports on stdout (see
-:mod:`core.runner.protocol`). It reuses the embedded engine's pieces, so a pod attempt and a
-local attempt produce the same evidence:
+The runner holds no Kubernetes or store credentials: its init container (``python -m
+core.runner fetch``) downloads the request (and a patch to apply) through the pod's grant
+into a read-only mount; the runner reads the request from that file, works in
+``$ORCHESTRATOR_WORKDIR`` (an emptyDir), uploads its full log and diff through the grant's
+upload URLs and reports on stdout (see :mod:`core.runner.protocol`). It reuses the embedded
+engine's pieces, so a pod attempt and a local attempt produce the same evidence:
 
 * adapter: bare clone of the repository (:func:`ensure_mirror`), a checkout at the pinned
   base commit, the adapter run as its own process group under the inner budget (SIGTERM,
@@ -20,7 +22,7 @@ Layout of the work dir (nothing is written outside it; ``/tmp`` is left to the t
     attempt/prompt.md             the prompt, outside the tree (not in the diff)
     attempt/home                  $HOME of the adapter
     attempt/gate-<n>              the gate's checkouts
-    attempt/log.jsonl             the same records as stdout
+    attempt/log.jsonl             the full log (capped), uploaded at the end
     tmp/                          the runner's own temporary files
 
 The pod is the sandbox here (no bubblewrap inside a restricted pod): the adapter shares the
@@ -42,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
@@ -55,6 +57,7 @@ from pydantic_core import ErrorDetails
 from core import __version__
 from core.engine.adapters import run_api_adapter, run_process_adapter
 from core.engine.api_adapter import ApiOutcome
+from core.engine.evidence_grants import GRANT_ENV, Grant, Upload
 from core.engine.process_group import ProcessResult
 from core.engine.redaction import adapter_redactor
 from core.engine.task_log import PrefixedSink, TaskLog
@@ -70,18 +73,29 @@ from core.errors import InfrastructureError, MissingCommitError
 from core.models import AdapterKind
 from core.runner.protocol import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_INPUTS_DIR,
+    DEFAULT_REQUEST_FILE,
     DEFAULT_WORKDIR,
+    DIFF_SLOT,
     EXIT_BAD_REQUEST,
     EXIT_OK,
     EXIT_RUNNER_FAILED,
     GRACE_ENV,
-    REQUEST_ENV,
+    INPUTS_ENV,
+    LOG_SLOT,
+    REQUEST_FILE_ENV,
     WORKDIR_ENV,
     RunnerRequest,
     RunnerResult,
 )
+from core.runner.transfer import TransferError, download, upload
 
-USAGE = "usage: python -m core.runner adapter|gate  (request in $ORCHESTRATOR_REQUEST)"
+USAGE = (
+    "usage: python -m core.runner fetch|adapter|gate  (request in the file "
+    "$ORCHESTRATOR_REQUEST_FILE, grant in $ORCHESTRATOR_GRANT)"
+)
+#: Written by ``fetch`` instead of failing the init container: the runner reports it.
+FETCH_ERROR = "fetch-error"
 
 
 class BadRequest(Exception):
@@ -94,8 +108,20 @@ class RunnerFailure(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["fetch"]:
+        return fetch(os.environ)
+    request_file = Path(os.environ.get(REQUEST_FILE_ENV) or DEFAULT_REQUEST_FILE)
     try:
-        request = load_request(args, os.environ.get(REQUEST_ENV))
+        fetch_error = request_file.parent / FETCH_ERROR
+        if fetch_error.is_file():
+            message = fetch_error.read_text(errors="replace")[:2000]
+            print(
+                json.dumps({"stream": "orchestrator", "event": "runner_failed", "error": message})
+            )
+            print(f"orchestrator runner: infrastructure failure: {message}", file=sys.stderr)
+            return EXIT_RUNNER_FAILED
+        request = load_request(args, _read(request_file), request_file)
+        grant = load_grant(os.environ.get(GRANT_ENV))
         workdir = Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR)
         grace = _grace_seconds(os.environ.get(GRACE_ENV))
     except BadRequest as exc:
@@ -105,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(request, stop)
     try:
-        result = run(request, workdir, out=out, stop=stop, grace_seconds=grace)
+        result = run(request, workdir, out=out, stop=stop, grace_seconds=grace, grant=grant)
     except RunnerFailure as exc:
         print(f"orchestrator runner: infrastructure failure: {exc}", file=sys.stderr, flush=True)
         return EXIT_RUNNER_FAILED
@@ -118,26 +144,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def load_request(args: Sequence[str], raw: str | None) -> RunnerRequest:
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BadRequest(f"cannot read the request file {path}: {exc}") from exc
+
+
+def load_request(
+    args: Sequence[str], raw: str | None, path: Path = Path(DEFAULT_REQUEST_FILE)
+) -> RunnerRequest:
     """Parse and check the request; :class:`BadRequest` names what is wrong."""
     if len(args) != 1 or args[0] not in ("adapter", "gate"):
-        raise BadRequest(f"expected one argument, 'adapter' or 'gate'; got {args!r}\n{USAGE}")
+        raise BadRequest(
+            f"expected one argument, 'fetch', 'adapter' or 'gate'; got {args!r}\n{USAGE}"
+        )
     if not raw:
-        raise BadRequest(f"{REQUEST_ENV} is not set (JSON of core.runner.protocol.RunnerRequest)")
+        raise BadRequest(
+            f"the request file {path} is missing or empty (${REQUEST_FILE_ENV}: JSON of "
+            "core.runner.protocol.RunnerRequest)"
+        )
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"{REQUEST_ENV} is not valid JSON: {exc}") from exc
+        raise BadRequest(f"the request file {path} is not valid JSON: {exc}") from exc
     try:
         request = RunnerRequest.model_validate(data)
     except ValidationError as exc:
         problems = "\n".join(f"  {_describe(err)}" for err in exc.errors(include_url=False))
-        raise BadRequest(f"invalid {REQUEST_ENV}:\n{problems}") from exc
+        raise BadRequest(f"invalid request in {path}:\n{problems}") from exc
     if request.kind != args[0]:
         raise BadRequest(
             f"kind: the request is for '{request.kind}', the runner was started as '{args[0]}'"
         )
     return request
+
+
+def load_grant(raw: str | None) -> Grant | None:
+    """The pod's grant (None: a runner started by hand reports the diff on stdout)."""
+    if not raw:
+        return None
+    try:
+        return Grant.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadRequest(
+            f"invalid ${GRANT_ENV}: {exc.errors(include_url=False)[0]['msg']}"
+        ) from exc
+
+
+def fetch(env: Mapping[str, str]) -> int:
+    """The init container: download the grant's inputs into ``$ORCHESTRATOR_INPUTS``.
+
+    A failure is written to ``fetch-error`` there and the container exits 0, so the runner
+    container starts and reports it on its log like any runner failure (infrastructure).
+    """
+    target = Path(env.get(INPUTS_ENV) or DEFAULT_INPUTS_DIR)
+    try:
+        grant = load_grant(env.get(GRANT_ENV))
+        if grant is None:
+            raise BadRequest(f"${GRANT_ENV} is not set")
+        for slot, item in grant.downloads.items():
+            name = "request.json" if slot == "request" else slot
+            download(item, target / name)
+            print(json.dumps({"event": "input_fetched", "slot": slot, "bytes": item.size}))
+    except (BadRequest, TransferError, OSError) as exc:
+        (target / FETCH_ERROR).write_text(f"fetching the inputs failed: {exc}")
+        print(f"orchestrator runner: fetching the inputs failed: {exc}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _describe(err: ErrorDetails) -> str:
@@ -155,8 +230,11 @@ def run(
     out: IO[str],
     stop: threading.Event | None = None,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    grant: Grant | None = None,
 ) -> RunnerResult:
-    """Do what ``request`` asks in ``workdir``; log records go to ``out`` as they happen."""
+    """Do what ``request`` asks in ``workdir``; log records go to ``out`` as they happen
+    (with a log upload in ``grant``: only our notes; the full log is uploaded)."""
+    uploads = grant.uploads if grant is not None else {}
     tmp = workdir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp)
@@ -168,10 +246,15 @@ def run(
         max_bytes=request.max_log_bytes,
         mirror=out,
         redactor=adapter_redactor(request.adapter, os.environ, request.gate_checks),
+        mirror_notes_only=LOG_SLOT in uploads,
     )
     try:
         if request.kind == "adapter":
-            result = _adapter(request, workdir, adir, log, stop, grace_seconds)
+            result, diff_path = _adapter(
+                request, workdir, adir, log, stop, grace_seconds, inline=DIFF_SLOT not in uploads
+            )
+            if DIFF_SLOT in uploads:
+                result = _upload_diff(result, diff_path, uploads[DIFF_SLOT], log)
         else:
             result = _gate(request, workdir, adir, log)
     except (RunnerFailure, InfrastructureError, OSError) as exc:
@@ -179,7 +262,37 @@ def run(
         raise RunnerFailure(str(exc)) from exc
     finally:
         log.close()  # the output_dropped note, if any, precedes the result
-    return result.model_copy(update={"log_bytes": log.written, "log_truncated": log.truncated})
+    result = result.model_copy(update={"log_bytes": log.written, "log_truncated": log.truncated})
+    if LOG_SLOT in uploads:
+        try:
+            result = result.model_copy(update={"log": upload(uploads[LOG_SLOT], log.path)})
+        except (TransferError, OSError) as exc:
+            result = _failed_upload(result, f"log: {exc}")
+    # the report's words are masked too (the operator knows no Secret's value)
+    texts = ("adapter_error", "infrastructure_reason", "start_error", "upload_error")
+    return result.model_copy(
+        update={k: log.redactor(v) for k in texts if isinstance(v := getattr(result, k), str)}
+    )
+
+
+def _upload_diff(
+    result: RunnerResult, path: Path | None, grant: Upload, log: TaskLog
+) -> RunnerResult:
+    """Send the full diff through the grant; the report then names it instead of carrying it."""
+    if result.diff is None or result.diff.truncated or path is None:
+        return result.model_copy(update={"patch_b64": None})
+    try:
+        uploaded = upload(grant, path)
+    except (TransferError, OSError) as exc:
+        log.note("upload_failed", what="diff", error=str(exc))
+        return _failed_upload(result.model_copy(update={"patch_b64": None}), f"diff: {exc}")
+    log.note("diff_uploaded", key=uploaded.key, bytes=uploaded.size, stored=uploaded.stored_bytes)
+    return result.model_copy(update={"patch_b64": None, "patch": uploaded})
+
+
+def _failed_upload(result: RunnerResult, message: str) -> RunnerResult:
+    previous = f"{result.upload_error}; " if result.upload_error else ""
+    return result.model_copy(update={"upload_error": previous + message})
 
 
 # --------------------------------------------------------------------------- adapter
@@ -192,7 +305,9 @@ def _adapter(
     log: TaskLog,
     stop: threading.Event | None,
     grace_seconds: float,
-) -> RunnerResult:
+    *,
+    inline: bool = True,
+) -> tuple[RunnerResult, Path | None]:
     started = time.monotonic()
     task, adapter = request.task, request.adapter
     mirror = _mirror(request, workdir, log)
@@ -227,9 +342,18 @@ def _adapter(
         proc = ProcessResult(
             api.exit_code, None, api.timed_out, api.cancelled, None, api.duration_seconds, api.tail
         )
-    else:  # patch, and manual: the human's patch travels in the task's `patch` field
-        assert task.patch is not None  # checked by RunnerRequest
-        proc = _apply(tree, task.patch.encode(), log)
+    else:  # patch, and manual: the task's `patch`, or the file the request names
+        if task.patch is not None:
+            patch = task.patch.encode()
+        else:
+            assert request.patch_file is not None  # checked by RunnerRequest
+            try:
+                patch = Path(request.patch_file).read_bytes()
+            except OSError as exc:
+                raise RunnerFailure(
+                    f"cannot read the patch file {request.patch_file}: {exc}"
+                ) from exc
+        proc = _apply(tree, patch, log)
     log.end_section()
     diff = capture_diff(tree, task.base_commit, request.max_diff_bytes)
     log.note(
@@ -248,7 +372,7 @@ def _adapter(
         timed_out=proc.timed_out,
         cancelled=proc.cancelled,
     )
-    return RunnerResult(
+    result = RunnerResult(
         kind="adapter",
         exit_code=proc.exit_code,
         signal=proc.signal,
@@ -258,13 +382,16 @@ def _adapter(
         duration_seconds=round(time.monotonic() - started, 3),
         output_tail=log.redactor(proc.tail[-TAIL_CHARS:]),
         diff=diff.summary,
-        patch_b64=None if diff.summary.truncated else base64.b64encode(diff.patch).decode(),
+        patch_b64=base64.b64encode(diff.patch).decode()
+        if inline and not diff.summary.truncated
+        else None,
         runner_version=__version__,
         adapter_error=api.adapter_error if api else None,
         infrastructure_reason=api.infrastructure_reason if api else None,
         retry_after_seconds=api.retry_after_seconds if api else None,
         usage=api.usage if api else None,
     )
+    return result, diff.path
 
 
 def _run_process(

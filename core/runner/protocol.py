@@ -1,13 +1,19 @@
 """The contract between the operator and the runner in an adapter or gate pod.
 
-The operator puts one :class:`RunnerRequest` (JSON) into the pod's environment as
-``ORCHESTRATOR_REQUEST`` and starts ``python -m core.runner adapter|gate``. The runner writes
-its evidence to stdout only, one JSON record per line, flushed as it arrives:
+The operator puts one :class:`RunnerRequest` (JSON) into its evidence store and gives the
+pod a grant (:mod:`core.engine.evidence_grants`, ``$ORCHESTRATOR_GRANT``, a few KiB): the
+pod's init container (``python -m core.runner fetch``) downloads the request (and a patch
+to apply) into an emptyDir, checked against the grant's sha256, which the runner container
+mounts read-only: the request reaches ``python -m core.runner adapter|gate`` as a file
+(``$ORCHESTRATOR_REQUEST_FILE``), never in an environment variable (Linux caps one at
+128 KiB). The runner uploads its full log and full diff through the grant's upload URLs and
+writes to stdout, one JSON record per line:
 
-* every log record, in the format of :class:`core.engine.task_log.TaskLog` (``ts``,
-  ``task_id``, ``attempt``, ``stream`` and ``line``, or ``stream: "orchestrator"`` and
-  ``event`` for the runner's own notes);
-* as the last line, ``{"orchestrator_result": <RunnerResult>}``.
+* its own notes (``stream: "orchestrator"``), few and small; with no log upload grant
+  (a runner started by hand) every log record, in the format of
+  :class:`core.engine.task_log.TaskLog`;
+* as the last line, ``{"orchestrator_result": <RunnerResult>}``: the small report (exit
+  status, diff summary, and the sha256, size and key of each upload).
 
 The operator reads the pod log through the API and turns it back into records and a result
 with :func:`parse_pod_log`. A pod log without a result line means the pod was killed or
@@ -29,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.engine.evidence_grants import UploadedEvidence
 from core.models import (
     AdapterKind,
     AdapterSpec,
@@ -40,16 +47,20 @@ from core.models import (
     TokenUsage,
 )
 
-#: Environment variable holding the request (JSON of :class:`RunnerRequest`).
-REQUEST_ENV = "ORCHESTRATOR_REQUEST"
+#: Environment variable naming the request file (JSON of :class:`RunnerRequest`).
+REQUEST_FILE_ENV = "ORCHESTRATOR_REQUEST_FILE"
+#: Where the init container puts the inputs (an emptyDir, read-only in the runner container).
+INPUTS_ENV = "ORCHESTRATOR_INPUTS"
+DEFAULT_INPUTS_DIR = "/etc/orchestrator/inputs"
+DEFAULT_REQUEST_FILE = f"{DEFAULT_INPUTS_DIR}/request.json"
 #: Environment variable naming the writable work dir (an emptyDir in the pod).
 WORKDIR_ENV = "ORCHESTRATOR_WORKDIR"
 DEFAULT_WORKDIR = "/work"
 #: Optional: seconds between SIGTERM and SIGKILL of the adapter's process group.
 GRACE_ENV = "ORCHESTRATOR_GRACE_SECONDS"
 DEFAULT_GRACE_SECONDS = 5.0
-#: Where the operator is expected to mount the diff for the gate (ConfigMap key ``patch``).
-DEFAULT_PATCH_FILE = "/etc/orchestrator/patch/patch"
+#: Where the init container puts the diff a gate (or a patch adapter) applies.
+DEFAULT_PATCH_FILE = f"{DEFAULT_INPUTS_DIR}/patch"
 #: Key of the last stdout record.
 RESULT_KEY = "orchestrator_result"
 
@@ -58,10 +69,13 @@ EXIT_BAD_REQUEST = 2
 EXIT_RUNNER_FAILED = 3
 
 RunnerKind = Literal["adapter", "gate"]
+#: Upload slots of a grant.
+DIFF_SLOT = "diff"
+LOG_SLOT = "log"
 
 
 class RunnerRequest(BaseModel):
-    """What one adapter or gate pod must do (``ORCHESTRATOR_REQUEST``)."""
+    """What one adapter or gate pod must do (the file ``$ORCHESTRATOR_REQUEST_FILE``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,7 +94,10 @@ class RunnerRequest(BaseModel):
     gate_checks: list[GateCheck] = Field(default_factory=list)
     gate_baseline: bool = False
     patch_file: str | None = Field(
-        default=None, description="Gate only: path of the diff to apply (mounted ConfigMap)."
+        default=None,
+        description="The diff to apply: the gate's (always), or a patch adapter's when the "
+        "task names its patch by reference (the init container's download, a mounted "
+        "ConfigMap or Secret key).",
     )
 
     @model_validator(mode="after")
@@ -91,8 +108,11 @@ class RunnerRequest(BaseModel):
             self.kind == "adapter"
             and self.adapter.kind in (AdapterKind.PATCH, AdapterKind.MANUAL)
             and self.task.patch is None
+            and self.patch_file is None
         ):
-            raise ValueError(f"task.patch: required for a {self.adapter.kind.value} adapter")
+            raise ValueError(
+                f"task.patch: required for a {self.adapter.kind.value} adapter (or patch_file)"
+            )
         return self
 
 
@@ -117,8 +137,17 @@ class RunnerResult(BaseModel):
     diff: DiffSummary | None = None
     patch_b64: str | None = Field(
         default=None,
-        description="The full diff, base64 ('' for an empty diff); None when it is larger "
-        "than max_diff_bytes (then diff.truncated is true) or when no diff was captured.",
+        description="Only without an upload grant (a runner started by hand): the full diff, "
+        "base64 ('' for an empty diff). In a pod the diff is uploaded (`patch`).",
+    )
+    patch: UploadedEvidence | None = Field(
+        default=None, description="The full diff as uploaded through the grant."
+    )
+    log: UploadedEvidence | None = Field(
+        default=None, description="The full log (capped) as uploaded through the grant."
+    )
+    upload_error: str | None = Field(
+        default=None, description="An upload through the grant failed: the evidence is lost."
     )
     gate: GateResult | None = None
     adapter_error: str | None = Field(

@@ -7,9 +7,11 @@ reference to the Job), whose container command runs as a local process group
 (``python -m core.runner adapter|gate``, ``python`` being this interpreter) with the
 container's environment and nothing else but ``PATH`` and what the test adds; stdout and
 stderr, interleaved, are the pod log. Volumes are directories under the kubelet's work dir:
-``emptyDir`` empty, ``configMap`` one file per key (``binaryData`` decoded). Paths the
-container would see under a mount are rewritten to those directories in environment values
-and in the runner request's ``patch_file``, the one path the operator puts into a request.
+``emptyDir`` empty, ``configMap`` and ``secret`` one file per key (or per listed item,
+``binaryData`` decoded). Init containers run first, one after the other, to completion (a
+failing one fails the pod). Paths the container would see under a mount are rewritten to
+those directories in environment values and in the ``patch_file`` of the runner request
+file (``$ORCHESTRATOR_REQUEST_FILE``), the one path the operator puts into a request.
 
 The statuses are the real ones (Kubernetes 1.35): the pod goes Pending -> Running ->
 Succeeded/Failed with the container's exit code (128 + signal when killed); the Job gets
@@ -49,7 +51,8 @@ from core.testing.kube_semantics import timestamp
 
 log = logging.getLogger("orchestrator.testing.kubelet")
 NODE_NAME = "fake-node"
-REQUEST_ENV = "ORCHESTRATOR_REQUEST"  # core.runner.protocol.REQUEST_ENV (no import: no cycle)
+#: core.runner.protocol.REQUEST_FILE_ENV (no import: no cycle)
+REQUEST_FILE_ENV = "ORCHESTRATOR_REQUEST_FILE"
 
 
 class PodNotStarted(Exception):
@@ -275,6 +278,9 @@ class FakeKubelet:
         container = pod["spec"]["containers"][0]
         try:
             try:
+                failed = await self._init_containers(pod, handle)
+                if failed is not None:
+                    return failed
                 argv, env, cwd, log = self._prepare(pod, container)
             except PodNotStarted as exc:
                 waiting = {"waiting": {"reason": exc.reason, "message": str(exc)}}
@@ -290,6 +296,34 @@ class FakeKubelet:
             return outcome
         finally:
             self._pods.pop((namespace, name), None)
+
+    async def _init_containers(self, pod: Body, handle: _Pod) -> int | None:
+        """Run the init containers to completion; the exit code of one that failed."""
+        for init in pod["spec"].get("initContainers") or []:
+            argv, env, cwd, log = self._prepare(pod, init)
+            with open(log.with_name(f"init-{init['name']}.log"), "ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            self._procs.add(proc)
+            try:
+                code = _exit_code(await proc.wait())
+            finally:
+                self._procs.discard(proc)
+            if code != 0 or handle.stop.is_set():
+                state = {"terminated": {"exitCode": code, "reason": "Error"}}
+                with contextlib.suppress(NotFoundError):
+                    self._pod_status(
+                        pod, {"phase": "Failed"} | _container_status(init, state, ready=False)
+                    )
+                return code or 1
+        return None
 
     async def _run_container(
         self,
@@ -421,11 +455,12 @@ class FakeKubelet:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env}
         for var in container.get("env") or []:
             env[var["name"]] = host_path(self._env_value(meta["namespace"], var))
-        if REQUEST_ENV in env:
-            request = json.loads(env[REQUEST_ENV])
+        request_file = Path(env.get(REQUEST_FILE_ENV, "/nonexistent"))
+        if request_file.is_file():  # written by the init container into a mounted volume
+            request = json.loads(request_file.read_text(encoding="utf-8"))
             if isinstance(request.get("patch_file"), str):
                 request["patch_file"] = host_path(request["patch_file"])
-            env[REQUEST_ENV] = json.dumps(request)
+            request_file.write_text(json.dumps(request), encoding="utf-8")
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if not argv:
             raise PodNotStarted("CreateContainerError", "the fake kubelet needs a command")
@@ -442,22 +477,40 @@ class FakeKubelet:
         for volume in pod["spec"].get("volumes") or []:
             path = base / volume["name"]
             path.mkdir(parents=True, exist_ok=True)
-            if "configMap" in volume:
-                cm_name = volume["configMap"]["name"]
-                try:
-                    cm = self.server.get("configmaps", namespace, cm_name)
-                except NotFoundError:
-                    raise PodNotStarted(
-                        "ContainerCreating", f'configmap "{cm_name}" not found'
-                    ) from None
-                for key, text in (cm.get("data") or {}).items():
-                    (path / key).write_text(text, encoding="utf-8")
-                for key, b64 in (cm.get("binaryData") or {}).items():
-                    (path / key).write_bytes(base64.b64decode(b64))
+            if "configMap" in volume or "secret" in volume:
+                self._project(namespace, volume, path)
             elif "emptyDir" not in volume:
                 raise PodNotStarted("ContainerCreating", f"volume {volume['name']}: unsupported")
             out[volume["name"]] = path
         return out
+
+    def _project(self, namespace: str, volume: Body, path: Path) -> None:
+        """A ``configMap`` or ``secret`` volume: its keys (or listed items) as files."""
+        if "configMap" in volume:
+            source, plural, what = volume["configMap"], "configmaps", "configmap"
+            name = source["name"]
+        else:
+            source, plural, what = volume["secret"], "secrets", "secret"
+            name = source["secretName"]
+        try:
+            obj = self.server.get(plural, namespace, name)
+        except NotFoundError:
+            raise PodNotStarted("ContainerCreating", f'{what} "{name}" not found') from None
+        files: dict[str, bytes] = {}
+        for key, text in (obj.get("data") or {}).items():
+            files[key] = base64.b64decode(text) if plural == "secrets" else text.encode()
+        for key, b64 in (obj.get("binaryData") or {}).items():
+            files[key] = base64.b64decode(b64)
+        items = source.get("items")
+        if items:
+            missing = [i["key"] for i in items if i["key"] not in files]
+            if missing:
+                raise PodNotStarted(
+                    "ContainerCreating", f'{what} "{name}": no key {missing[0]}'
+                )
+            files = {i["path"]: files[i["key"]] for i in items}
+        for key, data in files.items():
+            (path / key).write_bytes(data)
 
     def _env_value(self, namespace: str, var: Body) -> str:
         if "valueFrom" not in var:

@@ -26,6 +26,11 @@ IMAGE_CACHE="$CACHE_ROOT/images"
 NETPOL_BIN="kube-network-policies-xt"
 NETPOL_TABLE="orchestrator-netpol"
 NETPOL_QUEUE=100
+# The default StorageClass: our hostPath provisioner (build/provisioner), volumes under the
+# state dir (removed by `down` with everything else).
+PROVISIONER_BIN="hostpath-provisioner"
+PROVISIONER_NAME="orchestrator.local/hostpath"
+STORAGE_CLASS="orchestrator-local"
 
 # Runtime state of the running cluster: certs, kubeconfigs, data, logs, pids.
 STATE_DIR="${ORCHESTRATOR_CLUSTER_STATE:-/var/lib/orchestrator-cluster}"

@@ -53,6 +53,10 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "operator.log"
         self.metrics_port = free_port()
+        # Runner pods reach this process's evidence server on the node address (local to
+        # the machine: hack/cluster/README.md); the operator adds it to Adapter policies.
+        self.evidence_host = os.environ.get("ORCHESTRATOR_E2E_EVIDENCE_HOST", "10.213.0.1")
+        self.evidence_port = free_port()
 
     def start(self) -> None:
         env = {
@@ -65,6 +69,8 @@ class OperatorProcess:
             "ORCHESTRATOR_METRICS_PORT": str(self.metrics_port),
             "ORCHESTRATOR_METRICS_ADDRESS": "127.0.0.1",
             "ORCHESTRATOR_RESYNC_SECONDS": "5",
+            "ORCHESTRATOR_EVIDENCE_LISTEN": f"{self.evidence_host}:{self.evidence_port}",
+            "ORCHESTRATOR_EVIDENCE_URL": f"http://{self.evidence_host}:{self.evidence_port}",
             **self.extra_env,
         }
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,14 @@ def apply(
     kubectl: Kubectl, namespace: str, obj: dict[str, Any], check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     return kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=check)
+
+
+def apply_crds(kubectl: Kubectl) -> None:
+    """This checkout's CRDs, applied and Established. Tests whose resources need fields or
+    limits of this checkout call it right before they apply one: the local cluster is shared
+    by several checkouts, and another one may have applied its own CRDs meanwhile."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/taskexecutions.orchestrator.dev")
 
 
 def git_server(

@@ -8,7 +8,7 @@ NetworkPolicies are applied as `helm install` would. The API server's authorizer
 in the table, in every namespace and cluster-wide, and real requests are made as the
 ServiceAccount (impersonation): 403 where the operator has no business, accepted where it
 has. The Lease of leader election: get/update of its one name and create, only in the
-release namespace.
+release namespace; the local evidence store: get of the operator's own Service, only there.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def served(kubectl, kube_api, kube_namespace) -> Iterator[dict[str, Any]]:
             "b": extra[1],
             "x": extra[2],
             "lease": f"{release}-orchestrator",
+            "service": f"{release}-orchestrator",  # the evidence store's Service
             "user": f"system:serviceaccount:{kube_namespace}:{sa}",
             "groups": [
                 "system:serviceaccounts",
@@ -154,6 +155,13 @@ def test_the_operator_may_make_exactly_its_calls_and_only_where_they_belong(
         for ns in (a, b, x, None):
             expect(False, verb, *leases, ns, lease)
             expect(False, verb, *leases, ns)
+    # The local evidence store: get of the operator's own Service (its ClusterIP is the
+    # runner pods' upload address), in the release namespace only; no other Service.
+    for verb in VERBS:
+        expect(verb == "get", verb, "", "services", home, served["service"])
+        expect(False, verb, "", "services", home, "kubernetes")
+        for ns in (a, x, None):
+            expect(False, verb, "", "services", ns, served["service"])
     assert wrong == []
 
 
@@ -210,17 +218,22 @@ def test_requests_as_the_operator_are_refused_where_it_has_no_business(kube_api,
         # Where it is served, its calls go through (dry run: nothing is created) ...
         batch.create_namespaced_job(a, job, dry_run="All")
         net.create_namespaced_network_policy(a, policy, dry_run="All")
-        core.create_namespaced_config_map(a, {"metadata": {"name": "p"}}, dry_run="All")
         custom.list_namespaced_custom_object("orchestrator.dev", "v1alpha1", a, "taskexecutions")
-        # ... and nothing beyond them: no secrets, no deleting ConfigMaps or NetworkPolicies, no
-        # changing a Job or a TaskExecution's spec, no pods of its own, no pod listing cluster-wide.
+        # a Job's TTL may be shortened (authorized: 404, there is no such Job)
+        with pytest.raises(client.ApiException) as err:
+            batch.patch_namespaced_job("forbidden", a, {"spec": {"ttlSecondsAfterFinished": 1}})
+        assert err.value.status == 404
+        core.create_namespaced_config_map(a, {"metadata": {"name": "p"}}, dry_run="All")
+        # ... and nothing beyond them: no secrets (a patch a task names in one is mounted by
+        # the kubelet), no deleting ConfigMaps or NetworkPolicies, no replacing a Job or
+        # changing a TaskExecution's spec, no pods of its own, no pod listing cluster-wide.
         denied = {
             "list secrets": lambda: core.list_namespaced_secret(a),
             "delete configmap": lambda: core.delete_namespaced_config_map("p", a, dry_run="All"),
             "delete networkpolicy": lambda: net.delete_namespaced_network_policy(
                 "orchestrator-adapter-x", a, dry_run="All"
             ),
-            "patch job": lambda: batch.patch_namespaced_job("forbidden", a, {"spec": {}}),
+            "replace job": lambda: batch.replace_namespaced_job("forbidden", a, job),
             "patch taskexecution": lambda: custom.patch_namespaced_custom_object(
                 "orchestrator.dev", "v1alpha1", a, "taskexecutions", "t", {"spec": {}}
             ),

@@ -83,13 +83,15 @@ def _runner_pod(namespace: str, role: str, image: str, pull_policy: str) -> dict
         task_id="probe",
         attempt=1,
         image=image,
-        request_json="{}",
+        fetch_grant="{}",
+        runner_grant="{}",
         deadline_seconds=600,
         adapter=SMALL,
         image_pull_policy=pull_policy,
         adapter_name=ADAPTER,
     )
     template = job["spec"]["template"]
+    template["spec"].pop("initContainers")  # nothing to fetch: the probes need no request
     template["spec"]["containers"][0]["command"] = SLEEP
     template["spec"]["restartPolicy"] = "Never"
     return {

@@ -10,6 +10,7 @@ enforces NetworkPolicy).
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -98,6 +99,10 @@ def test_the_cluster_records_what_the_embedded_backend_records(
                         runner_image=project_image,
                         image_pull_policy=image_pull_policy,
                         timeout=300,
+                        # runner pods upload to the test's evidence server on the node address
+                        evidence_host=os.environ.get(
+                            "ORCHESTRATOR_E2E_EVIDENCE_HOST", "10.213.0.1"
+                        ),
                     ),
                     adapter_patch=with_egress,
                     repo_url=repo_url,

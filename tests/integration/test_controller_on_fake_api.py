@@ -9,6 +9,8 @@ cluster for the same task.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -21,14 +23,17 @@ from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.db.tables import ExecutionLog, PatchHistory, Task
 from core.engine.evidence import local_store
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.engine.patch_ledger import verify
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
+from core.kube.evidence_server import EvidenceServer
 from core.kube.jobs import job_finished
 from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
 from tests.e2e.operator_harness import DEMO, adapter, demo_patch, task_execution
+from tests.local_evidence import serve_local_evidence
 
 NS = "demo"
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
@@ -50,10 +55,16 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
 
     async def main() -> dict[str, Any]:
         api = FakeKubeApi(namespaces=(NS,))
+        signer = GrantSigner(b"k" * 32)
+        evidence = LocalGrantingStore(workdir / ".ledger", base_url="", signer=signer)
+        server = EvidenceServer(evidence, signer)
+        port = await server.start("127.0.0.1", 0)
+        evidence.base_url = f"http://127.0.0.1:{port}"
         controller = Controller(
             api,
             Store(engine),
             ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+            evidence=evidence,
         )
         await api.create_object("adapters", NS, adapter("patch", "patch"))
         task = {"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
@@ -74,6 +85,7 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
                 raise AssertionError("the TaskExecution never finished")
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
             assert kubelet.errors == []
         jobs = await api.list_jobs(NS)
         assert sorted(j["metadata"]["labels"]["orchestrator.dev/role"] for j in jobs) == [
@@ -106,12 +118,105 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
     )
     assert report.ok, report.problems
 
+    # the full patch came through the evidence store (uploaded by the pod, checked, stored by
+    # its sha256), and nothing else of the attempt is left there but the requests
+    store = local_store(workdir)
+    key = status["diff"]["patchRef"]
+    assert key == f"patches/{status['diff']['sha256']}.diff.gz" and store.exists(key)
+    assert list(store.objects("incoming")) == []
+    log_text = (workdir / "logs/execution").glob("*.jsonl")
+    events_logged = [line for f in log_text for line in f.read_text().splitlines()]
+    assert any('"event": "patch_applied"' in line for line in events_logged)
+    assert any('"event": "gate_finished"' in line for line in events_logged)
+
     # what the API server saw of the controller: every write answered 2xx, and the writes
-    # of one successful task (2 Jobs, the patch ConfigMap, status patches, 2 Events)
+    # of one successful task (2 Jobs, no ConfigMap, status patches, 2 Events, 2 Job TTLs)
     writes = Counter(f"{c.verb}:{c.resource}" for c in calls if c.write)
     assert all(c.status is not None and c.status < 300 for c in calls if c.write)
-    assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 1
+    assert writes["create:jobs"] == 2 and writes["create:configmaps"] == 0
+    assert writes["patch:jobs"] == 2
     assert writes["create:events"] == 2 and writes["patch:taskexecutions/status"] >= 2
+
+
+def test_a_patch_named_in_a_configmap_or_by_its_sha256_completes(tmp_path: Path) -> None:
+    """patchFrom: a ConfigMap key (mounted by the kubelet into the adapter pod), then the same
+    patch again from the evidence store by its sha256 (fetched with the request)."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    url = default_url(workdir)
+    upgrade(url)
+    engine = make_engine(url)
+    patch = demo_patch("add-multiply")
+    sha = hashlib.sha256(patch.encode()).hexdigest()
+
+    async def run(api: FakeKubeApi, loop: ControlLoop, name: str, task: dict[str, Any]) -> Any:
+        made = await api.create_object(
+            "taskexecutions", NS, task_execution(name, bare.as_uri(), "patch", task=task)
+        )
+        since = made.object["metadata"]["resourceVersion"]
+        async for event in api.watch(
+            "taskexecutions", NS, resource_version=since, timeout_seconds=300
+        ):
+            if event.object["metadata"]["name"] != name:
+                continue
+            if (event.object.get("status") or {}).get("state") in TERMINAL:
+                return event.object["status"]
+        raise AssertionError(f"{name} never finished")
+
+    async def main() -> list[Any]:
+        api = FakeKubeApi(namespaces=(NS,))
+        signer = GrantSigner(b"k" * 32)
+        evidence = LocalGrantingStore(workdir / ".ledger", base_url="", signer=signer)
+        server = EvidenceServer(evidence, signer)
+        port = await server.start("127.0.0.1", 0)
+        evidence.base_url = f"http://127.0.0.1:{port}"
+        settings = ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,))
+        controller = Controller(api, Store(engine), settings, evidence=evidence)
+        await api.create_object("adapters", NS, adapter("patch", "patch"))
+        data = base64.b64encode(patch.encode()).decode()
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"}}
+        await api.create_configmap(NS, {**cm, "binaryData": {"change.diff": data}})
+        async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
+            loop = ControlLoop(controller, api, namespaces=(NS,), resync_seconds=5)
+            driver = asyncio.create_task(loop.run())
+            ref = {"configMapKeyRef": {"name": "big", "key": "change.diff"}}
+            first = await run(api, loop, "from-cm", {"prompt": "p", "patchFrom": ref})
+            again = {"evidence": {"sha256": sha}}
+            second = await run(api, loop, "from-store", {"prompt": "p", "patchFrom": again})
+            missing = {"evidence": {"sha256": "0" * 64}}
+            made = await api.create_object(
+                "taskexecutions",
+                NS,
+                task_execution(
+                    "missing", bare.as_uri(), "patch", task={"prompt": "p", "patchFrom": missing}
+                ),
+            )
+            since = made.object["metadata"]["resourceVersion"]
+            async for event in api.watch(
+                "taskexecutions", NS, resource_version=since, timeout_seconds=120
+            ):
+                status = event.object.get("status") or {}
+                if event.object["metadata"]["name"] == "missing" and status.get("state"):
+                    if "no patch" in status.get("message", ""):
+                        third = status
+                        break
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
+            assert kubelet.errors == []
+        return [first, second, third]
+
+    first, second, third = asyncio.run(main())
+    for status in (first, second):
+        assert status["state"] == "COMPLETED", status
+        assert status["diff"]["sha256"] == sha and status["gate"]["passed"]
+    assert "spec.task.patchFrom.evidence.sha256" in third["message"]
 
 
 def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[str]]:
@@ -130,10 +235,12 @@ def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[s
 
     async def main() -> tuple[str, Counter[str]]:
         api = FakeKubeApi(namespaces=(NS,))
+        evidence, server = await serve_local_evidence(workdir)
         controller = Controller(
             api,
             Store(make_engine(url)),
             ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+            evidence=evidence,
         )
         await api.create_object("adapters", NS, adapter("patch", "patch"))
         task = {"prompt": "Add mul.", "patch": demo_patch("add-multiply")}
@@ -156,6 +263,7 @@ def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[s
             await asyncio.sleep(3)  # a resync and a retry later: nothing more is posted
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+        await server.close()
         events = (await api.list_resource("events", NS)).items
         return str(state), Counter(str(e["reason"]) for e in events)
 

@@ -32,6 +32,7 @@ from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
 from tests.e2e.operator_harness import DEMO, adapter, task_execution
+from tests.local_evidence import serve_local_evidence
 
 NS = "esc"
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
@@ -58,12 +59,13 @@ class AnswerLost:
 
 
 def _operator(
-    api: FakeKubeApi, engine: Any, workdir: Path, events_api: Any = None
+    api: FakeKubeApi, engine: Any, workdir: Path, evidence: Any, events_api: Any = None
 ) -> tuple[ControlLoop, EscalationEvents]:
     controller = Controller(
         api,
         Store(engine),
         ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+        evidence=evidence,
     )
     events = EscalationEvents(
         events_api or api,
@@ -105,6 +107,7 @@ def test_breaker_and_crash_escalations_become_warning_events_once(tmp_path: Path
 
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
+        evidence, server = await serve_local_evidence(workdir)
         crashy = adapter(
             "crashy",
             "process",
@@ -122,7 +125,7 @@ def test_breaker_and_crash_escalations_become_warning_events_once(tmp_path: Path
         # replay must find it (409) instead of posting it again
         lossy = AnswerLost(api)
         async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
-            loop, poster = _operator(api, engine, workdir, lossy)
+            loop, poster = _operator(api, engine, workdir, evidence, lossy)
             driver = asyncio.create_task(loop.run())
 
             async def posted() -> bool:
@@ -173,7 +176,7 @@ def test_breaker_and_crash_escalations_become_warning_events_once(tmp_path: Path
         # a restart: a new operator on the same database and API server posts nothing
         writes: list[str] = []
         api.add_observer(lambda c: writes.append(c.resource) if c.write else None)
-        loop, _ = _operator(api, engine, workdir)
+        loop, _ = _operator(api, engine, workdir, evidence)
         driver = asyncio.create_task(loop.run())
         await _until(lambda: _synced(loop), "the restarted loop to lead")
         await asyncio.sleep(1.0)  # room for a first pass to post something (it must not)
@@ -189,13 +192,14 @@ def test_breaker_and_crash_escalations_become_warning_events_once(tmp_path: Path
                 .where(EscalationRow.escalation_key == crash_key)
                 .values(event_posted_at=None)
             )
-        loop, _ = _operator(api, engine, workdir)
+        loop, _ = _operator(api, engine, workdir, evidence)
         driver = asyncio.create_task(loop.run())
         await _until(lambda: _none_pending(rows), "the unposted row to be stamped")
         driver.cancel()
         await asyncio.gather(driver, return_exceptions=True)
         # the Event of that name still existed: 409, stamped, nothing added
         assert len(await _escalation_events(api)) == 4
+        await server.close()
 
     asyncio.run(main())
 

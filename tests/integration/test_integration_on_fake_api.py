@@ -23,9 +23,11 @@ from core.db.database import default_url, make_engine, upgrade
 from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
 from core.db.tables import IntegrationTask, PatchHistory
-from core.engine.evidence import local_store
+from core.engine.evidence import LEDGER_DIR, local_store
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore, load_secret
 from core.engine.patch_ledger import verify
 from core.kube.control_loop import ControlLoop
+from core.kube.evidence_server import EvidenceServer
 from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.integration_gates import LABEL_INTEGRATION
 from core.kube.reconciler import Controller, ControllerSettings
@@ -45,11 +47,20 @@ RUN = "merge"
 BRANCH = f"orchestrator/integration/{RUN}"
 
 
-def _operator(api: FakeKubeApi, engine: Any, workdir: Path) -> ControlLoop:
+async def _operator(
+    api: FakeKubeApi, engine: Any, workdir: Path
+) -> tuple[ControlLoop, EvidenceServer]:
+    """The operator's loop with its Integration part, and its local evidence store served
+    on loopback (where the fake kubelet's runner pods fetch and upload)."""
+    signer = GrantSigner(load_secret(workdir / ".evidence-grant-key"))
+    evidence = LocalGrantingStore(workdir / LEDGER_DIR, base_url="", signer=signer)
+    server = EvidenceServer(evidence, signer)
+    evidence.base_url = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
     controller = Controller(
         api,
         Store(engine),
         ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+        evidence=evidence,
     )
     part = IntegrationController(
         api,
@@ -58,7 +69,8 @@ def _operator(api: FakeKubeApi, engine: Any, workdir: Path) -> ControlLoop:
         IntegrationSettings(workdir=workdir, runner_image="unused", poll_seconds=2.0),
         metrics=controller.metrics,
     )
-    return ControlLoop(controller, api, namespaces=(NS,), resync_seconds=5, parts=[part])
+    loop = ControlLoop(controller, api, namespaces=(NS,), resync_seconds=5, parts=[part])
+    return loop, server
 
 
 async def _status(api: FakeKubeApi, name: str) -> dict[str, Any]:
@@ -104,12 +116,13 @@ def test_two_conflicting_task_executions_the_second_conflicts(tmp_path: Path) ->
             await api.create_object("taskexecutions", NS, body)
         await api.create_object("integrations", NS, integration(RUN, RUN))
         async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
-            loop = _operator(api, engine, workdir)
+            loop, server = await _operator(api, engine, workdir)
             driver = asyncio.create_task(loop.run())
             status = await _until_state(api, RUN, {"Succeeded", "Failed"}, 300)
             jobs = await api.list_jobs(NS, f"{LABEL_INTEGRATION}={RUN}")
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
             assert kubelet.errors == []
 
         assert status["state"] == "Succeeded", status
@@ -163,11 +176,12 @@ def test_two_conflicting_task_executions_the_second_conflicts(tmp_path: Path) ->
         writes: list[str] = []
         api.add_observer(lambda c: writes.append(f"{c.verb}:{c.resource}") if c.write else None)
         async with FakeKubelet(api.server, tmp_path / "kubelet2"):
-            loop = _operator(api, engine, workdir)
+            loop, server = await _operator(api, engine, workdir)
             driver = asyncio.create_task(loop.run())
             await asyncio.sleep(3.0)  # leads, syncs every Integration and TaskExecution once
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
         assert "create:jobs" not in writes and "create:events" not in writes
         assert len(IntegrationRows(engine).verdicts(RUN, NS)) == 2
         assert len((workdir / ".state/patch_ledger.jsonl").read_text().splitlines()) == 4

@@ -67,6 +67,21 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "existing-claim": {"persistence": {"existingClaim": "my-claim"}},
     "storage-class": {"persistence": {"storageClass": "fast", "size": "5Gi"}},
     "no-metrics": {"metrics": {"enabled": False}},
+    "s3-evidence": {
+        **PG,
+        **RWX,
+        "replicaCount": 2,
+        "evidence": {
+            "backend": "s3",
+            "s3": {
+                "endpoint": "http://minio.storage:9000",
+                "bucket": "evidence",
+                "credentialsSecret": {"name": "s3-keys"},
+                "egress": [{"cidr": "10.0.9.0/24", "ports": [9000]}],
+            },
+        },
+    },
+    "evidence-url": {"evidence": {"url": "http://orchestrator.example:8081"}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"a": "b"}}}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "network-policy-egress": {
@@ -316,7 +331,22 @@ def test_rbac_grants_exactly_the_operators_calls_and_nothing_cluster_wide(option
                                       "name": "orch-orchestrator"}  # fmt: skip
         assert binding["subjects"] == [sa]
     election = [r for r in roles if r["metadata"]["name"] == "orch-orchestrator-leader-election"]
-    assert len(roles) == len(main) + len(election)
+    evidence = [r for r in roles if r["metadata"]["name"] == "orch-orchestrator-evidence"]
+    assert len(roles) == len(main) + len(election) + len(evidence)
+    # The local evidence store: get of the operator's own Service (its ClusterIP is the URL
+    # runner pods use), in the release namespace only; none with S3 or a configured URL.
+    store = values.get("evidence", {})
+    if store.get("backend", "local") == "local" and not store.get("url"):
+        (role,) = evidence
+        assert role["metadata"]["namespace"] == "orchestrator"
+        rules = _rules(role)
+        assert {(g, r, v) for g, r, v, _ in rules} == grants("evidence")
+        assert rules == {("", "services", "get", ("orch-orchestrator",))}
+        binding = bindings["orchestrator/orch-orchestrator-evidence"]
+        assert binding["roleRef"]["name"] == "orch-orchestrator-evidence"
+        assert binding["subjects"] == [sa]
+    else:
+        assert evidence == [] and "orchestrator/orch-orchestrator-evidence" not in bindings
     if not values.get("leaderElection", {}).get("enabled", True):
         assert election == []
         return
@@ -363,8 +393,8 @@ def test_adapter_and_gate_job_pods_meet_the_restricted_standard() -> None:
     for role in ("adapter", "gate"):
         job = job_manifest(
             te=te, name="j", role=role, run_id="r", task_id="t", attempt=1, image="i",
-            request_json="{}", deadline_seconds=10, adapter=None,
-            patch_configmap="p" if role == "gate" else None,
+            fetch_grant="{}", runner_grant="{}", deadline_seconds=10, adapter=None,
+            patch_source={"configMap": {"name": "p"}} if role == "adapter" else None,
         )  # fmt: skip
         typed_roundtrip(job)
         spec = job["spec"]["template"]["spec"]
@@ -410,7 +440,8 @@ def test_default_install_shape() -> None:
     }
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["ingress"] == []
-    assert [r["ports"][0]["port"] for r in policy["spec"]["egress"]] == [53]  # DNS only
+    # DNS and the evidence server only
+    assert [r["ports"][0]["port"] for r in policy["spec"]["egress"]] == [53, 8081]
     adapters = {o["metadata"]["name"] for o in objs if o["kind"] == "Adapter"}
     assert adapters == {"patch", "script"}
     test_pod = by_kind[("Pod", "orch-orchestrator-test")]
@@ -466,7 +497,7 @@ def test_gate_pods_get_their_own_policy_and_never_the_model_api() -> None:
     # the runner policy both roles share.
     objs = render(OPTIONS["ai-adapters"])
     runner = next(o for o in objs if o["kind"] == "NetworkPolicy")
-    assert [r["ports"][0]["port"] for r in runner["spec"]["egress"]] == [53]
+    assert [r["ports"][0]["port"] for r in runner["spec"]["egress"]] == [53, 8081]
     aider = next(o for o in objs if o["kind"] == "Adapter" and o["metadata"]["name"] == "aider")
     assert aider["spec"]["egress"] == [{"cidr": "0.0.0.0/0", "ports": [443]}]
 
@@ -541,7 +572,7 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_a_lease() -> None:
     assert [env[f"ORCHESTRATOR_{t}_SECONDS"] for t in timings] == ["30", "20", "5"]
     env = {e["name"]: e.get("value") for e in _operator(render(OPTIONS["no-leader-election"]))["env"]}
     assert env["ORCHESTRATOR_LEADER_ELECTION"] == "false"
-    assert not {"ORCHESTRATOR_LEASE_NAME", "ORCHESTRATOR_IDENTITY", "POD_NAMESPACE"} & set(env)
+    assert not {"ORCHESTRATOR_LEASE_NAME", "ORCHESTRATOR_IDENTITY"} & set(env)
 
 
 def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
@@ -629,3 +660,45 @@ def test_the_example_task_execution_is_valid_and_carries_the_demo() -> None:
         if (obj["apiVersion"], obj["kind"]) in TYPED:
             typed_roundtrip(obj)
     assert restricted_violations(by_kind["Pod"]["spec"]) == []
+
+
+def test_runner_pods_reach_the_evidence_store_and_nothing_else_new() -> None:
+    def runner_policy(values: dict[str, Any]) -> dict[str, Any]:
+        objs = render(values)
+        return next(o for o in objs if o["metadata"]["name"] == "orch-orchestrator-runner")
+
+    # local: the operator's pods in the release namespace, on the evidence port only
+    egress = runner_policy({})["spec"]["egress"]
+    to_operator = [e for e in egress if "podSelector" in (e["to"][0])]
+    assert len(to_operator) == 1
+    peer = to_operator[0]["to"][0]
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "orchestrator"}
+    }
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "orch"
+    assert to_operator[0]["ports"] == [{"protocol": "TCP", "port": 8081}]
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render({})}
+    service = objs[("Service", "orch-orchestrator")]
+    assert {"name": "evidence", "port": 8081, "targetPort": "evidence", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )
+    env = {e["name"]: e for e in objs[("Deployment", "orch-orchestrator")]["spec"]["template"][
+        "spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["ORCHESTRATOR_EVIDENCE_SERVICE"]["value"] == "orch-orchestrator"
+    assert env["ORCHESTRATOR_EVIDENCE_BACKEND"]["value"] == "local"
+    # s3: the endpoint's addresses, credentials from the Secret for the operator only
+    s3 = OPTIONS["s3-evidence"]
+    egress = runner_policy(s3)["spec"]["egress"]
+    assert {"to": [{"ipBlock": {"cidr": "10.0.9.0/24"}}],
+            "ports": [{"protocol": "TCP", "port": 9000}]} in egress  # fmt: skip
+    assert not any("podSelector" in e["to"][0] for e in egress if "to" in e)
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render(s3)}
+    env = {e["name"]: e for e in objs[("Deployment", "orch-orchestrator")]["spec"]["template"][
+        "spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["ORCHESTRATOR_S3_BUCKET"]["value"] == "evidence"
+    assert env["ORCHESTRATOR_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "secret-access-key",
+    }
+    ports = objs[("Service", "orch-orchestrator")]["spec"]["ports"]
+    assert "evidence" not in {p["name"] for p in ports}

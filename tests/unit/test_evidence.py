@@ -20,6 +20,7 @@ from core.engine.evidence import (
     put_bytes,
     read_all,
 )
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore, store_request
 from core.engine.retention import PRUNED_FILE, RetentionPolicy, collect, pruned_keys
 from core.errors import EvidenceError
 
@@ -108,3 +109,33 @@ def test_gc_size_limit_deletes_oldest_eligible_first(tmp_path: Path) -> None:
                      policy=RetentionPolicy(max_bytes=1500), now=datetime.now(UTC))
     assert [i.name for i, _ in report.removed] == ["t0.jsonl", "t1.jsonl"]
     assert report.remaining_bytes == 1000
+
+
+def test_gc_deletes_runner_requests_and_pod_uploads_once_older_than_the_grace(
+    tmp_path: Path,
+) -> None:
+    """The operator's store also holds requests/ and incoming/ (Kubernetes backend): they
+    are temporary, but a young one may still be read by a pod starting or being adopted."""
+    store = LocalGrantingStore(tmp_path / ".ledger", base_url="", signer=GrantSigner(b"k" * 32))
+    key, _, _ = store_request(store, b'{"kind": "adapter"}', tmp_path)
+    upload = tmp_path / "log.gz"
+    upload.write_bytes(b"\x1f\x8b")
+    old_upload = "incoming/ns/uid/1-adapter/log.jsonl.gz"
+    young_upload = "incoming/ns/uid/2-adapter/log.jsonl.gz"
+    store.put_raw(old_upload, upload)
+    store.put_raw(young_upload, upload)
+    age(store.path(key), 3)
+    age(store.path(old_upload), 3)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    report = collect(store, logs, referenced=set(), active_logs=set(),
+                     policy=RetentionPolicy(older_than=timedelta(days=1)), now=datetime.now(UTC))  # fmt: skip
+    assert {(i.kind, i.name) for i, _ in report.removed} == {
+        ("request", key),
+        ("upload", old_upload),
+    }
+    assert not store.exists(key) and not store.exists(old_upload) and store.exists(young_upload)
+    # the size pass never takes a young one either
+    report = collect(store, logs, referenced=set(), active_logs=set(),
+                     policy=RetentionPolicy(max_bytes=0), now=datetime.now(UTC))  # fmt: skip
+    assert report.removed == [] and store.exists(young_upload)

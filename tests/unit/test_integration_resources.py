@@ -4,6 +4,7 @@ a cluster in tests/e2e/test_operator_integration.py)."""
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, datetime
 
@@ -15,10 +16,17 @@ from core.engine.integration_gate import TreeGateRequest
 from core.integration_models import IntegrationStats, IntegrationTaskResult
 from core.integration_resources import IntegrationSpec, IntegrationStatus, status_of_results
 from core.kube.escalation_events import event_message, event_name
-from core.kube.integration_gates import gate_job, gate_job_name, gate_request, tree_digest
+from core.kube.integration_gates import (
+    gate_job,
+    gate_job_name,
+    gate_request,
+    patch_configmap,
+    tree_digest,
+)
 from core.kube.integration_submit import integration_resource, results_of
 from core.models import GateCheck, GatePolicy, IntegrationOutcome, IntegrationResults
 from core.resources import Resources
+from core.runner.protocol import RunnerRequest
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -112,7 +120,18 @@ def test_the_gate_job_is_owned_by_the_integration_and_carries_the_runner_labels(
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {"cpu": "250m", "memory": "256Mi"}
     assert container["command"] == ["python", "-m", "core.runner", "gate"]
-    assert {"name": "patch", "configMap": {"name": "merge-x-1-yg-patch"}} in pod["volumes"]
+    # the request and the merged diff come from the gate run's ConfigMap, mounted as the
+    # runner's inputs; no fetch container, no grant (no evidence store involved)
+    assert {"name": "inputs", "configMap": {"name": "merge-x-1-yg-patch"}} in pod["volumes"]
+    assert pod["initContainers"] == []
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "ORCHESTRATOR_GRANT" not in env
+    inputs = next(m for m in container["volumeMounts"] if m["name"] == "inputs")["mountPath"]
+    assert env["ORCHESTRATOR_REQUEST_FILE"] == f"{inputs}/request.json"
+    assert request.patch_file == f"{inputs}/patch"
+    cm = patch_configmap(itg, "merge-x-1-yg-patch", b"diff --git a/x b/x\n", 3, request)
+    assert RunnerRequest.model_validate_json(cm["data"]["request.json"]) == request
+    assert base64.b64decode(cm["binaryData"]["patch"]) == b"diff --git a/x b/x\n"
 
 
 def test_status_and_results_project_each_other() -> None:

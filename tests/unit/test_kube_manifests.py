@@ -24,7 +24,7 @@ from core.kube.jobs import (
     job_name,
     label_value,
     labels,
-    patch_configmap,
+    patch_source_volume,
 )
 from core.models import TaskState
 from core.resources import AdapterResourceSpec, TaskExecutionStatus
@@ -56,7 +56,8 @@ def manifest(**overrides: Any) -> dict[str, Any]:
         "task_id": "fix-bug",
         "attempt": 1,
         "image": "localhost/orchestrator/orchestrator:src-1",
-        "request_json": '{"kind": "adapter"}',
+        "fetch_grant": '{"downloads": "only"}',
+        "runner_grant": '{"uploads": "only"}',
         "deadline_seconds": 600,
         "adapter": ADAPTER,
     }
@@ -97,7 +98,7 @@ def test_label_values_and_job_names_are_valid_for_any_stored_name(name: str) -> 
         assert len(job) <= 63 and LABEL_VALUE.fullmatch(job), job  # copied into job-name
     te = {**TE, "metadata": {**TE["metadata"], "name": name}}
     assert labels(name, "r1", "t1", 1, "adapter")["orchestrator.dev/taskexecution"] == value
-    assert patch_configmap(te, "cm", "")["metadata"]["labels"]["orchestrator.dev/taskexecution"] == value
+    assert manifest(te=te)["metadata"]["labels"]["orchestrator.dev/taskexecution"] == value
 
 
 def test_a_valid_name_is_its_own_label_value_and_cut_ones_stay_distinct() -> None:
@@ -127,6 +128,24 @@ def test_adapter_pods_are_locked_down() -> None:
         "secretKeyRef": {"name": "keys", "key": "anthropic"}
     }
     assert env["MODE"]["value"] == "fast"
+    # the request is a file the init container fetched (never an environment variable);
+    # the runner container holds only its upload grant, the init container only downloads
+    assert "ORCHESTRATOR_REQUEST" not in env
+    assert env["ORCHESTRATOR_REQUEST_FILE"]["value"] == "/etc/orchestrator/inputs/request.json"
+    assert env["ORCHESTRATOR_GRANT"]["value"] == '{"uploads": "only"}'
+    (fetch,) = pod["initContainers"]
+    assert fetch["command"] == ["python", "-m", "core.runner", "fetch"]
+    assert {e["name"]: e["value"] for e in fetch["env"]}["ORCHESTRATOR_GRANT"] == (
+        '{"downloads": "only"}'
+    )
+    assert fetch["securityContext"] == sc
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["inputs"] == {
+        "name": "inputs",
+        "mountPath": "/etc/orchestrator/inputs",
+        "readOnly": True,
+    }
+    assert {m["name"]: m.get("readOnly") for m in fetch["volumeMounts"]}["inputs"] is None
     owner = job["metadata"]["ownerReferences"][0]
     assert owner["uid"] == "1234-abcd" and owner["controller"] is True
     labels = job["metadata"]["labels"]
@@ -139,7 +158,7 @@ def test_adapter_pods_are_locked_down() -> None:
 def test_adapter_pods_carry_their_adapter_for_network_policies_gate_pods_do_not() -> None:
     labels = manifest(adapter_name="claude")["spec"]["template"]["metadata"]["labels"]
     assert labels["orchestrator.dev/adapter"] == "claude"
-    gate = manifest(adapter_name="claude", role="gate", name="g", patch_configmap="g-patch")
+    gate = manifest(adapter_name="claude", role="gate", name="g")
     labels = gate["spec"]["template"]["metadata"]["labels"]
     # The gate runs the repository's checks: it must not inherit the adapter's egress.
     assert "orchestrator.dev/adapter" not in labels
@@ -148,13 +167,40 @@ def test_adapter_pods_carry_their_adapter_for_network_policies_gate_pods_do_not(
     assert labels["app.kubernetes.io/name"] == "orchestrator-runner"  # the chart's policies
 
 
-def test_gate_pods_get_no_adapter_secrets_and_mount_the_patch() -> None:
-    job = manifest(role="gate", name="g", patch_configmap="g-patch")
+def test_gate_pods_get_no_adapter_secrets_and_no_configmap() -> None:
+    job = manifest(role="gate", name="g")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     names = {e["name"] for e in container["env"]}
     assert "ANTHROPIC_API_KEY" not in names and "MODE" not in names
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["patch"]["configMap"] == {"name": "g-patch"}
+    assert sorted(volumes) == ["inputs", "tmp", "work"]  # the patch comes through the grant
+    assert all(set(v) == {"name", "emptyDir"} for v in volumes.values())
+
+
+@pytest.mark.parametrize("kind", ["configMap", "secret"])
+def test_a_patch_named_by_reference_is_mounted_by_the_kubelet(kind: str) -> None:
+    source = patch_source_volume(kind, "big-patch", "change.diff")  # type: ignore[arg-type]
+    job = manifest(patch_source=source)
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    name_key = "name" if kind == "configMap" else "secretName"
+    assert volumes["patch-source"][kind] == {
+        name_key: "big-patch",
+        "items": [{"key": "change.diff", "path": "patch"}],
+    }
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    mount = {m["name"]: m for m in container["volumeMounts"]}["patch-source"]
+    assert mount == {
+        "name": "patch-source",
+        "mountPath": "/etc/orchestrator/patch-source",
+        "readOnly": True,
+    }
+
+
+def test_jobs_carry_a_backstop_ttl_only_when_asked() -> None:
+    assert "ttlSecondsAfterFinished" not in manifest()["spec"]
+    assert manifest(ttl_seconds_after_finished=604800)["spec"]["ttlSecondsAfterFinished"] == (
+        604800
+    )
 
 
 def test_manifest_parses_into_the_typed_kubernetes_model() -> None:
@@ -316,3 +362,43 @@ def test_egress_policy_action(existing: str | None, spec: AdapterResourceSpec, a
         },
     }
     assert egress_policy_action(objs[existing], ADAPTER_OBJ, spec) == action
+
+
+def test_every_adapter_policy_also_reaches_the_evidence_store() -> None:
+    store = {"to": [{"ipBlock": {"cidr": "10.213.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 8081}]}  # fmt: skip
+    policy = egress_policy(ADAPTER_OBJ, EGRESS, [store])
+    assert policy["spec"]["egress"][-1] == store and len(policy["spec"]["egress"]) == 3
+    # a policy made before the store was listed is brought up to date
+    old = egress_policy(ADAPTER_OBJ, EGRESS)
+    assert egress_policy_action(old, ADAPTER_OBJ, EGRESS, [store]) == "patch"
+    assert egress_policy_action(policy, ADAPTER_OBJ, EGRESS, [store]) == "none"
+    # no rules of its own: still no policy (the pods are not selected, nothing is denied)
+    assert egress_policy(ADAPTER_OBJ, NO_EGRESS, [store])["spec"]["egress"] == []
+    assert egress_policy_action(None, ADAPTER_OBJ, NO_EGRESS, [store]) == "none"
+
+
+def test_the_operator_masks_what_it_knows_of_an_adapters_secrets() -> None:
+    from core.kube.redactors import operator_redactor
+    from core.models import GateCheck
+
+    spec = AdapterResourceSpec.model_validate(
+        {
+            "kind": "process",
+            "template": "claude-code",
+            "env": [
+                {"name": "ANTHROPIC_API_KEY", "secretKeyRef": {"name": "keys", "key": "k"}},
+                {"name": "SERVICE_TOKEN", "value": "literal-token-123"},
+                {"name": "MODE", "value": "fast-mode-value"},
+            ],
+        }
+    )
+    check = GateCheck(name="unit", command=["true"], env={"DB_PASSWORD": "hunter2hunter2"})
+    redact = operator_redactor(spec, [check])
+    text = "token literal-token-123 pw hunter2hunter2 mode fast-mode-value key sk-" + "a" * 30
+    masked = redact(text)
+    assert "literal-token-123" not in masked and "[REDACTED:SERVICE_TOKEN]" in masked
+    assert "hunter2hunter2" not in masked and "[REDACTED:DB_PASSWORD]" in masked
+    assert "fast-mode-value" in masked  # not a secret by its name
+    assert "sk-aaaa" not in masked  # a credential shape, whoever printed it
+    # a Secret's value is known to the operator by reference only: the runner masks it
+    assert {name for name, _ in operator_redactor(spec).pairs} == {"SERVICE_TOKEN"}

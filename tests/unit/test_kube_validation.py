@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 from core.kube.validation import (
-    MAX_ENV_STRING_BYTES,
     Problem,
     adapter_problems,
     describe,
-    request_problem,
     spec_problems,
     task_execution_problems,
 )
@@ -118,16 +115,15 @@ def test_missing_secrets_and_keys_are_named_when_known() -> None:
     assert gone.field == "spec.env[0].secretKeyRef.name" and gone.reason == "SecretNotFound"
 
 
-def test_a_request_too_large_for_the_environment_is_refused_before_the_job() -> None:
-    room = MAX_ENV_STRING_BYTES - len("ORCHESTRATOR_REQUEST=") - 1
-    fits = json.dumps({"x": "a" * (room - len('{"x": ""}'))})
-    assert len(fits.encode()) == room
-    assert request_problem(fits) is None
-    assert request_problem(fits.replace('"a', '"aa', 1)) is not None  # one byte more
-    over = json.dumps({"x": "\u00e9" * (room // 2)})  # 2 bytes per character
-    problem = request_problem(over)
-    assert problem is not None and problem.reason == "RequestTooLarge"
-    assert problem.field == "spec.task" and str(MAX_ENV_STRING_BYTES) in problem.message
+def test_a_patch_adapter_takes_its_patch_inline_or_by_reference() -> None:
+    obj = te(adapterRef={"name": "patcher"}, fallbackAdapterRefs=[], task={"prompt": "p"})
+    adapters = {"patcher": adapter("patcher", kind="patch")}
+    for key in ("command", "template", "env", "api"):
+        adapters["patcher"]["spec"].pop(key, None)
+    (problem,) = task_execution_problems(obj, adapters)
+    assert problem.field == "spec.task.patch" and "patchFrom" in problem.message
+    obj["spec"]["task"]["patchFrom"] = {"configMapKeyRef": {"name": "big", "key": "diff"}}
+    assert task_execution_problems(obj, adapters) == []
 
 
 def test_describe_fits_a_condition_message() -> None:

@@ -515,7 +515,9 @@ def test_the_readme_documents_the_same_table() -> None:
                 "" if group == "core" else group.strip("`"),
                 resource.strip("`"),
                 tuple(v.strip() for v in verbs.split(",")),
-                "served" if where == "served" else "lease",
+                "served" if where == "served"
+                else "evidence" if "evidence store" in where
+                else "lease",
             )
         )
     assert documented == {(p.group, p.resource, p.verbs, p.scope) for p in PERMISSIONS}

@@ -93,8 +93,12 @@ def pod_env(workdir: Path, req: dict[str, Any] | str | None, **extra: str) -> di
         "ORCHESTRATOR_GRACE_SECONDS": "1",
         **extra,
     }
+    # the request is a file (in a pod: fetched by the init container into a read-only mount)
+    request_file = workdir.parent / f"{workdir.name}-inputs" / "request.json"
+    env["ORCHESTRATOR_REQUEST_FILE"] = str(request_file)
     if req is not None:
-        env["ORCHESTRATOR_REQUEST"] = req if isinstance(req, str) else json.dumps(req)
+        request_file.parent.mkdir(parents=True, exist_ok=True)
+        request_file.write_text(req if isinstance(req, str) else json.dumps(req))
     return env
 
 
@@ -250,7 +254,7 @@ def test_process_adapter_nonzero_exit_env_from_scratch_and_log_cap(
         "prompt = sys.stdin.read()\n"
         "print('prompt-has-task-text', 'TASK-' + 'MARKER' in prompt, flush=True)\n"
         "print('token', os.environ.get('TOOL_TOKEN'), flush=True)\n"
-        "print('leak', os.environ.get('OTHER_SECRET'), os.environ.get('ORCHESTRATOR_REQUEST'))\n"
+        "print('leak', os.environ.get('OTHER_SECRET'), os.environ.get('ORCHESTRATOR_GRANT'))\n"
         "print('home', os.environ['HOME'].startswith(os.environ['ORCHESTRATOR_WD']))\n"
         "for i in range(500):\n"
         "    print('filler line', i)\n"
@@ -491,7 +495,7 @@ def test_invalid_request_exits_non_zero_naming_the_field(
 @pytest.mark.parametrize(
     ("argv", "raw", "needle"),
     [
-        (["adapter"], None, "ORCHESTRATOR_REQUEST is not set"),
+        (["adapter"], None, "request.json is missing or empty"),
         (["adapter"], "{not json", "not valid JSON"),
         ([], "{}", "expected one argument"),
     ],

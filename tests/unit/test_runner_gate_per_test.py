@@ -54,8 +54,9 @@ def test_runner_gate_names_the_new_failure_and_the_flaky_test(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(workdir / "home"),
         "ORCHESTRATOR_WORKDIR": str(workdir),
-        "ORCHESTRATOR_REQUEST": json.dumps(request),
+        "ORCHESTRATOR_REQUEST_FILE": str(workdir.parent / "request.json"),
     }
+    (workdir.parent / "request.json").write_text(json.dumps(request))
     proc = subprocess.run(
         [sys.executable, "-m", "core.runner", "gate"],
         env=env,

@@ -114,3 +114,85 @@ a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
 {{- fail "watch.namespace and watch.namespaces exclude each other (put the namespace in the list)" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The evidence store's settings of the operator container (core/kube/runtime.py).
+*/}}
+{{- define "orchestrator.evidenceEnv" -}}
+- name: ORCHESTRATOR_EVIDENCE_BACKEND
+  value: {{ .Values.evidence.backend | quote }}
+# the rules of the runner policy reaching the store, for the Adapters' own policies too
+- name: ORCHESTRATOR_EVIDENCE_EGRESS
+  value: {{ include "orchestrator.evidenceEgress" . | fromYamlArray | toJson | quote }}
+{{- if eq .Values.evidence.backend "local" }}
+- name: ORCHESTRATOR_EVIDENCE_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .Values.evidence.port) | quote }}
+{{- if .Values.evidence.url }}
+- name: ORCHESTRATOR_EVIDENCE_URL
+  value: {{ .Values.evidence.url | quote }}
+{{- else }}
+- name: ORCHESTRATOR_EVIDENCE_SERVICE
+  value: {{ include "orchestrator.fullname" . | quote }}
+{{- end }}
+{{- else }}
+{{- $s3 := .Values.evidence.s3 }}
+{{- if not $s3.bucket }}{{ fail "evidence.backend=s3 needs evidence.s3.bucket" }}{{ end }}
+- name: ORCHESTRATOR_S3_BUCKET
+  value: {{ $s3.bucket | quote }}
+- name: ORCHESTRATOR_S3_PREFIX
+  value: {{ $s3.prefix | quote }}
+- name: ORCHESTRATOR_S3_REGION
+  value: {{ $s3.region | quote }}
+{{- with $s3.endpoint }}
+- name: ORCHESTRATOR_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $s3.publicEndpoint }}
+- name: ORCHESTRATOR_S3_PUBLIC_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: ORCHESTRATOR_S3_TEMPORARY_DAYS
+  value: {{ $s3.temporaryDays | int | quote }}
+{{- if $s3.patchDays }}
+- name: ORCHESTRATOR_S3_PATCH_DAYS
+  value: {{ $s3.patchDays | int | quote }}
+{{- end }}
+{{- with $s3.credentialsSecret.name }}
+- name: ORCHESTRATOR_S3_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: access-key-id}
+- name: ORCHESTRATOR_S3_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: secret-access-key}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Egress rules letting runner pods reach the evidence store (a YAML list).
+*/}}
+{{- define "orchestrator.evidenceEgress" -}}
+{{- if eq .Values.evidence.backend "local" }}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ .Release.Namespace }}
+      podSelector:
+        matchLabels:
+          {{- include "orchestrator.selectorLabels" . | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: {{ .Values.evidence.port }}}
+{{- else }}
+{{- range .Values.evidence.s3.egress }}
+- to:
+    - ipBlock:
+        cidr: {{ .cidr }}
+  {{- with .ports }}
+  ports:
+    {{- range . }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
