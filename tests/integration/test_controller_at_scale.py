@@ -12,6 +12,8 @@ from pathlib import Path
 
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
+from core.engine.evidence import LEDGER_DIR
+from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
 from core.kube.reconciler import Controller, ControllerSettings
@@ -26,10 +28,16 @@ TE = "taskexecutions"
 def _controller(api: FakeKubeApi, workdir: Path) -> Controller:
     url = default_url(workdir)
     upgrade(url)
+    # no pod runs here (no kubelet): the store is never called over HTTP
+    signer = GrantSigner(b"k" * 32)
+    evidence = LocalGrantingStore(
+        workdir / LEDGER_DIR, base_url="http://127.0.0.1:9", signer=signer
+    )
     return Controller(
         api,
         Store(make_engine(url)),
         ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
+        evidence=evidence,
     )
 
 
