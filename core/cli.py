@@ -25,7 +25,17 @@ import typer
 
 from core import __version__
 from core.cli_admin import db_upgrade, ledger_verify, schema_generate
-from core.cli_common import CWD, Backend, DatabaseUrl, Workdir, console, err, fail
+from core.cli_common import (
+    CWD,
+    Backend,
+    DatabaseUrl,
+    FollowTimeout,
+    Kubeconfig,
+    Workdir,
+    console,
+    err,
+    fail,
+)
 from core.cli_evidence import export, gc
 from core.cli_integration import integrate, integrate_on_kubernetes, run_integration
 from core.cli_tasks import adapters, cancel, logs, manual_submit, status
@@ -146,14 +156,8 @@ def execute(
     namespace: Annotated[
         str, typer.Option(help="kubernetes backend: namespace of the TaskExecutions.")
     ] = "default",
-    kubeconfig: Annotated[
-        str | None,
-        typer.Option(envvar="KUBECONFIG", help="kubernetes backend: kubeconfig file."),
-    ] = None,
-    follow_timeout: Annotated[
-        float | None,
-        typer.Option(help="kubernetes backend: stop following after this many seconds."),
-    ] = None,
+    kubeconfig: Kubeconfig = None,
+    follow_timeout: FollowTimeout = None,
     integrate_after: Annotated[
         bool,
         typer.Option(

@@ -46,6 +46,13 @@ DatabaseUrl = Annotated[
     ),
 ]
 RunId = Annotated[str, typer.Option("--run", "-r", help="Run id, as in .state/task_queue.json.")]
+Kubeconfig = Annotated[
+    str | None, typer.Option(envvar="KUBECONFIG", help="kubernetes backend: kubeconfig file.")
+]
+FollowTimeout = Annotated[
+    float | None,
+    typer.Option(help="kubernetes backend: stop following after this many seconds."),
+]
 
 
 class Backend(StrEnum):

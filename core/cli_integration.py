@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from core.cli_common import CWD, Backend, DatabaseUrl, RunId, Workdir, console, fail
+from core.cli_common import (
+    CWD,
+    Backend,
+    DatabaseUrl,
+    FollowTimeout,
+    Kubeconfig,
+    RunId,
+    Workdir,
+    console,
+    fail,
+)
 from core.engine.integration_worker import (
     IntegrationConfig,
     IntegrationRun,
@@ -77,8 +87,7 @@ def integrate_on_kubernetes(
         submitter = IntegrationSubmitter(workdir, run, namespace, kubeconfig=kubeconfig)
         created = submitter.submit(body)
         console.print(
-            f"Integration {namespace}/{run} {'created' if created else 'exists (kept)'}; "
-            "following",
+            f"Integration {namespace}/{run} {'created' if created else 'exists (kept)'}; following",
             highlight=False,
         )
         status = submitter.follow(timeout)
@@ -132,14 +141,8 @@ def integrate(
     namespace: Annotated[
         str, typer.Option(help="kubernetes backend: namespace of the run's TaskExecutions.")
     ] = "default",
-    kubeconfig: Annotated[
-        str | None,
-        typer.Option(envvar="KUBECONFIG", help="kubernetes backend: kubeconfig file."),
-    ] = None,
-    follow_timeout: Annotated[
-        float | None,
-        typer.Option(help="kubernetes backend: stop following after this many seconds."),
-    ] = None,
+    kubeconfig: Kubeconfig = None,
+    follow_timeout: FollowTimeout = None,
 ) -> None:
     """Merge the run's COMPLETED tasks in queue order onto an integration branch, re-gated.
 
