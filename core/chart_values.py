@@ -53,6 +53,27 @@ class Image(_Values):
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
+class RunnerStorage(_Values):
+    """Local disk of adapter and gate pods (Kubernetes quantities, e.g. 2Gi)."""
+
+    work_size_limit: str = Field(default="2Gi", description="sizeLimit of the /work emptyDir.")
+    tmp_size_limit: str = Field(default="1Gi", description="sizeLimit of the /tmp emptyDir.")
+    inputs_size_limit: str = Field(
+        default="",
+        description="sizeLimit of the inputs emptyDir (runner request and patch). Empty: "
+        "operator.maxDiffBytes + 16Mi.",
+    )
+    ephemeral_storage_request: str = Field(
+        default="1Gi", description="ephemeral-storage request of the runner container."
+    )
+    ephemeral_storage_limit: str = Field(
+        default="",
+        description="ephemeral-storage limit of the runner container. Empty: the three size "
+        "limits plus 512Mi for logs. A pod over a limit is evicted by the kubelet and its "
+        "attempt fails as adapter_error.",
+    )
+
+
 class Runner(_Values):
     image: str = Field(
         default="",
@@ -61,6 +82,7 @@ class Runner(_Values):
     pull_policy: Literal["", "Always", "IfNotPresent", "Never"] = Field(
         default="", description="Default: image.pullPolicy."
     )
+    storage: RunnerStorage = Field(default_factory=RunnerStorage)
 
 
 class Watch(_Values):

@@ -62,6 +62,7 @@ from core.kube.integration_gates import (
     JobTreeGate,
     JobWaiter,
 )
+from core.kube.jobs import RunnerStorage
 from core.kube.loop_part import PassivePart
 from core.kube.task_context import problems_of
 from core.kube.watch_cache import Key, WatchCache, newer, trim
@@ -124,6 +125,8 @@ class IntegrationSettings:
     poll_seconds: float = 10.0
     #: Integrations worked on at once (each holds a thread while its gates run).
     concurrency: int = 2
+    #: Gate pods' emptyDir size limits and ephemeral-storage (None: RunnerStorage's defaults).
+    storage: RunnerStorage | None = None
 
 
 class IntegrationController(PassivePart):
@@ -363,6 +366,7 @@ class IntegrationController(PassivePart):
                 workdir=self.settings.workdir,
                 max_log_bytes=self.settings.max_log_bytes,
                 poll_seconds=self.settings.poll_seconds,
+                storage=self.settings.storage,
             ),
             waiter=self.waiter,
             stop=stop,

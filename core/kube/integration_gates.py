@@ -51,6 +51,7 @@ from core.kube.jobs import (
     LABEL_ROLE,
     LABEL_RUN,
     MANAGED_BY,
+    RunnerStorage,
     job_failure_reason,
     job_finished,
     job_manifest,
@@ -140,6 +141,7 @@ def gate_job(
     image_pull_policy: str,
     resources: Resources,
     pending_timeout_seconds: float,
+    storage: RunnerStorage | None = None,
 ) -> Body:
     """The gate Job of one gate run (the manifest of an attempt's gate Job, relabelled)."""
     deadline = (
@@ -159,6 +161,7 @@ def gate_job(
         adapter=AdapterResourceSpec(kind=ResourceKind.PATCH, resources=resources),
         inputs_configmap=f"{name}-patch",
         image_pull_policy=image_pull_policy,
+        storage=storage,
     )
     labels = gate_labels(integration["metadata"]["name"], request.run_id, number)
     job["metadata"]["labels"] = labels
@@ -225,6 +228,8 @@ class GateSettings:
     max_log_bytes: int = 2 * 1024 * 1024
     #: The safety net of the event-driven wait.
     poll_seconds: float = 10.0
+    #: Gate pods' emptyDir size limits and ephemeral-storage (None: RunnerStorage's defaults).
+    storage: RunnerStorage | None = None
 
 
 class JobTreeGate:
@@ -310,6 +315,7 @@ class JobTreeGate:
             image_pull_policy=self.settings.image_pull_policy,
             resources=self.resources,
             pending_timeout_seconds=self.pending_timeout_seconds,
+            storage=self.settings.storage,
         )
         done = self.waiter.event(self.namespace, name)
         try:

@@ -17,7 +17,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
+
+from kubernetes.utils import parse_quantity
 
 from core.resources import AdapterResourceSpec
 
@@ -37,6 +41,85 @@ PATCH_SOURCE_FILE = f"{PATCH_SOURCE_DIR}/patch"
 RUNNER_UID = 10001
 #: The init container only downloads: small fixed resources.
 FETCH_RESOURCES = {"cpu": "200m", "memory": "128Mi"}
+
+
+#: Room in the inputs volume beyond the largest patch: the runner request (prompt up to its
+#: 1 MiB limit, the task, the adapter) and filesystem overhead.
+INPUTS_HEADROOM_BYTES = 16 * 1024 * 1024
+#: Room for the containers' own logs and writable layers (the root filesystem is read-only;
+#: the kubelet counts the container logs against the pod's ephemeral-storage limit).
+LOGS_ALLOWANCE = "512Mi"
+
+
+def quantity(value: str) -> Decimal:
+    """A Kubernetes quantity ("2Gi", "500M", "1048576") as a number (ValueError if not one)."""
+    return Decimal(parse_quantity(value))  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStorage:
+    """Local disk of a runner pod: each emptyDir's ``sizeLimit`` and the runner container's
+    ``ephemeral-storage`` request and limit (Kubernetes quantities).
+
+    Why: without limits, a task that writes without end (a log flood, a build filling
+    ``/work``) fills the node's disk and gets *other* pods evicted for disk pressure. With
+    them the kubelet evicts this pod alone, and :func:`core.kube.pods.storage_eviction`
+    tells that apart from a platform eviction. ``inputs=None``: sized from the hard limit of
+    a diff (:meth:`for_diff_limit`); ``ephemeral_limit=None``: the volumes' sum plus
+    :data:`LOGS_ALLOWANCE`.
+    """
+
+    work: str = "2Gi"
+    tmp: str = "1Gi"
+    inputs: str | None = None
+    ephemeral_request: str = "1Gi"
+    ephemeral_limit: str | None = None
+
+    @classmethod
+    def for_diff_limit(
+        cls,
+        max_diff_bytes: int,
+        *,
+        work: str = "2Gi",
+        tmp: str = "1Gi",
+        inputs: str | None = None,
+        ephemeral_request: str = "1Gi",
+        ephemeral_limit: str | None = None,
+    ) -> RunnerStorage:
+        """The inputs volume holds the request and at most one patch of ``max_diff_bytes``."""
+        return cls(
+            work=work,
+            tmp=tmp,
+            inputs=inputs or str(max_diff_bytes + INPUTS_HEADROOM_BYTES),
+            ephemeral_request=ephemeral_request,
+            ephemeral_limit=ephemeral_limit,
+        )
+
+    @property
+    def inputs_limit(self) -> str:
+        return self.inputs or str(100 * 1024 * 1024 + INPUTS_HEADROOM_BYTES)
+
+    @property
+    def limit(self) -> str:
+        """The container's ephemeral-storage limit (checked to be at least its request)."""
+        if self.ephemeral_limit:
+            return self.ephemeral_limit
+        volumes = (self.work, self.tmp, self.inputs_limit, LOGS_ALLOWANCE)
+        return str(int(sum(quantity(q) for q in volumes)))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad quantity (at startup, not on every Job create)."""
+        for name in ("work", "tmp", "inputs_limit", "ephemeral_request", "limit"):
+            value = getattr(self, name)
+            try:
+                quantity(value)
+            except ValueError as exc:
+                raise ValueError(f"runner storage {name}: {value!r} is not a quantity") from exc
+        if quantity(self.ephemeral_request) > quantity(self.limit):
+            raise ValueError(
+                f"runner ephemeral-storage request {self.ephemeral_request} exceeds its "
+                f"limit {self.limit}"
+            )
 
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -119,15 +202,16 @@ def job_manifest(
     patch_source: dict[str, Any] | None = None,
     image_pull_policy: str = "IfNotPresent",
     adapter_name: str | None = None,
-    inputs_size_limit: str | None = None,
+    storage: RunnerStorage | None = None,
     ttl_seconds_after_finished: int | None = None,
     inputs_configmap: str | None = None,
 ) -> dict[str, Any]:
     """``fetch_grant`` / ``runner_grant``: the init container's and the runner's part of the
     attempt's grant (JSON); ``patch_source``: a volume source (``configMap`` or ``secret``
     with one item, path ``patch``) holding a patch the task names by reference;
-    ``ttl_seconds_after_finished``: a backstop only, the operator shortens it once the
-    attempt's evidence is recorded.
+    ``storage``: the emptyDirs' size limits and the runner container's ephemeral-storage
+    (default :class:`RunnerStorage`'s); ``ttl_seconds_after_finished``: a backstop only,
+    the operator shortens it once the attempt's evidence is recorded.
 
     ``inputs_configmap`` instead of the grants: a ConfigMap (keys ``request.json`` and
     ``patch``) mounted as the inputs directory, no fetch container and no uploads (the log
@@ -135,13 +219,15 @@ def job_manifest(
     their patch in a ConfigMap until they move to the evidence store."""
     if (inputs_configmap is None) == (fetch_grant is None or runner_grant is None):
         raise ValueError("job_manifest: give fetch_grant and runner_grant, or inputs_configmap")
+    disk = storage or RunnerStorage()
     res = adapter.resources if adapter else None
     limits = {"cpu": res.cpu if res else "1", "memory": res.memory if res else "1Gi"}
-    inputs: dict[str, Any] = {"sizeLimit": inputs_size_limit} if inputs_size_limit else {}
+    requests = {**limits, "ephemeral-storage": disk.ephemeral_request}
+    limits["ephemeral-storage"] = disk.limit
     volumes: list[dict[str, Any]] = [
-        {"name": "work", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "inputs", "emptyDir": inputs}
+        {"name": "work", "emptyDir": {"sizeLimit": disk.work}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": disk.tmp}},
+        {"name": "inputs", "emptyDir": {"sizeLimit": disk.inputs_limit}}
         if inputs_configmap is None
         else {"name": "inputs", "configMap": {"name": inputs_configmap}},
     ]
@@ -190,7 +276,7 @@ def job_manifest(
             {"name": "HOME", "value": f"{WORKDIR}/home"},
             *(_env(adapter) if role == "adapter" else []),
         ],
-        "resources": {"requests": dict(limits), "limits": dict(limits)},
+        "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
         "securityContext": security,
     }

@@ -71,6 +71,7 @@ from core.kube.attempts import (
 from core.kube.jobs import (
     BACKSTOP_GRACE_SECONDS,
     PATCH_SOURCE_FILE,
+    RunnerStorage,
     job_finished,
     job_manifest,
     job_name,
@@ -137,6 +138,9 @@ class ControllerSettings:
     job_ttl_backstop_seconds: int = 7 * 24 * 3600
     #: NetworkPolicy egress rules reaching the evidence store, added to every Adapter's policy.
     evidence_egress: tuple[dict[str, Any], ...] = ()
+    #: Runner pods' emptyDir size limits and ephemeral-storage (None: sized from
+    #: max_diff_bytes with RunnerStorage's defaults).
+    runner_storage: RunnerStorage | None = None
 
 
 class Controller:
@@ -527,6 +531,8 @@ class Controller:
             patch_source=patch_source,
             image_pull_policy=self.settings.image_pull_policy,
             adapter_name=adapter_name,
+            storage=self.settings.runner_storage
+            or RunnerStorage.for_diff_limit(self.settings.max_diff_bytes),
             ttl_seconds_after_finished=self.settings.job_ttl_backstop_seconds,
         )
 

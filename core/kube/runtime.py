@@ -35,6 +35,7 @@ from core.kube.control_loop import ControlLoop
 from core.kube.escalation_events import EscalationEvents
 from core.kube.evidence_server import EvidenceServer
 from core.kube.integration_controller import IntegrationController, IntegrationSettings
+from core.kube.jobs import RunnerStorage
 from core.kube.leader import ElectionConfig
 from core.kube.reconciler import Controller, ControllerSettings
 
@@ -50,8 +51,7 @@ class OperatorSettings(BaseSettings):
     image_pull_policy: str = "IfNotPresent"
     namespace: str | None = Field(
         default=None,
-        description="Namespaces watched, comma-separated (as kopf's --namespace flags); "
-        "None: all.",
+        description="Namespaces watched, comma-separated (as kopf's --namespace flags); None: all.",
     )
     metrics_port: int | None = Field(default=None, description="Serve Prometheus metrics here.")
     metrics_address: str = "0.0.0.0"  # noqa: S104 - the metrics Service scrapes the pod
@@ -62,6 +62,25 @@ class OperatorSettings(BaseSettings):
     )
     job_ttl_seconds: int = Field(
         default=300, ge=0, description="A finished Job's TTL once its attempt is recorded."
+    )
+    runner_work_size_limit: str = Field(
+        default="2Gi", description="sizeLimit of runner pods' /work emptyDir (the checkout)."
+    )
+    runner_tmp_size_limit: str = Field(
+        default="1Gi", description="sizeLimit of runner pods' /tmp emptyDir."
+    )
+    runner_inputs_size_limit: str | None = Field(
+        default=None,
+        description="sizeLimit of runner pods' inputs emptyDir; default: max_diff_bytes + 16Mi.",
+    )
+    runner_ephemeral_storage_request: str = Field(
+        default="1Gi", description="ephemeral-storage request of runner containers."
+    )
+    runner_ephemeral_storage_limit: str | None = Field(
+        default=None,
+        description="ephemeral-storage limit of runner containers; default: the three "
+        "emptyDirs' size limits plus 512Mi for logs. Over it the kubelet evicts the pod and "
+        "the attempt fails as adapter_error.",
     )
     evidence_backend: Literal["local", "s3"] = Field(
         default="local",
@@ -222,6 +241,23 @@ async def _service_url(api: ClientKubeApi, name: str) -> str:
     return f"http://{spec['clusterIP']}:{ports[0]['port']}"
 
 
+def runner_storage(settings: OperatorSettings) -> RunnerStorage:
+    """Runner pods' disk limits from the settings, checked once at startup."""
+    storage = RunnerStorage.for_diff_limit(
+        settings.max_diff_bytes,
+        work=settings.runner_work_size_limit,
+        tmp=settings.runner_tmp_size_limit,
+        inputs=settings.runner_inputs_size_limit,
+        ephemeral_request=settings.runner_ephemeral_storage_request,
+        ephemeral_limit=settings.runner_ephemeral_storage_limit,
+    )
+    try:
+        storage.validate()
+    except ValueError as exc:
+        raise ConfigError(f"ORCHESTRATOR_RUNNER_*: {exc}") from exc
+    return storage
+
+
 async def build_controller(settings: OperatorSettings, evidence: Evidence) -> Controller:
     settings.workdir.mkdir(parents=True, exist_ok=True)
     url = settings.database_url or default_url(settings.workdir)
@@ -245,6 +281,7 @@ async def build_controller(settings: OperatorSettings, evidence: Evidence) -> Co
             resync_seconds=settings.resync_seconds,
             job_ttl_seconds=settings.job_ttl_seconds,
             evidence_egress=evidence_egress(settings, evidence.url),
+            runner_storage=runner_storage(settings),
         ),
         evidence=evidence.store,
         metrics=metrics,
@@ -266,9 +303,7 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
             renew_deadline=settings.renew_deadline_seconds,
             retry_period=settings.retry_period_seconds,
         )
-    identity = settings.identity or (
-        f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    )
+    identity = settings.identity or (f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     events = EscalationEvents(
         controller.api,
         controller.recorder.escalations,
@@ -287,6 +322,7 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
             image_pull_policy=settings.image_pull_policy,
             poll_seconds=settings.integration_poll_seconds,
             concurrency=settings.integration_workers,
+            storage=runner_storage(settings),
         ),
         metrics=controller.metrics,
     )

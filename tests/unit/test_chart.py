@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 from functools import cache
@@ -702,3 +703,65 @@ def test_runner_pods_reach_the_evidence_store_and_nothing_else_new() -> None:
     }
     ports = objs[("Service", "orch-orchestrator")]["spec"]["ports"]
     assert "evidence" not in {p["name"] for p in ports}
+
+
+@pytest.mark.parametrize(
+    ("storage", "expected"),
+    [
+        ({}, {"work": "2Gi", "tmp": "1Gi", "inputs": str(116 * 1024 * 1024), "request": "1Gi"}),
+        (
+            {
+                "workSizeLimit": "8Gi",
+                "tmpSizeLimit": "2Gi",
+                "inputsSizeLimit": "300Mi",
+                "ephemeralStorageRequest": "4Gi",
+                "ephemeralStorageLimit": "16Gi",
+            },
+            {"work": "8Gi", "tmp": "2Gi", "inputs": "300Mi", "request": "4Gi", "limit": "16Gi"},
+        ),
+    ],
+)
+def test_runner_storage_values_reach_the_runner_pods(
+    storage: dict[str, str], expected: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runner.storage -> the operator's env -> its settings -> every runner pod's emptyDirs
+    and ephemeral-storage (the path a user's values take, minus the API server)."""
+    from core.kube.jobs import job_manifest
+    from core.kube.runtime import OperatorSettings, runner_storage
+
+    container = _operator(render({"runner": {"storage": storage}}))
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name in list(os.environ):
+        if name.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("ORCHESTRATOR_RUNNER_") or name == "ORCHESTRATOR_MAX_DIFF_BYTES":
+            monkeypatch.setenv(name, value)
+    disk = runner_storage(OperatorSettings(runner_image=env["ORCHESTRATOR_RUNNER_IMAGE"]))
+    te = {
+        "apiVersion": "orchestrator.dev/v1alpha1",
+        "kind": "TaskExecution",
+        "metadata": {"name": "t", "namespace": "n", "uid": "u"},
+    }
+    job = job_manifest(
+        te=te, name="j", role="adapter", run_id="r", task_id="t", attempt=1, image="i",
+        fetch_grant="{}", runner_grant="{}", deadline_seconds=10, adapter=None, storage=disk,
+    )  # fmt: skip
+    pod = job["spec"]["template"]["spec"]
+    sizes = {v["name"]: v["emptyDir"]["sizeLimit"] for v in pod["volumes"]}
+    assert sizes == {k: expected[k] for k in ("work", "tmp", "inputs")}
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == expected["request"]
+    assert resources["limits"]["ephemeral-storage"] == expected.get("limit", disk.limit)
+
+
+def test_a_runner_storage_value_that_is_no_quantity_stops_the_operator_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.errors import ConfigError
+    from core.kube.runtime import OperatorSettings, runner_storage
+
+    monkeypatch.setenv("ORCHESTRATOR_RUNNER_WORK_SIZE_LIMIT", "two gigs")
+    settings = OperatorSettings(runner_image="i")
+    with pytest.raises(ConfigError, match="work: 'two gigs' is not a quantity"):
+        runner_storage(settings)

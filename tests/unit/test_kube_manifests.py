@@ -17,6 +17,7 @@ from core.crd import adapter_crd, task_execution_crd
 from core.kube.conditions import set_conditions
 from core.kube.jobs import (
     BACKSTOP_GRACE_SECONDS,
+    RunnerStorage,
     egress_policy,
     egress_policy_action,
     is_own_egress_policy,
@@ -25,6 +26,7 @@ from core.kube.jobs import (
     label_value,
     labels,
     patch_source_volume,
+    quantity,
 )
 from core.models import TaskState
 from core.resources import AdapterResourceSpec, TaskExecutionStatus
@@ -121,7 +123,11 @@ def test_adapter_pods_are_locked_down() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["readOnlyRootFilesystem"] is True and sc["runAsUser"] != 0
-    assert container["resources"]["limits"] == {"cpu": "250m", "memory": "300Mi"}
+    assert container["resources"]["limits"] == {
+        "cpu": "250m",
+        "memory": "300Mi",
+        "ephemeral-storage": RunnerStorage().limit,
+    }
     assert container["command"] == ["python", "-m", "core.runner", "adapter"]
     env = {e["name"]: e for e in container["env"]}
     assert env["ANTHROPIC_API_KEY"]["valueFrom"] == {
@@ -194,6 +200,77 @@ def test_a_patch_named_by_reference_is_mounted_by_the_kubelet(kind: str) -> None
         "mountPath": "/etc/orchestrator/patch-source",
         "readOnly": True,
     }
+
+
+def _disk(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    return volumes, container["resources"]["requests"], container["resources"]["limits"]
+
+
+def test_runner_pods_have_bounded_local_disk_by_default() -> None:
+    """Every emptyDir has a sizeLimit and the container an ephemeral-storage request and
+    limit: a task that fills its disk is evicted alone, not its node's other pods."""
+    volumes, requests, limits = _disk(manifest())
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    inputs = quantity(volumes["inputs"]["emptyDir"]["sizeLimit"])
+    assert inputs == 100 * 1024 * 1024 + 16 * 1024 * 1024  # the default hard limit of a diff
+    assert requests["ephemeral-storage"] == "1Gi"
+    # the limit covers the three volumes plus 512Mi of container logs
+    assert quantity(limits["ephemeral-storage"]) == quantity("3Gi") + inputs + quantity("512Mi")
+    # cpu and memory requests still equal their limits
+    assert (requests["cpu"], requests["memory"]) == (limits["cpu"], limits["memory"])
+
+
+def test_runner_storage_is_configurable_and_sized_from_the_diff_limit() -> None:
+    storage = RunnerStorage.for_diff_limit(
+        512 * 1024 * 1024, work="10Gi", tmp="500Mi", ephemeral_request="2Gi"
+    )
+    volumes, requests, limits = _disk(manifest(storage=storage))
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "500Mi"}
+    inputs = quantity(volumes["inputs"]["emptyDir"]["sizeLimit"])
+    assert inputs == 528 * 1024 * 1024
+    assert requests["ephemeral-storage"] == "2Gi"
+    assert quantity(limits["ephemeral-storage"]) == (
+        quantity("10Gi") + quantity("500Mi") + inputs + quantity("512Mi")
+    )
+    explicit = RunnerStorage(inputs="1Gi", ephemeral_limit="20Gi")
+    volumes, _, limits = _disk(manifest(storage=explicit))
+    assert volumes["inputs"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    assert limits["ephemeral-storage"] == "20Gi"
+
+
+def test_integration_gate_pods_get_the_same_disk_limits() -> None:
+    """An Integration's gate Job mounts its inputs from a ConfigMap; work and tmp are bounded
+    and the container has its ephemeral-storage like an attempt's gate."""
+    job = manifest(
+        role="gate", fetch_grant=None, runner_grant=None, inputs_configmap="gate-1-patch"
+    )
+    volumes, requests, limits = _disk(job)
+    assert volumes["inputs"] == {"name": "inputs", "configMap": {"name": "gate-1-patch"}}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert "ephemeral-storage" in requests and "ephemeral-storage" in limits
+
+
+@pytest.mark.parametrize(
+    ("storage", "problem"),
+    [
+        (RunnerStorage(work="2 GB"), "work: '2 GB' is not a quantity"),
+        (RunnerStorage(ephemeral_limit="lots"), "limit: 'lots' is not a quantity"),
+        (
+            RunnerStorage(ephemeral_request="8Gi", ephemeral_limit="4Gi"),
+            "request 8Gi exceeds its limit 4Gi",
+        ),
+    ],
+)
+def test_bad_runner_storage_is_refused_naming_the_setting(
+    storage: RunnerStorage, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        storage.validate()
 
 
 def test_jobs_carry_a_backstop_ttl_only_when_asked() -> None:
