@@ -44,6 +44,8 @@ from core.runner.protocol import RunnerResult
 #: Why a runner that reported ``cancelled`` stopped: nobody but the platform sends SIGTERM to
 #: a pod of a TaskExecution that still exists (deleted, evicted, node drained).
 POD_STOPPED = "the pod was stopped (deleted or evicted) before the adapter finished"
+#: Why an attempt whose pod went over its own disk limits failed (the kubelet's words follow).
+DISK_LIMIT = "the pod exceeded its local disk limit and was evicted"
 
 
 def parse_time(value: str | None) -> datetime:
@@ -77,12 +79,17 @@ def adapter_evidence(
     now: datetime,
     log_path: str,
     runner_error: str | None = None,
+    evicted: str | None = None,
 ) -> AttemptEvidence:
     """What the adapter Job of ``current`` showed (``job`` None: it is gone).
 
     The attempt is charged from its container's start (``pod_started_at``): pulling the
     image and scheduling the pod do not eat the adapter's budget. ``runner_error``: the
     runner's own words when it failed before reporting (a clone that failed, say).
+    ``evicted``: the kubelet's message when the pod was evicted for going over its own disk
+    limits (:func:`core.kube.pods.storage_eviction`): the adapter filled its disk, an
+    ``adapter_error`` (it moves to the fallback adapter and feeds the breaker), whatever the
+    runner managed to say while it was being killed.
     """
     started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
@@ -94,6 +101,8 @@ def adapter_evidence(
         log_path=log_path,
         isolation=IsolationLevel.POD,
     )
+    if evicted is not None:
+        return replace(base, adapter_error=f"{DISK_LIMIT}: {evicted}", output_tail=evicted)
     if result is None:
         if job is None:
             reason = f"adapter Job {current.job_name} was deleted before it reported"
@@ -129,9 +138,12 @@ def gate_evidence(
     now: datetime,
     log_path: str,
     runner_error: str | None = None,
+    evicted: str | None = None,
 ) -> AttemptEvidence:
     """The attempt after its gate Job: the adapter's part comes from ``current`` (what
-    :func:`gate_started` kept of the adapter's evidence: exit code, diff, log, token usage)."""
+    :func:`gate_started` kept of the adapter's evidence: exit code, diff, log, token usage).
+    ``evicted``: the gate pod went over its own disk limits while the checks ran on the
+    change: a failed gate (check ``local-disk``), not a platform failure."""
     started = current.pod_started_at or current.started_at or now
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
@@ -147,6 +159,8 @@ def gate_evidence(
         usage=usage_of(current.usage),
         isolation=IsolationLevel.POD,
     )
+    if evicted is not None:
+        return replace(base, gate=disk_limit_gate(evicted))
     if result is None or result.gate is None:
         reason = (
             (f"the runner failed: {runner_error}" if runner_error else None)
@@ -155,6 +169,23 @@ def gate_evidence(
         )
         return replace(base, infrastructure_reason=f"test gate: {reason}")
     return replace(base, gate=result.gate)
+
+
+def disk_limit_gate(message: str) -> GateResult:
+    """The verdict on a gate whose pod the kubelet evicted for exceeding its disk limits."""
+    return GateResult(
+        passed=False,
+        applied=False,  # unknown: the pod may have been evicted while cloning
+        checks=[
+            CheckResult(
+                name="local-disk",
+                status=CheckStatus.ERROR,
+                exit_code=None,
+                duration_seconds=0.0,
+                output_tail=f"{DISK_LIMIT}: {message}",
+            )
+        ],
+    )
 
 
 def diff_too_large(limit: int) -> GateResult:

@@ -12,6 +12,7 @@ Pure functions over pod bodies (plain dicts as the API server sends them).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -107,3 +108,34 @@ def triage(
             f"(phase {(pod.get('status') or {}).get('phase', 'unknown')})"
         )
     return PodTriage(waiting="the pod is starting")
+
+
+#: The kubelet's words when it evicts a pod for going over its *own* local-storage limits
+#: (pkg/kubelet/eviction/helpers.go: an emptyDir's sizeLimit, the pod's summed
+#: ephemeral-storage limit, one container's). A node under disk pressure says "The node was
+#: low on resource: ephemeral-storage" instead: that one is the platform's problem.
+_OWN_LIMIT_EVICTIONS = (
+    re.compile(r"Usage of EmptyDir volume .* exceeds the limit"),
+    re.compile(r"Pod ephemeral local storage usage exceeds the total limit of containers"),
+    re.compile(r"Container .* exceeded its local ephemeral storage limit"),
+)
+
+
+def storage_eviction(pods: list[dict[str, Any]]) -> str | None:
+    """The kubelet's message when a pod of the Job was evicted for exceeding its own disk
+    limits (see :class:`core.kube.jobs.RunnerStorage`), else None.
+
+    Why apart from other evictions: what filled the disk is the task's doing (a log flood, a
+    build that writes without end). Treated as ``infrastructure`` it would be retried on the
+    same adapter, never feed its breaker, and fill the disk again; the caller classifies it
+    as the adapter's (or, in a gate, the checks') failure instead. Node-pressure evictions
+    and every other pod failure stay infrastructure.
+    """
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("reason") != "Evicted":
+            continue
+        message = str(status.get("message") or "").strip()
+        if any(p.search(message) for p in _OWN_LIMIT_EVICTIONS):
+            return message
+    return None

@@ -78,7 +78,7 @@ from core.kube.jobs import (
     patch_source_volume,
 )
 from core.kube.pod_logs import read_report, save_log
-from core.kube.pods import triage
+from core.kube.pods import storage_eviction, triage
 from core.kube.redactors import operator_redactor
 from core.kube.status_writer import StatusWriter
 from core.kube.task_context import TaskContext, TaskContexts
@@ -569,6 +569,17 @@ class Controller:
             await self._io(self.io.discard, uploaded)
         return report.result, report.runner_error
 
+    async def _disk_eviction(
+        self, ctx: TaskContext, job: Body | None, result: RunnerResult | None
+    ) -> str | None:
+        """The kubelet's message when a failed Job's pod was evicted for its own disk limits
+        (only asked when the runner gave no full report: it was killed)."""
+        if job is None or job_finished(job) != "Failed":
+            return None
+        if result is not None and not result.cancelled:
+            return None
+        return storage_eviction(await self.api.job_pods(ctx.ns, job["metadata"]["name"]))
+
     async def _triage(self, ctx: TaskContext, job: Body, role: str) -> Next:
         """A running Job whose container has not started: wait, or end the attempt early."""
         current = ctx.status.attempts[-1]
@@ -623,6 +634,7 @@ class Controller:
             now=self.now(),
             log_path=ctx.log_path,
             runner_error=runner_error,
+            evicted=await self._disk_eviction(ctx, job, result),
         )
         if result is not None and evidence.diff is not None and not evidence.diff.truncated:
             evidence = await self._adopt_diff(evidence, result)
@@ -698,6 +710,7 @@ class Controller:
             now=self.now(),
             log_path=ctx.log_path,
             runner_error=runner_error,
+            evicted=await self._disk_eviction(ctx, job, result),
         )
         await self._conclude(ctx, record, evidence)
         return 0.0

@@ -118,3 +118,72 @@ def test_token_usage_survives_the_gate_job_into_the_recorded_result() -> None:
     assert after.usage == USAGE
     verdict = conclude(_plan(), [], after, rng=random.Random(0))
     assert verdict.result.state is TaskState.COMPLETED and verdict.result.usage == USAGE
+
+
+def _failed_job(done: datetime) -> dict:
+    stamp = done.strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {
+        "type": "Failed",
+        "status": "True",
+        "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit",
+        "lastTransitionTime": stamp,
+    }
+    return {"metadata": {"name": "t-1a"}, "status": {"conditions": [condition]}}
+
+
+EVICTED = 'Usage of EmptyDir volume "work" exceeds the limit "2Gi". '
+
+
+def test_an_adapter_that_fills_its_disk_is_an_adapter_error_not_infrastructure() -> None:
+    """The kubelet evicted the pod for its own disk limits: the adapter's doing. It feeds the
+    breaker and moves to a fallback adapter instead of being retried as the platform's."""
+    current = _running().attempts[-1]
+    done = T0 + timedelta(seconds=2)
+    evidence = adapter_evidence(
+        current, _failed_job(done), None, now=done, log_path="logs/x.jsonl", evicted=EVICTED
+    )
+    assert evidence.infrastructure_reason is None
+    verdict = conclude(_plan(), [], evidence, rng=random.Random(0))
+    result = verdict.result
+    assert result.failure_class is FailureClass.ADAPTER_ERROR
+    assert result.failure_message is not None
+    assert "exceeded its local disk limit" in result.failure_message
+    assert 'EmptyDir volume "work"' in result.failure_message
+    # killed mid-way, the runner may have said "cancelled": the eviction still decides
+    stopped = RunnerResult(kind="adapter", cancelled=True, duration_seconds=1.0)
+    again = adapter_evidence(
+        current, _failed_job(done), stopped, now=done, log_path="x", evicted=EVICTED
+    )
+    again_verdict = conclude(_plan(), [], again, rng=random.Random(0))
+    assert again_verdict.result.failure_class is FailureClass.ADAPTER_ERROR
+
+
+def test_a_failed_job_without_a_disk_eviction_stays_infrastructure() -> None:
+    current = _running().attempts[-1]
+    done = T0 + timedelta(seconds=2)
+    evidence = adapter_evidence(current, _failed_job(done), None, now=done, log_path="x")
+    verdict = conclude(_plan(), [], evidence, rng=random.Random(0))
+    assert verdict.result.failure_class is FailureClass.INFRASTRUCTURE
+
+
+def test_a_gate_that_fills_its_disk_fails_the_gate() -> None:
+    result = RunnerResult(
+        kind="adapter", exit_code=0, duration_seconds=1.0, diff=DIFF, patch_b64="ZGlmZg=="
+    )
+    status = _running()
+    done = T0 + timedelta(seconds=2)
+    evidence = adapter_evidence(status.attempts[-1], _job(done), result, now=done, log_path="x")
+    validating = gate_started(status, evidence, "t-1g")
+    after = gate_evidence(
+        validating.attempts[-1],
+        _failed_job(done + timedelta(seconds=5)),
+        None,
+        now=done + timedelta(seconds=5),
+        log_path="x",
+        evicted=EVICTED,
+    )
+    assert after.infrastructure_reason is None
+    assert after.gate is not None and after.gate.failed_checks == ["local-disk"]
+    verdict = conclude(_plan(), [], after, rng=random.Random(0))
+    assert verdict.result.failure_class is FailureClass.GATE_FAILED

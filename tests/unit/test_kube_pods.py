@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.kube.pods import container_started, triage
+from core.kube.pods import container_started, storage_eviction, triage
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -33,7 +33,8 @@ def judge(pods: list[dict[str, Any]], seconds: float, timeout: float = 120) -> A
 
 
 @pytest.mark.parametrize(
-    "reason", ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"]
+    "reason",
+    ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"],
 )
 def test_waiting_reasons_that_do_not_clear_end_the_attempt_at_once(reason: str) -> None:
     verdict = judge([pod(waiting=(reason, 'secret "api-key" not found'))], 5)
@@ -82,3 +83,36 @@ def test_a_terminated_container_counts_as_started() -> None:
         "terminated": {"startedAt": "2026-01-01T00:00:05Z", "exitCode": 0}
     }
     assert container_started(p) == T0 + timedelta(seconds=5)
+
+
+def evicted(message: str, reason: str = "Evicted") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p"},
+        "status": {"phase": "Failed", "reason": reason, "message": message},
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'Usage of EmptyDir volume "work" exceeds the limit "2Gi". ',
+        "Pod ephemeral local storage usage exceeds the total limit of containers 3879731200. ",
+        'Container adapter exceeded its local ephemeral storage limit "3879731200". ',
+    ],
+)
+def test_an_eviction_for_the_pods_own_disk_limits_is_recognised(message: str) -> None:
+    assert storage_eviction([pod(), evicted(message)]) == message.strip()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the node ran out of disk: someone else's doing, stays infrastructure
+        evicted("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi. "),
+        evicted("Pod was terminated in response to imminent node shutdown.", "Terminated"),
+        evicted('Usage of EmptyDir volume "work" exceeds the limit "2Gi". ', reason="Failed"),
+        {"metadata": {"name": "p"}, "status": {"phase": "Failed"}},
+    ],
+)
+def test_other_pod_failures_are_not_disk_limit_evictions(body: dict[str, Any]) -> None:
+    assert storage_eviction([body]) is None
