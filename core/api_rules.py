@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from core.models import IDENTIFIER_PATTERN
+from core.models import IDENTIFIER_PATTERN, url_credentials
 from core.rules import Rule, cel_string
 from core.rules import matches as rules_matches
 
@@ -121,4 +121,31 @@ REPO_RULE = rules_matches(
     REPO_PATTERN,
     "must be a git URL the pods can clone: https://, http://, git://, ssh:// (or file:// "
     "inside the runner image), without spaces",
+)
+
+#: A repository URL carrying a credential (the same test as the embedded entry contract's
+#: :func:`core.models.url_credentials`, for the schemes ``spec.source.repo`` admits): a
+#: password in its userinfo, or any userinfo (a token) on http(s). Searched, not matched
+#: whole, by both sides.
+_URL_PASSWORD = r"^[a-zA-Z][-a-zA-Z0-9+.]*://[^/]*:[^/]*@" # noqa: S105 (a pattern, not a secret)
+_URL_HTTP_USER = r"(?i)^https?://[^/]*@"
+_URL_CREDENTIALS = (re.compile(_URL_PASSWORD), re.compile(_URL_HTTP_USER))
+#: How git access is given instead (said by both rules below).
+NO_CREDENTIALS_HINT = (
+    "runner pods clone without credentials: serve the repository where they reach it without "
+    "any (an in-cluster git server or mirror, admitted by the runner NetworkPolicy)"
+)
+REPO_CREDENTIALS_RULE = Rule(
+    cel=f"!self.matches({cel_string(_URL_PASSWORD)}) && "
+    f"!self.matches({cel_string(_URL_HTTP_USER)})",
+    message="must not carry credentials (user:password@ or token@): they would be stored in "
+    f"the resource, the database, the ledger and the logs; {NO_CREDENTIALS_HINT}",
+    check=lambda value: not any(r.match(value) for r in _URL_CREDENTIALS),
+    explain=lambda value: f"must not carry credentials ({url_credentials(value) or 'userinfo'}): "
+    "they would be stored in the resource, the database, the ledger and the logs; "
+    f"{NO_CREDENTIALS_HINT}",
+)
+CREDENTIALS_REF_MESSAGE = (
+    "credentialsSecretRef is not supported (it was never used for cloning) and is refused "
+    f"rather than ignored; remove it: {NO_CREDENTIALS_HINT}"
 )

@@ -19,7 +19,9 @@ from pydantic.alias_generators import to_camel
 
 from core.api_rules import (
     CIDR_RULE,
+    CREDENTIALS_REF_MESSAGE,
     IMAGE_RULE,
+    REPO_CREDENTIALS_RULE,
     REPO_RULE,
     RESERVED_ENV_PREFIX,
     SECRET_KEY_PATTERN,
@@ -283,12 +285,25 @@ def _text_bytes(task: TaskText) -> int:
 
 
 class Source(_Api):
-    repo: Annotated[str, Field(max_length=2048), REPO_RULE] = Field(
-        description="Git URL the pods clone (https://, git://, ssh://)."
+    repo: Annotated[str, Field(max_length=2048), REPO_RULE, REPO_CREDENTIALS_RULE] = Field(
+        description="Git URL the pods clone (https://, git://, ssh://), without credentials."
     )
     base_commit: str = Field(pattern=COMMIT_PATTERN, description="Full 40-hex commit.")
-    credentials_secret_ref: SecretReference | None = Field(
-        default=None, description="Secret with git credentials (username/password keys)."
+    #: Only in the schema so that it is refused with a message (the API server prunes an
+    #: unknown field silently, and a manifest written for the old field would then run
+    #: without the credentials its author meant). Nothing reads it.
+    credentials_secret_ref: dict[str, str] | None = Field(
+        default=None,
+        description="Not supported: refused (runner pods clone without credentials).",
+    )
+
+    model_rules = (
+        Rule(
+            cel="!has(self.credentialsSecretRef)",
+            message=CREDENTIALS_REF_MESSAGE,
+            check=lambda source: source.credentials_secret_ref is None,
+            field_path=".credentialsSecretRef",
+        ),
     )
 
 

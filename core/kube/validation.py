@@ -173,17 +173,6 @@ def task_execution_problems(
         return problems
     spec = TaskExecutionSpec.model_validate(te["spec"])
     namespace = te["metadata"].get("namespace", "")
-    if spec.source.credentials_secret_ref is not None and secrets is not None:
-        name = spec.source.credentials_secret_ref.name
-        if secrets.get(name) is None:
-            problems.append(
-                Problem(
-                    "spec.source.credentialsSecretRef.name",
-                    f"Secret {name!r} does not exist in namespace {namespace!r}",
-                    "create the Secret, or delete and re-create the TaskExecution without it",
-                    "SecretNotFound",
-                )
-            )
     for path, name in _refs(spec):
         adapter = adapters.get(name)
         if adapter is None:

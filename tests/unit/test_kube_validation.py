@@ -103,7 +103,6 @@ def test_an_api_adapter_makes_its_own_diff_and_needs_no_patch() -> None:
 def test_missing_secrets_and_keys_are_named_when_known() -> None:
     problems = task_execution_problems(te(), ADAPTERS, {"tool-keys": frozenset({"other"})})
     assert [(p.field, p.reason) for p in problems] == [
-        ("spec.source.credentialsSecretRef.name", "SecretNotFound"),
         ("spec.adapterRef.name", "AdapterInvalid"),
         ("spec.fallbackAdapterRefs[0].name", "AdapterInvalid"),
         ("spec.fallbackAdapterRefs[1].name", "AdapterInvalid"),
@@ -132,3 +131,13 @@ def test_describe_fits_a_condition_message() -> None:
     assert len(text) <= 1000 and text.startswith("spec.f0: ") and text.endswith("more)")
     assert describe(problems[:1]) == "spec.f0: " + "m" * 100 + ". Fix: fix it"
     assert describe([]) == ""
+
+
+def test_a_stored_credentials_secret_ref_is_refused_not_ignored() -> None:
+    """An object stored before the CRD refused the field: the operator says so, at the field,
+    instead of cloning without the credentials its author meant."""
+    body = te()
+    body["spec"]["source"]["credentialsSecretRef"] = {"name": "git-creds"}
+    problems = task_execution_problems(body, ADAPTERS)
+    assert [p.field for p in problems] == ["spec.source.credentialsSecretRef"]
+    assert "not supported" in problems[0].message
