@@ -102,7 +102,13 @@ def adapter_evidence(
         isolation=IsolationLevel.POD,
     )
     if evicted is not None:
-        return replace(base, adapter_error=f"{DISK_LIMIT}: {evicted}", output_tail=evicted)
+        return replace(
+            base,
+            adapter_error=f"{DISK_LIMIT}: {evicted}",
+            output_tail=evicted,
+            log_bytes=result.log_bytes if result else 0,
+            log_truncated=bool(result and result.log_truncated),
+        )
     if result is None:
         if job is None:
             reason = f"adapter Job {current.job_name} was deleted before it reported"
