@@ -24,6 +24,7 @@ from core.kube.integration_gates import (
     tree_digest,
 )
 from core.kube.integration_submit import integration_resource, results_of
+from core.kube.jobs import RunnerStorage
 from core.models import GateCheck, GatePolicy, IntegrationOutcome, IntegrationResults
 from core.resources import Resources
 from core.runner.protocol import RunnerRequest
@@ -105,6 +106,7 @@ def test_the_gate_job_is_owned_by_the_integration_and_carries_the_runner_labels(
         image_pull_policy="Never",
         resources=Resources(cpu="250m", memory="256Mi"),
         pending_timeout_seconds=60,
+        storage=RunnerStorage(work="4Gi", ephemeral_limit="8Gi"),
     )
     meta = job["metadata"]
     assert meta["ownerReferences"][0]["uid"] == "uid-1"
@@ -118,7 +120,12 @@ def test_the_gate_job_is_owned_by_the_integration_and_carries_the_runner_labels(
     pod = job["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     container = pod["containers"][0]
-    assert container["resources"]["limits"] == {"cpu": "250m", "memory": "256Mi"}
+    assert container["resources"]["limits"] == {
+        "cpu": "250m",
+        "memory": "256Mi",
+        "ephemeral-storage": "8Gi",
+    }
+    assert {"name": "work", "emptyDir": {"sizeLimit": "4Gi"}} in pod["volumes"]
     assert container["command"] == ["python", "-m", "core.runner", "gate"]
     # the request and the merged diff come from the gate run's ConfigMap, mounted as the
     # runner's inputs; no fetch container, no grant (no evidence store involved)
