@@ -3,8 +3,9 @@
 Names are deterministic (TaskExecution uid + attempt + role), so a retried or replayed
 reconcile creates the same object and a 409 means "already done". Pods run untrusted code:
 no service-account token, non-root, no privilege escalation, all capabilities dropped,
-RuntimeDefault seccomp, read-only root filesystem, resource limits from the Adapter. The
-runner enforces the budget; ``activeDeadlineSeconds`` is only a backstop.
+RuntimeDefault seccomp, read-only root filesystem, resource limits from the Adapter, bounded
+local disk (:class:`RunnerStorage`). The runner enforces the budget;
+``activeDeadlineSeconds`` is only a backstop.
 
 Bulk never goes into a manifest: the init container ``fetch`` downloads the runner request
 (and a patch to apply) through the attempt's grant into the ``inputs`` emptyDir, which the
