@@ -116,3 +116,12 @@ def test_an_eviction_for_the_pods_own_disk_limits_is_recognised(message: str) ->
 )
 def test_other_pod_failures_are_not_disk_limit_evictions(body: dict[str, Any]) -> None:
     assert storage_eviction([body]) is None
+
+
+def test_an_init_container_that_cannot_start_ends_the_attempt_at_once() -> None:
+    # the runner's fetch of its inputs runs first, from the adapter's image: the main
+    # container then only says PodInitializing
+    fetch = {"name": "fetch", "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "x"}}}
+    stuck = pod(waiting=("PodInitializing", ""), initContainerStatuses=[fetch])
+    verdict = judge([stuck], 5)
+    assert verdict.problem == "the adapter's container could not start: ErrImageNeverPull: x"
