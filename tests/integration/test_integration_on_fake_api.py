@@ -7,6 +7,10 @@ branch. What is asserted is what the API server, the database, the ledger and th
 repository saw: the status mirrors the verdicts; the merged-tree gate ran as a Job owned by
 the Integration with its deterministic name; the branch in the tasks' repository holds the
 first task's commit; a restart adds no Job, no verdict and no ledger entry.
+
+The send-back: two ``fake_ai`` TaskExecutions write the same new file, the second one's
+Adapter retries on ``merge_conflict``; it is reopened, PENDING again (after a refused status
+write), runs attempt 2 with the conflict in its prompt and is merged.
 """
 
 from __future__ import annotations
