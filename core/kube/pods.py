@@ -59,7 +59,14 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
 
 
 def _waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+    """The first waiting reason: the init containers' (the runner's fetch of its inputs comes
+    first, from the same image) before the main containers'."""
+    status_of = pod.get("status") or {}
+    statuses = [
+        *(status_of.get("initContainerStatuses") or []),
+        *(status_of.get("containerStatuses") or []),
+    ]
+    for status in statuses:
         waiting = (status.get("state") or {}).get("waiting")
         if waiting and waiting.get("reason"):
             return str(waiting["reason"]), str(waiting.get("message") or "")

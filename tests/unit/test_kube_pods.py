@@ -33,7 +33,8 @@ def judge(pods: list[dict[str, Any]], seconds: float, timeout: float = 120) -> A
 
 
 @pytest.mark.parametrize(
-    "reason", ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"]
+    "reason",
+    ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"],
 )
 def test_waiting_reasons_that_do_not_clear_end_the_attempt_at_once(reason: str) -> None:
     verdict = judge([pod(waiting=(reason, 'secret "api-key" not found'))], 5)
@@ -82,3 +83,12 @@ def test_a_terminated_container_counts_as_started() -> None:
         "terminated": {"startedAt": "2026-01-01T00:00:05Z", "exitCode": 0}
     }
     assert container_started(p) == T0 + timedelta(seconds=5)
+
+
+def test_an_init_container_that_cannot_start_ends_the_attempt_at_once() -> None:
+    # the runner's fetch of its inputs runs first, from the adapter's image: the main
+    # container then only says PodInitializing
+    fetch = {"name": "fetch", "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "x"}}}
+    stuck = pod(waiting=("PodInitializing", ""), initContainerStatuses=[fetch])
+    verdict = judge([stuck], 5)
+    assert verdict.problem == "the adapter's container could not start: ErrImageNeverPull: x"
