@@ -38,8 +38,10 @@ The gate runs behind :class:`~core.engine.integration_gate.TreeGate`. On Kuberne
 operator drives this worker per ``Integration`` resource (``core.kube.integration_controller``):
 the tasks are one namespace's (``scope``) TaskExecutions, their plans come from those
 resources (:class:`PlanSource`), the gate runs are Jobs (``core.kube.integration_gates``),
-the branch is pushed, and tasks are not sent back (``reopen=False``: a TaskExecution cannot
-be reopened yet); the results go to the resource's status instead of the state file.
+the branch is pushed (a sent-back task's next attempt starts from it), and a task sent back
+is reopened here as on the embedded backend; the operator then makes its TaskExecution PENDING
+again (``core.kube.integration_sendback``). The results go to the resource's status instead
+of the state file.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def is_url(source: str) -> bool:
 
 
 #: Why a verdict does not send its task back when the driver cannot reopen tasks.
-NO_REOPEN = "tasks are not sent back by this driver (on Kubernetes: not built yet)"
+NO_REOPEN = "tasks are not sent back by this driver (reopen=False)"
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,14 @@ Failures: a spec or a state the worker refuses (a base commit not in the reposit
 that differs from the one recorded) is ``Failed`` until the Integration or the run changes;
 an infrastructure failure (git server unreachable, a gate pod that cannot start, the API)
 is shown in the status and the key is retried with backoff -- nothing already decided is
-decided again (the worker is idempotent per verdict). A task is never sent back to its
-adapter on Kubernetes (not built: its TaskExecution would have to be reopened); its verdict
-says so.
+decided again (the worker is idempotent per verdict).
+
+Send-back: a ``conflict`` or ``gate_failed`` task whose retry policy lists ``merge_conflict``
+/ ``merge_gate_failed`` is reopened by the worker (the database, through the recorder), then
+its TaskExecution's status is made PENDING again (:mod:`core.kube.integration_sendback`); the
+Integration says ``Waiting`` (``TasksSentBack``) until the next attempt finishes, then merges
+it. ``tasksDigest`` counts each TaskExecution's attempt, so an attempt that completes again is
+a new state to integrate.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ from core.kube.integration_gates import (
     JobTreeGate,
     JobWaiter,
 )
+from core.kube.integration_sendback import reopen_statuses
 from core.kube.jobs import RunnerStorage
 from core.kube.loop_part import PassivePart
+from core.kube.status_writer import StatusWriter
 from core.kube.task_context import problems_of
 from core.kube.watch_cache import Key, WatchCache, newer, trim
 from core.models import TaskState
@@ -94,11 +101,12 @@ class RunTask:
     name: str
     uid: str
     state: TaskState
+    attempt: int = 0
 
 
 def tasks_digest(tasks: dict[str, RunTask]) -> str:
     """Which finished TaskExecutions an integration state is about."""
-    raw = "\n".join(sorted(f"{t.uid}:{t.state.value}" for t in tasks.values()))
+    raw = "\n".join(sorted(f"{t.uid}:{t.state.value}:{t.attempt}" for t in tasks.values()))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -149,6 +157,7 @@ class IntegrationController(PassivePart):
         self.metrics = metrics or Metrics()
         self.now = now
         self.rows = IntegrationRows(store.engine, now)
+        self.status = StatusWriter(api, cache, now)
         self.waiter = JobWaiter()
         self.integrations: dict[tuple[str, str], Body] = {}
         self.runs: dict[tuple[str, str], dict[str, RunTask]] = {}
@@ -192,12 +201,19 @@ class IntegrationController(PassivePart):
                 self.runs.get((where[0], before), {}).pop(where[1], None)
             return self._keys_of(where[0], before)
         run_id = str((body.get("spec") or {}).get("runId") or "k8s")
-        state = TaskState((body.get("status") or {}).get("state", "PENDING"))
+        status = body.get("status") or {}
+        state = TaskState(status.get("state", "PENDING"))
+        attempt = int(status.get("attempt") or 0)
         tasks = self.runs.setdefault((where[0], run_id), {})
         old = tasks.get(where[1])
-        tasks[where[1]] = RunTask(where[1], str(meta.get("uid", "")), state)
+        tasks[where[1]] = RunTask(where[1], str(meta.get("uid", "")), state, attempt)
         self._run_of[where] = run_id
-        if old is not None and old.uid == meta.get("uid") and old.state.terminal == state.terminal:
+        if (
+            old is not None
+            and old.uid == meta.get("uid")
+            and old.state.terminal == state.terminal
+            and (old.attempt == attempt or not state.terminal)
+        ):
             return []  # nothing an Integration looks at changed
         return self._keys_of(where[0], run_id)
 
@@ -278,6 +294,7 @@ class IntegrationController(PassivePart):
         )
         try:
             done = await self._work(itg, spec)
+            back = await self._send_back(itg["metadata"]["namespace"], spec.run_id)
         except (InfrastructureError, KubeApiError) as exc:
             # retried with backoff by the work queue; nothing decided is decided again
             await self._write(
@@ -304,11 +321,14 @@ class IntegrationController(PassivePart):
             f"{st.skipped} skipped; {st.gate_runs} gate run(s) in {st.batches} batch(es); "
             f"{results.branch} at {results.head_commit[:12]}"
         )
+        if back:
+            summary += f"; sent back: {', '.join(back)}"
         await self._write(
             itg,
             {
-                "state": "Succeeded",
-                "reason": "Integrated",
+                # sent back: the next attempts are to be merged when they finish
+                "state": "Waiting" if back else "Succeeded",
+                "reason": "TasksSentBack" if back else "Integrated",
                 "message": summary,
                 "tasksDigest": digest,
                 **status_of_results(results),
@@ -334,7 +354,6 @@ class IntegrationController(PassivePart):
             ),
             push=True,
             scope=namespace,
-            reopen=False,
             results_file=False,
         )
         recorded = await asyncio.to_thread(self.rows.state, spec.run_id, namespace)
@@ -381,6 +400,15 @@ class IntegrationController(PassivePart):
         except asyncio.CancelledError:
             stop.set()  # no longer leading, or shutting down: the thread stops at its next look
             raise
+
+    async def _send_back(self, namespace: str, run_id: str) -> list[str]:
+        """Make the TaskExecutions of the tasks the worker sent back PENDING again (also those
+        a crash left COMPLETED); the ids of the run's tasks that are unfinished in the
+        database now (sent back, or already on their next attempt: the Integration waits)."""
+        records = await asyncio.to_thread(self.store.tasks, run_id, namespace)
+        names = {t.uid: t.name for t in self.runs.get((namespace, run_id), {}).values()}
+        await reopen_statuses(self.api, self.status, namespace, records, names)
+        return [r.key.task_id for r in records if not r.status.terminal]
 
     async def _plans(self, namespace: str, run_id: str) -> ResourcePlans:
         """Each TaskExecution of the run that still exists, with its Adapters, as a plan."""

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +46,7 @@ from core.engine.lifecycle import (
     Finish,
     Start,
     Wait,
+    base_of,
     conclude,
     interrupted_evidence,
     needs_gate,
@@ -84,7 +85,7 @@ from core.kube.status_writer import StatusWriter
 from core.kube.task_context import TaskContext, TaskContexts
 from core.kube.watch_cache import Key, WatchCache, slim_job
 from core.kube.workqueue import Later
-from core.models import AdapterKind, FailureClass, TaskState
+from core.models import AdapterKind, AttemptResult, FailureClass, TaskSpec, TaskState
 from core.resources import (
     TaskExecutionStatus,
 )
@@ -436,10 +437,15 @@ class Controller:
                 )
                 source = patch_source_volume(kind, ref.name, ref.key)
                 patch_file = PATCH_SOURCE_FILE
+        # after a send-back by the integration, from the integration branch's head (pushed to
+        # the task's repository: the operator's own copy is not reachable from a pod)
+        task = ctx.task
+        if start.base is not None:
+            task = task.model_copy(update={"base_commit": start.base.commit})
         request = RunnerRequest(
             kind="adapter",
             run_id=ctx.key.run_id,
-            task=ctx.task,
+            task=task,
             adapter=adapter,
             attempt=start.attempt,
             repo_url=ctx.task.repo,
@@ -639,7 +645,7 @@ class Controller:
         if result is not None and evidence.diff is not None and not evidence.diff.truncated:
             evidence = await self._adopt_diff(evidence, result)
         if needs_gate(ctx.plan, evidence) and result is not None:
-            return await self._start_gate(ctx, evidence)
+            return await self._start_gate(ctx, evidence, record)
         await self._conclude(ctx, record, evidence)
         return 0.0
 
@@ -661,8 +667,11 @@ class Controller:
                 return replace(evidence, diff=diff)
         return replace(evidence, infrastructure_reason=f"evidence upload failed: {problem}")
 
-    async def _start_gate(self, ctx: TaskContext, evidence: AttemptEvidence) -> Next:
+    async def _start_gate(
+        self, ctx: TaskContext, evidence: AttemptEvidence, record: TaskRecord
+    ) -> Next:
         status = ctx.status
+        task = _attempt_task(ctx.task, record.attempt_results, evidence.attempt)
         adapter_name = status.adapter or ctx.spec.adapter_ref.name
         name = job_name(ctx.name, ctx.uid, status.attempt, "gate")
         assert evidence.diff is not None  # needs_gate
@@ -670,7 +679,7 @@ class Controller:
         request = RunnerRequest(
             kind="gate",
             run_id=ctx.key.run_id,
-            task=ctx.task,
+            task=task,
             adapter=ctx.plan.adapters[adapter_name],
             attempt=status.attempt,
             repo_url=ctx.task.repo,
@@ -727,7 +736,7 @@ class Controller:
         outcome = await self._db(
             self.recorder.record,
             ctx.key,
-            ctx.task.base_commit,
+            _attempt_task(ctx.task, history, evidence.attempt).base_commit,
             verdict,
             breakers=self.breakers.of(ctx.ns),
             trial=trial,
@@ -762,3 +771,12 @@ class Controller:
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Evidence-store calls (files, HTTP to an object store) off the event loop."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _attempt_task(task: TaskSpec, history: Sequence[AttemptResult], attempt: int) -> TaskSpec:
+    """The task as attempt ``attempt`` ran it: on the integration branch's head when an
+    earlier attempt was sent back by the integration (:func:`base_of`)."""
+    rebased = base_of([a for a in history if a.attempt < attempt])
+    if rebased is None:
+        return task
+    return task.model_copy(update={"base_commit": rebased.commit})

@@ -28,7 +28,7 @@ from core.resources import TaskExecutionStatus
 
 TE = "taskexecutions"
 #: Status fields a merge patch must clear explicitly when they become unset.
-CLEARED = ("notBefore", "gateJobName", "failureClass")
+CLEARED = ("notBefore", "gateJobName", "failureClass", "finishedAt")
 #: The longest object name the API server accepts (a DNS subdomain).
 MAX_NAME = 253
 

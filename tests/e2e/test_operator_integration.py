@@ -6,6 +6,8 @@ queue order onto ``orchestrator/integration/<run>``: the first is merged, the se
 ``conflict``. The merged-tree gate runs as a gate Job owned by the Integration; the branch is
 pushed to the in-cluster git server (a git daemon that accepts pushes), which is asserted
 from inside the git server's pod.
+Then the send-back: a second run whose conflicting TaskExecution retries on
+``merge_conflict`` goes back to PENDING and its next attempt is merged.
 """
 
 from __future__ import annotations
@@ -179,3 +181,84 @@ def test_integrate_from_a_client_follows_the_resource_and_writes_the_results(
         ("a-multiply", "merged"),
         ("b-divide", "conflict"),
     ]
+
+
+#: An adapter that does what the prompt's ``fake-ai:`` lines say (in the project image).
+FAKE_AI = ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"]
+
+
+def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attempt(
+    kubectl, env
+) -> None:
+    """Issue 15's feedback on the cluster: the second TaskExecution's Adapter retries on
+    ``merge_conflict``; it conflicts, goes back to PENDING, runs attempt 2 as a new Job with
+    the conflict summary in its prompt (from the pushed integration head), and is merged."""
+    ns, run = env["ns"], "sendback"
+    branch = f"orchestrator/integration/{run}"
+    git_ip = get_json(kubectl, "pod", "git-server", "-n", ns)["status"]["podIP"]
+    egress = [{"cidr": f"{git_ip}/32", "ports": [9418]}]
+    retry = {"maxAttempts": 3, "retryOn": ["infrastructure", "merge_conflict"],
+             "backoffInitialSeconds": 1, "jitterSeconds": 0}  # fmt: skip
+    apply(kubectl, ns, adapter("once", "process", command=FAKE_AI, egress=egress, resources=SMALL,
+                               retry={"maxAttempts": 1}))  # fmt: skip
+    apply(kubectl, ns, adapter("again", "process", command=FAKE_AI, egress=egress,
+                               resources=SMALL, retry=retry))  # fmt: skip
+    prompts = {
+        "a-notes": ("once", "fake-ai: write notes.txt :: from A"),
+        "b-notes": (
+            "again",
+            "fake-ai: echo-feedback\nfake-ai: write notes.txt :: from B\n"
+            "fake-ai: on-feedback write notes.txt :: from A\\nfrom B",
+        ),
+    }
+    for name, (adapter_name, prompt) in prompts.items():
+        obj = task_execution(name, env["repo"], adapter_name, task={"prompt": prompt})
+        obj["spec"]["runId"] = run
+        apply(kubectl, ns, obj)
+    apply(kubectl, ns, integration(run, run, resources=SMALL))
+
+    def merged_both() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        status = obj.get("status") or {}
+        if status.get("state") == "Failed":
+            return obj
+        done = status.get("state") == "Succeeded" and status.get("stats", {}).get("merged") == 2
+        return obj if done else None
+
+    def debug() -> str:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        te = get_json(kubectl, "tex", "b-notes", "-n", ns)
+        return json.dumps([obj.get("status"), te.get("status")], indent=1) + env["operator"].tail()
+
+    done = wait_for(merged_both, 900, "the sent-back task to be merged", debug)
+    status = done["status"]
+    assert status["state"] == "Succeeded", debug()
+    by_task = {t["taskId"]: (t["outcome"], t["attempt"]) for t in status["tasks"]}
+    assert by_task == {"a-notes": ("merged", 1), "b-notes": ("merged", 2)}, debug()
+    assert git(kubectl, env, "show", f"{branch}:notes.txt") == "from A\nfrom B"
+
+    # the TaskExecution: attempt 1 sent back (merge_conflict), attempt 2 completed
+    te = get_json(kubectl, "tex", "b-notes", "-n", ns)["status"]
+    assert te["state"] == "COMPLETED" and te["attempt"] == 2
+    first, second = te["attempts"]
+    assert first["failureClass"] == "merge_conflict" and second.get("failureClass") is None
+    jobs = get_json(
+        kubectl, "jobs", "-n", ns, "-l",
+        "orchestrator.dev/taskexecution=b-notes,orchestrator.dev/role=adapter",
+    ).get("items", [])  # fmt: skip
+    attempts = sorted(int(j["metadata"]["labels"]["orchestrator.dev/attempt"]) for j in jobs)
+    assert attempts in ([1, 2], [2]), attempts  # attempt 1's Job may be gone (its short TTL)
+    events = get_json(
+        kubectl, "events", "-n", ns, "--field-selector", "involvedObject.name=b-notes"
+    ).get("items", [])
+    assert [e["reason"] for e in events].count("TASK_REOPENED") == 1
+    assert [e["reason"] for e in events].count("TASK_STARTED") == 2
+
+    # the feedback reached attempt 2's prompt: its adapter printed it back (the saved log)
+    [log] = (env["workdir"] / "logs/execution").glob(f"{ns}.b-notes.*.jsonl")
+    said = [
+        r.get("line")
+        for r in map(json.loads, log.read_text().splitlines())
+        if r.get("attempt") == 2 and r.get("stream") == "stdout"
+    ]
+    assert "feedback: Conflicting files:" in said and "feedback: - notes.txt" in said

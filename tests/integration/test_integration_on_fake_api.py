@@ -7,11 +7,16 @@ branch. What is asserted is what the API server, the database, the ledger and th
 repository saw: the status mirrors the verdicts; the merged-tree gate ran as a Job owned by
 the Integration with its deterministic name; the branch in the tasks' repository holds the
 first task's commit; a restart adds no Job, no verdict and no ledger entry.
+
+The send-back: two ``fake_ai`` TaskExecutions write the same new file, the second one's
+Adapter retries on ``merge_conflict``; it is reopened, PENDING again (after a refused status
+write), runs attempt 2 with the conflict in its prompt and is merged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,18 +27,22 @@ from sqlalchemy.orm import Session
 from core.db.database import default_url, make_engine, upgrade
 from core.db.integration_rows import IntegrationRows
 from core.db.store import Store
-from core.db.tables import IntegrationTask, PatchHistory
+from core.db.tables import ExecutionLog, IntegrationTask, PatchHistory
 from core.engine.evidence import LEDGER_DIR, local_store
 from core.engine.evidence_grants import GrantSigner, LocalGrantingStore, load_secret
 from core.engine.patch_ledger import verify
+from core.errors import InfrastructureError
 from core.kube.control_loop import ControlLoop
 from core.kube.evidence_server import EvidenceServer
 from core.kube.integration_controller import IntegrationController, IntegrationSettings
 from core.kube.integration_gates import LABEL_INTEGRATION
+from core.kube.jobs import LABEL_ATTEMPT, LABEL_ROLE, LABEL_TE
 from core.kube.reconciler import Controller, ControllerSettings
+from core.models import LedgerEntry, TaskState
 from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
 from tests.e2e.operator_harness import (
+    BASE_COMMIT,
     DEMO,
     DIVIDE_PATCH,
     adapter,
@@ -187,3 +196,188 @@ def test_two_conflicting_task_executions_the_second_conflicts(tmp_path: Path) ->
         assert len((workdir / ".state/patch_ledger.jsonl").read_text().splitlines()) == 4
 
     asyncio.run(main())
+
+
+#: An adapter that does what the prompt's ``fake-ai:`` lines say (core.testing.fake_ai).
+FAKE_AI = ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"]
+
+
+class _FlakyStatus(FakeKubeApi):
+    """The API server refuses the first status write that reopens a TaskExecution (COMPLETED
+    -> PENDING), as if the operator stopped between the database's reopen and the status."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.refused = 0
+
+    async def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        if plural == "taskexecutions" and not self.refused:
+            current = await self.get_object(plural, namespace, name)
+            was = ((current or {}).get("status") or {}).get("state")
+            if was == "COMPLETED" and status.get("state") == "PENDING":
+                self.refused += 1
+                raise InfrastructureError("injected: the reopening status write was lost")
+        return await super().patch_status(
+            plural, namespace, name, status, resource_version=resource_version
+        )
+
+
+def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attempt(
+    tmp_path: Path,
+) -> None:
+    """Two TaskExecutions write the same new file; the second one's Adapter retries on
+    ``merge_conflict``. It conflicts, is reopened (database), made PENDING again (status,
+    after one lost write), runs attempt 2 as a new Job with the conflict summary in its prompt,
+    from the integration branch's head, and is merged when it completes."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    upgrade(default_url(workdir))
+    engine = make_engine(default_url(workdir))
+    url = bare.as_uri()
+    retry = {"maxAttempts": 3, "retryOn": ["infrastructure", "merge_conflict"],
+             "backoffInitialSeconds": 0.1, "jitterSeconds": 0}  # fmt: skip
+    prompts = {
+        "a-notes": "fake-ai: write notes.txt :: from A",
+        "b-notes": "fake-ai: echo-feedback\n"
+        "fake-ai: write notes.txt :: from B\n"
+        "fake-ai: on-feedback write notes.txt :: from A\\nfrom B",
+    }
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[str]]:
+        api = _FlakyStatus(namespaces=(NS,))
+        await api.create_object("adapters", NS, adapter("once", "process", command=FAKE_AI))
+        await api.create_object(
+            "adapters", NS, adapter("again", "process", command=FAKE_AI, retry=retry)
+        )
+        for name, adapter_name in (("a-notes", "once"), ("b-notes", "again")):
+            body = task_execution(name, url, adapter_name, task={"prompt": prompts[name]})
+            body["spec"]["runId"] = RUN
+            await api.create_object("taskexecutions", NS, body)
+        await api.create_object("integrations", NS, integration(RUN, RUN))
+        async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
+            loop, server = await _operator(api, engine, workdir)
+            driver = asyncio.create_task(loop.run())
+            status = await _until_state(api, RUN, {"Succeeded", "Failed"}, 600)
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
+            assert kubelet.errors == []
+        assert api.refused == 1  # the lost status write was made again
+        # a restart: nothing is reopened, started or merged again
+        writes: list[str] = []
+        api.add_observer(lambda c: writes.append(f"{c.verb}:{c.resource}") if c.write else None)
+        async with FakeKubelet(api.server, tmp_path / "kubelet2"):
+            loop, server = await _operator(api, engine, workdir)
+            driver = asyncio.create_task(loop.run())
+            await asyncio.sleep(3.0)  # leads, syncs every Integration and TaskExecution once
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
+        assert "create:jobs" not in writes and "create:events" not in writes, writes
+        assert (await _status(api, RUN))["state"] == "Succeeded"
+        te = await api.get_object("taskexecutions", NS, "b-notes")
+        assert te is not None
+        jobs = await api.list_jobs(NS, f"{LABEL_TE}=b-notes")
+        events = [
+            f"{e['reason']}:{e['metadata']['name']}"
+            for e in (await api.list_resource("events", NS)).items
+            if e["involvedObject"]["name"] == "b-notes"
+        ]
+        return status, te["status"], jobs, events
+
+    status, te_status, jobs, events = asyncio.run(main())
+    # the Integration: both merged, b-notes on its second attempt, after one conflict
+    assert status["state"] == "Succeeded", status
+    by_task = {t["taskId"]: t for t in status["tasks"]}
+    assert (by_task["a-notes"]["outcome"], by_task["a-notes"]["attempt"]) == ("merged", 1)
+    assert (by_task["b-notes"]["outcome"], by_task["b-notes"]["attempt"]) == ("merged", 2)
+    # the stats count each task's verdict now (the conflict is in the database, below)
+    assert status["stats"]["merged"] == 2 and status["stats"]["conflict"] == 0
+    assert _git(bare, "show", f"{BRANCH}:notes.txt") == "from A\nfrom B"
+    subjects = _git(bare, "log", "--reverse", "--format=%s", f"{BASE_COMMIT}..{BRANCH}")
+    assert [s.split(":")[0] for s in subjects.splitlines()] == ["a-notes", "b-notes"]
+    # the TaskExecution: COMPLETED on attempt 2; attempt 1 shows the conflict
+    assert te_status["state"] == "COMPLETED" and te_status["attempt"] == 2
+    first, second = te_status["attempts"]
+    assert (first["attempt"], first["failureClass"]) == (1, "merge_conflict")
+    assert (
+        second["attempt"] == 2
+        and second.get("failureClass") is None
+        and te_status.get("failureClass") is None
+    )
+    # one adapter Job per attempt, named for it; one TASK_REOPENED Event
+    adapter_jobs = sorted(
+        int(j["metadata"]["labels"][LABEL_ATTEMPT])
+        for j in jobs
+        if j["metadata"]["labels"].get(LABEL_ROLE) == "adapter"
+    )
+    assert adapter_jobs == [1, 2]
+    reopened = [e for e in events if e.startswith("TASK_REOPENED:")]
+    assert len(reopened) == 1 and reopened[0].endswith(".reopened-1")
+    assert sum(e.startswith("TASK_STARTED:") for e in events) == 2
+    _assert_sent_back(engine, workdir)
+
+
+def _assert_sent_back(engine: Any, workdir: Path) -> None:
+    """What the database and the ledger recorded of the send-back."""
+    key = next(r.key for r in Store(engine).tasks(RUN, NS) if r.key.task_id == "b-notes")
+    record = Store(engine).task(key)
+    assert record.status is TaskState.COMPLETED and record.attempts == 2
+    first, second = record.attempt_results
+    assert first.integration is not None and first.integration.outcome.value == "conflict"
+    assert first.backoff_seconds == 0.1 and not first.final
+    a_commit = next(
+        v.commit for v in IntegrationRows(engine).verdicts(RUN, NS) if v.key.task_id == "a-notes"
+    )
+    assert first.integration.rebase_commit == a_commit
+    assert second.failure_class is None and second.final
+    verdicts = [
+        (v.key.task_id, v.attempt, v.outcome.value)
+        for v in IntegrationRows(engine).verdicts(RUN, NS)
+    ]
+    assert verdicts == [
+        ("a-notes", 1, "merged"),
+        ("b-notes", 1, "conflict"),
+        ("b-notes", 2, "merged"),
+    ]
+    with Session(engine) as s:
+        names = [
+            (r.task_id, r.attempt, r.event)
+            for r in s.scalars(select(ExecutionLog).order_by(ExecutionLog.id))
+        ]
+        history = list(s.scalars(select(PatchHistory).order_by(PatchHistory.seq)))
+        rows = list(s.scalars(select(IntegrationTask)))
+    assert names.count(("b-notes", 1, "TASK_REOPENED")) == 1
+    assert [n for n in names if n[2] == "TASK_REOPENED"] == [("b-notes", 1, "TASK_REOPENED")]
+    entries = [LedgerEntry.model_validate_json(line) for line in
+               (workdir / ".state/patch_ledger.jsonl").read_text().splitlines()]  # fmt: skip
+    attempts = [(e.task_id, e.attempt) for e in entries if e.kind == "attempt"]
+    assert sorted(attempts) == [("a-notes", 1), ("b-notes", 1), ("b-notes", 2)]
+    attempt2 = next(e for e in entries if e.task_id == "b-notes" and e.attempt == 2)
+    assert attempt2.kind == "attempt" and attempt2.base_commit == a_commit
+    anchor = [(h.seq, h.entry_hash) for h in history] + [(r.ledger_seq, r.entry_hash) for r in rows]
+    report = verify(workdir / ".state/patch_ledger.jsonl", local_store(workdir), anchor)
+    assert report.ok, report.problems
+    assert len(entries) == 6  # three attempts, three verdicts
+    # the feedback reached attempt 2's prompt (its adapter printed it back)
+    [log] = (workdir / "logs/execution").glob(f"{NS}.b-notes.*.jsonl")
+    said = [
+        r.get("line")
+        for r in map(json.loads, log.read_text().splitlines())
+        if r.get("attempt") == 2 and r.get("stream") == "stdout"
+    ]
+    assert "feedback: Conflicting files:" in said and "feedback: - notes.txt" in said
