@@ -49,11 +49,12 @@ class EvidenceServer:
         app.router.add_put("/v1/objects/{key:.+}", self._put)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (port 0: any free one); the port listened on."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (port 0: any free one); the port listened on.
+        ``reuse_port``: other processes on this host may listen on the same port."""
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         addresses = self._runner.addresses  # (host, port, ...) of every bound socket
         self.port = int(addresses[0][1]) if addresses else port

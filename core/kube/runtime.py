@@ -92,6 +92,12 @@ class OperatorSettings(BaseSettings):
     evidence_url: str | None = Field(
         default=None, description="local: the URL runner pods reach the evidence server at."
     )
+    evidence_reuse_port: bool = Field(
+        default=False,
+        description="local: share evidence_listen with the other replicas on the same host "
+        "(SO_REUSEPORT; several operator processes on one node address, as the e2e tests run "
+        "them): a pod granted by a replica that died uploads to a live one.",
+    )
     evidence_service: str | None = Field(
         default=None,
         description="local, when evidence_url is unset: the Service (in $POD_NAMESPACE) whose "
@@ -206,7 +212,8 @@ async def start_evidence(settings: OperatorSettings, api: ClientKubeApi | None =
         url = await _service_url(api, settings.evidence_service)
     root = settings.workdir / LEDGER_DIR
     server = EvidenceServer(LocalGrantingStore(root, base_url="", signer=signer), signer)
-    bound = await server.start(host or "0.0.0.0", int(port))  # noqa: S104 - pods connect
+    listen = host or "0.0.0.0"  # noqa: S104 - pods connect
+    bound = await server.start(listen, int(port), reuse_port=settings.evidence_reuse_port)
     url = url or f"http://127.0.0.1:{bound}"
     server.store.base_url = url.rstrip("/")
     return Evidence(server.store, server, url)

@@ -46,6 +46,7 @@ from tests.e2e.operator_harness import (
     adapter,
     apply,
     demo_patch,
+    free_port,
     get_json,
     git_server,
     task_execution,
@@ -140,6 +141,7 @@ class ChaosRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.api_faults is not None:
             self.api_faults.start()
+        evidence_port = free_port()  # one address for both, as a Service would give
         for name in ("a", "b"):
             op = OperatorProcess(
                 kubeconfig=(
@@ -158,6 +160,7 @@ class ChaosRun:
                     # migrated once by the run (as a chart's migration Job would)
                     "ORCHESTRATOR_MIGRATE": "false",
                 },
+                evidence_port=evidence_port,
             )
             op.log = self.workdir / f"operator-{name}.log"
             self.operators[name] = op

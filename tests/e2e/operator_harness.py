@@ -41,8 +41,13 @@ class OperatorProcess:
         mode: tuple[str, ...] = ("--standalone",),
         also_namespaces: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        evidence_port: int | None = None,
     ) -> None:
+        """``evidence_port``: shared with the other replicas of a pair (SO_REUSEPORT), as a
+        Service in front of the replicas would be: a pod granted by a replica that died uploads
+        to the live one."""
         self.extra_env = env or {}
+        self.shared_evidence_port = evidence_port is not None
         self.mode = mode
         self.namespaces = (namespace, *also_namespaces)
         self.kubeconfig = kubeconfig
@@ -56,7 +61,7 @@ class OperatorProcess:
         # Runner pods reach this process's evidence server on the node address (local to
         # the machine: hack/cluster/README.md); the operator adds it to Adapter policies.
         self.evidence_host = os.environ.get("ORCHESTRATOR_E2E_EVIDENCE_HOST", "10.213.0.1")
-        self.evidence_port = free_port()
+        self.evidence_port = evidence_port or free_port()
 
     def start(self) -> None:
         env = {
@@ -71,6 +76,7 @@ class OperatorProcess:
             "ORCHESTRATOR_RESYNC_SECONDS": "5",
             "ORCHESTRATOR_EVIDENCE_LISTEN": f"{self.evidence_host}:{self.evidence_port}",
             "ORCHESTRATOR_EVIDENCE_URL": f"http://{self.evidence_host}:{self.evidence_port}",
+            "ORCHESTRATOR_EVIDENCE_REUSE_PORT": "true" if self.shared_evidence_port else "false",
             **self.extra_env,
         }
         self.workdir.mkdir(parents=True, exist_ok=True)

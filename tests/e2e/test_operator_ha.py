@@ -26,6 +26,7 @@ from tests.e2e.operator_harness import (
     adapter,
     apply,
     demo_patch,
+    free_port,
     get_json,
     git_server,
     task_execution,
@@ -86,6 +87,7 @@ def ha(
         ),
     )
     workdir = tmp_path_factory.mktemp("operators")
+    evidence_port = free_port()  # one address for both, as a Service would give
     operators = {
         name: OperatorProcess(
             kubeconfig=kube_cluster.kubeconfig,
@@ -100,6 +102,7 @@ def ha(
                 "ORCHESTRATOR_RENEW_DEADLINE_SECONDS": "5",
                 "ORCHESTRATOR_RETRY_PERIOD_SECONDS": "1",
             },
+            evidence_port=evidence_port,
         )
         for name in ("first", "second")
     }
