@@ -17,10 +17,14 @@ The rules are client-go's ``leaderelection`` (read tools/leaderelection for the 
 * The leader renews every ``retry_period``; when it could not renew for ``renew_deadline``
   (< ``lease_duration``) it stops leading before anyone else may take over.
 * Stepping down (``release``) empties the holder so a standby takes over at once.
+* ``on_started`` runs beside the renewals, as client-go runs OnStartedLeading in its own
+  goroutine: a slow start (informer sync, the sweep) must not let the Lease lapse, or a
+  replica that came later takes it while this one is still starting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -78,6 +82,7 @@ class LeaderElector:
         self._observed: tuple[Any, ...] | None = None  # the other holder's record, as seen
         self._observed_at = 0.0
         self._renewed_at = 0.0
+        self._starting: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -85,6 +90,7 @@ class LeaderElector:
         """Acquire, lead, renew; step down when renewals fail; forever (cancel to stop)."""
         try:
             while True:
+                self._raise_if_start_failed()
                 held = await self._try()
                 now = self.clock.now()
                 if held:
@@ -92,7 +98,7 @@ class LeaderElector:
                     if not self.leading:
                         self.leading = True
                         log.info("%s: started leading (lease %s)", self.identity, self.config.name)
-                        await self.on_started()
+                        self._starting = asyncio.create_task(self.on_started())
                 elif self.leading and now - self._renewed_at >= self.config.renew_deadline:
                     await self._stop("could not renew the lease within the renew deadline")
                 await self.clock.sleep(self.config.retry_period)
@@ -116,7 +122,19 @@ class LeaderElector:
     async def _stop(self, why: str) -> None:
         self.leading = False
         log.warning("%s: stopped leading: %s", self.identity, why)
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
         await self.on_stopped()
+
+    def _raise_if_start_failed(self) -> None:
+        """A failed ``on_started`` ends :meth:`run` with its error, as if it had been awaited."""
+        starting = self._starting
+        if starting is not None and starting.done() and not starting.cancelled():
+            error = starting.exception()
+            if error is not None:
+                raise error
 
     # ------------------------------------------------------------------ one round
 

@@ -128,6 +128,62 @@ async def test_two_replicas_starting_together_elect_exactly_one() -> None:
     assert len(leaders) == 1 and await holder(api) == leaders[0].elector.identity
 
 
+@run
+async def test_a_slow_start_keeps_renewing_so_a_later_replica_cannot_take_over() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a, b = Replica(api, clock, "a"), Replica(api, clock, "b")
+    slow = asyncio.Event()
+
+    async def started() -> None:
+        a.events.append("starting")
+        await slow.wait()  # informer sync and the sweep, three lease durations long
+        a.events.append("started")
+
+    a.elector.on_started = started
+    a.start()
+    await clock.run_for(1, 0.5)
+    b.start()
+    await clock.run_for(3 * CONFIG.lease_duration, 0.5)
+    assert await holder(api) == "a" and not b.elector.leading and b.events == []
+    slow.set()
+    await clock.run_for(1, 0.5)
+    assert a.events == ["starting", "started"] and a.elector.leading
+
+
+@run
+async def test_stepping_down_while_starting_cancels_the_start() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+
+    async def started() -> None:
+        a.events.append("starting")
+        await asyncio.Event().wait()
+
+    a.elector.on_started = started
+    a.start()
+    await clock.run_for(1, 0.5)
+    await a.elector.release()
+    assert a.events == ["starting", "stopped"] and await holder(api) is None
+    assert a.elector._starting is None
+
+
+@run
+async def test_a_start_that_fails_ends_the_election_with_its_error() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+
+    async def started() -> None:
+        raise RuntimeError("the database is gone")
+
+    a.elector.on_started = started
+    a.start()
+    await clock.run_for(CONFIG.retry_period * 2, 0.5)
+    assert a.task is not None and a.task.done()
+    with pytest.raises(RuntimeError, match="the database is gone"):
+        a.task.result()
+    assert a.events == ["stopped"] and not a.elector.leading
+
+
 def test_the_timings_must_leave_room_to_step_down() -> None:
     with pytest.raises(ValueError, match="retry_period < renew_deadline < lease_duration"):
         ElectionConfig(NS, lease_duration=10, renew_deadline=10, retry_period=2)
