@@ -21,6 +21,7 @@ from core.api_rules import (
     CIDR_RULE,
     CREDENTIALS_REF_MESSAGE,
     IMAGE_RULE,
+    QUEUE_NAME_RULE,
     REPO_CREDENTIALS_RULE,
     REPO_RULE,
     RESERVED_ENV_PREFIX,
@@ -450,6 +451,22 @@ class TaskExecutionSpec(_Api):
         description="How long an attempt's pod may take to start (scheduling, image pull, "
         "mounts) before the attempt ends as an infrastructure failure; the adapter's budget "
         "counts from the container's start.",
+    )
+    queue_name: Annotated[str, Field(max_length=63), QUEUE_NAME_RULE] | None = Field(
+        default=None,
+        description="A Kueue LocalQueue in this namespace: the attempt's Jobs are created "
+        "suspended with the label kueue.x-k8s.io/queue-name and start when Kueue admits them "
+        "(its ClusterQueue's quota). The wait for admission is charged neither to the budget "
+        "nor to pendingTimeoutSeconds; it is bounded by queueTimeoutSeconds. Default: no "
+        "queue, the Jobs start at once.",
+    )
+    queue_timeout_seconds: float = Field(
+        default=86400,
+        gt=0,
+        le=604800,
+        description="With queueName: how long an attempt's Job may wait for Kueue's admission "
+        "before the attempt ends as an infrastructure failure (its pod's grant to the evidence "
+        "store is issued for this wait too).",
     )
 
 
