@@ -55,6 +55,18 @@ def pending_since(job: dict[str, Any], *, created_at: datetime, now: datetime) -
     return started if started is not None else now
 
 
+def queue_wait_seconds(job: dict[str, Any]) -> float:
+    """How long an admitted queued Job waited for its (last) admission: from its creation to
+    its ``status.startTime``; 0 for a Job without a queue or not started."""
+    if queue_name(job) is None:
+        return 0.0
+    created = _time((job.get("metadata") or {}).get("creationTimestamp"))
+    started = _time((job.get("status") or {}).get("startTime"))
+    if created is None or started is None:
+        return 0.0
+    return max(0.0, (started - created).total_seconds())
+
+
 @dataclass(frozen=True, slots=True)
 class QueueWait:
     """A suspended queued Job: ``problem`` ends the attempt (infrastructure) with this

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from core.crd import task_execution_crd
+from core.kube.attempts import gate_evidence
 from core.kube.conditions import set_conditions
 from core.kube.jobs import job_manifest, job_name
 from core.kube.queueing import (
@@ -21,10 +22,16 @@ from core.kube.queueing import (
     pending_since,
     queue_name,
     queue_wait,
+    queue_wait_seconds,
     queued,
 )
 from core.models import TaskState
-from core.resources import AdapterResourceSpec, TaskExecutionSpec, TaskExecutionStatus
+from core.resources import (
+    AdapterResourceSpec,
+    AttemptStatus,
+    TaskExecutionSpec,
+    TaskExecutionStatus,
+)
 from core.rules import CEL_KEY
 
 TE = {
@@ -197,3 +204,41 @@ def test_a_queued_attempt_is_not_running_and_says_it_is_queued() -> None:
     running = status.model_copy(update={"reason": "AdapterRunning"})
     conditions = {c.type: c for c in set_conditions(running, T0, 1).conditions}
     assert conditions["Running"].status == "True"
+
+
+def test_the_wait_of_an_admitted_queued_job_is_measured_from_its_creation() -> None:
+    job = manifest(queue_name="q")
+    job["metadata"]["creationTimestamp"] = "2026-11-29T12:00:00Z"
+    assert queue_wait_seconds(job) == 0.0  # not started yet
+    job["status"] = {"startTime": "2026-11-29T14:00:30Z"}
+    assert queue_wait_seconds(job) == 7230.0
+    plain = manifest()
+    plain["metadata"]["creationTimestamp"] = "2026-11-29T12:00:00Z"
+    plain["status"] = {"startTime": "2026-11-29T14:00:30Z"}
+    assert queue_wait_seconds(plain) == 0.0
+
+
+def test_a_gate_jobs_wait_in_the_queue_is_not_charged_to_the_attempt() -> None:
+    current = AttemptStatus(
+        attempt=1,
+        adapter="patcher",
+        job_name="a",
+        gate_job_name="g",
+        state=TaskState.VALIDATING,
+        started_at=T0,
+        pod_started_at=T0 + timedelta(minutes=1),
+        exit_code=0,
+    )
+    gate = manifest("gate", queue_name="q")
+    gate["metadata"]["creationTimestamp"] = "2026-11-29T12:05:00Z"  # adapter ran 4 minutes
+    gate["status"] = {
+        "startTime": "2026-11-29T14:05:00Z",  # two hours in the queue
+        "completionTime": "2026-11-29T14:07:00Z",  # the checks took two minutes
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
+    now = T0 + timedelta(hours=3)
+    evidence = gate_evidence(current, gate, None, now=now, log_path="x")
+    assert evidence.duration_seconds == 6 * 60
+    gate["metadata"]["labels"].pop(QUEUE_LABEL)  # the same Job without a queue: all charged
+    evidence = gate_evidence(current, gate, None, now=now, log_path="x")
+    assert evidence.duration_seconds == (2 * 3600 + 6 * 60)
