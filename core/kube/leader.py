@@ -98,7 +98,7 @@ class LeaderElector:
                     if not self.leading:
                         self.leading = True
                         log.info("%s: started leading (lease %s)", self.identity, self.config.name)
-                        self._starting = asyncio.create_task(self.on_started())
+                        self._starting = asyncio.ensure_future(self.on_started())
                 elif self.leading and now - self._renewed_at >= self.config.renew_deadline:
                     await self._stop("could not renew the lease within the renew deadline")
                 await self.clock.sleep(self.config.retry_period)
