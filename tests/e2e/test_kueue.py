@@ -37,14 +37,13 @@ from tests.e2e.operator_harness import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.kueue]
-
 ENABLED = os.environ.get("ORCHESTRATOR_E2E_KUEUE") == "1"
 OFF = (
     "the Kueue e2e is off by default: it needs Kueue's manager, built from the Go module proxy "
     "(make kueue-deps; a long cold build, then cached) and run on this host by hack/kueue/up. "
     "Turn it on with ORCHESTRATOR_E2E_KUEUE=1"
 )
+pytestmark = [pytest.mark.cluster, pytest.mark.kueue, pytest.mark.skipif(not ENABLED, reason=OFF)]
 TASKS = 5
 #: Each runner pod asks for this much cpu (its fetch init container asks for 200m, less);
 #: the ClusterQueue's cpu quota is QUOTA of them.
@@ -56,8 +55,6 @@ TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
 
 @pytest.fixture(scope="module")
 def kueue(kube_cluster: Any) -> str:
-    if not ENABLED:
-        pytest.skip(OFF)
     if not kube_cluster.local:
         pytest.skip(
             "hack/kueue/up runs Kueue against hack/cluster's local cluster only; this session "
