@@ -314,3 +314,8 @@ def test_a_cluster_queue_with_quota_for_two_runs_the_tasks_two_at_a_time(
         )
     ]
     assert waiting, "no Workload ever waited for quota"
+    print(
+        f"\nkueue e2e: {len(admitted)} Workloads admitted, at most {most_admitted} at once "
+        f"(quota {QUOTA}); {len(ran)} Jobs ran, at most {most_running} at once; "
+        f"{len(workload_events)} Workload and {len(job_events)} Job events"
+    )
