@@ -270,9 +270,12 @@ class Controller:
         except Exception:  # the error is in the queue's log already
             log.debug("could not report the error of %s", key, exc_info=True)
 
-    async def sweep(self, namespaces: tuple[str, ...]) -> int:
+    async def sweep(
+        self, namespaces: tuple[str, ...], owns: Callable[[str], bool] | None = None
+    ) -> int:
         """Record CANCELLED every unfinished task whose TaskExecution is gone (deleted while
-        no operator was leading). Call once the TaskExecution cache is complete."""
+        no operator was leading). Call once the TaskExecution cache is complete. ``owns``
+        (sharded operators): only the tasks whose uid it accepts."""
         live = self.cache.live_uids()
         records = await self._db(self.store.unfinished)
         gone = [
@@ -281,6 +284,7 @@ class Controller:
             if r.key.uid
             and r.key.uid not in live
             and (not namespaces or r.key.scope in namespaces)
+            and (owns is None or owns(r.key.uid))
         ]
         for record in gone:
             await self._gone(record.key)
