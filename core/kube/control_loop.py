@@ -137,7 +137,7 @@ class ControlLoop:
         )
         self._leading: list[asyncio.Task[None]] = []
         self._phase: dict[int, Phase] = {}  # sharded: the owners (shards, PARTS) held
-        self._parked: dict[int, list[tuple[Key, Priority]]] = {}
+        self._parked: dict[int, dict[Key, Priority]] = {}
         self._inflight: dict[int, set[asyncio.Task[Next]]] = {}
 
     @property
@@ -154,7 +154,7 @@ class ControlLoop:
                 owner = self._owner(key)
                 phase = None if owner is None else self._phase.get(owner)
                 if phase is Phase.STARTING and owner is not None:
-                    self._parked[owner].append((key, priority))  # queued once swept
+                    self._parked[owner][key] = priority  # queued once swept
                 if phase is not Phase.ACTIVE:
                     continue  # not ours: the holder of its shard works it
             self.queue.add(key, priority)
@@ -254,7 +254,7 @@ class ControlLoop:
 
     async def _gain(self, shard: int) -> None:
         """This replica holds ``shard`` now: sweep it, then work its keys."""
-        self._phase[shard], self._parked[shard] = Phase.STARTING, []
+        self._phase[shard], self._parked[shard] = Phase.STARTING, {}
         self._inflight.setdefault(shard, set())
         await self.synced()
         self.controller.cache.listed.update(self._scopes)
@@ -267,10 +267,10 @@ class ControlLoop:
             log.warning(
                 "shard %d: recorded %d task(s) CANCELLED whose TaskExecution is gone", shard, swept
             )
-        parked = self._parked.pop(shard, [])
+        parked = self._parked.pop(shard, {})
         self._phase[shard] = Phase.ACTIVE
         self._add(self.controller.unfinished_keys())
-        for key, priority in parked:
+        for key, priority in parked.items():
             self.queue.add(key, priority)
         log.info("shard %d: working it", shard)
 

@@ -24,7 +24,10 @@ takes a free shard only while it holds fewer than ceil(S / members) and no live 
 fewer; it releases one shard per retry period while it holds more than ceil(S / members) or
 two more than the poorest member: a replica that joins gets its share by release (at once),
 the shards of one that died are taken once their Leases expire. All electors of one replica
-share one round lock, so each sees the others' outcome when it asks whether it may take.
+share one round lock, so each sees the others' outcome when it asks whether it may take; the
+price is that a replica's 2S Lease rounds run one after another (a GET, at most a PUT each),
+which bounds S to a few dozen at a 2 s retry period. A slow round only delays renewals, and a
+late renewal makes a holder stop early, never act late.
 """
 
 from __future__ import annotations
