@@ -21,8 +21,9 @@ from typing import Any
 
 import kopf
 
+from core.errors import UnrecoverableError
 from core.kube.client_api import ClientKubeApi
-from core.kube.runtime import OperatorSettings, build_control_loop, build_controller, start_evidence
+from core.kube.runtime import build_control_loop, build_controller, load_settings, start_evidence
 
 log = logging.getLogger("orchestrator.operator")
 
@@ -31,13 +32,18 @@ log = logging.getLogger("orchestrator.operator")
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.enabled = False  # Kubernetes Events are posted by the controller only
     settings.scanning.disabled = True  # no cluster-wide list/watch of namespaces and CRDs
-    operator = OperatorSettings()
-    api = await ClientKubeApi.connect(operator.kubeconfig)
     try:
-        memo.evidence = await start_evidence(operator, api)
-    finally:
-        await api.close()
-    memo.controller = await build_controller(operator, memo.evidence)
+        operator = load_settings()
+        api = await ClientKubeApi.connect(operator.kubeconfig)
+        try:
+            memo.evidence = await start_evidence(operator, api)
+        finally:
+            await api.close()
+        memo.controller = await build_controller(operator, memo.evidence)
+    except UnrecoverableError as exc:
+        # bad settings, kubeconfig or schema: retrying cannot help; the process exits with the
+        # error and the fix (a pod restarts into CrashLoopBackOff showing it)
+        raise kopf.PermanentError(str(exc)) from exc
     memo.loop = build_control_loop(operator, memo.controller)
     memo.task = asyncio.create_task(memo.loop.run())
     log.info("controller ready")

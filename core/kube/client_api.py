@@ -19,8 +19,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yaml
 from kubernetes.aio import client, config
+from kubernetes.aio.config import ConfigException
 
+from core.errors import KubeConfigError
 from core.kube.api import (
     RESOURCES,
     WRITE_VERBS,
@@ -66,10 +69,21 @@ class ClientKubeApi:
     async def connect(cls, kubeconfig: str | None = None, **kwargs: Any) -> ClientKubeApi:
         """In a pod (and no kubeconfig named): the service account; else the kubeconfig."""
         in_pod = "KUBERNETES_SERVICE_HOST" in os.environ
-        if in_pod and kubeconfig is None and not os.environ.get("KUBECONFIG"):
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        else:
-            await config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        try:
+            if in_pod and kubeconfig is None and not os.environ.get("KUBECONFIG"):
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            else:
+                await config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError, yaml.YAMLError, ValueError, KeyError, TypeError) as exc:
+            # all local: the file, its YAML, its fields (a network auth plugin's error passes)
+            where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+            if in_pod and kubeconfig is None and not os.environ.get("KUBECONFIG"):
+                where = "the pod's service account"
+            raise KubeConfigError(
+                f"no usable Kubernetes configuration in {where}: {exc}\n"
+                "  fix: set ORCHESTRATOR_KUBECONFIG or KUBECONFIG to a readable kubeconfig whose "
+                "current context names the cluster (in a pod: mount the service account token)"
+            ) from exc
         return cls(client.ApiClient(), **kwargs)
 
     def add_observer(self, observer: Observer) -> Callable[[], None]:

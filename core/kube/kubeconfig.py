@@ -7,6 +7,7 @@ option to fix instead of a traceback.
 
 from __future__ import annotations
 
+import yaml
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
@@ -19,7 +20,7 @@ def api_client_from(kubeconfig: str | None) -> client.ApiClient:
         api_client: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=kubeconfig
         )
-    except (ConfigException, OSError) as exc:
+    except (ConfigException, OSError, yaml.YAMLError, ValueError, KeyError, TypeError) as exc:
         where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
         raise KubeConfigError(
             f"no usable Kubernetes configuration in {where}: {exc}\n"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +42,7 @@ from core.kube.workqueue import Clock, MonotonicClock
 
 log = logging.getLogger("orchestrator.leader")
 
-Callback = Callable[[], Coroutine[Any, Any, None]]
+Callback = Callable[[], Awaitable[None]]
 
 
 def _micro(now: datetime) -> str:
@@ -112,7 +112,7 @@ class LeaderElector:
                             log.info(
                                 "%s: started leading (lease %s)", self.identity, self.config.name
                             )
-                            self._starting = asyncio.create_task(self.on_started())
+                            self._starting = asyncio.ensure_future(self.on_started())
                     elif self.leading and now - self._renewed_at >= self.config.renew_deadline:
                         await self._stop("could not renew the lease within the renew deadline")
                 await self.clock.sleep(self.config.retry_period)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.db.database import check_schema, default_url, make_engine, upgrade
@@ -174,6 +174,24 @@ class OperatorSettings(BaseSettings):
     @property
     def namespaces(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in (self.namespace or "").split(",") if n.strip())
+
+
+def load_settings() -> OperatorSettings:
+    """The settings from the environment; a bad one is a :class:`ConfigError` naming the
+    variable to fix (the operator stops with it instead of retrying its start-up forever)."""
+    try:
+        return OperatorSettings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            field = str(err["loc"][0]) if err["loc"] else ""
+            name = f"ORCHESTRATOR_{field.upper()}" if field else "the operator settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError(
+            "invalid operator settings: "
+            + "; ".join(problems)
+            + "\n  fix: set these environment variables (the chart sets them from its values)"
+        ) from exc
 
 
 @dataclass
