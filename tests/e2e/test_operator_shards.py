@@ -121,6 +121,7 @@ def holders(kubectl, ns: str) -> list[str | None]:
 
 
 def burst(kubectl, ns: str, names: list[str]) -> None:
+    apply_crds(kubectl)  # the shared cluster may hold another checkout's CRDs by now
     task = {"prompt": "x", "patch": demo_patch("add-multiply")}
     items = [task_execution(n, REPO, "patch", task=task, pendingTimeoutSeconds=3600) for n in names]
     apply(kubectl, ns, {"apiVersion": "v1", "kind": "List", "items": items})
