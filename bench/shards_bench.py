@@ -122,13 +122,11 @@ def probe(path: Path) -> dict[str, Any]:
 
 
 def job_posts(stats: dict[str, Any]) -> dict[str, int]:
-    posts = sum(
-        v["n"]
-        for k, v in stats.get("api", {}).items()
-        if k.startswith("POST") and k.endswith("jobs")
-    )
-    conflicts = sum(n for k, n in stats.get("api_errors", {}).items() if "jobs:409" in k)
-    return {"job_posts": posts, "job_post_409s": conflicts}
+    """Job creates of one operator and those that failed (409 included), from its probe
+    (``<verb>:<resource>`` keys of ``core.kube.api.ApiCall``)."""
+    posts = int(stats.get("api", {}).get("create:jobs", {}).get("n", 0))
+    failed = sum(n for k, n in stats.get("api_errors", {}).items() if k.startswith("create:jobs:"))
+    return {"job_posts": posts, "job_post_errors": failed}
 
 
 def run(
