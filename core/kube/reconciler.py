@@ -430,7 +430,7 @@ class Controller:
                         f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
                         "store"
                     )
-                    await self.status.invalid(ctx.te, ctx.status, [problem])
+                    await self._reject(ctx, problem)
                     return None
                 patch, patch_file = PatchInput(sha), DEFAULT_PATCH_FILE
             else:
@@ -482,7 +482,7 @@ class Controller:
             created = await self.api.create_job(ctx.ns, job)
         except RejectedError as exc:
             if exc.status in (400, 422):  # the API server will refuse this spec every time
-                await self.status.invalid(ctx.te, ctx.status, [exc.message])
+                await self._reject(ctx, exc.message)
                 return False
             raise
         if created.created or is_owned_by(created.object, ctx.uid):
@@ -499,6 +499,13 @@ class Controller:
         if ctx.status.reason != "ForeignObject":
             await self.api.post_event(ctx.te, "Warning", "ForeignObject", message, "Adopt")
         await self.status.park(ctx.te, ctx.status, "ForeignObject", message)
+
+    async def _reject(self, ctx: TaskContext, problem: str) -> None:
+        """A task whose attempt cannot be started as specified, ever: FAILED in the database
+        and then the status (its row exists by now; a status alone would leave the row
+        unfinished, and the next leader's sweep would record it CANCELLED)."""
+        message = f"invalid TaskExecution: {problem}"[:1000]
+        await self._end(ctx, Finish(TaskState.FAILED, None, message, why="InvalidSpec"))
 
     async def _end(self, ctx: TaskContext, finish: Finish) -> None:
         """A task ends without another attempt (its budget ran out while it waited)."""

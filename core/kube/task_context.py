@@ -126,7 +126,10 @@ class TaskContexts:
             spec = TaskExecutionSpec.model_validate(te["spec"])
             task = task_spec(name, spec)
         except ValidationError as exc:
-            await self.status.invalid(te, status, problems_of(exc))
+            if status.attempt > 0 or all(e["type"] == "extra_forbidden" for e in exc.errors()):
+                await self.status.park(te, status, UNSUPPORTED, unsupported(exc, status.attempt))
+            else:
+                await self.status.invalid(te, status, problems_of(exc))
             return None
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
         objects: dict[str, Body | None] = {}
@@ -178,6 +181,25 @@ class TaskContexts:
         """The task is finished or gone: nothing of it stays in memory."""
         self._tasks_synced.discard(uid)
         self._parked.pop(uid, None)
+
+
+#: The reason of a task held because this operator cannot read its spec (a newer CRD).
+UNSUPPORTED = "UnsupportedSpec"
+
+
+def unsupported(exc: ValidationError, attempt: int) -> str:
+    """Why a task is held rather than failed: the API server accepted its spec (its schema
+    prunes every field it does not know), so a field this operator does not know comes from a
+    CRD newer than the operator; and a started task's spec is immutable, so one that no longer
+    validates changed under it the same way. Nothing is failed or recorded: the task is looked
+    at again every resync and goes on once operator and CRDs agree."""
+    fields = " ".join(problems_of(exc))
+    held = "its attempt's Job runs on; " if attempt > 0 else ""
+    return (
+        f"this operator cannot read the spec ({fields}): the TaskExecution CRD is newer than "
+        f"the operator; the task waits ({held}nothing is failed or recorded). Fix: upgrade the "
+        "operator, or apply the CRDs of its version"
+    )[:1000]
 
 
 def problems_of(exc: ValidationError) -> list[str]:
