@@ -396,3 +396,16 @@ async def test_a_partitioned_replica_stops_before_its_shards_pass_on() -> None:
     assert await states(server) == {"COMPLETED": 80}
     assert set(ledger.completed.values()) == {1} and ledger.overlaps == []
     assert {r for syncs in ledger.synced.values() for r in syncs} == {"a", "b"}
+
+
+def test_shards_need_leases() -> None:
+    api = client(FakeApiServer(namespaces=(NS,)))
+    controller = Completing(api, FakeClock(), "a", Ledger(), 1.0)
+    try:
+        ControlLoop(controller, api, namespaces=(NS,), shards=2)  # type: ignore[arg-type]
+    except ValueError as exc:
+        assert "leader election" in str(exc)
+    else:
+        raise AssertionError("shards without leader election were accepted")
+    unsharded = ControlLoop(controller, api, namespaces=(NS,), election=CONFIG)  # type: ignore[arg-type]
+    assert unsharded.shards is None  # shards off by default: the single Lease, as before
