@@ -61,6 +61,8 @@ from core.rules import Rule, RuledModel, Unique
 GROUP = "orchestrator.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+#: How long a Job may wait for a Kueue queue's admission when ``queueTimeoutSeconds`` is unset.
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 86400.0
 
 
 class _Api(RuledModel):
@@ -460,14 +462,20 @@ class TaskExecutionSpec(_Api):
         "nor to pendingTimeoutSeconds; it is bounded by queueTimeoutSeconds. Default: no "
         "queue, the Jobs start at once.",
     )
-    queue_timeout_seconds: float = Field(
-        default=86400,
+    queue_timeout_seconds: float | None = Field(
+        default=None,
         gt=0,
         le=604800,
         description="With queueName: how long an attempt's Job may wait for Kueue's admission "
         "before the attempt ends as an infrastructure failure (its pod's grant to the evidence "
-        "store is issued for this wait too).",
+        "store is issued for this wait too). Default: 86400 (one day).",
     )
+
+    @property
+    def queue_wait_limit_seconds(self) -> float:
+        """``queueTimeoutSeconds`` or its default. Not a schema default: a TaskExecution
+        without a queue is stored exactly as before the queue fields existed."""
+        return self.queue_timeout_seconds or DEFAULT_QUEUE_TIMEOUT_SECONDS
 
 
 class Condition(_Api):

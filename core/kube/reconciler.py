@@ -519,7 +519,7 @@ class Controller:
     ) -> PodInputs:
         """Store the request and grant the pod its inputs and uploads until its backstop
         (after the longest wait for a queue's admission, when the task names a queue)."""
-        queue_wait_seconds = ctx.spec.queue_timeout_seconds if ctx.spec.queue_name else 0.0
+        queue_wait_seconds = ctx.spec.queue_wait_limit_seconds if ctx.spec.queue_name else 0.0
         expires = self.now() + timedelta(
             seconds=deadline + queue_wait_seconds + BACKSTOP_GRACE_SECONDS
         )
@@ -620,7 +620,7 @@ class Controller:
                 role=role,
                 created_at=created,
                 now=now,
-                timeout_seconds=ctx.spec.queue_timeout_seconds,
+                timeout_seconds=ctx.spec.queue_wait_limit_seconds,
             )
             if wait.problem is None:
                 await self.status.park(ctx.te, ctx.status, QUEUED_REASON, wait.message)

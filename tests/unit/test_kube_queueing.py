@@ -115,12 +115,16 @@ def test_an_admitted_queued_job_is_no_longer_queued() -> None:
 def test_a_dns_label_is_a_queue_name(name: str) -> None:
     parsed = TaskExecutionSpec.model_validate(spec(queueName=name))
     assert parsed.queue_name == name
-    assert parsed.queue_timeout_seconds == 86400
+    assert parsed.queue_timeout_seconds is None
+    assert parsed.queue_wait_limit_seconds == 86400
 
 
 def test_the_queue_is_optional_and_absent_by_default() -> None:
     parsed = TaskExecutionSpec.model_validate(spec())
     assert parsed.queue_name is None
+    # no schema default: an object without a queue is stored as it was before the fields
+    dumped = parsed.model_dump(by_alias=True, exclude_none=True)
+    assert "queueName" not in dumped and "queueTimeoutSeconds" not in dumped
 
 
 @pytest.mark.parametrize("name", ["Team-A", "team_a", "-team", "team-", "a" * 64, "", "a.b"])
@@ -148,7 +152,8 @@ def test_the_crd_checks_the_queue_name_with_the_same_message() -> None:
     assert rule["message"].startswith("spec.queueName must be the name of a Kueue LocalQueue")
     assert "matches" in rule["rule"]
     timeout = props["properties"]["spec"]["properties"]["queueTimeoutSeconds"]
-    assert timeout["default"] == 86400 and timeout["maximum"] == 604800
+    assert "default" not in timeout and "default" not in field
+    assert timeout["maximum"] == 604800
 
 
 # --------------------------------------------------------------------------- the queued wait
