@@ -170,16 +170,16 @@ class ClientKubeApi:
         """The stream's lines; the connection lost mid-stream (an API server restarting, a
         proxy between) is a transient API error like one lost before the answer, not an
         aiohttp exception that would end a watcher's task."""
-        stream = resp.response.content
+        lines = aiter(resp.response.content)
         while True:
             try:
-                line = await stream.readline()
+                line = await anext(lines)
+            except StopAsyncIteration:
+                return
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise error_for_status(
                     None, str(exc) or type(exc).__name__, verb="watch", resource=resource
                 ) from exc
-            if not line:
-                return
             yield line
 
     @staticmethod
