@@ -6,8 +6,11 @@ queue order onto ``orchestrator/integration/<run>``: the first is merged, the se
 ``conflict``. The merged-tree gate runs as a gate Job owned by the Integration; the branch is
 pushed to the in-cluster git server (a git daemon that accepts pushes), which is asserted
 from inside the git server's pod.
-Then the send-back: a second run whose conflicting TaskExecution retries on
-``merge_conflict`` goes back to PENDING and its next attempt is merged.
+Then the send-backs: a second run whose conflicting TaskExecution retries on
+``merge_conflict`` goes back to PENDING and its next attempt is merged; a third run whose two
+changes pass their own gates but fail the merged tree's gate (the Adapters' checks, re-run by
+the Integration's gate Jobs): the second retries on ``merge_gate_failed``, goes back to PENDING
+with the gate's summary, and its next attempt (from the integration head) is merged.
 """
 
 from __future__ import annotations
@@ -366,7 +369,17 @@ def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its
     assert [e["reason"] for e in te_events].count("TASK_REOPENED") == 1
     assert [e["reason"] for e in te_events].count("TASK_STARTED") == 2
 
-    # the merged-tree gate failed in a gate Job of the Integration (its saved log) ...
+    # the three gate runs were gate Jobs of the Integration (they have no TTL: deleted with it)
+    gate_jobs = get_json(
+        kubectl, "jobs", "-n", ns, "-l", f"orchestrator.dev/integration={run}"
+    ).get("items", [])
+    runs = sorted(j["metadata"]["labels"]["orchestrator.dev/gate-run"] for j in gate_jobs)
+    assert runs == ["1", "2", "3"], runs
+    for job in gate_jobs:
+        [owner] = job["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == ("Integration", done["metadata"]["uid"])
+
+    # the merged-tree gate failed in gate run 1, A and B together (its saved log) ...
     gate_log = env["workdir"] / "logs/integration" / f"{ns}.{run}.jsonl"
     records = [json.loads(line) for line in gate_log.read_text().splitlines()]
     saved = sorted({r["gate_run"] for r in records if r.get("event") == "gate_log_saved"})
