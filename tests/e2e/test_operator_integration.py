@@ -31,6 +31,7 @@ from tests.e2e.operator_harness import (
     OperatorProcess,
     adapter,
     apply,
+    apply_crds,
     demo_patch,
     get_json,
     git_server,
@@ -287,6 +288,7 @@ def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its
     the gate on the merged tree (a gate Job of the Integration); the second's Adapter retries on
     ``merge_gate_failed``: it is ``gate_failed``, goes back to PENDING, runs attempt 2 from the
     pushed integration head with the gate summary in its prompt, and is merged."""
+    apply_crds(kubectl)  # this checkout's (the cluster is shared: another may have applied its own)
     ns, run = env["ns"], "gatefail"
     branch = f"orchestrator/integration/{run}"
     git_ip = get_json(kubectl, "pod", "git-server", "-n", ns)["status"]["podIP"]
