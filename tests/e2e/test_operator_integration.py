@@ -281,6 +281,7 @@ TOGETHER_CHECK = (
 TOGETHER = [{"name": "together", "command": ["{python}", "-c", TOGETHER_CHECK], "report": "none"}]
 
 
+@pytest.mark.timeout(1500)  # above wait_for's: a slow cluster fails with the status shown
 def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its_next_attempt(
     kubectl, env
 ) -> None:
