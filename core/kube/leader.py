@@ -16,7 +16,12 @@ The rules are client-go's ``leaderelection`` (read tools/leaderelection for the 
   timestamps written by another machine's clock.
 * The leader renews every ``retry_period``; when it could not renew for ``renew_deadline``
   (< ``lease_duration``) it stops leading before anyone else may take over.
-* Stepping down (``release``) empties the holder so a standby takes over at once.
+* Stepping down (``release``) first stops the work (``on_stopped`` returns), then empties
+  the holder so a standby takes over at once: the holder's work has ended before anyone can
+  see the Lease free.
+* ``may_acquire`` (optional) is asked before a free or expired Lease is taken; the Lease is
+  still read every round, so :meth:`LeaderElector.live_holder` says who holds it (shards,
+  :mod:`core.kube.shards`, take only their fair share this way).
 * ``on_started`` runs beside the renewals, as client-go runs OnStartedLeading in its own
   goroutine: a slow start (informer sync, the sweep) must not let the Lease lapse, or a
   replica that came later takes it while this one is still starting.
@@ -70,6 +75,8 @@ class LeaderElector:
         on_stopped: Callback,
         clock: Clock | None = None,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        may_acquire: Callable[[], bool] | None = None,
+        round_lock: asyncio.Lock | None = None,
     ) -> None:
         self.api = api
         self.config = config
@@ -78,11 +85,15 @@ class LeaderElector:
         self.on_stopped = on_stopped
         self.clock = clock or MonotonicClock()
         self.wall = wall
+        self.may_acquire = may_acquire
         self.leading = False
         self._observed: tuple[Any, ...] | None = None  # the other holder's record, as seen
         self._observed_at = 0.0
         self._renewed_at = 0.0
         self._starting: asyncio.Task[None] | None = None
+        #: a round (read, maybe write, start/stop) and a release never interleave; electors
+        #: sharing one lock see each other's outcome in ``may_acquire``
+        self._round = round_lock or asyncio.Lock()
 
     # ------------------------------------------------------------------ the loop
 
@@ -91,33 +102,50 @@ class LeaderElector:
         try:
             while True:
                 self._raise_if_start_failed()
-                held = await self._try()
-                now = self.clock.now()
-                if held:
-                    self._renewed_at = now
-                    if not self.leading:
-                        self.leading = True
-                        log.info("%s: started leading (lease %s)", self.identity, self.config.name)
-                        self._starting = asyncio.ensure_future(self.on_started())
-                elif self.leading and now - self._renewed_at >= self.config.renew_deadline:
-                    await self._stop("could not renew the lease within the renew deadline")
+                async with self._round:
+                    held = await self._try()
+                    now = self.clock.now()
+                    if held:
+                        self._renewed_at = now
+                        if not self.leading:
+                            self.leading = True
+                            log.info(
+                                "%s: started leading (lease %s)", self.identity, self.config.name
+                            )
+                            self._starting = asyncio.ensure_future(self.on_started())
+                    elif self.leading and now - self._renewed_at >= self.config.renew_deadline:
+                        await self._stop("could not renew the lease within the renew deadline")
                 await self.clock.sleep(self.config.retry_period)
         finally:
             if self.leading:
                 await self._stop("shutting down")
 
     async def release(self) -> None:
-        """Step down: empty the holder so a standby takes over without waiting."""
-        if not self.leading:
-            return
-        try:
-            lease = await self.api.get_lease(self.config.namespace, self.config.name)
-            if lease is not None and _holder(lease) == self.identity:
-                lease["spec"] = {**lease["spec"], "holderIdentity": None}
-                await self.api.replace_lease(self.config.namespace, lease)
-        except KubeApiError:
-            log.warning("%s: could not release the lease", self.identity, exc_info=True)
-        await self._stop("released the lease")
+        """Step down: stop the work, then empty the holder so a standby takes over at once."""
+        async with self._round:
+            if not self.leading:
+                return
+            await self._stop("released the lease")
+            try:
+                lease = await self.api.get_lease(self.config.namespace, self.config.name)
+                if lease is not None and _holder(lease) == self.identity:
+                    lease["spec"] = {**lease["spec"], "holderIdentity": None}
+                    await self.api.replace_lease(self.config.namespace, lease)
+            except KubeApiError:  # the Lease then expires as if this replica had died
+                log.warning("%s: could not release the lease", self.identity, exc_info=True)
+
+    def live_holder(self) -> str | None:
+        """Who holds the Lease as this replica last saw it: itself while leading, else the
+        other holder while its record keeps changing within ``lease_duration`` (own clock)."""
+        if self.leading:
+            return self.identity
+        if self._observed is None:
+            return None
+        holder = self._observed[0]
+        if not holder or holder == self.identity:
+            return None
+        fresh = self.clock.now() - self._observed_at < self.config.lease_duration
+        return str(holder) if fresh else None
 
     async def _stop(self, why: str) -> None:
         self.leading = False
@@ -143,6 +171,8 @@ class LeaderElector:
         try:
             lease = await self.api.get_lease(self.config.namespace, self.config.name)
             if lease is None:
+                if self.may_acquire is not None and not self.may_acquire():
+                    return False
                 created = await self.api.create_lease(self.config.namespace, self._new())
                 return created.created
             holder = _holder(lease)
@@ -153,6 +183,8 @@ class LeaderElector:
             fresh = now - self._observed_at < self.config.lease_duration
             if holder and holder != self.identity and fresh:
                 return False  # held by another replica that keeps renewing
+            if holder != self.identity and self.may_acquire is not None and not self.may_acquire():
+                return False  # free, but not ours to take (more than our share)
             await self.api.replace_lease(self.config.namespace, self._take(lease, holder))
             return True
         except ConflictError:

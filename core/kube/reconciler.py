@@ -270,9 +270,12 @@ class Controller:
         except Exception:  # the error is in the queue's log already
             log.debug("could not report the error of %s", key, exc_info=True)
 
-    async def sweep(self, namespaces: tuple[str, ...]) -> int:
+    async def sweep(
+        self, namespaces: tuple[str, ...], owns: Callable[[str], bool] | None = None
+    ) -> int:
         """Record CANCELLED every unfinished task whose TaskExecution is gone (deleted while
-        no operator was leading). Call once the TaskExecution cache is complete."""
+        no operator was leading). Call once the TaskExecution cache is complete. ``owns``
+        (sharded operators): only the tasks whose uid it accepts."""
         live = self.cache.live_uids()
         records = await self._db(self.store.unfinished)
         gone = [
@@ -281,6 +284,7 @@ class Controller:
             if r.key.uid
             and r.key.uid not in live
             and (not namespaces or r.key.scope in namespaces)
+            and (owns is None or owns(r.key.uid))
         ]
         for record in gone:
             await self._gone(record.key)
@@ -426,7 +430,7 @@ class Controller:
                         f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
                         "store"
                     )
-                    await self.status.invalid(ctx.te, ctx.status, [problem])
+                    await self._reject(ctx, problem)
                     return None
                 patch, patch_file = PatchInput(sha), DEFAULT_PATCH_FILE
             else:
@@ -478,7 +482,7 @@ class Controller:
             created = await self.api.create_job(ctx.ns, job)
         except RejectedError as exc:
             if exc.status in (400, 422):  # the API server will refuse this spec every time
-                await self.status.invalid(ctx.te, ctx.status, [exc.message])
+                await self._reject(ctx, exc.message)
                 return False
             raise
         if created.created or is_owned_by(created.object, ctx.uid):
@@ -495,6 +499,13 @@ class Controller:
         if ctx.status.reason != "ForeignObject":
             await self.api.post_event(ctx.te, "Warning", "ForeignObject", message, "Adopt")
         await self.status.park(ctx.te, ctx.status, "ForeignObject", message)
+
+    async def _reject(self, ctx: TaskContext, problem: str) -> None:
+        """A task whose attempt cannot be started as specified, ever: FAILED in the database
+        and then the status (its row exists by now; a status alone would leave the row
+        unfinished, and the next leader's sweep would record it CANCELLED)."""
+        message = f"invalid TaskExecution: {problem}"[:1000]
+        await self._end(ctx, Finish(TaskState.FAILED, None, message, why="InvalidSpec"))
 
     async def _end(self, ctx: TaskContext, finish: Finish) -> None:
         """A task ends without another attempt (its budget ran out while it waited)."""

@@ -139,6 +139,16 @@ class OperatorSettings(BaseSettings):
     leader_election: bool = Field(
         default=True, description="Work only while holding the Lease (one active replica)."
     )
+    shards: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Horizontal shards: 0 (default) one Lease, one active replica; S > 0 "
+        "cuts the TaskExecutions into S shards (sha256 of the uid), each its own Lease "
+        "'<lease_name>-shard-<i>', spread over the live replicas (member Leases "
+        "'<lease_name>-member-<k>'); needs leader_election and a database shared by the "
+        "replicas (PostgreSQL).",
+    )
     lease_name: str = "orchestrator-operator"
     lease_namespace: str | None = Field(
         default=None,
@@ -328,6 +338,8 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
             renew_deadline=settings.renew_deadline_seconds,
             retry_period=settings.retry_period_seconds,
         )
+    if settings.shards and election is None:
+        raise ConfigError("ORCHESTRATOR_SHARDS needs ORCHESTRATOR_LEADER_ELECTION=true")
     identity = settings.identity or (f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     events = EscalationEvents(
         controller.api,
@@ -362,4 +374,5 @@ def build_control_loop(settings: OperatorSettings, controller: Controller) -> Co
         election=election,
         identity=identity,
         parts=[events, integrations],
+        shards=settings.shards,
     )

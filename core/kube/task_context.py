@@ -115,6 +115,11 @@ class TaskContexts:
         entry = self.cache.tasks.entry(where)
         return entry is not None and self._parked.get(entry.uid) == self._fingerprint(where)
 
+    def _park(self, where: tuple[str, str], te: Body) -> None:
+        fingerprint = self._fingerprint(where)
+        if fingerprint is not None and fingerprint[0] == te["metadata"].get("uid"):
+            self._parked[str(fingerprint[0])] = fingerprint
+
     async def build(self, te: Body) -> TaskContext | None:
         """The context of one step, or None after saying in the status why there is none."""
         name = te["metadata"]["name"]
@@ -126,7 +131,11 @@ class TaskContexts:
             spec = TaskExecutionSpec.model_validate(te["spec"])
             task = task_spec(name, spec)
         except ValidationError as exc:
-            await self.status.invalid(te, status, problems_of(exc))
+            if status.attempt > 0 or all(e["type"] == "extra_forbidden" for e in exc.errors()):
+                await self.status.park(te, status, UNSUPPORTED, unsupported(exc, status.attempt))
+                self._park((namespace, name), te)  # until it changes or the operator restarts
+            else:
+                await self.status.invalid(te, status, problems_of(exc))
             return None
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
         objects: dict[str, Body | None] = {}
@@ -142,9 +151,7 @@ class TaskContexts:
             message = describe(problems)
             if all(p.reason in WAIT_FOR_FIX for p in problems):
                 await self.status.park(te, status, problems[0].reason, message)
-                fingerprint = self._fingerprint((namespace, name))
-                if fingerprint is not None and fingerprint[0] == te["metadata"].get("uid"):
-                    self._parked[str(fingerprint[0])] = fingerprint
+                self._park((namespace, name), te)
             else:  # the spec is immutable: it will never run
                 await self.status.invalid(te, status, [message])
             return None
@@ -178,6 +185,26 @@ class TaskContexts:
         """The task is finished or gone: nothing of it stays in memory."""
         self._tasks_synced.discard(uid)
         self._parked.pop(uid, None)
+
+
+#: The reason of a task held because this operator cannot read its spec (a newer CRD).
+UNSUPPORTED = "UnsupportedSpec"
+
+
+def unsupported(exc: ValidationError, attempt: int) -> str:
+    """Why a task is held rather than failed: the API server accepted its spec (its schema
+    prunes every field it does not know), so a field this operator does not know comes from a
+    CRD newer than the operator; and a started task's spec is immutable, so one that no longer
+    validates changed under it the same way. Nothing is failed or recorded: the task is parked
+    like one waiting for its Adapter, and goes on once operator and CRDs agree (an upgraded
+    operator starts with nothing parked)."""
+    fields = " ".join(problems_of(exc))
+    held = "its attempt's Job runs on; " if attempt > 0 else ""
+    return (
+        f"this operator cannot read the spec ({fields}): the TaskExecution CRD is newer than "
+        f"the operator; the task waits ({held}nothing is failed or recorded). Fix: upgrade the "
+        "operator, or apply the CRDs of its version"
+    )[:1000]
 
 
 def problems_of(exc: ValidationError) -> list[str]:

@@ -217,6 +217,16 @@ def test_a_patch_named_in_a_configmap_or_by_its_sha256_completes(tmp_path: Path)
         assert status["state"] == "COMPLETED", status
         assert status["diff"]["sha256"] == sha and status["gate"]["passed"]
     assert "spec.task.patchFrom.evidence.sha256" in third["message"]
+    # FAILED in the database as in the status: a status alone left the row unfinished, and the
+    # next leader's sweep recorded it CANCELLED (found by the chaos run)
+    assert third["state"] == "FAILED", third
+    with Session(engine) as session:
+        row = session.scalars(select(Task).where(Task.task_id == "missing")).one()
+        ends = session.scalars(
+            select(ExecutionLog.event).where(ExecutionLog.task_id == "missing")
+        ).all()
+    assert row.status == "FAILED" and "no patch" in (row.failure_message or ""), row.status
+    assert list(ends) == ["TASK_FAILED"]
 
 
 def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[str]]:
