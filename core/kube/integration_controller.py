@@ -132,8 +132,9 @@ class ResourcePlans:
         why = self.unreadable.get(record.key.uid)
         if why is not None:
             raise InfrastructureError(
-                f"the plan of task {record.key.task_id} cannot be read: {why}; its change is "
-                "integrated once it can (is a CRD newer than this operator?)"
+                f"this operator cannot read the plan of task {record.key.task_id} ({why}): "
+                "the CRDs are newer than the operator; nothing is decided for its change "
+                "until they agree. Fix: upgrade the operator, or apply the CRDs of its version"
             )
         try:
             return self.plans[record.key.uid]
