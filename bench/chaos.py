@@ -10,9 +10,9 @@ checker (core/testing/invariants.py) compares the cluster, the database, the led
 event log. The scenario is tests/e2e/chaos_harness.py (its short form runs in the e2e suite).
 
 The PostgreSQL is the run's own (``--pg-state``, ``--pg-port``; started with hack/postgres/up),
-never the shared one on 55432, so it can be stopped. The kube-apiserver is shared by everyone
-on the machine: before restarting it the run waits (up to ``--wait-for-others`` seconds) until
-no other pytest session runs e2e tests.
+never the shared one of hack/postgres/up, so it can be stopped. The kube-apiserver is shared
+by everyone on the machine: before restarting it the run waits (up to ``--wait-for-others``
+seconds) until no other pytest session runs e2e tests.
 
     .venv/bin/python bench/chaos.py --tasks 200 --kills 100 --apiserver-restarts 3 \
         --db-outages 2 --out bench/results/chaos.json
@@ -139,7 +139,7 @@ def main() -> int:
     p.add_argument("--cpu", default="150m", help="CPU of each runner pod (request = limit)")
     p.add_argument("--converge-timeout", type=float, default=1200.0)
     p.add_argument("--pg-state", default="/tmp/chaos-pg")
-    p.add_argument("--pg-port", type=int, default=55433)
+    p.add_argument("--pg-port", type=int, default=25433)
     p.add_argument(
         "--wait-for-others",
         type=float,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from typing import Any
 
 import kopf
@@ -46,7 +48,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         raise kopf.PermanentError(str(exc)) from exc
     memo.loop = build_control_loop(operator, memo.controller)
     memo.task = asyncio.create_task(memo.loop.run())
+    memo.task.add_done_callback(_loop_ended)
     log.info("controller ready")
+
+
+def _loop_ended(task: asyncio.Task[None]) -> None:
+    """The control loop runs until cleanup cancels it; ending otherwise leaves a process that
+    looks alive and does nothing: stop it (SIGTERM: kopf's cleanup) so that it is restarted."""
+    if task.cancelled():
+        return
+    log.critical("the control loop ended; stopping the operator", exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @kopf.on.cleanup()

@@ -166,6 +166,23 @@ class ClientKubeApi:
         )
 
     @staticmethod
+    async def _lines(resp: Any, resource: str) -> AsyncIterator[bytes]:
+        """The stream's lines; the connection lost mid-stream (an API server restarting, a
+        proxy between) is a transient API error like one lost before the answer, not an
+        aiohttp exception that would end a watcher's task."""
+        stream = resp.response.content
+        while True:
+            try:
+                line = await stream.readline()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise error_for_status(
+                    None, str(exc) or type(exc).__name__, verb="watch", resource=resource
+                ) from exc
+            if not line:
+                return
+            yield line
+
+    @staticmethod
     def _fail(
         status: int, raw: bytes, verb: str, resource: str, namespace: str | None, name: str | None
     ) -> Exception:
@@ -439,7 +456,7 @@ class ClientKubeApi:
                 if status >= 300:
                     raw = await resp.read()
                     raise self._fail(status, raw, "watch", rt.plural, namespace, None)
-                async for line in resp.response.content:
+                async for line in self._lines(resp, rt.plural):
                     if not line.strip():
                         continue
                     event = json.loads(line)

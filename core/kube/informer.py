@@ -116,7 +116,9 @@ class Informer:
                 raise
             except ExpiredError:
                 self._version = None  # compacted: list again
-            except (KubeApiError, OSError, ValueError) as exc:
+            except Exception as exc:  # an informer never dies: it lists again
+                # (API errors, a lost connection, a bad line; anything else is logged with its
+                # traceback: a frozen cache would strand every task it holds, silently)
                 failures += 1
                 self._version = None
                 delay = min(self.backoff_cap, 0.5 * 2 ** min(failures, 10))
@@ -126,6 +128,7 @@ class Informer:
                     self.namespace or "all namespaces",
                     exc,
                     delay,
+                    exc_info=not isinstance(exc, (KubeApiError, OSError, ValueError)),
                 )
                 await self.clock.sleep(delay)
 

@@ -8,8 +8,8 @@ running apiserver's own command line is read from ``/proc/<pid>/cmdline`` (the p
 again the way ``up`` starts it (own session, appending to its log, its pid written back), and
 then waited on until ``/readyz`` answers. etcd keeps the state; every client reconnects.
 
-The kube-apiserver and the PostgreSQL on 127.0.0.1:55432 are shared with every other test
-session on the machine: restart the apiserver only when nobody else runs e2e tests, and stop
+The kube-apiserver and the PostgreSQL of hack/postgres/up (127.0.0.1:25432) are shared with
+every other test session on the machine: restart the apiserver only when nobody else runs e2e tests, and stop
 only a PostgreSQL started for the run (``Postgres`` with its own data dir and port).
 """
 
