@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= /tmp/orchestrator-demo
 
-.PHONY: setup demo demo-fallback test test-fast lint generate system-deps sandbox-deps clean
+.PHONY: setup demo demo-fallback test test-fast lint generate system-deps sandbox-deps kueue-deps clean
 
 $(BIN)/orchestrator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ system-deps: sandbox-deps  ## the local Kubernetes (apt packages + Go builds, ca
 	hack/cluster/install-deps
 	hack/tools/helm >/dev/null
 	hack/s3/install >/dev/null
+
+kueue-deps:  ## Kueue's manager (Go build from the module proxy, cached) for the e2e of spec.queueName (off by default: ORCHESTRATOR_E2E_KUEUE=1)
+	hack/kueue/install >/dev/null
 
 sandbox-deps: setup  ## bubblewrap for the embedded sandbox (apt, if missing), checked to work here
 	hack/sandbox/install

@@ -45,6 +45,16 @@ ADAPTER_NAME_RULE = name_rule(
 )
 
 
+#: ``spec.queueName`` of a TaskExecution: a Kueue LocalQueue's name (a DNS label), which the
+#: operator puts into its Jobs' ``kueue.x-k8s.io/queue-name`` label.
+QUEUE_NAME_RULE = Rule(
+    cel=f"self.matches({cel_string(IDENTIFIER_PATTERN)})",
+    message="spec.queueName must be the name of a Kueue LocalQueue in the task's namespace, a "
+    "DNS label: lower-case letters, digits and '-', at most 63 characters, starting and ending "
+    "with a letter or digit",
+    check=lambda name: _IDENTIFIER.fullmatch(name) is not None,
+)
+
 #: Environment variables the runner sets itself in adapter pods; an Adapter may not set them.
 RESERVED_ENV_PREFIX = "ORCHESTRATOR_"
 

@@ -21,6 +21,7 @@ from core.api_rules import (
     CIDR_RULE,
     CREDENTIALS_REF_MESSAGE,
     IMAGE_RULE,
+    QUEUE_NAME_RULE,
     REPO_CREDENTIALS_RULE,
     REPO_RULE,
     RESERVED_ENV_PREFIX,
@@ -60,6 +61,8 @@ from core.rules import Rule, RuledModel, Unique
 GROUP = "orchestrator.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+#: How long a Job may wait for a Kueue queue's admission when ``queueTimeoutSeconds`` is unset.
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 86400.0
 
 
 class _Api(RuledModel):
@@ -451,6 +454,28 @@ class TaskExecutionSpec(_Api):
         "mounts) before the attempt ends as an infrastructure failure; the adapter's budget "
         "counts from the container's start.",
     )
+    queue_name: Annotated[str, Field(max_length=63), QUEUE_NAME_RULE] | None = Field(
+        default=None,
+        description="A Kueue LocalQueue in this namespace: the attempt's Jobs are created "
+        "suspended with the label kueue.x-k8s.io/queue-name and start when Kueue admits them "
+        "(its ClusterQueue's quota). The wait for admission is charged neither to the budget "
+        "nor to pendingTimeoutSeconds; it is bounded by queueTimeoutSeconds. Default: no "
+        "queue, the Jobs start at once.",
+    )
+    queue_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=604800,
+        description="With queueName: how long an attempt's Job may wait for Kueue's admission "
+        "before the attempt ends as an infrastructure failure (its pod's grant to the evidence "
+        "store is issued for this wait too). Default: 86400 (one day).",
+    )
+
+    @property
+    def queue_wait_limit_seconds(self) -> float:
+        """``queueTimeoutSeconds`` or its default. Not a schema default: a TaskExecution
+        without a queue is stored exactly as before the queue fields existed."""
+        return self.queue_timeout_seconds or DEFAULT_QUEUE_TIMEOUT_SECONDS
 
 
 class Condition(_Api):

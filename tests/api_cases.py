@@ -115,6 +115,10 @@ BAD: list[Case] = [
     tex("te-name-long", {("metadata", "name"): LONG_NAME}, "metadata.name", "63"),
     tex("te-name-upper", {("metadata", "name"): "Fix-Bug"}, "metadata.name", "DNS label"),
     tex("run-id", {(S, "runId"): "Run_1"}, "spec.runId", "should match"),
+    tex("queue-name", {(S, "queueName"): "Team_A"}, "spec.queueName", "Kueue LocalQueue"),
+    tex("queue-name-long", {(S, "queueName"): "q" * 64}, "spec.queueName", "63"),
+    tex("queue-timeout-zero", {(S, "queueName"): "q", (S, "queueTimeoutSeconds"): 0},
+        "spec.queueTimeoutSeconds", "0"),
     tex("task-id-long", {(S, "taskId"): "t" * 64}, "spec.taskId", "should match"),
     tex("adapter-ref", {(S, "adapterRef", "name"): "my.tool"}, "spec.adapterRef.name", "should match"),
     tex(
@@ -261,6 +265,7 @@ BAD: list[Case] = [
 GOOD: list[Case] = [
     adp("adapter", {}),
     tex("task-execution", {}),
+    tex("queued", {(S, "queueName"): "team-a", (S, "queueTimeoutSeconds"): 3600}),
     adp("rerun", {(S, "gate", 0, "rerun"): ["{python}", "-m", "pytest", "{test}", "--junitxml={report}"]}),
     adp("literal-braces", {(S, "command", 1): "{{}}{{{python}}}"}),
     adp("template", {(S, "command"): DELETE, (S, "template"): "aider"}),

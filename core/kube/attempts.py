@@ -16,6 +16,7 @@ from typing import Any
 from core.engine.lifecycle import AttemptEvidence, Finish
 from core.kube.conditions import reason_for
 from core.kube.jobs import job_failure_reason
+from core.kube.queueing import queue_wait_seconds
 from core.models import (
     AttemptResult,
     CheckResult,
@@ -149,14 +150,17 @@ def gate_evidence(
     """The attempt after its gate Job: the adapter's part comes from ``current`` (what
     :func:`gate_started` kept of the adapter's evidence: exit code, diff, log, token usage).
     ``evicted``: the gate pod went over its own disk limits while the checks ran on the
-    change: a failed gate (check ``local-disk``), not a platform failure."""
+    change: a failed gate (check ``local-disk``), not a platform failure.
+    The time the gate Job waited for a Kueue queue's admission is not charged."""
     started = current.pod_started_at or current.started_at or now
-    finished = min(job_finished_at(job) or now, now)
+    finished = max(min(job_finished_at(job) or now, now), started)
+    queued = queue_wait_seconds(job) if job is not None else 0.0
     base = AttemptEvidence(
         attempt=current.attempt,
         adapter_id=current.adapter,
         started_at=started,
-        finished_at=max(finished, started),
+        finished_at=finished,
+        charged_seconds=(finished - started).total_seconds() - queued if queued else None,
         exit_code=current.exit_code if current.exit_code is not None else 0,
         diff=summary_from_status(current.diff),
         log_path=log_path,

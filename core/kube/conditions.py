@@ -3,7 +3,8 @@
 Merge patches replace lists whole, so exactly one function computes the conditions from the
 state, keeping ``lastTransitionTime`` when a condition's status did not change:
 
-- ``Running``: True while an adapter or gate Job runs.
+- ``Running``: True while an adapter or gate Job runs; False with reason ``Queued`` while
+  the attempt's Job waits for a Kueue queue's admission (:mod:`core.kube.queueing`).
 - ``Succeeded``: True when COMPLETED, False when FAILED/TIMEOUT/CANCELLED, Unknown before.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from core.kube.queueing import QUEUED_REASON
 from core.models import FailureClass, TaskState
 from core.resources import Condition, TaskExecutionStatus
 
@@ -37,6 +39,7 @@ def set_conditions(
     status: TaskExecutionStatus, now: datetime, generation: int | None
 ) -> TaskExecutionStatus:
     running = status.state in (TaskState.IN_PROGRESS, TaskState.VALIDATING)
+    running = running and status.reason != QUEUED_REASON
     if status.state is TaskState.COMPLETED:
         succeeded = "True"
     elif status.state.terminal:

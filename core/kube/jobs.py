@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from kubernetes.utils import parse_quantity
 
+from core.kube.queueing import QUEUE_LABEL
 from core.resources import AdapterResourceSpec
 
 Role = Literal["adapter", "gate"]
@@ -206,6 +207,7 @@ def job_manifest(
     storage: RunnerStorage | None = None,
     ttl_seconds_after_finished: int | None = None,
     inputs_configmap: str | None = None,
+    queue_name: str | None = None,
 ) -> dict[str, Any]:
     """``fetch_grant`` / ``runner_grant``: the init container's and the runner's part of the
     attempt's grant (JSON); ``patch_source``: a volume source (``configMap`` or ``secret``
@@ -217,7 +219,10 @@ def job_manifest(
     ``inputs_configmap`` instead of the grants: a ConfigMap (keys ``request.json`` and
     ``patch``) mounted as the inputs directory, no fetch container and no uploads (the log
     stays in the pod log). Only an Integration's merged-tree gate runs use it, which keep
-    their patch in a ConfigMap until they move to the evidence store."""
+    their patch in a ConfigMap until they move to the evidence store.
+
+    ``queue_name``: a Kueue LocalQueue: the Job is created suspended with Kueue's queue label
+    (on the Job, not its pods), so it starts when Kueue admits it (:mod:`core.kube.queueing`)."""
     if (inputs_configmap is None) == (fetch_grant is None or runner_grant is None):
         raise ValueError("job_manifest: give fetch_grant and runner_grant, or inputs_configmap")
     disk = storage or RunnerStorage()
@@ -291,17 +296,23 @@ def job_manifest(
         if ttl_seconds_after_finished is None
         else {"ttlSecondsAfterFinished": ttl_seconds_after_finished}
     )
+    job_labels = dict(pod_labels)
+    queue = {}
+    if queue_name is not None:
+        job_labels[QUEUE_LABEL] = queue_name
+        queue = {"suspend": True}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": te["metadata"]["namespace"],
-            "labels": pod_labels,
+            "labels": job_labels,
             "ownerReferences": [owner_reference(te)],
         },
         "spec": {
             **ttl,
+            **queue,
             "backoffLimit": 0,
             "activeDeadlineSeconds": max(1, int(deadline_seconds) + BACKSTOP_GRACE_SECONDS),
             "template": {

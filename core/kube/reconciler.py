@@ -80,6 +80,7 @@ from core.kube.jobs import (
 )
 from core.kube.pod_logs import read_report, save_log
 from core.kube.pods import storage_eviction, triage
+from core.kube.queueing import QUEUED_REASON, pending_since, queue_wait, queued
 from core.kube.redactors import operator_redactor
 from core.kube.status_writer import StatusWriter
 from core.kube.task_context import TaskContext, TaskContexts
@@ -516,8 +517,12 @@ class Controller:
     async def _prepare(
         self, ctx: TaskContext, request: RunnerRequest, deadline: float, patch: PatchInput | None
     ) -> PodInputs:
-        """Store the request and grant the pod its inputs and uploads until its backstop."""
-        expires = self.now() + timedelta(seconds=deadline + BACKSTOP_GRACE_SECONDS)
+        """Store the request and grant the pod its inputs and uploads until its backstop
+        (after the longest wait for a queue's admission, when the task names a queue)."""
+        queue_wait_seconds = ctx.spec.queue_wait_limit_seconds if ctx.spec.queue_name else 0.0
+        expires = self.now() + timedelta(
+            seconds=deadline + queue_wait_seconds + BACKSTOP_GRACE_SECONDS
+        )
         return await self._io(self.io.prepare, ctx.key, request, expires_at=expires, patch=patch)
 
     def _job(
@@ -551,6 +556,7 @@ class Controller:
             storage=self.settings.runner_storage
             or RunnerStorage.for_diff_limit(self.settings.max_diff_bytes),
             ttl_seconds_after_finished=self.settings.job_ttl_backstop_seconds,
+            queue_name=ctx.spec.queue_name,
         )
 
     async def _get_job(self, namespace: str, name: str) -> Body | None:
@@ -598,33 +604,63 @@ class Controller:
         return storage_eviction(await self.api.job_pods(ctx.ns, job["metadata"]["name"]))
 
     async def _triage(self, ctx: TaskContext, job: Body, role: str) -> Next:
-        """A running Job whose container has not started: wait, or end the attempt early."""
+        """A running Job whose container has not started: wait, or end the attempt early.
+
+        A Job suspended in a Kueue queue waits (reason ``Queued``) up to the queue timeout;
+        its pod's pending time counts from its admission (:mod:`core.kube.queueing`)."""
         current = ctx.status.attempts[-1]
         if role == "adapter" and current.pod_started_at is not None:
             return None  # running: the Job's events bring us back
-        pods = await self.api.job_pods(ctx.ns, job["metadata"]["name"])
         created = parse_time(job["metadata"].get("creationTimestamp"))
-        verdict = triage(
-            pods,
-            created_at=created,
-            now=self.now(),
-            pending_timeout_seconds=ctx.spec.pending_timeout_seconds,
-        )
-        if verdict.started_at is not None:
-            if role == "adapter":
-                attempts = list(ctx.status.attempts)
-                attempts[-1] = current.model_copy(update={"pod_started_at": verdict.started_at})
-                message = f"attempt {current.attempt} on adapter {current.adapter} is running"
-                new = ctx.status.model_copy(update={"attempts": attempts, "message": message})
-                await self.status.write(ctx.te, new)
-            return None
-        if verdict.problem is None:
-            waiting = f"{role} pod pending: {verdict.waiting}"
-            await self.status.park(ctx.te, ctx.status, ctx.status.reason or "Pending", waiting)
-            return Later(PENDING_POLL_SECONDS)
+        now = self.now()
+        running_reason = "AdapterRunning" if role == "adapter" else "Validating"
+        if queued(job):
+            wait = queue_wait(
+                job,
+                role=role,
+                created_at=created,
+                now=now,
+                timeout_seconds=ctx.spec.queue_wait_limit_seconds,
+            )
+            if wait.problem is None:
+                await self.status.park(ctx.te, ctx.status, QUEUED_REASON, wait.message)
+                return Later(wait.recheck_seconds)  # admission (a Job event) comes sooner
+            problem = wait.problem
+        else:
+            pods = await self.api.job_pods(ctx.ns, job["metadata"]["name"])
+            verdict = triage(
+                pods,
+                created_at=pending_since(job, created_at=created, now=now),
+                now=now,
+                pending_timeout_seconds=ctx.spec.pending_timeout_seconds,
+            )
+            if verdict.started_at is not None:
+                if role == "adapter":
+                    attempts = list(ctx.status.attempts)
+                    attempts[-1] = current.model_copy(
+                        update={"pod_started_at": verdict.started_at}
+                    )
+                    message = f"attempt {current.attempt} on adapter {current.adapter} is running"
+                    update: dict[str, Any] = {"attempts": attempts, "message": message}
+                    if ctx.status.reason == QUEUED_REASON:
+                        update["reason"] = running_reason
+                    await self.status.write(ctx.te, ctx.status.model_copy(update=update))
+                elif ctx.status.reason == QUEUED_REASON:
+                    await self.status.park(
+                        ctx.te, ctx.status, running_reason, "gate Job admitted and running"
+                    )
+                return None
+            if verdict.problem is None:
+                waiting = f"{role} pod pending: {verdict.waiting}"
+                reason = ctx.status.reason or "Pending"
+                if reason == QUEUED_REASON:
+                    reason = running_reason
+                await self.status.park(ctx.te, ctx.status, reason, waiting)
+                return Later(PENDING_POLL_SECONDS)
+            problem = verdict.problem
         await self.api.delete_job(ctx.ns, job["metadata"]["name"], uid=job["metadata"]["uid"])
         record = await self._db(self.store.task, ctx.key)
-        reason = verdict.problem if role == "adapter" else f"test gate: {verdict.problem}"
+        reason = problem if role == "adapter" else f"test gate: {problem}"
         evidence = interrupted_evidence(
             attempt=current.attempt,
             adapter_id=current.adapter,
