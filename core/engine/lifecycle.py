@@ -32,8 +32,9 @@ class); FAILED otherwise.
 A reopened task: its completed attempt carries the integration verdict (``integration``) and
 counts as failed with ``merge_conflict`` / ``merge_gate_failed`` from then on; the next
 attempt gets the verdict's feedback as extra input and starts from the integration branch's
-head (:class:`BaseRef`), as do the attempts after it. Time spent in integration is not charged
-to the task.
+head (:class:`BaseRef`), as do the attempts after it (and the feedback, past attempts lost
+to ``infrastructure``: :func:`feedback_of`). Time spent in integration is not charged to the
+task.
 """
 
 from __future__ import annotations
@@ -205,6 +206,23 @@ def base_of(history: Sequence[AttemptResult]) -> BaseRef | None:
     return None
 
 
+def feedback_of(history: Sequence[AttemptResult]) -> str | None:
+    """The next attempt's extra input: what was said about the last change made (the
+    integration verdict's feedback, or the failed gate's). Attempts that failed for the
+    platform (``infrastructure``: the pod never started, was evicted or lost) made no change
+    to judge, so the feedback before them still holds -- as the integration head
+    (:func:`base_of`) does: without it, the attempt after a lost one would start from the
+    integration branch told nothing of why."""
+    for result in reversed(history):
+        if result.integration is not None:
+            return result.integration.feedback
+        if result.failure_class is FailureClass.GATE_FAILED and result.gate is not None:
+            return gate_feedback(result.gate)
+        if result.failure_class is not FailureClass.INFRASTRUCTURE:
+            return None
+    return None
+
+
 def final_state(classification: Classification, *, budget_exhausted: bool) -> TaskState:
     """The one rule for a task's final state (see the module docstring)."""
     failure = classification.failure_class
@@ -261,10 +279,7 @@ def next_step(
         switch = failure_of(last) in SWITCHING_CLASSES
         candidates = plan.chain.preference(last.adapter_id, switch=switch)
         attempt = last.attempt + 1
-        if last.integration is not None:
-            feedback = last.integration.feedback
-        elif last.failure_class is FailureClass.GATE_FAILED and last.gate is not None:
-            feedback = gate_feedback(last.gate)
+        feedback = feedback_of(history)
     if remaining < max(plan.retry.min_attempt_seconds, 0.0) or remaining <= 0:
         last_class = failure_of(history[-1]) if history else None
         return Finish(TaskState.TIMEOUT, last_class, budget_spent(plan), budget_spent(plan), True)

@@ -23,9 +23,11 @@ per key:
 
 Failures: a spec or a state the worker refuses (a base commit not in the repository, a branch
 that differs from the one recorded) is ``Failed`` until the Integration or the run changes;
-an infrastructure failure (git server unreachable, a gate pod that cannot start, the API)
-is shown in the status and the key is retried with backoff -- nothing already decided is
-decided again (the worker is idempotent per verdict).
+an infrastructure failure (git server unreachable, a gate pod that cannot start, the API,
+a completed task's TaskExecution or Adapter that does not validate for this operator -- a
+newer CRD's defaulted field) is shown in the status and the key is retried with backoff --
+nothing already decided is decided again (the worker is idempotent per verdict), and nothing
+is decided for a task whose plan cannot be read.
 
 Send-back: a ``conflict`` or ``gate_failed`` task whose retry policy lists ``merge_conflict``
 / ``merge_gate_failed`` is reopened by the worker (the database, through the recorder), then
@@ -111,12 +113,29 @@ def tasks_digest(tasks: dict[str, RunTask]) -> str:
 
 
 class ResourcePlans:
-    """The worker's plans from the run's TaskExecutions and their Adapters, by uid."""
+    """The worker's plans from the run's TaskExecutions and their Adapters, by uid.
 
-    def __init__(self, plans: dict[str, TaskPlan]) -> None:
+    ``unreadable``: why the plan of an existing TaskExecution cannot be built now (its spec
+    or an Adapter's does not validate: most likely a CRD newer than this operator, which
+    defaults a field the operator does not know). Asking for such a plan is a retryable
+    error, not "the resource is gone": the worker would record a final ``skipped`` verdict
+    for it, and the change would never be integrated once the resources read again.
+    """
+
+    def __init__(
+        self, plans: dict[str, TaskPlan], unreadable: dict[str, str] | None = None
+    ) -> None:
         self.plans = plans
+        self.unreadable = unreadable or {}
 
     def plan(self, record: TaskRecord) -> TaskPlan:
+        why = self.unreadable.get(record.key.uid)
+        if why is not None:
+            raise InfrastructureError(
+                f"this operator cannot read the plan of task {record.key.task_id} ({why}): "
+                "the CRDs are newer than the operator; nothing is decided for its change "
+                "until they agree. Fix: upgrade the operator, or apply the CRDs of its version"
+            )
         try:
             return self.plans[record.key.uid]
         except KeyError:
@@ -411,17 +430,26 @@ class IntegrationController(PassivePart):
         return [r.key.task_id for r in records if not r.status.terminal]
 
     async def _plans(self, namespace: str, run_id: str) -> ResourcePlans:
-        """Each TaskExecution of the run that still exists, with its Adapters, as a plan."""
+        """Each TaskExecution of the run that still exists, with its Adapters, as a plan.
+
+        A TaskExecution whose Adapter is gone has no plan (the worker skips its change with
+        the reason); one whose spec or Adapter does not validate is ``unreadable`` (see
+        :class:`ResourcePlans`): only the worker knows whether its plan is needed (a FAILED
+        TaskExecution's never is)."""
         found: dict[str, TaskPlan] = {}
+        unreadable: dict[str, str] = {}
         for te in await self.api.list_objects("taskexecutions", namespace):
             if (te.get("spec") or {}).get("runId", "k8s") != run_id:
                 continue
+            name, uid = te["metadata"]["name"], te["metadata"]["uid"]
+            what = f"TaskExecution {namespace}/{name}"
             try:
                 spec = TaskExecutionSpec.model_validate(te["spec"])
-                task = task_spec(te["metadata"]["name"], spec)
+                task = task_spec(name, spec)
                 names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
                 engine = {}
                 for adapter_name in names:
+                    what = f"Adapter {namespace}/{adapter_name}"
                     body = self.cache.adapters.get((namespace, adapter_name))
                     if body is None:
                         body = await self.api.get_object("adapters", namespace, adapter_name)
@@ -429,10 +457,13 @@ class IntegrationController(PassivePart):
                         raise KeyError(adapter_name)
                     resource = AdapterResourceSpec.model_validate(body["spec"])
                     engine[adapter_name] = adapter_spec(adapter_name, resource)
-            except (ValidationError, KeyError):
+            except KeyError:
                 continue  # its record is skipped by the worker with the reason
-            found[te["metadata"]["uid"]] = TaskPlan.of(task, names, engine)
-        return ResourcePlans(found)
+            except ValidationError as exc:
+                unreadable[uid] = f"{what} does not validate: {'; '.join(problems_of(exc))}"
+                continue
+            found[uid] = TaskPlan.of(task, names, engine)
+        return ResourcePlans(found, unreadable)
 
     # ------------------------------------------------------------------ status
 

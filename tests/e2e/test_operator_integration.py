@@ -6,8 +6,11 @@ queue order onto ``orchestrator/integration/<run>``: the first is merged, the se
 ``conflict``. The merged-tree gate runs as a gate Job owned by the Integration; the branch is
 pushed to the in-cluster git server (a git daemon that accepts pushes), which is asserted
 from inside the git server's pod.
-Then the send-back: a second run whose conflicting TaskExecution retries on
-``merge_conflict`` goes back to PENDING and its next attempt is merged.
+Then the send-backs: a second run whose conflicting TaskExecution retries on
+``merge_conflict`` goes back to PENDING and its next attempt is merged; a third run whose two
+changes pass their own gates but fail the merged tree's gate (the Adapters' checks, re-run by
+the Integration's gate Jobs): the second retries on ``merge_gate_failed``, goes back to PENDING
+with the gate's summary, and its next attempt (from the integration head) is merged.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tests.e2e.operator_harness import (
     OperatorProcess,
     adapter,
     apply,
+    apply_crds,
     demo_patch,
     get_json,
     git_server,
@@ -144,9 +148,9 @@ def test_two_conflicting_task_executions_the_second_conflicts_the_branch_is_push
     assert "a-multiply" in log[0]
 
     # the merged-tree gate ran as a Job of the Integration, named for its gate run
-    jobs = get_json(
-        kubectl, "jobs", "-n", ns, "-l", f"orchestrator.dev/integration={RUN}"
-    ).get("items", [])
+    jobs = get_json(kubectl, "jobs", "-n", ns, "-l", f"orchestrator.dev/integration={RUN}").get(
+        "items", []
+    )
     assert len(jobs) == 1
     [job] = jobs
     assert job["metadata"]["ownerReferences"][0]["kind"] == "Integration"
@@ -262,3 +266,141 @@ def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attemp
         if r.get("attempt") == 2 and r.get("stream") == "stdout"
     ]
     assert "feedback: Conflicting files:" in said and "feedback: - notes.txt" in said
+
+
+#: The gate of both Adapters below: each change alone passes it (a.txt, or b.txt, alone), the
+#: two together fail it unless b.txt says it comes after A. argv only (no shell), no task field.
+TOGETHER_CHECK = (
+    "import os, sys\n"
+    "both = os.path.exists('a.txt') and os.path.exists('b.txt')\n"
+    "if both and 'after A' not in open('b.txt').read():\n"
+    "    print('a.txt and b.txt disagree: b.txt must say it comes after A')\n"
+    "    sys.exit(1)\n"
+    "print('a.txt and b.txt agree')\n"
+)
+TOGETHER = [{"name": "together", "command": ["{python}", "-c", TOGETHER_CHECK], "report": "none"}]
+
+
+@pytest.mark.timeout(1500)  # above wait_for's: a slow cluster fails with the status shown
+def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its_next_attempt(
+    kubectl, env
+) -> None:
+    """Issue 15's other send-back on the cluster: two changes pass their own gates but fail
+    the gate on the merged tree (a gate Job of the Integration); the second's Adapter retries on
+    ``merge_gate_failed``: it is ``gate_failed``, goes back to PENDING, runs attempt 2 from the
+    pushed integration head with the gate summary in its prompt, and is merged."""
+    apply_crds(kubectl)  # this checkout's (the cluster is shared: another may have applied its own)
+    ns, run = env["ns"], "gatefail"
+    branch = f"orchestrator/integration/{run}"
+    git_ip = get_json(kubectl, "pod", "git-server", "-n", ns)["status"]["podIP"]
+    egress = [{"cidr": f"{git_ip}/32", "ports": [9418]}]
+    retry = {"maxAttempts": 3, "retryOn": ["infrastructure", "merge_gate_failed"],
+             "backoffInitialSeconds": 1, "jitterSeconds": 0}  # fmt: skip
+    common = {"command": FAKE_AI, "egress": egress, "resources": SMALL, "gate": TOGETHER}
+    apply(kubectl, ns, adapter("gate-once", "process", retry={"maxAttempts": 1}, **common))
+    apply(kubectl, ns, adapter("gate-again", "process", retry=retry, **common))
+    prompts = {
+        "gate-a": ("gate-once", "fake-ai: write a.txt :: A"),
+        "gate-b": (
+            "gate-again",
+            "fake-ai: echo-feedback\nfake-ai: write b.txt :: B\n"
+            "fake-ai: on-feedback write b.txt :: B, after A",
+        ),
+    }
+    for name, (adapter_name, prompt) in prompts.items():
+        obj = task_execution(name, env["repo"], adapter_name, task={"prompt": prompt})
+        obj["spec"]["runId"] = run
+        apply(kubectl, ns, obj)
+    apply(kubectl, ns, integration(run, run, resources=SMALL))
+
+    def merged_both() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        status = obj.get("status") or {}
+        if status.get("state") == "Failed":
+            return obj
+        done = status.get("state") == "Succeeded" and status.get("stats", {}).get("merged") == 2
+        return obj if done else None
+
+    def debug() -> str:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        te = get_json(kubectl, "tex", "gate-b", "-n", ns)
+        return json.dumps([obj.get("status"), te.get("status")], indent=1) + env["operator"].tail()
+
+    done = wait_for(merged_both, 1200, "the sent-back task to be merged", debug)
+    status = done["status"]
+    assert status["state"] == "Succeeded", debug()
+    by_task = {t["taskId"]: (t["outcome"], t["attempt"]) for t in status["tasks"]}
+    assert by_task == {"gate-a": ("merged", 1), "gate-b": ("merged", 2)}, debug()
+    # gate runs: A+B (fails), A alone (passes: A merged, B gate_failed), then B's attempt 2 on A
+    stats = status["stats"]
+    assert (stats["gateRuns"], stats["merged"], stats["gateFailed"]) == (3, 2, 0), stats
+    assert stats["oneByOneGateRuns"] == 3  # verdicts that needed a gate: 2 merged + 1 failed
+    assert status["pushed"] is True and status["branch"] == branch
+    assert status["headCommit"] == status["tasks"][1]["commit"]
+
+    # the pushed branch: A's commit, then B's attempt 2 (which knows about A)
+    assert git(kubectl, env, "rev-parse", f"refs/heads/{branch}") == status["headCommit"]
+    assert git(kubectl, env, "show", f"{branch}:a.txt") == "A"
+    assert git(kubectl, env, "show", f"{branch}:b.txt") == "B, after A"
+    log = git(kubectl, env, "log", "--format=%s%n%b", branch, "-n", "2")
+    assert log.index("gate-b: ") < log.index("gate-a: ")
+    assert "Task: gate-b" in log and "Attempt: 2" in log
+
+    # the Integration said so twice: gate_failed and sent back, then both merged
+    events = get_json(
+        kubectl, "events", "-n", ns, "--field-selector",
+        f"involvedObject.kind=Integration,involvedObject.name={run}",
+    ).get("items", [])  # fmt: skip
+    finished = [e["message"] for e in events if e["reason"] == "INTEGRATION_FINISHED"]
+    assert len(finished) == 2, finished
+    first_pass = next(m for m in finished if "sent back" in m)
+    assert "1 merged, 0 conflict, 1 gate_failed" in first_pass
+    assert first_pass.endswith("sent back: gate-b")
+    assert any(m.startswith("2 merged, 0 conflict, 0 gate_failed") for m in finished), finished
+
+    # the TaskExecution: attempt 1 sent back (merge_gate_failed), attempt 2 completed
+    te = get_json(kubectl, "tex", "gate-b", "-n", ns)["status"]
+    assert te["state"] == "COMPLETED" and te["attempt"] == 2
+    first, second = te["attempts"]
+    assert first["failureClass"] == "merge_gate_failed", first
+    assert "fails the gate on the merged tree" in first["message"], first
+    assert second.get("failureClass") is None and second["state"] == "COMPLETED", second
+    assert get_json(kubectl, "tex", "gate-a", "-n", ns)["status"]["attempt"] == 1
+    te_events = get_json(
+        kubectl, "events", "-n", ns, "--field-selector", "involvedObject.name=gate-b"
+    ).get("items", [])
+    assert [e["reason"] for e in te_events].count("TASK_REOPENED") == 1
+    assert [e["reason"] for e in te_events].count("TASK_STARTED") == 2
+
+    # the three gate runs were gate Jobs of the Integration (they have no TTL: deleted with it)
+    gate_jobs = get_json(
+        kubectl, "jobs", "-n", ns, "-l", f"orchestrator.dev/integration={run}"
+    ).get("items", [])
+    runs = sorted(j["metadata"]["labels"]["orchestrator.dev/gate-run"] for j in gate_jobs)
+    assert runs == ["1", "2", "3"], runs
+    for job in gate_jobs:
+        [owner] = job["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == ("Integration", done["metadata"]["uid"])
+
+    # the merged-tree gate failed in gate run 1, A and B together (its saved log) ...
+    gate_log = env["workdir"] / "logs/integration" / f"{ns}.{run}.jsonl"
+    records = [json.loads(line) for line in gate_log.read_text().splitlines()]
+    saved = sorted({r["gate_run"] for r in records if r.get("event") == "gate_log_saved"})
+    assert saved == [1, 2, 3], saved
+    failed_run = [str(r.get("line")) for r in records if r.get("gate_run") == 1]
+    assert any("b.txt must say it comes after A" in line for line in failed_run)
+    # ... and its summary reached attempt 2's prompt: the adapter printed it back
+    [te_log] = (env["workdir"] / "logs/execution").glob(f"{ns}.gate-b.*.jsonl")
+    records = [json.loads(line) for line in te_log.read_text().splitlines()]
+    said = {
+        a: [
+            str(r.get("line"))
+            for r in records
+            if r.get("attempt") == a and r.get("stream") == "stdout"
+        ]
+        for a in (1, 2)
+    }
+    assert "feedback: - check 'together': failed, exit code 1" in said[2], said
+    assert any("b.txt must say it comes after A" in line for line in said[2]), said
+    assert any(f"on the integration branch {branch}" in line for line in said[2]), said
+    assert not any(line.startswith("feedback:") for line in said[1]), said  # none on attempt 1

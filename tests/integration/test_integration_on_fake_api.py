@@ -155,9 +155,13 @@ def test_two_conflicting_task_executions_the_second_conflicts(tmp_path: Path) ->
         owner = job["metadata"]["ownerReferences"][0]
         assert owner["kind"] == "Integration" and owner["name"] == RUN
         labels = job["metadata"]["labels"]
-        assert labels["orchestrator.dev/gate-run"] == "1" and labels["orchestrator.dev/role"] == "gate"
+        assert (
+            labels["orchestrator.dev/gate-run"] == "1" and labels["orchestrator.dev/role"] == "gate"
+        )
         assert labels["app.kubernetes.io/name"] == "orchestrator-runner"
-        assert job["metadata"]["name"].startswith(f"{RUN}-") and job["metadata"]["name"].endswith("g")
+        assert job["metadata"]["name"].startswith(f"{RUN}-") and job["metadata"]["name"].endswith(
+            "g"
+        )
         events = [e for e in (await api.list_resource("events", NS)).items]
         finished = [e for e in events if e["reason"] == "INTEGRATION_FINISHED"]
         assert len(finished) == 1 and "1 merged, 1 conflict" in finished[0]["message"]
@@ -381,3 +385,90 @@ def _assert_sent_back(engine: Any, workdir: Path) -> None:
         if r.get("attempt") == 2 and r.get("stream") == "stdout"
     ]
     assert "feedback: Conflicting files:" in said and "feedback: - notes.txt" in said
+
+
+def test_resources_the_operator_cannot_read_delay_the_integration_and_decide_nothing(
+    tmp_path: Path,
+) -> None:
+    """A completed task whose TaskExecution or Adapter no longer validates for this operator
+    (a field of a newer CRD, kept because the fake API server stops pruning them, as a newer
+    CRD's schema would) is not "gone": the Integration says which resource and why, and
+    retries; no verdict is recorded. Before, the change got a final ``skipped`` verdict ("its
+    plan is gone ... the task's resource was deleted") and the run said Succeeded with nothing
+    merged -- seen on the shared cluster while another checkout's CRDs (a defaulted field) were
+    applied. Once both read again, the change is merged."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    upgrade(default_url(workdir))
+    engine = make_engine(default_url(workdir))
+    run, newer = "skew", {"spec": {"queueTimeoutSeconds": 86400}}
+    seen: dict[str, tuple[dict[str, Any], list[Any]]] = {}
+    api = FakeKubeApi(namespaces=(NS,))
+
+    async def until_message(part: str) -> dict[str, Any]:
+        end = asyncio.get_running_loop().time() + 300
+        while True:
+            status = await _status(api, run)
+            if part in status.get("message", "") or status.get("state") in ("Succeeded", "Failed"):
+                return status
+            assert asyncio.get_running_loop().time() < end, status
+            await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        await api.create_object("adapters", NS, adapter("patch", "patch"))
+        patch = demo_patch("add-multiply")
+        body = task_execution(
+            "a-multiply", bare.as_uri(), "patch", task={"prompt": "mul", "patch": patch}
+        )
+        body["spec"]["runId"] = run
+        await api.create_object("taskexecutions", NS, body)
+        async with FakeKubelet(api.server, tmp_path / "kubelet") as kubelet:
+            loop, server = await _operator(api, engine, workdir)
+            driver = asyncio.create_task(loop.run())
+            end = asyncio.get_running_loop().time() + 300
+            while ((await api.get_object("taskexecutions", NS, "a-multiply")) or {}).get(
+                "status", {}
+            ).get("state") != "COMPLETED":
+                assert asyncio.get_running_loop().time() < end, "a-multiply never completed"
+                await asyncio.sleep(0.2)
+            # both gain a field this operator does not know (a newer CRD's)
+            schemas = dict(api.server.schemas)
+            for plural, name in (("taskexecutions", "a-multiply"), ("adapters", "patch")):
+                api.server.schemas.pop(plural)
+                await api.patch_object(plural, NS, name, newer)
+            await api.create_object("integrations", NS, integration(run, run))
+            status = await until_message("TaskExecution itg/a-multiply does not validate")
+            seen["te"] = (status, IntegrationRows(engine).verdicts(run, NS))
+            # the TaskExecution reads again, the Adapter not yet
+            await api.patch_object(
+                "taskexecutions", NS, "a-multiply", {"spec": {"queueTimeoutSeconds": None}}
+            )
+            status = await until_message("Adapter itg/patch does not validate")
+            seen["adapter"] = (status, IntegrationRows(engine).verdicts(run, NS))
+            await api.patch_object("adapters", NS, "patch", {"spec": {"queueTimeoutSeconds": None}})
+            api.server.schemas.update(schemas)
+            seen["done"] = (await _until_state(api, run, {"Succeeded", "Failed"}, 300), [])
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await server.close()
+            assert kubelet.errors == []
+
+    asyncio.run(main())
+    for what in ("te", "adapter"):
+        status, verdicts = seen[what]
+        assert (status["state"], status["reason"]) == ("Running", "Retrying"), status
+        assert "spec.queueTimeoutSeconds" in status["message"], status
+        assert verdicts == []  # nothing decided while it could not be read
+    status = seen["done"][0]
+    assert status["state"] == "Succeeded", status
+    assert [(t["taskId"], t["outcome"]) for t in status["tasks"]] == [("a-multiply", "merged")]
+    verdicts = IntegrationRows(engine).verdicts(run, NS)
+    assert [(v.key.task_id, v.outcome.value) for v in verdicts] == [("a-multiply", "merged")]
+    head = _git(bare, "rev-parse", f"refs/heads/orchestrator/integration/{run}")
+    assert head == status["headCommit"] == status["tasks"][0]["commit"]

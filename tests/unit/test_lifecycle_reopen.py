@@ -182,3 +182,53 @@ def test_reopen_is_the_one_way_out_of_completed() -> None:
         if state is not TaskState.COMPLETED:
             with pytest.raises(IllegalTransitionError):
                 reopen_state(state)
+
+
+@pytest.mark.parametrize("outcome", [IntegrationOutcome.CONFLICT, IntegrationOutcome.GATE_FAILED])
+def test_the_feedback_outlives_an_attempt_lost_to_the_platform(outcome: IntegrationOutcome) -> None:
+    """Attempt 2 of a sent-back task never ran (its pod could not be scheduled): attempt 3
+    starts from the integration head *and* still gets the verdict's feedback (seen on the
+    cluster: it started from the head told nothing, redid its first change and failed its
+    own gate). An attempt that did run ends what is said: its own failure's, or nothing."""
+    klass = (
+        FailureClass.MERGE_CONFLICT
+        if outcome is IntegrationOutcome.CONFLICT
+        else (FailureClass.MERGE_GATE_FAILED)
+    )
+    p = plan([klass.value, "infrastructure", "adapter_error"], max_attempts=4)
+    amended = reopen(p, [completed()], conflict(outcome), rng=random.Random(0)).result
+    assert amended is not None
+    lost = conclude(
+        p,
+        [amended],
+        AttemptEvidence(
+            attempt=2,
+            adapter_id="a",
+            started_at=T0 + timedelta(hours=2),
+            finished_at=T0 + timedelta(hours=2, seconds=5),
+            infrastructure_reason="the pod could not be scheduled within 300s",
+        ),
+        rng=random.Random(0),
+    ).result
+    assert lost.failure_class is FailureClass.INFRASTRUCTURE and not lost.final
+    step = next_step(p, [amended, lost], now=T0 + timedelta(hours=3), admits={})
+    assert isinstance(step, Start) and step.attempt == 3
+    assert step.feedback == "Your change conflicts with x.py; start from the head."
+    assert step.base == BaseRef("/w/integration/run.git", HEAD)
+    # an attempt that ran and failed otherwise: its failure decides, the old verdict is history
+    crashed = conclude(
+        p,
+        [amended, lost],
+        AttemptEvidence(
+            attempt=3,
+            adapter_id="a",
+            started_at=T0 + timedelta(hours=3),
+            finished_at=T0 + timedelta(hours=3, seconds=5),
+            exit_code=1,
+        ),
+        rng=random.Random(0),
+    ).result
+    assert crashed.failure_class is FailureClass.ADAPTER_ERROR and not crashed.final
+    step = next_step(p, [amended, lost, crashed], now=T0 + timedelta(hours=4), admits={})
+    assert isinstance(step, Start) and step.attempt == 4 and step.feedback is None
+    assert step.base == BaseRef("/w/integration/run.git", HEAD)  # still the head
