@@ -191,6 +191,7 @@ def test_integrate_from_a_client_follows_the_resource_and_writes_the_results(
 FAKE_AI = ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"]
 
 
+@pytest.mark.timeout(1200)  # its own wait (900 s) fails first, showing the status
 def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attempt(
     kubectl, env
 ) -> None:
