@@ -208,8 +208,19 @@ class ChaosRun:
         return obj
 
     def _submit(self, i: int) -> None:
+        """Apply task ``i``; a refused connection (the API server restarting, maybe by
+        someone else's run on this shared cluster) is tried again for up to 5 minutes."""
         obj = self._task(i)
-        apply(self.cluster.kubectl, self.ns, obj)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                apply(self.cluster.kubectl, self.ns, obj)
+                break
+            except RuntimeError as exc:  # apply is idempotent: the same object again
+                if time.monotonic() > deadline:
+                    raise
+                self.say(f"  (applying task {i} failed, again in 5 s: {str(exc)[:120]})")
+                time.sleep(5)
         self.counts.submitted += 1
 
     def _refresh(self) -> int:
