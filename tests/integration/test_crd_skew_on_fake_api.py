@@ -38,7 +38,7 @@ from tests.e2e.operator_harness import DEMO, adapter, demo_patch, task_execution
 from tests.local_evidence import serve_local_evidence
 
 NS = "demo"
-NEW_FIELD = "queueTimeoutSeconds"
+NEW_FIELD = "fieldOfANewerVersion"  # a field no version of this operator knows
 
 
 def newer_schemas() -> dict[str, Any]:

@@ -407,7 +407,7 @@ def test_resources_the_operator_cannot_read_delay_the_integration_and_decide_not
     workdir.mkdir()
     upgrade(default_url(workdir))
     engine = make_engine(default_url(workdir))
-    run, newer = "skew", {"spec": {"queueTimeoutSeconds": 86400}}
+    run, newer = "skew", {"spec": {"fieldOfANewerVersion": 86400}}
     seen: dict[str, tuple[dict[str, Any], list[Any]]] = {}
     api = FakeKubeApi(namespaces=(NS,))
 
@@ -447,11 +447,13 @@ def test_resources_the_operator_cannot_read_delay_the_integration_and_decide_not
             seen["te"] = (status, IntegrationRows(engine).verdicts(run, NS))
             # the TaskExecution reads again, the Adapter not yet
             await api.patch_object(
-                "taskexecutions", NS, "a-multiply", {"spec": {"queueTimeoutSeconds": None}}
+                "taskexecutions", NS, "a-multiply", {"spec": {"fieldOfANewerVersion": None}}
             )
             status = await until_message("Adapter itg/patch does not validate")
             seen["adapter"] = (status, IntegrationRows(engine).verdicts(run, NS))
-            await api.patch_object("adapters", NS, "patch", {"spec": {"queueTimeoutSeconds": None}})
+            await api.patch_object(
+                "adapters", NS, "patch", {"spec": {"fieldOfANewerVersion": None}}
+            )
             api.server.schemas.update(schemas)
             seen["done"] = (await _until_state(api, run, {"Succeeded", "Failed"}, 300), [])
             driver.cancel()
@@ -463,7 +465,7 @@ def test_resources_the_operator_cannot_read_delay_the_integration_and_decide_not
     for what in ("te", "adapter"):
         status, verdicts = seen[what]
         assert (status["state"], status["reason"]) == ("Running", "Retrying"), status
-        assert "spec.queueTimeoutSeconds" in status["message"], status
+        assert "spec.fieldOfANewerVersion" in status["message"], status
         assert verdicts == []  # nothing decided while it could not be read
     status = seen["done"][0]
     assert status["state"] == "Succeeded", status
