@@ -93,6 +93,10 @@ def adapter_evidence(
     runner managed to say while it was being killed.
     """
     started = current.pod_started_at or current.started_at or now
+    if current.pod_started_at is None and job is not None:
+        # the pod ended before the operator saw it running: a Kueue queue's wait is still
+        # not charged (the Job's admission, not its creation, starts the clock)
+        started += timedelta(seconds=queue_wait_seconds(job))
     finished = min(job_finished_at(job) or now, now)
     base = AttemptEvidence(
         attempt=current.attempt,

@@ -187,3 +187,24 @@ def test_a_gate_that_fills_its_disk_fails_the_gate() -> None:
     assert after.gate is not None and after.gate.failed_checks == ["local-disk"]
     verdict = conclude(_plan(), [], after, rng=random.Random(0))
     assert verdict.result.failure_class is FailureClass.GATE_FAILED
+
+
+def test_a_queued_adapter_job_that_ended_unseen_is_not_charged_its_queue_wait() -> None:
+    """The operator never saw the pod running (no ``podStartedAt``): the attempt is charged
+    from the Job's admission by Kueue (its ``status.startTime``), not from its creation."""
+    status = attempt_started(
+        TaskExecutionStatus(), attempt=1, adapter="llm", job_name="t-1a", trial=False, now=T0
+    )
+    current = status.attempts[-1]
+    assert current.pod_started_at is None
+    admitted, done = T0 + timedelta(hours=2), T0 + timedelta(hours=2, seconds=30)
+    job = _job(done)
+    job["metadata"] |= {
+        "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+    }
+    job["status"]["startTime"] = admitted.strftime("%Y-%m-%dT%H:%M:%SZ")
+    evidence = adapter_evidence(current, job, None, now=done, log_path="logs/x.jsonl")
+    assert evidence.started_at == admitted
+    unqueued = _job(done)
+    assert adapter_evidence(current, unqueued, None, now=done, log_path="l").started_at == T0
