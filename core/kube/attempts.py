@@ -262,8 +262,15 @@ def gate_started(
     status: TaskExecutionStatus, evidence: AttemptEvidence, gate_job: str
 ) -> TaskExecutionStatus:
     attempts = list(status.attempts)
-    attempts[-1] = attempts[-1].model_copy(
+    current = attempts[-1]
+    charged_from: dict[str, datetime] = {}
+    unseen = current.pod_started_at is None and current.started_at is not None
+    if unseen and current.started_at is not None and evidence.started_at > current.started_at:
+        # the adapter's pod ended unseen: its charge began at the queue's admission
+        charged_from["pod_started_at"] = evidence.started_at
+    attempts[-1] = current.model_copy(
         update={
+            **charged_from,
             "gate_job_name": gate_job,
             "exit_code": evidence.exit_code,
             "diff": diff_status(evidence.diff),

@@ -208,3 +208,24 @@ def test_a_queued_adapter_job_that_ended_unseen_is_not_charged_its_queue_wait() 
     assert evidence.started_at == admitted
     unqueued = _job(done)
     assert adapter_evidence(current, unqueued, None, now=done, log_path="l").started_at == T0
+
+
+def test_the_uncharged_queue_wait_carries_over_to_the_gate() -> None:
+    """The attempt's charge, recorded after its gate, starts where the adapter's did: at
+    Kueue's admission when the adapter's pod ended unseen (a loaded operator)."""
+    status = attempt_started(
+        TaskExecutionStatus(), attempt=1, adapter="llm", job_name="t-1a", trial=False, now=T0
+    )
+    admitted, done = T0 + timedelta(hours=2), T0 + timedelta(hours=2, seconds=30)
+    job = _job(done)
+    job["metadata"] |= {
+        "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+    }
+    job["status"]["startTime"] = admitted.strftime("%Y-%m-%dT%H:%M:%SZ")
+    evidence = adapter_evidence(status.attempts[-1], job, None, now=done, log_path="l")
+    validating = gate_started(status, evidence, "t-1g")
+    assert validating.attempts[-1].pod_started_at == admitted
+    # not queued: nothing is invented
+    plain = adapter_evidence(status.attempts[-1], _job(done), None, now=done, log_path="l")
+    assert gate_started(status, plain, "t-1g").attempts[-1].pod_started_at is None
