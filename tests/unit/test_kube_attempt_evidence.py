@@ -189,6 +189,17 @@ def test_a_gate_that_fills_its_disk_fails_the_gate() -> None:
     assert verdict.result.failure_class is FailureClass.GATE_FAILED
 
 
+def _queued_job(admitted: datetime, done: datetime) -> dict:
+    """An adapter Job of queue ``team-a``, created at T0, admitted by Kueue at ``admitted``."""
+    job = _job(done)
+    job["metadata"] |= {
+        "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+    }
+    job["status"]["startTime"] = admitted.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return job
+
+
 def test_a_queued_adapter_job_that_ended_unseen_is_not_charged_its_queue_wait() -> None:
     """The operator never saw the pod running (no ``podStartedAt``): the attempt is charged
     from the Job's admission by Kueue (its ``status.startTime``), not from its creation."""
@@ -198,12 +209,7 @@ def test_a_queued_adapter_job_that_ended_unseen_is_not_charged_its_queue_wait() 
     current = status.attempts[-1]
     assert current.pod_started_at is None
     admitted, done = T0 + timedelta(hours=2), T0 + timedelta(hours=2, seconds=30)
-    job = _job(done)
-    job["metadata"] |= {
-        "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
-    }
-    job["status"]["startTime"] = admitted.strftime("%Y-%m-%dT%H:%M:%SZ")
+    job = _queued_job(admitted, done)
     evidence = adapter_evidence(current, job, None, now=done, log_path="logs/x.jsonl")
     assert evidence.started_at == admitted
     unqueued = _job(done)
@@ -217,12 +223,7 @@ def test_the_uncharged_queue_wait_carries_over_to_the_gate() -> None:
         TaskExecutionStatus(), attempt=1, adapter="llm", job_name="t-1a", trial=False, now=T0
     )
     admitted, done = T0 + timedelta(hours=2), T0 + timedelta(hours=2, seconds=30)
-    job = _job(done)
-    job["metadata"] |= {
-        "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "labels": {"kueue.x-k8s.io/queue-name": "team-a"},
-    }
-    job["status"]["startTime"] = admitted.strftime("%Y-%m-%dT%H:%M:%SZ")
+    job = _queued_job(admitted, done)
     evidence = adapter_evidence(status.attempts[-1], job, None, now=done, log_path="l")
     validating = gate_started(status, evidence, "t-1g")
     assert validating.attempts[-1].pod_started_at == admitted
