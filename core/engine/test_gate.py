@@ -57,7 +57,7 @@ from core.engine.test_tools import (
     with_report_flags,
 )
 from core.engine.tree_guard import TreeGuard, deleted_test_files
-from core.engine.workspace import apply_patch, shared_object_dirs
+from core.engine.workspace import apply_patch, checkout_commit, shared_object_dirs
 from core.models import (
     CheckResult,
     CheckStatus,
@@ -389,8 +389,13 @@ def run_gate(
                     apply_method=None,
                     duration_seconds=round(clock() - started, 3),
                 )
-            deleted = deleted_test_files(tree)
-            guard = TreeGuard(tree)
+            if method == "empty":
+                # nothing applied: nothing deleted, and the index is the checkout's commit
+                deleted: list[str] = []
+                guard = TreeGuard(tree, snapshot=checkout_commit(tree))
+            else:
+                deleted = deleted_test_files(tree)
+                guard = TreeGuard(tree)
             runs = []
             for check in checks:
                 base = base_runs.get(check.name)

@@ -10,6 +10,12 @@ never reported. git runs through the executor's private repository
 (:func:`~core.engine.workspace.tree_git`) with its own config: the tree's own index is read
 from a private copy (a regular file, never through a symlink), and nothing a check planted in
 the tree's ``.git`` (config, hooks, a ``.git`` file pointing elsewhere) is ever used.
+
+One git process per check where we can (each costs 2-4 ms, and the gate of a trivial task
+is a handful of them): the tree's own index is compared with git only when its bytes differ
+from the index we handed over (a byte-identical index stages exactly the snapshot, so the
+comparison could only come back empty), and a checkout nothing was applied to needs no
+``write-tree``: its snapshot is the commit it was checked out at.
 """
 
 from __future__ import annotations
@@ -36,16 +42,26 @@ TEST_FILE = re.compile(
 class TreeGuard:
     """Remembers the patched tree; :meth:`changed` names tracked paths that differ since."""
 
-    def __init__(self, tree: Path) -> None:
+    def __init__(self, tree: Path, snapshot: str | None = None) -> None:
+        """``snapshot``: the commit the tree was checked out at, when nothing was applied to
+        it (its index is still that commit's tree); None: the index is written as a tree.
+        Only before any untrusted process has run in ``tree``."""
         self.tree = tree
-        self.snapshot = tree_git(tree, "write-tree").decode().strip()
+        # read before `write-tree`, which rewrites the private index's cache of trees
+        own = _tree_index(tree)
+        private = _read_regular(private_git_dir(tree) / "index")
+        #: the tree's own index as handed over, if it holds exactly what the snapshot holds
+        self._handed_over = own if own is not None and own == private else None
+        self.snapshot = snapshot or tree_git(tree, "write-tree").decode().strip()
         self._reported: set[str] = set()
 
     def changed(self) -> list[str]:
         """Tracked paths changed since the snapshot and not returned by an earlier call."""
         paths = set(self._names("diff", "--name-only", "-z", "--no-renames", self.snapshot))
-        index = self._copy_of_tree_index()
-        if index is not None:
+        own = _tree_index(self.tree)
+        if own is not None and own != self._handed_over:
+            index = private_git_dir(self.tree) / "tree-index"
+            index.write_bytes(own)
             try:
                 paths |= set(
                     self._names(
@@ -70,24 +86,35 @@ class TreeGuard:
         raw = tree_git(self.tree, *args, index_file=index_file)
         return [p for p in raw.decode("utf-8", errors="surrogateescape").split("\0") if p]
 
-    def _copy_of_tree_index(self) -> Path | None:
-        """A private copy of ``<tree>/.git/index`` if that is a plain file in a plain directory."""
+
+def _tree_index(tree: Path) -> bytes | None:
+    """``<tree>/.git/index`` if that is a plain file in a plain directory (else None)."""
+    try:
+        # neither `.git` nor `index` may be a symlink: a check could point them anywhere
+        gitdir = os.open(tree / ".git", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            # neither `.git` nor `index` may be a symlink: a check could point them anywhere
-            gitdir = os.open(self.tree / ".git", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                fd = os.open("index", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=gitdir)
-            finally:
-                os.close(gitdir)
-        except OSError:
+            fd = os.open("index", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=gitdir)
+        finally:
+            os.close(gitdir)
+    except OSError:
+        return None
+    return _read_fd(fd)
+
+
+def _read_regular(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    return _read_fd(fd)
+
+
+def _read_fd(fd: int) -> bytes | None:
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(src.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
             return None
-        copy = private_git_dir(self.tree) / "tree-index"
-        with os.fdopen(fd, "rb") as src:
-            st = os.fstat(src.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
-                return None
-            copy.write_bytes(src.read(MAX_INDEX_BYTES))
-        return copy
+        return src.read(MAX_INDEX_BYTES)
 
 
 def deleted_test_files(tree: Path) -> list[str]:

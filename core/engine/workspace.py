@@ -206,6 +206,18 @@ def _new_repository(gitdir: Path, commit: str, objects: Path, config: str) -> No
     (gitdir / "objects" / "info" / "alternates").write_text(f"{objects}\n", encoding="utf-8")
 
 
+def checkout_commit(tree: Path) -> str:
+    """The commit a checkout made by :func:`add_worktree` was made at (its private HEAD).
+
+    Read from the private repository, which no untrusted process could have written before
+    the first one runs in the tree; checked to be a full commit id all the same.
+    """
+    head = (private_git_dir(tree) / "HEAD").read_text(encoding="ascii").strip()
+    if not re.fullmatch(r"[0-9a-f]{40}", head):
+        raise InfrastructureError(f"{tree}: the private HEAD is not a commit id: {head!r}")
+    return head
+
+
 def object_dir(repo: Path) -> Path:
     """The object store of ``repo`` (a bare mirror, or any repository or worktree)."""
     if (repo / "objects").is_dir() and (repo / "HEAD").is_file():

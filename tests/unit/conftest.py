@@ -189,3 +189,44 @@ def make_sandbox(sandbox_tools: Any) -> Callable[..., Any]:
         return Bubblewrap(sandbox_tools, workdir=workdir, **kw)
 
     return make
+
+
+class GitCalls:
+    """The git processes started while the fixture is active, through a logging ``git`` on
+    ``PATH`` that runs the real one (the executor finds git on ``PATH``)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def commands(self) -> list[str]:
+        """Each process's git command (``diff``, ``read-tree``, ...), options before it skipped."""
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            args, i = line.split("\0")[:-1], 0
+            while i < len(args) and args[i].startswith("-"):
+                i += 2 if args[i] == "-c" else 1
+            out.append(args[i] if i < len(args) else "")
+        return out
+
+    def clear(self) -> None:
+        self.log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def git_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GitCalls:
+    import shutil
+
+    real = shutil.which("git")
+    assert real is not None
+    shim_dir = tmp_path / "git-shim"
+    shim_dir.mkdir()
+    log = tmp_path / "git-calls.log"
+    shim = shim_dir / "git"
+    shim.write_text(
+        f"#!/bin/sh\nprintf '%s\\0' \"$@\" >> '{log}'; echo >> '{log}'\nexec {real} \"$@\"\n"
+    )
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
+    return GitCalls(log)
