@@ -53,6 +53,7 @@ from core.engine.workspace import (
     add_worktree,
     apply_patch,
     capture_diff,
+    checkout_index,
     ensure_mirror,
     mirror_path,
     remove_worktree,
@@ -75,6 +76,8 @@ class _Handle:
     adir: Path
     log: TaskLog
     base_commit: str
+    #: the private index as the checkout left it (:func:`checkout_index`)
+    checkout_index: str | None = None
 
 
 class LocalBackend:
@@ -138,6 +141,7 @@ class LocalBackend:
             )
             return AdapterRun(outcome, handle)
         tree = handle.tree
+        handle.checkout_index = checkout_index(tree)
         if adapter.kind is not AdapterKind.PROCESS:
             # a process adapter's start writes its process group and checkout in one go
             # (recovery finds the checkout from the attempt number in any case)
@@ -170,7 +174,7 @@ class LocalBackend:
         else:
             proc = self._run_adapter(request, tree, adir, log, hooks)
         log.end_section()
-        diff = self._keep(request, tree, adir, log)
+        diff = self._keep(request, tree, adir, log, handle.checkout_index)
         outcome = AttemptOutcome(
             exit_code=proc.exit_code,
             signal=proc.signal,
@@ -207,10 +211,19 @@ class LocalBackend:
         self._verified.add((repo_url, commit))
         return mirror, tree
 
-    def _keep(self, request: AttemptRequest, tree: Path, adir: Path, log: TaskLog) -> CapturedDiff:
+    def _keep(
+        self,
+        request: AttemptRequest,
+        tree: Path,
+        adir: Path,
+        log: TaskLog,
+        checkout: str | None,
+    ) -> CapturedDiff:
         """Capture the diff (up to the hard limit) and put it in the evidence store."""
         spool = adir / "diff.patch"
-        diff = capture_diff(tree, request.task.base_commit, request.max_diff_bytes, spool)
+        diff = capture_diff(
+            tree, request.task.base_commit, request.max_diff_bytes, spool, checkout=checkout
+        )
         summary = diff.summary
         if diff.path is not None and not summary.empty:
             ref = self.evidence.put_file(diff.path, summary.sha256)
