@@ -9,6 +9,8 @@ Layout under the work dir (all disposable, rebuilt as needed)::
     .work/<run>/<task>/<attempt>/diff.patch     the captured diff, spooled (then in the store)
     .work/<run>/<task>/<attempt>/home           $HOME of the adapter (not the user's)
     .work/<run>/<task>/<attempt>/gate-<n>       fresh checkouts for the test gate (+ .git)
+    .work/trash/<id>                            released attempt dirs and gate checkouts,
+                                                deleted in the background (core.engine.janitor)
 
 Every adapter process and gate check runs in the backend's sandbox
 (:mod:`core.engine.sandbox`): there it can write only its tree and its HOME (or the check's
@@ -24,7 +26,6 @@ any other change.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from core.engine.backend import (
     LogCounts,
 )
 from core.engine.evidence import EvidenceStore, local_store
+from core.engine.janitor import Janitor
 from core.engine.process_group import ProcessResult
 from core.engine.sandbox import Sandbox
 from core.engine.task_log import TaskLog
@@ -56,7 +58,7 @@ from core.engine.workspace import (
     checkout_index,
     ensure_mirror,
     mirror_path,
-    remove_worktree,
+    private_git_dir,
 )
 from core.errors import InfrastructureError, MissingCommitError
 from core.identity import TaskKey
@@ -108,6 +110,8 @@ class LocalBackend:
         self.stop = stop
         self.clock = clock
         self._mirrors = self.workdir / WORK_DIR / "mirrors"
+        #: finished attempts' directories are deleted off the attempt's path
+        self.janitor = Janitor(self.workdir / WORK_DIR / "trash")
         #: (repository, commit) pairs found in their mirror by this process.
         self._verified: set[tuple[str, str]] = set()
 
@@ -283,10 +287,13 @@ class LocalBackend:
         handle: _Handle = run.handle
         handle.log.close()
         if not self.keep_worktrees:
-            if handle.tree is not None:
-                remove_worktree(handle.tree)
+            # the checkout and its private repository are in the attempt dir
             self._remove_attempt_dir(handle.adir)
         return LogCounts(handle.log.path, handle.log.written, handle.log.truncated)
+
+    def drain(self) -> None:
+        """Wait until the released attempts' directories are deleted."""
+        self.janitor.drain()
 
     def _run_adapter(
         self,
@@ -342,11 +349,13 @@ class LocalBackend:
             yield tree
         finally:
             if not self.keep_worktrees:
-                remove_worktree(tree)
+                self.janitor.discard(tree)
+                self.janitor.discard(private_git_dir(tree))
 
     def _remove_attempt_dir(self, adir: Path) -> None:
-        """Remove the attempt dir and the task/run dirs above it once they are empty."""
-        shutil.rmtree(adir, ignore_errors=True)
+        """Remove the attempt dir (moved to the trash at once, deleted in the background) and
+        the task/run dirs above it once they are empty."""
+        self.janitor.discard(adir)
         for parent in (adir.parent, adir.parent.parent):
             try:
                 parent.rmdir()
