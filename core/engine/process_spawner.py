@@ -272,6 +272,10 @@ class LocalBackend:
             clock=self.clock,
             sandbox=self.sandbox,
             network=request.adapter.sandbox.checks_network,
+            # removed with the attempt dir (in the background), not on the gate's path
+            scratch_dir=(
+                None if self.keep_worktrees else handle.adir / f"gate-scratch-{next(_gate_counter)}"
+            ),
         )
         log.note(
             "gate_finished",

@@ -27,8 +27,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
@@ -349,6 +349,16 @@ def run_checks(
     return [judge(run, None, policy) for run in runs]
 
 
+@contextmanager
+def _scratch(given: Path | None) -> Iterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+        yield Path(scratch)
+
+
 def run_gate(
     checks: Sequence[GateCheck],
     *,
@@ -361,16 +371,20 @@ def run_gate(
     clock: Callable[[], float] = time.monotonic,
     sandbox: Sandbox | None = None,
     network: bool = True,
+    scratch_dir: Path | None = None,
 ) -> GateResult:
     """Apply ``patch`` to a fresh checkout and run ``checks``; the outcome decides the task.
 
     ``sandbox``: every check runs in it, with the network when ``network``.
+    ``scratch_dir``: a new directory for the checks' HOME and report files, which the caller
+    removes (the embedded backend: with the attempt dir, off the attempt's path); default a
+    temporary directory removed before this returns.
     """
     policy = policy or GatePolicy()
     started = clock()
     base_runs: dict[str, CheckRun] = {}
     confine = _Confine(sandbox, network)
-    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+    with _scratch(scratch_dir) as scratch:
         if baseline and checks:
             base_sinks: SinkFactory = lambda name: sinks(f"baseline:{name}")  # noqa: E731
             base_runner = _CheckRunner(

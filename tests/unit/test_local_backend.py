@@ -5,6 +5,7 @@ process adapter's start written once -- with real git and the real sandbox.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,37 @@ def test_a_commit_gone_from_the_mirror_is_fetched_again(
     run_git(tmp_path, "init", "--quiet", "--bare", str(mirror))  # empty: the commit is gone
     assert attempt(backend, request(repo, attempt=2))
     assert run_git(mirror, "cat-file", "-t", repo.base).strip() == b"commit"
+
+
+def test_a_released_attempt_leaves_nothing_and_its_gate_scratch_was_in_the_attempt_dir(
+    git_repo: Any, tmp_path: Path, make_sandbox: Any, git_calls: Any
+) -> None:
+    """The gate's HOME and report files live in the attempt dir and go with it (deleted in
+    the background). git processes of an attempt that added a file: the adapter's
+    checkout, staging, the patch and its file list; the gate's checkout, the patch
+    applied, the deleted-tests diff, the tamper snapshot and one comparison after the
+    check (the first attempt also clones the mirror and looks the commit up)."""
+    repo = git_repo({"a.txt": "a\n"})
+    workdir = tmp_path / "work"
+    backend = LocalBackend(workdir, sandbox=make_sandbox(workdir))
+    check = GateCheck(
+        name="home", command=["/bin/sh", "-c", 'test -f added.txt && touch "$HOME/x"']
+    )
+    req = replace(request(repo), gate_checks=(check,))
+    git_calls.clear()
+    run = backend.run_adapter(req, Hooks())
+    adir = backend.attempt_dir(req.key, req.attempt)
+    gate = backend.run_gate(req, run)
+    assert gate.passed, gate
+    [scratch] = adir.glob("gate-scratch-*")
+    assert (scratch / "patched" / "home" / "x").is_file()
+    assert not list(adir.glob("gate-[0-9]*")), "the gate checkout is gone after the gate"
+    backend.release(run)
+    assert not adir.exists() and not (workdir / ".work" / "run1").exists()
+    backend.drain()
+    assert list((workdir / ".work" / "trash").iterdir()) == []
+    commands = [c for c in git_calls.commands() if c not in ("clone", "cat-file")]
+    assert commands == [
+        "read-tree", "add", "diff", "diff",
+        "read-tree", "apply", "diff", "write-tree", "diff",
+    ]  # fmt: skip
