@@ -12,10 +12,11 @@ attempt updates the same columns inside the attempt's own transaction
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.db.tables import Adapter
@@ -41,6 +42,19 @@ _LOAD = select(*(_ADAPTERS.c[c] for c in BREAKER_COLUMNS)).where(
 )
 
 
+_LOCK = _LOAD.with_for_update()
+_FEED = (
+    update(cast(Table, _ADAPTERS))
+    .where((_ADAPTERS.c.scope == bindparam("w_scope")) & (_ADAPTERS.c.id == bindparam("w_id")))
+    .values(
+        {
+            **{c: bindparam(f"new_{c}", type_=_ADAPTERS.c[c].type) for c in BREAKER_COLUMNS},
+            _ADAPTERS.c.updated_at: bindparam("now", type_=_ADAPTERS.c.updated_at.type),
+        }
+    )
+)
+
+
 def aware(value: Any) -> Any:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     if isinstance(value, datetime) and value.tzinfo is None:
@@ -50,6 +64,31 @@ def aware(value: Any) -> Any:
 
 def breaker_columns(row: Adapter) -> dict[str, Any]:
     return {c: aware(getattr(row, c)) for c in BREAKER_COLUMNS}
+
+
+def feed(
+    session: Session,
+    scope: str,
+    adapter_id: str,
+    update_columns: Callable[[dict[str, Any]], dict[str, Any] | None],
+    now: datetime,
+) -> None:
+    """Apply ``update_columns`` to an adapter's breaker inside ``session``'s transaction
+    (the row locked until it ends, the version bumped); nothing when there is no row or
+    nothing changes. Two built statements rather than an ORM load and flush of the whole row:
+    this runs with every finished attempt (issue 17)."""
+    params = {"scope": scope, "adapter_id": adapter_id}
+    row = session.execute(_LOCK, params).first()
+    if row is None:
+        return
+    loaded = {c: aware(v) for c, v in zip(BREAKER_COLUMNS, row, strict=True)}
+    columns = update_columns(loaded)
+    if columns is None:
+        return
+    version = loaded["breaker_version"]
+    values = {**loaded, **columns, "breaker_version": version + 1}
+    new = {f"new_{c}": values[c] for c in BREAKER_COLUMNS}
+    session.execute(_FEED, {"w_scope": scope, "w_id": adapter_id, "now": now, **new})
 
 
 class SqlBreakerRows:

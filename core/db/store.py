@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from core.db.breaker_rows import breaker_columns
+from core.db.breaker_rows import feed
 from core.db.insert import insert_ignore
 from core.db.tables import Adapter, ExecutionLog, PatchHistory, Task
 from core.errors import UnrecoverableError
@@ -561,17 +561,7 @@ class Store:
     def _feed_breaker(
         self, s: Session, scope: str, adapter_id: str, breaker: BreakerUpdate
     ) -> None:
-        row = s.get(Adapter, (scope, adapter_id), with_for_update=True)
-        if row is None:
-            return
-        columns = breaker(breaker_columns(row))
-        if columns is None:
-            return
-        version = row.breaker_version
-        for column, value in columns.items():
-            setattr(row, column, value)
-        row.breaker_version = version + 1
-        row.updated_at = self._now()
+        feed(s, scope, adapter_id, breaker, self._now())
 
     def set_health(
         self, adapter_id: str, healthy: bool, message: str, at: datetime, scope: str = ""

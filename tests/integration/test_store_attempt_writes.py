@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.db.breaker_rows import SqlBreakerRows
 from core.db.database import make_engine, upgrade
 from core.db.store import Store
-from core.db.tables import Task
+from core.db.tables import Adapter, Task
 from core.errors import IllegalTransitionError
 from core.identity import TaskKey
 from core.models import AdapterSpec, AttemptResult, TaskSpec, TaskState
@@ -87,3 +89,60 @@ def test_illegal_moves_are_refused(store: Store) -> None:
         store.set_validating(TaskKey("r", "nope"))
     with pytest.raises(KeyError):
         store.task(TaskKey("r", "nope"))
+
+
+def _finished(attempt: int) -> AttemptResult:
+    return AttemptResult(
+        attempt=attempt,
+        adapter_id="a",
+        state=TaskState.FAILED,
+        started_at=T0,
+        finished_at=T0 + timedelta(seconds=1),
+        duration_seconds=1.0,
+        final=False,
+    )
+
+
+def test_finishing_an_attempt_feeds_the_breaker_in_the_same_transaction(store: Store) -> None:
+    """The breaker columns as the update proposes them, the version bumped and the row's
+    updated_at set; an update that changes nothing writes nothing."""
+    rows = SqlBreakerRows(store.engine)
+    before = rows.load("a")
+    assert before is not None and before["breaker_version"] == 0
+    seen: list[dict[str, Any] | None] = []
+
+    def trip(columns: dict[str, Any] | None) -> dict[str, Any] | None:
+        seen.append(columns)
+        assert columns is not None
+        return {
+            **columns,
+            "breaker_state": "OPEN",
+            "breaker_failures": 3,
+            "breaker_opened_at": T0,
+            "breaker_tripped_at": T0 - timedelta(minutes=1),
+            "breaker_updated_at": T0,
+            "breaker_window": "FFF",
+        }
+
+    store.begin_attempt(KEY, 1, "a", started_at=T0)
+    store.finish_attempt(KEY, _finished(1), final_state=None, entry=None, breaker=trip)
+    assert seen == [before]
+    after = rows.load("a")
+    assert after == {
+        **before,
+        "breaker_state": "OPEN",
+        "breaker_failures": 3,
+        "breaker_opened_at": T0,
+        "breaker_tripped_at": T0 - timedelta(minutes=1),
+        "breaker_updated_at": T0,
+        "breaker_window": "FFF",
+        "breaker_version": 1,
+    }
+    with Session(store.engine) as s:
+        adapter = s.get(Adapter, ("", "a"))
+        assert adapter is not None and adapter.updated_at.replace(tzinfo=UTC) == T0
+
+    # nothing proposed: the row (and its version) stay as they are
+    store.begin_attempt(KEY, 2, "a", started_at=T0)
+    store.finish_attempt(KEY, _finished(2), final_state=None, entry=None, breaker=lambda c: None)
+    assert rows.load("a") == after
