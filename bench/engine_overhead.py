@@ -547,8 +547,8 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("core/engine/workspace.py", "git", "git subprocesses (all)"),
     ("core/engine/workspace.py", "ensure_mirror", "  ensure_mirror (first attempt per commit)"),
     ("core/engine/workspace.py", "add_worktree", "  checkout (tree + private repository)"),
-    ("core/engine/workspace.py", "remove_worktree", "  checkout removed"),
-    ("core/engine/workspace.py", "capture_diff", "  capture_diff (git add + git diff [+ stat])"),
+    ("core/engine/janitor.py", "discard", "  attempt dir + gate checkout to the trash (renames)"),
+    ("core/engine/workspace.py", "capture_diff", "  capture_diff (git add [+ diff + file list])"),
     ("core/engine/tree_guard.py", "changed", "  tamper guard after each check"),
     ("core/engine/process_group.py", "run_process_group", "adapter + gate commands"),
     ("core/engine/test_gate.py", "run_gate", "test gate (checkout + checks)"),
@@ -806,6 +806,8 @@ TIMED: list[tuple[str, str, str, tuple[str, ...]]] = [
         "LocalBackend._remove_attempt_dir",
         (),
     ),
+    # the renames into the trash on the attempt's path (the deletion is a thread's)
+    ("attempt dir housekeeping", "core.engine.janitor", "Janitor.discard", ()),
 ]
 
 
@@ -856,12 +858,14 @@ def timed_entry_points() -> Iterator[dict[str, list[float]]]:
             setattr(target, name, original)
 
 
-def instrumented(db: str, n: int, scratch: Path, server_url: str | None) -> dict[str, Any]:
+def instrumented(
+    db: str, n: int, scratch: Path, server_url: str | None, *, sandbox: bool = True
+) -> dict[str, Any]:
     """One engine run with timers on its entry points: where the wall time goes, unprofiled."""
     root = scratch / f"timed-{db}-{n}-{uuid.uuid4().hex[:6]}"
     workdir, _ = make_workdir(root / "workdir", n)
     with database(db, workdir, server_url) as url, timed_entry_points() as totals:
-        result = engine_round(workdir, url, n)
+        result = engine_round(workdir, url, n, sandbox=sandbox)
     shutil.rmtree(root, ignore_errors=True)
     wall = result["wall_s"]
     groups: dict[str, float] = {}
@@ -936,7 +940,14 @@ def profile_summary(report: dict[str, Any]) -> list[str]:
 
 
 def profile(
-    db: str, n: int, scratch: Path, server_url: str | None, which: str, top: int
+    db: str,
+    n: int,
+    scratch: Path,
+    server_url: str | None,
+    which: str,
+    top: int,
+    *,
+    sandbox: bool = True,
 ) -> dict[str, Any]:
     root = scratch / f"profile-{db}-{which}-{n}-{uuid.uuid4().hex[:6]}"
     workdir, _ = make_workdir(root / "workdir", n)
@@ -960,7 +971,7 @@ def profile(
             holder["prof"] = cprof
 
     with database(db, workdir, server_url) as url:
-        result = engine_round(workdir, url, n, wrap)
+        result = engine_round(workdir, url, n, wrap, sandbox=sandbox)
     shutil.rmtree(root, ignore_errors=True)
     if which == "pyinstrument":
         report = pyinstrument_report(holder["prof"], n, result["wall_s"], top)
@@ -1153,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 pn = args.profile_tasks or max(args.tasks)
                 print(f"[{db}] timing entry points, {pn} tasks ...", file=sys.stderr)
-                timed = instrumented(db, pn, scratch, server_url)
+                timed = instrumented(db, pn, scratch, server_url, sandbox=args.sandbox)
                 report["breakdown"] = timed
                 for row in timed["groups"]:
                     print(
@@ -1163,7 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = ["cprofile", "pyinstrument"] if args.profiler == "both" else [args.profiler]
                 for kind in kinds:
                     print(f"[{db}] profiling {pn} tasks ({kind}) ...", file=sys.stderr)
-                    prof = profile(db, pn, scratch, server_url, kind, args.top)
+                    prof = profile(
+                        db, pn, scratch, server_url, kind, args.top, sandbox=args.sandbox
+                    )
                     if "text" in prof:  # the pyinstrument call tree: beside the JSON
                         tree = out.with_name(out.stem + ".pyinstrument.txt")
                         tree.parent.mkdir(parents=True, exist_ok=True)
