@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from core.kube.api import ApiCall
 from core.kube.leader import ElectionConfig, LeaderElector
 from core.testing.clock import FakeClock
 from core.testing.fake_kube import FakeKubeApi
@@ -112,9 +113,60 @@ async def test_a_leader_that_cannot_renew_stops_before_anyone_may_take_over() ->
     a.start()
     await clock.run_for(4, 0.5)
     assert a.elector.leading
-    api.fail("get", "leases", times=None, status=503)  # the API server is unreachable
+    api.fail(None, "leases", times=None, status=503)  # the API server is unreachable
     await clock.run_for(CONFIG.renew_deadline + CONFIG.retry_period, 0.5)
     assert a.events == ["started", "stopped"] and not a.elector.leading
+
+
+@run
+async def test_a_leader_renews_with_one_write_per_round_and_no_read() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+    a.start()
+    await clock.run_for(1, 0.5)
+    calls: list[ApiCall] = []
+    api.add_observer(calls.append)
+    await clock.run_for(10 * CONFIG.retry_period, 0.5)
+    lease_calls = [(c.verb, c.status) for c in calls if c.resource == "leases"]
+    assert lease_calls == [("update", 200)] * 10
+    lease = await api.get_lease(NS, "op-lease")
+    assert lease is not None and lease["spec"]["holderIdentity"] == "a"
+    assert lease["spec"]["leaseTransitions"] == 0
+
+
+@run
+async def test_a_renewal_that_meets_a_conflict_reads_the_lease_and_decides_again() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+    a.start()
+    await clock.run_for(1, 0.5)
+    lease = await api.get_lease(NS, "op-lease")
+    assert lease is not None
+    lease["metadata"]["labels"] = {"edited-by": "someone-else"}  # a write a cannot know of
+    await api.replace_lease(NS, lease)
+    calls: list[ApiCall] = []
+    api.add_observer(calls.append)
+    await clock.run_for(CONFIG.retry_period, 0.5)
+    lease_calls = [(c.verb, c.status) for c in calls if c.resource == "leases"]
+    assert lease_calls == [("update", 409), ("get", 200), ("update", 200)]
+    assert a.elector.leading and a.events == ["started"]
+    lease = await api.get_lease(NS, "op-lease")
+    assert lease is not None and lease["metadata"]["labels"] == {"edited-by": "someone-else"}
+
+
+@run
+async def test_a_leader_whose_lease_was_taken_meanwhile_stops_leading() -> None:
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+    a.start()
+    await clock.run_for(1, 0.5)
+    lease = await api.get_lease(NS, "op-lease")
+    assert lease is not None
+    lease["spec"]["holderIdentity"] = "intruder"  # e.g. an operator of another version
+    await api.replace_lease(NS, lease)
+    await clock.run_for(CONFIG.renew_deadline + CONFIG.retry_period, 0.5)
+    assert a.events == ["started", "stopped"] and not a.elector.leading
+    assert await holder(api) == "intruder"
 
 
 @run
