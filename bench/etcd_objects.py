@@ -106,6 +106,12 @@ def main() -> int:
     parser.add_argument("--job-ttl", type=int, default=30)
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--delete-finished", action="store_true")
+    parser.add_argument(
+        "--cpu",
+        default="500m",
+        help="the adapter's CPU request and limit; on a 2-core node 500m lets 3 pods run at "
+        "once, and a patch adapter's pod needs far less",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench/results/etcd-objects.json"))
     args = parser.parse_args()
 
@@ -144,7 +150,15 @@ def main() -> int:
         ns,
         "-f",
         "-",
-        input=json.dumps(adapter("patch", "patch", gate=[], retry={"maxAttempts": 1})),
+        input=json.dumps(
+            adapter(
+                "patch",
+                "patch",
+                gate=[],
+                retry={"maxAttempts": 1},
+                resources={"cpu": args.cpu, "memory": "256Mi"},
+            )
+        ),
     )
     patch = demo_patch("add-multiply")
     workdir = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
@@ -219,6 +233,10 @@ def main() -> int:
         "concurrency": args.concurrency,
         "job_ttl_seconds": args.job_ttl,
         "delete_finished": args.delete_finished,
+        "adapter_cpu": args.cpu,
+        "code": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "wall_seconds": round(time.monotonic() - started, 1),
         "outcomes": outcomes,
         "max_during_run": {

@@ -494,7 +494,9 @@ class Session:
         profile: bool = False,
         tracemalloc: bool = False,
         env: dict[str, str] | None = None,
+        adapter_cpu: str = "500m",
     ) -> None:
+        self.adapter_cpu = adapter_cpu
         self.profile = profile
         self.tracemalloc = tracemalloc
         self.extra_env = env or {}
@@ -539,7 +541,13 @@ class Session:
             apply(
                 c.kubectl,
                 self.ns,
-                adapter("patch", "patch", retry={"maxAttempts": 1}, gate=NOOP_GATE),
+                adapter(
+                    "patch",
+                    "patch",
+                    retry={"maxAttempts": 1},
+                    gate=NOOP_GATE,
+                    resources={"cpu": self.adapter_cpu, "memory": "256Mi"},
+                ),
             )
         self.patch = demo_patch("add-multiply")
         self.jobs.start()
@@ -1425,6 +1433,7 @@ def bench_memory(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         adapter=soak_tasks,
         resync=args.resync,
         tracemalloc=args.tracemalloc,
+        adapter_cpu=args.adapter_cpu,
     ) as s:
         time.sleep(3.0)
         heaps: dict[str, Any] = {"base": s.heap("base")}
@@ -1654,6 +1663,11 @@ def parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--tracemalloc", action="store_true", help="memory: heap snapshots")
         sp.add_argument("--soak-step", type=float, default=10.0)
+        sp.add_argument(
+            "--adapter-cpu",
+            default="500m",
+            help="memory: the soak tasks' CPU request and limit (a patch needs far less than 500m)",
+        )
         sp.add_argument("--restart-wait", type=float, default=0.0, help="memory: RSS after restart")
         sp.add_argument(
             "--db", choices=["sqlite", "postgres"], default="postgres" if name == "db" else "sqlite"

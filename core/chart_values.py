@@ -131,6 +131,16 @@ class Operator(_Values):
         default=30, gt=0, description="Every unfinished TaskExecution is looked at this often."
     )
     workers: int = Field(default=4, ge=1, le=64, description="TaskExecutions reconciled at once.")
+    shards: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Horizontal shards (ORCHESTRATOR_SHARDS): 0, one Lease and one active "
+        "replica; S > 0, the TaskExecutions cut into S shards, each its own Lease "
+        "'<leaseName>-shard-<i>', spread over the replicas (member Leases "
+        "'<leaseName>-member-<k>', k < S; replicas beyond S stand by). Needs "
+        "leaderElection.enabled; two or more replicas need what replicaCount >= 2 needs.",
+    )
     max_diff_bytes: int = Field(
         default=100 * 1024 * 1024,
         gt=0,

@@ -15,8 +15,10 @@ the Jobs and their pods, Events ...); ``lease`` permissions into a Role in the o
 namespace, for leader election (:mod:`core.kube.leader`); ``evidence`` into a Role there too,
 when the operator serves the evidence store itself (``evidence.backend=local`` without a
 configured URL): it reads its own Service's ClusterIP (``resourceNames``: the Service), the
-address runner pods upload to. ``get`` and ``update`` of the Lease are limited to its name;
-``create`` cannot be (RBAC sees no name on a create), so it stays a rule of its own.
+address runner pods upload to. ``get`` and ``update`` of the Lease are limited to its name
+(sharded, :mod:`core.kube.shards`: also the shard and member Leases, whose names are numbered,
+so the chart lists them all); ``create`` cannot be (RBAC sees no name on a create), so it stays
+a rule of its own.
 Nothing is cluster-wide: kopf runs with its cluster scanning off (operator/handlers.py), and
 its discovery reads (``/api``, ``/apis``) are open to every authenticated client (the default
 ``system:discovery`` ClusterRole).
@@ -136,14 +138,16 @@ PERMISSIONS: tuple[Permission, ...] = (
         "leases",
         ("get", "update"),
         "lease",
-        "leader election: read and renew the operator's Lease (resourceNames: its name)",
+        "leader election: read and renew the operator's Lease, and with shards its shard "
+        "and member Leases (resourceNames: their names)",
     ),
     Permission(
         "coordination.k8s.io",
         "leases",
         ("create",),
         "lease",
-        "leader election: create the Lease the first time (RBAC cannot limit a create by name)",
+        "leader election: create the Lease(s) the first time (RBAC cannot limit a create by "
+        "name)",
     ),
 )
 

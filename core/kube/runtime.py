@@ -323,21 +323,27 @@ async def build_controller(settings: OperatorSettings, evidence: Evidence) -> Co
     )
 
 
+def election_config(settings: OperatorSettings) -> ElectionConfig | None:
+    """The Lease of leader election (None: off); with shards, also the base name of the shard
+    and member Leases (core/kube/shards.py). The chart's Role is held to what this gives."""
+    if not settings.leader_election:
+        return None
+    namespace = (
+        settings.lease_namespace
+        or os.environ.get("POD_NAMESPACE")
+        or next(iter(settings.namespaces), "default")
+    )
+    return ElectionConfig(
+        namespace=namespace,
+        name=settings.lease_name,
+        lease_duration=settings.lease_duration_seconds,
+        renew_deadline=settings.renew_deadline_seconds,
+        retry_period=settings.retry_period_seconds,
+    )
+
+
 def build_control_loop(settings: OperatorSettings, controller: Controller) -> ControlLoop:
-    election = None
-    if settings.leader_election:
-        namespace = (
-            settings.lease_namespace
-            or os.environ.get("POD_NAMESPACE")
-            or next(iter(settings.namespaces), "default")
-        )
-        election = ElectionConfig(
-            namespace=namespace,
-            name=settings.lease_name,
-            lease_duration=settings.lease_duration_seconds,
-            renew_deadline=settings.renew_deadline_seconds,
-            retry_period=settings.retry_period_seconds,
-        )
+    election = election_config(settings)
     if settings.shards and election is None:
         raise ConfigError("ORCHESTRATOR_SHARDS needs ORCHESTRATOR_LEADER_ELECTION=true")
     identity = settings.identity or (f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")

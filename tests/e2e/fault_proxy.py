@@ -236,9 +236,7 @@ class FaultProxy:
 
     def _record(self, call: Call, status: int | None) -> None:
         with self._lock:
-            self.calls.append(
-                Call(call.verb, call.resource, call.namespace, call.name, status)
-            )
+            self.calls.append(Call(call.verb, call.resource, call.namespace, call.name, status))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         call = classify(request.method, request.path, dict(request.query))
@@ -273,6 +271,17 @@ class FaultProxy:
             await upstream.read()
 
     async def _forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+        try:
+            return await self._relay(request, call)
+        except aiohttp.ClientConnectorError:
+            # the API server is down (a chaos restart): the client sees what it would see
+            # without the proxy, a connection that fails, not a 500 the proxy made up
+            self._record(call, None)
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError from None
+
+    async def _relay(self, request: web.Request, call: Call) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         body = await request.read()
@@ -310,5 +319,3 @@ def _status(code: int, call: Call) -> dict[str, Any]:
         "reason": reasons.get(code, "InternalError"),
         "message": f"injected by the fault proxy: {call.verb} {call.resource}",
     }
-
-

@@ -13,6 +13,12 @@ API server, the database and the ledger saw:
   on its way out), and a second task completes exactly once under the new leader; the
   ledger the two leaders wrote is one valid chain.
 
+With ``operator.shards=4`` (horizontal shards, core/kube/shards.py), two replicas split the
+four shard Leases 2/2 and each holds a member Lease (so no 403 on any of them: the chart's Role
+names them all); tasks complete exactly once while the holders stay put; a deleted pod's
+shards pass to the live replicas (its replacement joins and takes its share), and a task after
+that completes exactly once; the ledger both replicas wrote at once is one valid chain.
+
 PostgreSQL: pods cannot reach the test machine's loopback, so the ``cluster_postgres_url``
 fixture runs a throwaway server on the node address (hack/postgres/for-cluster; traffic
 stays on the machine), with a fresh database for this test.
@@ -24,6 +30,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from core.db.database import make_engine
 from core.db.tables import ExecutionLog, PatchHistory, Task
+from core.kube.shards import member_lease, shard_lease
 from core.models import LedgerEntry
 from tests.e2e.operator_harness import ROOT, get_json, wait_for
 from tests.e2e.test_chart_e2e import (
@@ -222,6 +230,128 @@ def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
                     (name, 1),
                     (f"{name}-2", 1),
                 ]
+                verify = subprocess.run(
+                    [sys.executable, "-m", "core.cli", "ledger", "verify",
+                     "--workdir", str(path), "--database-url", ha_database],
+                    capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+                )  # fmt: skip
+                assert verify.returncode == 0, verify.stdout + verify.stderr
+        finally:
+            if installed:
+                _helm(kube_cluster.kubeconfig, "uninstall", release, "-n", ns, "--wait",
+                      "--timeout", "3m")  # fmt: skip
+
+
+SHARDS = 4
+
+
+def test_sharded_replicas_split_the_shards_and_each_task_completes_once(
+    kube_cluster, kubectl, kube_namespace, project_image, image_pull_policy, ha_database
+) -> None:
+    ns = kube_namespace
+    release = f"sh-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-orchestrator"
+    _restricted(kubectl, ns)
+    kubectl("create", "secret", "generic", "orch-db", "-n", ns, f"--from-literal=url={ha_database}")
+    repository, tag = project_image.rsplit(":", 1)
+
+    def debug() -> str:
+        out = kubectl("get", "pods,jobs,leases,events", "-n", ns, check=False).stdout
+        for pod in operator_pods(kubectl, ns, release):
+            log = kubectl("logs", "-n", ns, pod, "--tail=60", check=False).stdout
+            out += f"\n--- {pod}\n{log}"
+        return out
+
+    def holders() -> list[str | None]:
+        return [lease_of(kubectl, ns, shard_lease(fullname, i)).get("holderIdentity")
+                for i in range(SHARDS)]  # fmt: skip
+
+    def split_between(pods: set[str]) -> list[str | None] | None:
+        """The shard holders once the live pods hold two shards each, else None."""
+        now = holders()
+        return now if set(now) == pods and sorted(Counter(now).values()) == [2, 2] else None
+
+    def no_refusals() -> None:
+        for pod in operator_pods(kubectl, ns, release):
+            log = kubectl("logs", "-n", ns, pod, check=False).stdout
+            assert not FORBIDDEN.search(log), (pod, log[-3000:])
+
+    def completes_once(name: str) -> str:
+        status = wait_finished(kubectl, ns, name, debug)
+        assert status["state"] == "COMPLETED" and status["attempt"] == 1, status
+        uid: str = get_json(kubectl, "tex", name, "-n", ns)["metadata"]["uid"]
+        assert task_jobs(kubectl, ns, name) == ["adapter", "gate"]
+        assert task_events(kubectl, ns, name) == ["TASK_COMPLETED", "TASK_STARTED"]
+        assert db_rows(ha_database, uid) == (["COMPLETED"], ["TASK_STARTED", "TASK_COMPLETED"], [1])
+        return uid
+
+    with host_volume(kube_cluster, kubectl, f"orch-e2e-{ns}", "ReadWriteMany") as (volume, path):
+        values = {
+            "image": {"repository": repository, "tag": tag, "pullPolicy": image_pull_policy},
+            "replicaCount": 2,
+            "operator": {"shards": SHARDS},
+            "database": {"type": "postgresql", "postgresql": {"urlSecret": {"name": "orch-db"}}},
+            "persistence": volume,
+            "networkPolicy": {"extraEgress": [EXAMPLE_GIT_EGRESS]},
+        }
+        installed = False
+        try:
+            out = _helm(
+                kube_cluster.kubeconfig, "install", release, str(CHART), "-n", ns,
+                "--wait", "--timeout", "5m", values=values,
+            )  # fmt: skip
+            assert out.returncode == 0, f"{out.stderr}\n{debug()}"
+            installed = True
+            assert f"share {SHARDS} shards" in out.stdout  # NOTES.txt
+
+            # --- the two replicas split the shards 2/2; each holds a member slot
+            pods = wait_for(
+                lambda: (p := operator_pods(kubectl, ns, release)) and len(p) == 2
+                and all(ready(x) for x in p.values()) and p,
+                180, "two Ready operator pods", debug,
+            )  # fmt: skip
+            split = wait_for(lambda: split_between(set(pods)), 120, "the shards to split 2/2", debug)
+            members = {lease_of(kubectl, ns, member_lease(fullname, k)).get("holderIdentity")
+                       for k in range(SHARDS)} - {None, ""}  # fmt: skip
+            assert members == set(pods)
+            transitions = [lease_of(kubectl, ns, shard_lease(fullname, i)).get("leaseTransitions")
+                           for i in range(SHARDS)]  # fmt: skip
+
+            # --- tasks complete exactly once; no shard changed hands meanwhile
+            te = apply_example(kubectl, ns, project_image, image_pull_policy)
+            name = te["metadata"]["name"]
+            names = [name] + [f"{name}-{n}" for n in range(2, 5)]
+            for other in names[1:]:
+                apply_example(kubectl, ns, project_image, image_pull_policy, name=other)
+            uids = [completes_once(n) for n in names]
+            assert holders() == split
+            assert [lease_of(kubectl, ns, shard_lease(fullname, i)).get("leaseTransitions")
+                    for i in range(SHARDS)] == transitions  # fmt: skip
+            no_refusals()
+
+            # --- one replica goes (a graceful delete): its replacement joins, the shards split
+            # again between the live pods, and the gone pod holds none
+            gone = sorted(pods)[0]
+            kubectl("delete", "pod", gone, "-n", ns, "--wait=false")
+            now = wait_for(
+                lambda: (p := operator_pods(kubectl, ns, release)) and len(p) == 2
+                and gone not in p and all(ready(x) for x in p.values()) and p,
+                180, "a Ready replacement pod", debug,
+            )  # fmt: skip
+            wait_for(lambda: split_between(set(now)), 120, "the shards to split again", debug)
+            last = f"{name}-5"
+            apply_example(kubectl, ns, project_image, image_pull_policy, name=last)
+            completes_once(last)
+            assert [db_rows(ha_database, uid)[2] for uid in uids] == [[1]] * len(uids)  # none redone
+            no_refusals()
+
+            # --- one ledger, appended to by both replicas at once, one valid chain
+            if path is not None:
+                lines = (path / ".state/patch_ledger.jsonl").read_text().splitlines()
+                entries = [LedgerEntry.model_validate_json(x) for x in lines]
+                assert sorted((e.task_id, e.attempt) for e in entries) == sorted(
+                    (n, 1) for n in [*names, last]
+                )
                 verify = subprocess.run(
                     [sys.executable, "-m", "core.cli", "ledger", "verify",
                      "--workdir", str(path), "--database-url", ha_database],

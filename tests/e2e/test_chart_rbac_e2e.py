@@ -8,7 +8,8 @@ NetworkPolicies are applied as `helm install` would. The API server's authorizer
 in the table, in every namespace and cluster-wide, and real requests are made as the
 ServiceAccount (impersonation): 403 where the operator has no business, accepted where it
 has. The Lease of leader election: get/update of its one name and create, only in the
-release namespace; the local evidence store: get of the operator's own Service, only there.
+release namespace (with operator.shards=S: of its S shard and S member Leases too, by name);
+the local evidence store: get of the operator's own Service, only there.
 """
 
 from __future__ import annotations
@@ -269,5 +270,90 @@ def test_requests_as_the_operator_are_refused_where_it_has_no_business(kube_api,
         for ns in (served["a"], served["b"]):
             names = [p.metadata.name for p in admin.list_namespaced_network_policy(ns).items]
             assert any(n.endswith("-runner") for n in names), (ns, names)
+    finally:
+        api.close()
+
+
+SHARDS = 3
+
+
+@pytest.fixture
+def sharded(kubectl, kube_namespace) -> Iterator[dict[str, Any]]:
+    """The chart with operator.shards=3, its ServiceAccount, Roles and RoleBindings applied in
+    the release namespace (= kube_namespace, also the one served)."""
+    release = f"shards{uuid.uuid4().hex[:6]}"
+    out = helm("template", release, str(CHART), "--namespace", kube_namespace,
+               values={"operator": {"shards": SHARDS}})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    objs = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] in KINDS]
+    assert not [o for o in objs if o["kind"].startswith("Cluster")]
+    body = json.dumps({"apiVersion": "v1", "kind": "List", "items": objs})
+    kubectl("apply", "-f", "-", input=body)
+    sa = next(o for o in objs if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    try:
+        yield {
+            "release_ns": kube_namespace,
+            "lease": f"{release}-orchestrator",
+            "user": f"system:serviceaccount:{kube_namespace}:{sa}",
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{kube_namespace}",
+                "system:authenticated",
+            ],
+        }
+    finally:
+        kubectl("delete", "-f", "-", "--wait=false", input=body, check=False)
+
+
+def test_a_sharded_operator_may_use_exactly_its_leases(kube_api, sharded) -> None:
+    """operator.shards=S: get/update of the Lease, its S shard and S member Leases (the names
+    core/kube/shards.py gives them), of no other Lease (not shard S, not member S); create of
+    any (RBAC cannot limit a create by name); nothing else of Leases. Asked of the authorizer,
+    then as real requests impersonating the ServiceAccount."""
+    from kubernetes import client
+
+    from core.kube.shards import member_lease, shard_lease
+
+    home, lease = sharded["release_ns"], sharded["lease"]
+    ours = [lease, *(shard_lease(lease, i) for i in range(SHARDS)),
+            *(member_lease(lease, k) for k in range(SHARDS))]  # fmt: skip
+    others = [shard_lease(lease, SHARDS), member_lease(lease, SHARDS), f"{lease}-shard",
+              "someone-elses-lease"]  # fmt: skip
+    leases = ("coordination.k8s.io", "leases")
+    wrong: list[str] = []
+    for verb in VERBS:
+        for name in ours + others + [None]:
+            allowed = verb == "create" or (verb in ("get", "update") and name in ours)
+            if _allowed(kube_api, sharded, verb, *leases, home, name) != allowed:
+                wrong.append(f"{'refused' if allowed else 'allowed'}: {verb} lease {name}")
+    assert wrong == []
+
+    api = client.ApiClient(kube_api.configuration)
+    api.set_default_header("Impersonate-User", sharded["user"])
+    try:
+        coord = client.CoordinationV1Api(api)
+        for name in (shard_lease(lease, 0), member_lease(lease, SHARDS - 1)):
+            coord.create_namespaced_lease(
+                home, {"metadata": {"name": name}, "spec": {"holderIdentity": "e2e"}}
+            )
+            got = coord.read_namespaced_lease(name, home)
+            got.spec.holder_identity = "e2e-renewed"
+            assert coord.replace_namespaced_lease(name, home, got).spec.holder_identity == (
+                "e2e-renewed"
+            )
+        beyond = shard_lease(lease, SHARDS)
+        coord.create_namespaced_lease(
+            home, {"metadata": {"name": beyond}, "spec": {"holderIdentity": "e2e"}}
+        )  # allowed: a create carries no name RBAC can check ...
+        for what, call in {
+            "read shard S": lambda: coord.read_namespaced_lease(beyond, home),  # ... the rest does
+            "list leases": lambda: coord.list_namespaced_lease(home),
+            "delete a shard lease": lambda: coord.delete_namespaced_lease(
+                shard_lease(lease, 0), home
+            ),
+        }.items():
+            with pytest.raises(client.ApiException) as err:
+                call()
+            assert err.value.status == 403, (what, err.value.status)
     finally:
         api.close()

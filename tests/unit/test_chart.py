@@ -6,6 +6,7 @@ install are in tests/e2e/test_chart_e2e.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -20,6 +21,7 @@ import yaml
 
 from core.chart_values import ChartValues, values_schema_text
 from core.kube.permissions import grants
+from core.kube.shards import member_lease, shard_lease
 from core.resources import AdapterResourceSpec, TaskExecutionSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +66,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "operator": {"workers": 8, "resyncSeconds": 60},
     },
     "no-leader-election": {"leaderElection": {"enabled": False}},
+    # Horizontal shards: 3 replicas share 4 shards (one standby member slot stays free).
+    "shards": {**PG, **RWX, "replicaCount": 3, "operator": {"shards": 4}},
+    # One replica holds every shard (SQLite is fine: nothing is shared); a Lease name of its own.
+    "shards-one-replica": {"operator": {"shards": 2}, "leaderElection": {"leaseName": "my-lease"}},
     "no-persistence": {"persistence": {"enabled": False}},
     "existing-claim": {"persistence": {"existingClaim": "my-claim"}},
     "storage-class": {"persistence": {"storageClass": "fast", "size": "5Gi"}},
@@ -352,19 +358,30 @@ def test_rbac_grants_exactly_the_operators_calls_and_nothing_cluster_wide(option
         assert election == []
         return
     # The Lease: only in the release namespace; get/update of its name, create (unnamed).
+    # Sharded (operator.shards=S): get/update also of the S shard and S member Leases, by name.
     (role,) = election
     assert role["metadata"]["namespace"] == "orchestrator"
     lease = values.get("leaderElection", {}).get("leaseName") or "orch-orchestrator"
+    shards = values.get("operator", {}).get("shards", 0)
+    names = (
+        lease,
+        *(shard_lease(lease, i) for i in range(shards)),
+        *(member_lease(lease, k) for k in range(shards)),
+    )
     rules = _rules(role)
     assert {(g, r, v) for g, r, v, _ in rules} == grants("lease")
     assert rules == {
-        ("coordination.k8s.io", "leases", "get", (lease,)),
-        ("coordination.k8s.io", "leases", "update", (lease,)),
+        ("coordination.k8s.io", "leases", "get", names),
+        ("coordination.k8s.io", "leases", "update", names),
         ("coordination.k8s.io", "leases", "create", ()),
     }
     assert bindings["orchestrator/orch-orchestrator-leader-election"]["subjects"] == [sa]
     env = {e["name"]: e for e in _operator(objs)["env"]}
     assert env["ORCHESTRATOR_LEASE_NAME"]["value"] == lease
+    if shards:
+        assert env["ORCHESTRATOR_SHARDS"]["value"] == str(shards)
+    else:
+        assert "ORCHESTRATOR_SHARDS" not in env  # the single Lease, as before shards
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert "ORCHESTRATOR_LEASE_NAMESPACE" not in env  # the pod's own: where the Role is
 
@@ -576,6 +593,131 @@ def test_postgresql_migrates_in_a_hook_and_ha_uses_a_lease() -> None:
     assert not {"ORCHESTRATOR_LEASE_NAME", "ORCHESTRATOR_IDENTITY"} & set(env)
 
 
+def test_shards_reach_the_operator_and_are_off_by_default() -> None:
+    """operator.shards=0 (the default) renders exactly what the chart rendered before shards
+    (no ORCHESTRATOR_SHARDS, the one Lease name); S > 0 passes S to every replica."""
+    default = helm("template", "orch", str(CHART), "--namespace", "orchestrator")
+    assert default.returncode == 0, default.stderr
+    zero = helm("template", "orch", str(CHART), "--namespace", "orchestrator",
+                values={"operator": {"shards": 0}})  # fmt: skip
+    assert zero.stdout == default.stdout
+    assert "shard" not in default.stdout.lower() and "member" not in default.stdout.lower()
+    objs = render(OPTIONS["shards"])
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"  # one replica at a time
+    env = {e["name"]: e.get("value") for e in _operator(objs)["env"]}
+    assert env["ORCHESTRATOR_SHARDS"] == "4" and env["ORCHESTRATOR_LEADER_ELECTION"] == "true"
+    # the chart accepts what the operator accepts, no more
+    from core.kube.runtime import OperatorSettings
+
+    chart = ChartValues.model_json_schema(by_alias=True)["$defs"]["Operator"]["properties"]
+    operator = OperatorSettings.model_json_schema()["properties"]["shards"]
+    assert (chart["shards"]["minimum"], chart["shards"]["maximum"]) == (
+        operator["minimum"],
+        operator["maximum"],
+    )
+
+
+async def _lease_calls(
+    option: str, replicas: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], list[Any], list[int | None], list[bool]]:
+    """Run the operator's control loop (leader election, shards) as the chart configures it:
+    the Deployment's env -> OperatorSettings -> the Lease settings -> ``replicas`` replicas on
+    one fake API server, 60 s of fake time. Returns the Lease Role, every Lease call, and
+    then the shards each replica held and whether it held the one Lease."""
+    from core.kube.api import ApiCall
+    from core.kube.control_loop import ControlLoop
+    from core.kube.runtime import OperatorSettings, election_config
+    from core.testing.clock import FakeClock
+    from core.testing.fake_kube import FakeApiServer, FakeKubeApi
+    from tests.unit.test_shards import Completing, Ledger
+
+    class Idle(Completing):
+        """test_shards' controller seam; the unsharded loop's sweep passes no shard filter."""
+
+        async def sweep(  # type: ignore[override]
+            self, namespaces: tuple[str, ...], owns: Any = None
+        ) -> int:
+            return 0
+
+    objs = render(OPTIONS[option])
+    roles = [o for o in objs if o["kind"] == "Role"]
+    (role,) = [r for r in roles if r["metadata"]["name"].endswith("-leader-election")]
+    container = _operator(objs)
+    for name in list(os.environ):
+        if name.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(name)
+    fields = {"metadata.namespace": "orchestrator"}  # the release namespace (downward API)
+    for entry in container["env"]:
+        if "value" in entry:
+            monkeypatch.setenv(entry["name"], entry["value"])
+        elif entry["name"] == "POD_NAMESPACE":
+            monkeypatch.setenv("POD_NAMESPACE", fields[entry["valueFrom"]["fieldRef"]["fieldPath"]])
+    settings = OperatorSettings()  # type: ignore[call-arg]  # runner_image: from the env
+    election = election_config(settings)
+    assert election is not None and election.namespace == "orchestrator"
+    server, clock, ledger = FakeApiServer(namespaces=("orchestrator",)), FakeClock(), Ledger()
+    calls: list[ApiCall] = []
+    loops = []
+    for n in range(replicas):
+        api = FakeKubeApi(server)
+        api.add_observer(lambda call: calls.append(call) if call.resource == "leases" else None)
+        loops.append(
+            ControlLoop(
+                Idle(api, clock, f"pod-{n}", ledger, 1.0),  # type: ignore[arg-type]
+                api,
+                namespaces=settings.namespaces,
+                workers=settings.workers,
+                election=election,
+                identity=f"pod-{n}",  # ORCHESTRATOR_IDENTITY: the pod's name
+                clock=clock,
+                shards=settings.shards,
+            )
+        )
+    tasks = [asyncio.get_running_loop().create_task(loop.run()) for loop in loops]
+    await clock.run_for(60, 0.5)
+    held = [len(loop.shards.held()) if loop.shards is not None else None for loop in loops]
+    leading = [loop.elector is not None and loop.elector.leading for loop in loops]
+    for task in tasks:
+        task.cancel()
+    ended = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(e, asyncio.CancelledError) for e in ended), ended  # ran until cancelled
+    return role, calls, held, leading
+
+
+@pytest.mark.parametrize(
+    ("option", "replicas"),
+    [("default", 1), ("leader-election-settings", 1), ("ha", 2), ("shards", 3),
+     ("shards-one-replica", 1)],
+)  # fmt: skip
+def test_the_lease_role_grants_exactly_the_leases_the_operator_uses(
+    option: str, replicas: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the names the chart expects, but the Lease calls the operator's own leader election
+    and shards (core/kube/leader.py, shards.py) make, configured from the chart's env: each is
+    one the Role allows (get/update of a listed name, create of any, in the release namespace
+    only), and every listed name is used (nothing granted beyond)."""
+    role, calls, held, leading = asyncio.run(_lease_calls(option, replicas, monkeypatch))
+    named = next(r for r in role["rules"] if r.get("resourceNames"))
+    assert sorted(named["verbs"]) == ["get", "update"]
+    unnamed = [r for r in role["rules"] if not r.get("resourceNames")]
+    assert [r["verbs"] for r in unnamed] == [["create"]]
+    allowed = set(named["resourceNames"])
+    assert calls and {c.namespace for c in calls} == {"orchestrator"}
+    refused = [(c.verb, c.name) for c in calls
+               if not (c.verb == "create" or (c.verb in ("get", "update") and c.name in allowed))]  # fmt: skip
+    assert refused == []
+    assert {c.name for c in calls} == allowed  # each granted name is one the operator uses
+    shards = OPTIONS[option].get("operator", {}).get("shards", 0)
+    if shards:  # the shards were taken and split under these permissions
+        counts = sorted(n or 0 for n in held)
+        assert sum(counts) == shards and counts[-1] - counts[0] <= 1, held
+        assert leading.count(True) == 1  # the one Lease too (Integrations, escalations)
+    else:
+        assert leading.count(True) == 1 and held == [None] * replicas
+
+
 def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
     objs = render(OPTIONS["ai-adapters"])
     adapters = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "Adapter"}
@@ -599,6 +741,13 @@ def test_ai_adapters_render_their_templates_with_the_api_key_secret() -> None:
         ({"leaderElection": {"renewDeadlineSeconds": 15}}, "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"),
         ({"leaderElection": {"retryPeriodSeconds": 10}}, "retryPeriodSeconds < renewDeadlineSeconds"),
         ({"replicaCount": 0}, "replicaCount"),
+        ({"operator": {"shards": 2}, "leaderElection": {"enabled": False}},
+         "operator.shards needs leaderElection.enabled=true"),
+        ({**PG, **RWX, "replicaCount": 2, "operator": {"shards": 2},
+          "leaderElection": {"enabled": False}}, "needs leaderElection.enabled=true"),
+        ({"operator": {"shards": 2}, "replicaCount": 2}, "needs database.type=postgresql"),
+        ({"operator": {"shards": 65}}, "/operator/shards"),
+        ({"operator": {"shards": -1}}, "/operator/shards"),
         ({"peering": {"name": "x"}}, "peering"),
         ({"operator": {"workers": 0}}, "workers"),
         ({"database": {"type": "postgresql"}}, "database.postgresql.urlSecret.name"),

@@ -52,12 +52,14 @@ def all_met(results: Path) -> None:
         "soak_spread_percent": 3.0,
         "soak_spread_target_percent": 5,
         "soak_minutes": 30.0,
-        "idle_api_calls_per_resync_period": 1,
+        "idle_api_calls_per_resync_period": 16,
+        "idle_api_calls_per_resync_period_without_lease": 1,
         "idle_api_calls_target": 1,
         "idle_cpu_percent": 0.5,
         "idle_cpu_target_percent": 2,
     }
-    write(results, "operator-memory.json", {"targets": memory})
+    idle = {"lease_calls_per_resync_period": 15}
+    write(results, "operator-memory.json", {"targets": memory, "idle": idle})
 
 
 def test_every_target_met_exits_zero(
@@ -122,3 +124,16 @@ def test_a_value_that_is_not_a_number_is_not_measured(ct: ModuleType, tmp_path: 
     assert statuses(ct, tmp_path)["idle: under 2% of one core with 10,000 parked"] == (
         "not measured"
     )
+
+
+def test_idle_judges_the_objects_calls_and_shows_the_lease_beside(
+    ct: ModuleType, tmp_path: Path
+) -> None:
+    name = "idle: at most one object API call per resync period with 10,000 parked"
+    all_met(tmp_path)
+    verdict = {v.target.name: v for v in ct.check(tmp_path)}[name]
+    assert verdict.status == "met" and "Lease renewals per period: 15" in verdict.detail
+    memory = json.loads((tmp_path / "operator-memory.json").read_text())
+    memory["targets"]["idle_api_calls_per_resync_period_without_lease"] = 2  # an O(N) resync
+    write(tmp_path, "operator-memory.json", memory)
+    assert statuses(ct, tmp_path)[name] == "missed"

@@ -71,6 +71,28 @@ a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
 {{- default (include "orchestrator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
+{{/*
+Every Lease the operator reads and renews (a JSON list): the one Lease, and with
+operator.shards=S also the S shard Leases <lease>-shard-<i> and the S member Leases
+<lease>-member-<k> (core/kube/shards.py shard_lease / member_lease; a unit test holds the
+names to the ones the operator's ShardSet creates). Member slots are numbered, not named after
+the pod, so the Role can list every name: k < S, a replica that finds no free slot stands by.
+*/}}
+{{- define "orchestrator.leaseNames" -}}
+{{- $lease := include "orchestrator.leaseName" . }}
+{{- $names := list $lease }}
+{{- $shards := int .Values.operator.shards }}
+{{- if gt $shards 0 }}
+{{- range $i := until $shards }}
+{{- $names = append $names (printf "%s-shard-%d" $lease $i) }}
+{{- end }}
+{{- range $k := until $shards }}
+{{- $names = append $names (printf "%s-member-%d" $lease $k) }}
+{{- end }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
 {{/* Migrations run in a hook Job (PostgreSQL) or by the operator at start (SQLite). */}}
 {{- define "orchestrator.hookMigrations" -}}
 {{- if and (eq .Values.database.type "postgresql") .Values.migrations.hook }}true{{ end }}
@@ -101,6 +123,9 @@ a Role, a RoleBinding, the runner NetworkPolicies and the sample Adapters. */}}
 {{- end }}
 {{- if and $ha .Values.persistence.enabled (has "ReadWriteOnce" .Values.persistence.accessModes) }}
 {{- fail "replicaCount >= 2 shares the work dir (ledger, logs, evidence store): set persistence.accessModes to [ReadWriteMany]" }}
+{{- end }}
+{{- if and (gt (int .Values.operator.shards) 0) (not .Values.leaderElection.enabled) }}
+{{- fail "operator.shards needs leaderElection.enabled=true (each shard is a Lease: only its holder works it)" }}
 {{- end }}
 {{- with .Values.leaderElection }}
 {{- if not (and (lt (float64 .retryPeriodSeconds) (float64 .renewDeadlineSeconds)) (lt (float64 .renewDeadlineSeconds) (float64 .leaseDurationSeconds))) }}
