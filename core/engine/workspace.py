@@ -35,6 +35,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -242,16 +243,38 @@ def _pin(private: Path) -> None:
     never written through (a planted symlink is removed, not followed).
     """
     config = private / "config"
-    config.unlink(missing_ok=True)
-    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(PRIVATE_CONFIG)
+    # a regular file holding exactly our config is what rewriting it would make: left as it
+    # is (before every git command; the sandbox hides it from adapters anyway)
+    if _regular_file_bytes(config, len(_PRIVATE_CONFIG) + 1) != _PRIVATE_CONFIG:
+        config.unlink(missing_ok=True)
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(PRIVATE_CONFIG)
     for name in ("hooks", "info", "config.worktree", "commondir"):
         path = private / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode):
             shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+_PRIVATE_CONFIG = PRIVATE_CONFIG.encode()
+
+
+def _regular_file_bytes(path: Path, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of ``path`` if it is a regular file (never through a symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        return fh.read(limit)
 
 
 def shared_object_dirs(tree: Path) -> tuple[Path, ...]:

@@ -21,6 +21,7 @@ import pytest
 from core.engine.test_gate import run_gate
 from core.engine.tree_guard import TreeGuard, deleted_test_files
 from core.engine.workspace import (
+    PRIVATE_CONFIG,
     add_worktree,
     apply_patch,
     capture_diff,
@@ -275,3 +276,16 @@ def test_a_planted_private_repository_config_is_put_back_before_use(
     capture_diff(tree, repo.base, BIG)
     assert not (private / "config").is_symlink()
     assert elsewhere.read_text() == "[user]\n\tname = untouched\n"
+
+    # ... even when it points at a file holding exactly our config (which could change)
+    elsewhere.write_text(PRIVATE_CONFIG)
+    (private / "config").unlink()
+    (private / "config").symlink_to(elsewhere)
+    # and hooks or a commondir planted as a symlink or a file are removed, not followed
+    (private / "hooks").symlink_to(tmp_path / "hooks-elsewhere")
+    (private / "commondir").write_text(str(tmp_path))
+    capture_diff(tree, repo.base, BIG)
+    assert not (private / "config").is_symlink()
+    assert (private / "config").read_text() == PRIVATE_CONFIG
+    assert not (private / "hooks").is_symlink() and not (private / "commondir").exists()
+    assert not marker.exists()
