@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, select, update
+from sqlalchemy import Engine, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.breaker_rows import feed
@@ -64,6 +64,26 @@ _SET_PROCESS = (
     update(_TASKS)
     .where(_BY_KEY)
     .values(pid=bindparam("pid"), workspace=bindparam("workspace"), updated_at=bindparam("now"))
+)
+#: PENDING -> IN_PROGRESS, the only legal way in; any other row (a replay, an illegal move)
+#: is left to the full check.
+_BEGIN = (
+    update(_TASKS)
+    .where(_BY_KEY & (_TASKS.c.status == TaskState.PENDING.value))
+    .values(
+        status=TaskState.IN_PROGRESS.value,
+        attempts=bindparam("b_attempt"),
+        current_adapter_id=bindparam("b_adapter"),
+        wait_reason=None,
+        started_at=func.coalesce(
+            _TASKS.c.started_at, bindparam("b_begun", type_=_TASKS.c.started_at.type)
+        ),
+        attempt_started_at=bindparam("b_begun", type_=_TASKS.c.attempt_started_at.type),
+        attempt_timeout_seconds=bindparam("b_timeout"),
+        pid=None,
+        workspace=None,
+        updated_at=bindparam("now", type_=_TASKS.c.updated_at.type),
+    )
 )
 #: IN_PROGRESS -> VALIDATING, the only legal way in; any other row is left to the full check.
 _SET_VALIDATING = (
@@ -438,16 +458,22 @@ class Store:
         started_at: datetime | None = None,
     ) -> list[Event]:
         with self._session() as s:
-            row = self._locked(s, key)
-            if row.status == TaskState.IN_PROGRESS.value and row.attempts == attempt:
-                return []  # replayed (e.g. an operator restarted after creating the Job)
-            row.status = transition(TaskState(row.status), TaskState.IN_PROGRESS).value
             now = started_at or self._now()
-            row.attempts, row.current_adapter_id, row.wait_reason = attempt, adapter_id, None
-            row.started_at = row.started_at or now
-            row.attempt_started_at, row.attempt_timeout_seconds = now, timeout_seconds
-            row.pid = row.workspace = None
-            row.updated_at = self._now()
+            params = {"b_attempt": attempt, "b_adapter": adapter_id, "b_begun": now}
+            params |= {"b_timeout": timeout_seconds, "now": self._now()}
+            moved = s.execute(_BEGIN, _key_params(key) | params)
+            if getattr(moved, "rowcount", 0) != 1:
+                # not PENDING when the guarded UPDATE looked: a replay, an illegal move, or
+                # (another writer since) PENDING again: the full read-check-write decides
+                row = self._locked(s, key)
+                if row.status == TaskState.IN_PROGRESS.value and row.attempts == attempt:
+                    return []  # replayed (e.g. an operator restarted after creating the Job)
+                row.status = transition(TaskState(row.status), TaskState.IN_PROGRESS).value
+                row.attempts, row.current_adapter_id, row.wait_reason = attempt, adapter_id, None
+                row.started_at = row.started_at or now
+                row.attempt_started_at, row.attempt_timeout_seconds = now, timeout_seconds
+                row.pid = row.workspace = None
+                row.updated_at = self._now()
             ev = self._event(
                 s,
                 key,

@@ -146,3 +146,33 @@ def test_finishing_an_attempt_feeds_the_breaker_in_the_same_transaction(store: S
     store.begin_attempt(KEY, 2, "a", started_at=T0)
     store.finish_attempt(KEY, _finished(2), final_state=None, entry=None, breaker=lambda c: None)
     assert rows.load("a") == after
+
+
+def test_beginning_an_attempt_writes_the_row_and_its_event(store: Store) -> None:
+    """The second attempt keeps the task's first start, replaces the attempt's fields and
+    clears what the last one left (process, wait reason); a replay and an illegal start
+    change nothing."""
+    t1, t2 = T0 + timedelta(seconds=10), T0 + timedelta(minutes=5)
+    assert [e.event for e in store.begin_attempt(KEY, 1, "a", started_at=t1)] == ["TASK_STARTED"]
+    store.set_process(KEY, 4242, "/w/tree")
+    store.finish_attempt(KEY, _finished(1), final_state=None, entry=None)
+    store.set_waiting(KEY, "backoff")
+    [started] = store.begin_attempt(KEY, 2, "b", timeout_seconds=90, started_at=t2)
+    assert (started.attempt, started.state, started.payload) == (
+        2,
+        "IN_PROGRESS",
+        {"adapter_id": "b"},
+    )
+    row = _row(store)
+    assert (row.status, row.attempts, row.current_adapter_id) == ("IN_PROGRESS", 2, "b")
+    assert (row.pid, row.workspace, row.wait_reason) == (None, None, None)
+    assert row.started_at.replace(tzinfo=UTC) == t1  # the task's first start stays
+    assert row.attempt_started_at.replace(tzinfo=UTC) == t2
+    assert row.attempt_timeout_seconds == 90
+    assert row.updated_at.replace(tzinfo=UTC) == T0
+    assert store.begin_attempt(KEY, 2, "b", started_at=t2) == []  # replay
+    with pytest.raises(IllegalTransitionError):
+        store.begin_attempt(KEY, 3, "b")  # IN_PROGRESS -> IN_PROGRESS
+    assert _row(store).attempts == 2
+    keys = [e.key for e in store.events("r") if e.event == "TASK_STARTED"]
+    assert keys == [f"{KEY.qualified}/1/TASK_STARTED", f"{KEY.qualified}/2/TASK_STARTED"]
