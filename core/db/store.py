@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine, Table, bindparam, func, select, update
@@ -94,6 +95,28 @@ _SET_VALIDATING = (
 
 
 _TASK = select(_TASKS).where(_BY_KEY)
+_TASK_LOCKED = _TASK.with_for_update()
+
+
+def _finish_statement(final: bool) -> Any:
+    """The write of a finished attempt; ``final``: the task's end time and duration too."""
+    columns = [
+        "status",
+        "result",
+        "updated_at",
+        "failure_class",
+        "failure_message",
+        *(("finished_at", "duration_seconds") if final else ()),
+    ]
+    values: dict[str, Any] = {c: bindparam(f"f_{c}", type_=_TASKS.c[c].type) for c in columns}
+    values |= {"pid": None, "workspace": None}
+    values |= {"attempt_started_at": None, "attempt_timeout_seconds": None}
+    return update(_TASKS).where(_BY_KEY).values(values)
+
+
+#: A finished attempt's row, written in one statement after the row is read (and locked)
+#: with a Core select: the ORM's load and flush of the row cost more Python than both.
+_FINISH = {False: _finish_statement(False), True: _finish_statement(True)}
 
 
 def _key_params(key: TaskKey) -> dict[str, Any]:
@@ -529,7 +552,10 @@ class Store:
         Idempotent: an attempt already recorded is not recorded (nor counted) twice.
         """
         with self._session() as s:
-            row = self._locked(s, key)
+            found = s.execute(_TASK_LOCKED, _key_params(key)).first()
+            if found is None:
+                raise KeyError(key.qualified)
+            row = SimpleNamespace(**found._mapping)
             if entry is not None:
                 self._mirror(s, entry, key.scope)
             attempts = list((row.result or {}).get("attempts", []))
@@ -551,6 +577,11 @@ class Store:
                 row.finished_at = result.finished_at
                 started = _aware(row.started_at) or result.started_at
                 row.duration_seconds = round((result.finished_at - started).total_seconds(), 3)
+            final = final_state is not None
+            columns = ["status", "result", "updated_at", "failure_class", "failure_message"]
+            columns += ["finished_at", "duration_seconds"] if final else []
+            written = {f"f_{c}": getattr(row, c) for c in columns}
+            s.execute(_FINISH[final], _key_params(key) | written)
             if breaker is not None:
                 self._feed_breaker(s, row.scope, result.adapter_id, breaker)
             name = (
