@@ -567,6 +567,8 @@ class Session:
             "ORCHESTRATOR_NAMESPACE": self.ns,
             "ORCHESTRATOR_RESYNC_SECONDS": str(self.resync),
             "OPBENCH_STATS": str(self.stats_path),
+            # any free port: two benchmark operators on one machine must not meet on 8081
+            "ORCHESTRATOR_EVIDENCE_LISTEN": "0.0.0.0:0",
         }
         if self.db_url:
             env["ORCHESTRATOR_DATABASE_URL"] = self.db_url
