@@ -556,6 +556,8 @@ class Session:
         return self
 
     def start_operator(self) -> None:
+        from tests.e2e.operator_harness import free_port
+
         probe = self.workdir / "opbench_probe.py"
         probe.write_text(PROBE)
         env = {
@@ -568,6 +570,12 @@ class Session:
             "ORCHESTRATOR_RESYNC_SECONDS": str(self.resync),
             "OPBENCH_STATS": str(self.stats_path),
         }
+        # runner pods reach the evidence server on the node address (as the e2e harness does:
+        # 127.0.0.1 is the pod's own), on a port of this operator's own: two benchmark
+        # operators on one machine must not meet on 8081
+        evidence = f"{os.environ.get('ORCHESTRATOR_E2E_EVIDENCE_HOST', '10.213.0.1')}:{free_port()}"
+        env["ORCHESTRATOR_EVIDENCE_LISTEN"] = evidence
+        env["ORCHESTRATOR_EVIDENCE_URL"] = f"http://{evidence}"
         if self.db_url:
             env["ORCHESTRATOR_DATABASE_URL"] = self.db_url
         if self.profile:

@@ -44,7 +44,9 @@ from core.resources import GROUP, VERSION
 
 Body = dict[str, Any]
 Observer = Callable[["ApiCall"], None]
-WatchType = Literal["ADDED", "MODIFIED", "DELETED"]
+#: ``BOOKMARK`` carries only a resourceVersion (the API server's progress, no object change):
+#: a watch resumed from it needs no relist after the version it started from is compacted.
+WatchType = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
 
 #: Verbs that change state on the server (the ``write`` flag of an :class:`ApiCall`).
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete"})

@@ -435,7 +435,11 @@ class ClientKubeApi:
         timeout_seconds: int = 60,
     ) -> AsyncIterator[WatchEvent]:
         rt = resource_type(resource)
-        query: list[tuple[str, Any]] = [("watch", "true"), ("timeoutSeconds", timeout_seconds)]
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"),
+            ("timeoutSeconds", timeout_seconds),
+            ("allowWatchBookmarks", "true"),
+        ]
         if resource_version is not None:
             query.append(("resourceVersion", resource_version))
         if label_selector:
@@ -470,7 +474,7 @@ class ClientKubeApi:
                             resource=rt.plural,
                             namespace=namespace,
                         )
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
                         yield WatchEvent(event["type"], _with_kind(event["object"], rt))
             finally:
                 resp.response.release()

@@ -8,7 +8,10 @@ the control loop's (a de-duplicating work queue, see :mod:`core.kube.workqueue`)
 is ever lost to an exception.
 
 * The first list delivers every object as ``ADDED`` and then sets :attr:`synced`.
-* A watch ends after its timeout and is resumed from the last resourceVersion seen.
+* A watch ends after its timeout and is resumed from the last resourceVersion seen. Watches
+  ask for bookmarks (``allowWatchBookmarks``): in a quiet namespace the last version seen
+  would otherwise be older than etcd's compaction (5 minutes) when the watch ends, and every
+  resume would meet ``410 Gone`` and list everything again; a bookmark moves it on.
 * ``410 Gone`` (the version was compacted) or an error relists: objects that disappeared
   in between are delivered as ``DELETED``, the rest as ``MODIFIED``.
 * Errors back off exponentially (capped), on the injected clock.
@@ -107,7 +110,8 @@ class Informer:
                 try:
                     async for event in events:
                         self._version = event.resource_version
-                        self._deliver(event.type, event.object)
+                        if event.type != "BOOKMARK":
+                            self._deliver(event.type, event.object)
                 finally:  # close the stream at once, also when cancelled
                     aclose = getattr(events, "aclose", None)
                     if aclose is not None:

@@ -241,7 +241,14 @@ async def start_evidence(settings: OperatorSettings, api: ClientKubeApi | None =
     root = settings.workdir / LEDGER_DIR
     server = EvidenceServer(LocalGrantingStore(root, base_url="", signer=signer), signer)
     listen = host or "0.0.0.0"  # noqa: S104 - pods connect
-    bound = await server.start(listen, int(port), reuse_port=settings.evidence_reuse_port)
+    try:
+        bound = await server.start(listen, int(port), reuse_port=settings.evidence_reuse_port)
+    except OSError as exc:  # kopf would retry the start-up every 60 s, never to succeed
+        raise ConfigError(
+            f"ORCHESTRATOR_EVIDENCE_LISTEN={settings.evidence_listen}: cannot listen there "
+            f"({exc.strerror or exc}); fix: stop what holds it, or set another host:port "
+            "(port 0 takes any free one)"
+        ) from exc
     url = url or f"http://127.0.0.1:{bound}"
     server.store.base_url = url.rstrip("/")
     return Evidence(server.store, server, url)

@@ -58,8 +58,9 @@ def all_met(results: Path) -> None:
         "idle_cpu_percent": 0.5,
         "idle_cpu_target_percent": 2,
     }
+    write(results, "operator-memory.json", {"targets": memory})
     idle = {"lease_calls_per_resync_period": 15}
-    write(results, "operator-memory.json", {"targets": memory, "idle": idle})
+    write(results, "operator-idle.json", {"targets": memory, "idle": idle})
 
 
 def test_every_target_met_exits_zero(
@@ -118,9 +119,9 @@ def test_a_short_soak_does_not_count(ct: ModuleType, tmp_path: Path) -> None:
 
 def test_a_value_that_is_not_a_number_is_not_measured(ct: ModuleType, tmp_path: Path) -> None:
     all_met(tmp_path)
-    memory = json.loads((tmp_path / "operator-memory.json").read_text())
-    memory["targets"]["idle_cpu_percent"] = None
-    write(tmp_path, "operator-memory.json", memory)
+    idle = json.loads((tmp_path / "operator-idle.json").read_text())
+    idle["targets"]["idle_cpu_percent"] = None
+    write(tmp_path, "operator-idle.json", idle)
     assert statuses(ct, tmp_path)["idle: under 2% of one core with 10,000 parked"] == (
         "not measured"
     )
@@ -133,7 +134,7 @@ def test_idle_judges_the_objects_calls_and_shows_the_lease_beside(
     all_met(tmp_path)
     verdict = {v.target.name: v for v in ct.check(tmp_path)}[name]
     assert verdict.status == "met" and "Lease renewals per period: 15" in verdict.detail
-    memory = json.loads((tmp_path / "operator-memory.json").read_text())
-    memory["targets"]["idle_api_calls_per_resync_period_without_lease"] = 2  # an O(N) resync
-    write(tmp_path, "operator-memory.json", memory)
+    idle = json.loads((tmp_path / "operator-idle.json").read_text())
+    idle["targets"]["idle_api_calls_per_resync_period_without_lease"] = 2  # an O(N) resync
+    write(tmp_path, "operator-idle.json", idle)
     assert statuses(ct, tmp_path)[name] == "missed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from core.errors import ConfigError, KubeConfigError
 from core.kube.client_api import ClientKubeApi
-from core.kube.runtime import load_settings
+from core.kube.runtime import load_settings, start_evidence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,3 +101,23 @@ def test_the_operator_process_exits_instead_of_retrying(
     # non-zero, with the problem and its fix in its log
     assert done.returncode == 1, done.stderr[-2000:]
     assert "failed permanently" in done.stderr and expected in done.stderr
+
+
+def test_an_evidence_port_already_taken_is_a_config_error_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with two benchmark operators on one machine: the second one's start-up retried
+    binding 8081 every 60 s and never logged why it did not start."""
+    _clean_env(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("ORCHESTRATOR_RUNNER_IMAGE", "runner:1")
+        monkeypatch.setenv("ORCHESTRATOR_WORKDIR", str(tmp_path))
+        monkeypatch.setenv("ORCHESTRATOR_EVIDENCE_LISTEN", f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError) as caught:
+            asyncio.run(start_evidence(load_settings(), None))
+    message = str(caught.value)
+    assert f"ORCHESTRATOR_EVIDENCE_LISTEN=127.0.0.1:{port}: cannot listen there" in message
+    assert "port 0 takes any free one" in message
