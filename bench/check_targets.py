@@ -53,8 +53,10 @@ _COMPARE: dict[str, tuple[Callable[[float, float], bool], str]] = {
 }
 
 ENGINE = (
-    ".venv/bin/python bench/engine_overhead.py --tasks 200 --db sqlite --no-sandbox, three "
-    "runs alternating with the base commit's, combined as bench/README.md says (issue 17)"
+    ".venv/bin/python bench/engine_overhead.py --tasks 200 --repeat 3 --db sqlite "
+    "--out bench/results/engine_overhead-sqlite-issue17.json (--no-sandbox while the shared "
+    "cluster's mounts come and go under bubblewrap, see bench/README.md); the repeat with the "
+    "median overhead is the run judged (issue 17)"
 )
 BURST = ".venv/bin/python bench/operator_bench.py burst --n 1000"
 MEMORY = (
