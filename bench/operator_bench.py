@@ -552,7 +552,11 @@ class Session:
         self.patch = demo_patch("add-multiply")
         self.jobs.start()
         self.tes.start()
-        self.start_operator()
+        try:
+            self.start_operator()
+        except BaseException:  # no operator and no namespace left behind by a failed start
+            self.__exit__()
+            raise
         return self
 
     def start_operator(self) -> None:

@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 with scripted replies, for the `api` adapter and the
-escalation webhook: it speaks HTTP/1.1 over a real socket and records every request.
+escalation webhook: it speaks HTTP/1.1 over a real socket and records every request. And
+:func:`stub_kube_api`: the real Kubernetes client against a hand-played API endpoint.
 
 Each request takes the next scripted :class:`Reply` (the last one repeats). A reply with a
 ``delay`` holds the answer back (released at once when the server stops), to play a slow
@@ -11,11 +12,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from aiohttp import web
+from kubernetes.aio import client
+
+from core.kube.client_api import ClientKubeApi
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -75,9 +83,7 @@ class ScriptedServer:
                     self.close_connection = True
                     return  # the server is stopping: the slow reply never comes
                 data = (
-                    reply.body
-                    if isinstance(reply.body, bytes)
-                    else json.dumps(reply.body).encode()
+                    reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 )
                 try:
                     self.send_response(reply.status)
@@ -138,3 +144,22 @@ def chat_reply(content: str, *, prompt_tokens: int = 120, completion_tokens: int
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+@asynccontextmanager
+async def stub_kube_api(path: str, handler: Handler) -> AsyncIterator[ClientKubeApi]:
+    """The real Kubernetes client against an aiohttp server answering GET ``path`` with
+    ``handler`` (a watch stream played by hand), on 127.0.0.1."""
+    app = web.Application()
+    app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    api = ClientKubeApi(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}")))
+    try:
+        yield api
+    finally:
+        await api.close()
+        await runner.cleanup()

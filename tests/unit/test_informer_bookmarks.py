@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from kubernetes.aio import client
 
 from core.kube.api import ApiCall, WatchEvent
-from core.kube.client_api import ClientKubeApi
 from core.kube.informer import Informer
 from core.testing.fake_apiserver import FakeApiServer
 from core.testing.fake_kube import FakeKubeApi
 from tests.e2e.operator_harness import task_execution
+from tests.http_server import stub_kube_api
 
 NS, BUSY = "quiet", "busy"
 
@@ -92,22 +91,11 @@ def test_the_client_asks_for_bookmarks_and_passes_them_on() -> None:
             await response.write_eof()
             return response
 
-        app = web.Application()
-        app.router.add_get("/apis/batch/v1/namespaces/quiet/jobs", watch)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        api = ClientKubeApi(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}")))
-        try:
+        async with stub_kube_api("/apis/batch/v1/namespaces/quiet/jobs", watch) as api:
             return [
                 (e.type, e.resource_version)
                 async for e in api.watch("jobs", NS, resource_version="7", timeout_seconds=5)
             ]
-        finally:
-            await api.close()
-            await runner.cleanup()
 
     assert asyncio.run(main()) == [("BOOKMARK", "42")]
     assert queries[0]["allowWatchBookmarks"] == "true"

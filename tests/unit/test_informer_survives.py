@@ -16,14 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from kubernetes.aio import client
 
 from core.errors import TransientApiError
 from core.kube.api import WatchEvent
-from core.kube.client_api import ClientKubeApi
 from core.kube.informer import Informer
 from core.testing.fake_kube import FakeKubeApi
 from tests.e2e.operator_harness import task_execution
+from tests.http_server import stub_kube_api
 
 NS = "ns"
 
@@ -87,22 +86,12 @@ def test_a_watch_cut_mid_stream_is_a_transient_api_error() -> None:
             request.transport.close()  # the API server goes away mid-stream
             return response
 
-        app = web.Application()
-        app.router.add_get("/apis/orchestrator.dev/v1alpha1/namespaces/ns/taskexecutions", watch)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        api = ClientKubeApi(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}")))
         names: list[str] = []
-        try:
+        path = "/apis/orchestrator.dev/v1alpha1/namespaces/ns/taskexecutions"
+        async with stub_kube_api(path, watch) as api:
             with pytest.raises(TransientApiError):
                 async for event in api.watch("taskexecutions", NS, timeout_seconds=5):
                     names.append(event.object["metadata"]["name"])
-        finally:
-            await api.close()
-            await runner.cleanup()
         return names
 
     assert asyncio.run(main()) == ["one"]

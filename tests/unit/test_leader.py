@@ -8,6 +8,8 @@ lease durations below pass without sleeping.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -53,6 +55,25 @@ async def _nothing() -> None:
 async def holder(api: FakeKubeApi) -> str | None:
     lease = await api.get_lease(NS, "op-lease")
     return None if lease is None else lease["spec"].get("holderIdentity")
+
+
+async def leader_a() -> tuple[FakeKubeApi, FakeClock, Replica, list[ApiCall]]:
+    """Replica "a" leading alone, and the API calls made from then on."""
+    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
+    a = Replica(api, clock, "a")
+    a.start()
+    await clock.run_for(1, 0.5)
+    calls: list[ApiCall] = []
+    api.add_observer(calls.append)
+    return api, clock, a, calls
+
+
+async def edit_lease(api: FakeKubeApi, edit: Callable[[dict[str, Any]], None]) -> None:
+    """A write of the Lease by someone else."""
+    lease = await api.get_lease(NS, "op-lease")
+    assert lease is not None
+    edit(lease)
+    await api.replace_lease(NS, lease)
 
 
 def run(test):  # type: ignore[no-untyped-def]
@@ -120,12 +141,7 @@ async def test_a_leader_that_cannot_renew_stops_before_anyone_may_take_over() ->
 
 @run
 async def test_a_leader_renews_with_one_write_per_round_and_no_read() -> None:
-    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
-    a = Replica(api, clock, "a")
-    a.start()
-    await clock.run_for(1, 0.5)
-    calls: list[ApiCall] = []
-    api.add_observer(calls.append)
+    api, clock, _, calls = await leader_a()
     await clock.run_for(10 * CONFIG.retry_period, 0.5)
     lease_calls = [(c.verb, c.status) for c in calls if c.resource == "leases"]
     assert lease_calls == [("update", 200)] * 10
@@ -136,34 +152,23 @@ async def test_a_leader_renews_with_one_write_per_round_and_no_read() -> None:
 
 @run
 async def test_a_renewal_that_meets_a_conflict_reads_the_lease_and_decides_again() -> None:
-    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
-    a = Replica(api, clock, "a")
-    a.start()
-    await clock.run_for(1, 0.5)
-    lease = await api.get_lease(NS, "op-lease")
-    assert lease is not None
-    lease["metadata"]["labels"] = {"edited-by": "someone-else"}  # a write a cannot know of
-    await api.replace_lease(NS, lease)
-    calls: list[ApiCall] = []
-    api.add_observer(calls.append)
+    api, clock, a, calls = await leader_a()
+    # a write a cannot know of
+    await edit_lease(api, lambda lease: lease["metadata"].update(labels={"edited-by": "x"}))
+    calls.clear()
     await clock.run_for(CONFIG.retry_period, 0.5)
     lease_calls = [(c.verb, c.status) for c in calls if c.resource == "leases"]
     assert lease_calls == [("update", 409), ("get", 200), ("update", 200)]
     assert a.elector.leading and a.events == ["started"]
     lease = await api.get_lease(NS, "op-lease")
-    assert lease is not None and lease["metadata"]["labels"] == {"edited-by": "someone-else"}
+    assert lease is not None and lease["metadata"]["labels"] == {"edited-by": "x"}
 
 
 @run
 async def test_a_leader_whose_lease_was_taken_meanwhile_stops_leading() -> None:
-    api, clock = FakeKubeApi(namespaces=(NS,)), FakeClock()
-    a = Replica(api, clock, "a")
-    a.start()
-    await clock.run_for(1, 0.5)
-    lease = await api.get_lease(NS, "op-lease")
-    assert lease is not None
-    lease["spec"]["holderIdentity"] = "intruder"  # e.g. an operator of another version
-    await api.replace_lease(NS, lease)
+    api, clock, a, _ = await leader_a()
+    # e.g. an operator of another version
+    await edit_lease(api, lambda lease: lease["spec"].update(holderIdentity="intruder"))
     await clock.run_for(CONFIG.renew_deadline + CONFIG.retry_period, 0.5)
     assert a.events == ["started", "stopped"] and not a.elector.leading
     assert await holder(api) == "intruder"
