@@ -119,3 +119,7 @@ class ExecutionBackend(Protocol):
     def cleanup_attempt(self, key: TaskKey, attempt: int) -> None:
         """Remove what an interrupted attempt left behind (worktrees, processes)."""
         ...
+
+    def drain(self) -> None:
+        """Wait until what :meth:`release` removes in the background is gone."""
+        ...

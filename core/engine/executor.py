@@ -253,6 +253,7 @@ class Executor:
         finally:
             self.progress.stop()
             self.recorder.escalations.close()  # webhook deliveries flushed
+            self.backend.drain()  # a finished run leaves no attempt dir behind
         return self.write_results()
 
     def _pass(self) -> bool:

@@ -117,6 +117,10 @@ def test_demo_outcomes_and_outputs_agree(make_executor, demo_dir, db_url, repo_r
     assert {t.task_id: (t.state, t.failure_class) for t in results.tasks} == EXPECTED
     assert results.finished is False  # the manual task waits for a human
     assert results.summary["COMPLETED"] == 3 and results.summary["total"] == 8
+    # attempt dirs are deleted in the background (core.engine.janitor), but a finished run
+    # has waited for them: nothing is left in the trash
+    trash = demo_dir / ".work" / "trash"
+    assert not trash.exists() or list(trash.iterdir()) == []
     by_id = {t.task_id: t for t in results.tasks}
 
     # gate: pre-existing failure not blamed; the failing check is named
