@@ -61,8 +61,8 @@ ENGINE = (
 BURST = ".venv/bin/python bench/operator_bench.py burst --n 1000"
 MEMORY = (
     ".venv/bin/python bench/operator_bench.py memory --sizes 1000 10000 --soak 1800 "
-    "--soak-interval 30 --soak-warmup 120 --idle-periods 3 --resync 30 --tracemalloc "
-    "--adapter-cpu 100m --out bench/results/operator-memory.json"
+    "--soak-interval 30 --soak-warmup 120 --idle-periods 3 --resync 30 --adapter-cpu 100m "
+    "--out bench/results/operator-memory.json (without --tracemalloc: its bookkeeping is RSS)"
 )
 #: Idle on its own run: 10 resync periods with nothing else in the operator's namespace.
 IDLE = (
