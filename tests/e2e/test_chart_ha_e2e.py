@@ -31,7 +31,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -122,15 +122,14 @@ def db_rows(url: str, uid: str) -> tuple[list[str], list[str], list[int]]:
     return tasks, events, attempts
 
 
-def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
-    kube_cluster, kubectl, kube_namespace, project_image, image_pull_policy, ha_database
-) -> None:
-    ns = kube_namespace
-    release = f"ha-{uuid.uuid4().hex[:6]}"
-    fullname = f"{release}-orchestrator"
+def _release(
+    kubectl: Any, ns: str, prefix: str, database_url: str
+) -> tuple[str, str, Callable[[], str]]:
+    """A release name for the namespace (restricted, with the database Secret), its full name,
+    and what to show when a wait fails: pods, Jobs, Leases, Events and the operators' logs."""
+    release = f"{prefix}-{uuid.uuid4().hex[:6]}"
     _restricted(kubectl, ns)
-    kubectl("create", "secret", "generic", "orch-db", "-n", ns, f"--from-literal=url={ha_database}")
-    repository, tag = project_image.rsplit(":", 1)
+    kubectl("create", "secret", "generic", "orch-db", "-n", ns, f"--from-literal=url={database_url}")
 
     def debug() -> str:
         out = kubectl("get", "pods,jobs,leases,events", "-n", ns, check=False).stdout
@@ -138,6 +137,16 @@ def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
             log = kubectl("logs", "-n", ns, pod, "--tail=60", check=False).stdout
             out += f"\n--- {pod}\n{log}"
         return out
+
+    return release, f"{release}-orchestrator", debug
+
+
+def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
+    kube_cluster, kubectl, kube_namespace, project_image, image_pull_policy, ha_database
+) -> None:
+    ns = kube_namespace
+    release, fullname, debug = _release(kubectl, ns, "ha", ha_database)
+    repository, tag = project_image.rsplit(":", 1)
 
     with host_volume(kube_cluster, kubectl, f"orch-e2e-{ns}", "ReadWriteMany") as (volume, path):
         values = {
@@ -249,18 +258,8 @@ def test_sharded_replicas_split_the_shards_and_each_task_completes_once(
     kube_cluster, kubectl, kube_namespace, project_image, image_pull_policy, ha_database
 ) -> None:
     ns = kube_namespace
-    release = f"sh-{uuid.uuid4().hex[:6]}"
-    fullname = f"{release}-orchestrator"
-    _restricted(kubectl, ns)
-    kubectl("create", "secret", "generic", "orch-db", "-n", ns, f"--from-literal=url={ha_database}")
+    release, fullname, debug = _release(kubectl, ns, "sh", ha_database)
     repository, tag = project_image.rsplit(":", 1)
-
-    def debug() -> str:
-        out = kubectl("get", "pods,jobs,leases,events", "-n", ns, check=False).stdout
-        for pod in operator_pods(kubectl, ns, release):
-            log = kubectl("logs", "-n", ns, pod, "--tail=60", check=False).stdout
-            out += f"\n--- {pod}\n{log}"
-        return out
 
     def holders() -> list[str | None]:
         return [lease_of(kubectl, ns, shard_lease(fullname, i)).get("holderIdentity")
