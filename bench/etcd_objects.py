@@ -136,6 +136,10 @@ def main() -> int:
         + "/kubectl"
     )
     kubectl = kubectl_runner(kubeconfig, binary)
+    # the commit the operator runs: read now, not when the run ends
+    code = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     ns = f"bench-etcd-{uuid.uuid4().hex[:6]}"
     kubectl("create", "namespace", ns)
@@ -234,9 +238,7 @@ def main() -> int:
         "job_ttl_seconds": args.job_ttl,
         "delete_finished": args.delete_finished,
         "adapter_cpu": args.cpu,
-        "code": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "code": code,
         "wall_seconds": round(time.monotonic() - started, 1),
         "outcomes": outcomes,
         "max_during_run": {
