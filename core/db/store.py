@@ -552,10 +552,10 @@ class Store:
         Idempotent: an attempt already recorded is not recorded (nor counted) twice.
         """
         with self._session() as s:
-            found = s.execute(_TASK_LOCKED, _key_params(key)).first()
+            found = s.execute(_TASK_LOCKED, _key_params(key)).mappings().first()
             if found is None:
                 raise KeyError(key.qualified)
-            row = SimpleNamespace(**found._mapping)
+            row = SimpleNamespace(**found)
             if entry is not None:
                 self._mirror(s, entry, key.scope)
             attempts = list((row.result or {}).get("attempts", []))
