@@ -54,9 +54,8 @@ _COMPARE: dict[str, tuple[Callable[[float, float], bool], str]] = {
 
 ENGINE = (
     ".venv/bin/python bench/engine_overhead.py --tasks 200 --repeat 3 --db sqlite "
-    "--out bench/results/engine_overhead-sqlite-issue17.json (--no-sandbox while the shared "
-    "cluster's mounts come and go under bubblewrap, see bench/README.md); the repeat with the "
-    "median overhead is the run judged (issue 17)"
+    "--out 'bench/results/engine_overhead-{db}-issue17.json' (sandboxed, on a quiet machine); "
+    "the repeat with the median overhead is the run judged, every repeat is listed (issue 17)"
 )
 BURST = ".venv/bin/python bench/operator_bench.py burst --n 1000"
 MEMORY = (
