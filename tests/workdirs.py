@@ -76,3 +76,20 @@ def make_workdir(
         json.dumps({"run_id": run_id, "completed_at": "2026-01-01T00:00:00Z"})
     )
     return root
+
+
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "examples/demo/repos/calc.bundle"
+
+
+def demo_remote(tmp_path: Path) -> tuple[Path, Path]:
+    """A bare clone of the demo's calc repository (``tmp_path/calc.git``, the tasks' remote)
+    and an empty operator work dir (``tmp_path/operator``)."""
+    bare = tmp_path / "calc.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(DEMO_BUNDLE), str(bare)],
+        check=True,
+        capture_output=True,
+    )
+    workdir = tmp_path / "operator"
+    workdir.mkdir()
+    return bare, workdir

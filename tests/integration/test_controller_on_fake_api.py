@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,22 +31,16 @@ from core.kube.jobs import job_finished
 from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
-from tests.e2e.operator_harness import DEMO, adapter, demo_patch, task_execution
+from tests.e2e.operator_harness import adapter, demo_patch, task_execution
 from tests.local_evidence import serve_local_evidence
+from tests.workdirs import demo_remote
 
 NS = "demo"
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
 
 
 def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path: Path) -> None:
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     url = default_url(workdir)
     upgrade(url)
     engine = make_engine(url)
@@ -141,14 +134,7 @@ def test_a_patch_task_completes_through_the_controller_on_the_fake_api(tmp_path:
 def test_a_patch_named_in_a_configmap_or_by_its_sha256_completes(tmp_path: Path) -> None:
     """patchFrom: a ConfigMap key (mounted by the kubelet into the adapter pod), then the same
     patch again from the evidence store by its sha256 (fetched with the request)."""
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     url = default_url(workdir)
     upgrade(url)
     engine = make_engine(url)
@@ -232,14 +218,7 @@ def test_a_patch_named_in_a_configmap_or_by_its_sha256_completes(tmp_path: Path)
 def _events_after(tmp_path: Path, fault: dict[str, Any]) -> tuple[str, Counter[str]]:
     """Run one patch task through the control loop with ``fault`` injected; its end state and
     the reasons of the Events the API server holds about it."""
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     url = default_url(workdir)
     upgrade(url)
 

@@ -12,7 +12,6 @@ twice; a row left unposted by a crash is posted by the next leader's first pass.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from core.kube.escalation_events import EscalationEvents, event_name
 from core.kube.reconciler import Controller, ControllerSettings
 from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
-from tests.e2e.operator_harness import DEMO, adapter, task_execution
+from tests.e2e.operator_harness import adapter, task_execution
 from tests.local_evidence import serve_local_evidence
+from tests.workdirs import demo_remote
 
 NS = "esc"
 TERMINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}
@@ -93,14 +93,7 @@ async def _until(predicate: Any, what: str, timeout: float = 120.0) -> None:
 
 
 def test_breaker_and_crash_escalations_become_warning_events_once(tmp_path: Path) -> None:
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     upgrade(default_url(workdir))
     engine = make_engine(default_url(workdir))
     rows = EscalationRows(engine)

@@ -43,13 +43,13 @@ from core.testing.fake_kube import FakeKubeApi
 from core.testing.fake_kubelet import FakeKubelet
 from tests.e2e.operator_harness import (
     BASE_COMMIT,
-    DEMO,
     DIVIDE_PATCH,
     adapter,
     demo_patch,
     integration,
     task_execution,
 )
+from tests.workdirs import demo_remote
 
 NS = "itg"
 RUN = "merge"
@@ -104,14 +104,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def test_two_conflicting_task_executions_the_second_conflicts(tmp_path: Path) -> None:
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     upgrade(default_url(workdir))
     engine = make_engine(default_url(workdir))
     url = bare.as_uri()
@@ -241,14 +234,7 @@ def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attemp
     ``merge_conflict``. It conflicts, is reopened (database), made PENDING again (status,
     after one lost write), runs attempt 2 as a new Job with the conflict summary in its prompt,
     from the integration branch's head, and is merged when it completes."""
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     upgrade(default_url(workdir))
     engine = make_engine(default_url(workdir))
     url = bare.as_uri()
@@ -397,14 +383,7 @@ def test_resources_the_operator_cannot_read_delay_the_integration_and_decide_not
     plan is gone ... the task's resource was deleted") and the run said Succeeded with nothing
     merged -- seen on the shared cluster while another checkout's CRDs (a defaulted field) were
     applied. Once both read again, the change is merged."""
-    bare = tmp_path / "calc.git"
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", str(DEMO / "repos/calc.bundle"), str(bare)],
-        check=True,
-        capture_output=True,
-    )
-    workdir = tmp_path / "operator"
-    workdir.mkdir()
+    bare, workdir = demo_remote(tmp_path)
     upgrade(default_url(workdir))
     engine = make_engine(default_url(workdir))
     run, newer = "skew", {"spec": {"fieldOfANewerVersion": 86400}}
