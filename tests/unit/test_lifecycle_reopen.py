@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -77,6 +78,18 @@ def completed(seconds: float = 10.0, attempt: int = 1) -> AttemptResult:
     return verdict.result
 
 
+def ran(*, attempt: int, at_hour: int, **ended: Any) -> AttemptEvidence:
+    """Attempt ``attempt`` of adapter "a", 5 seconds long from T0 + ``at_hour`` hours."""
+    started = T0 + timedelta(hours=at_hour)
+    return AttemptEvidence(
+        attempt=attempt,
+        adapter_id="a",
+        started_at=started,
+        finished_at=started + timedelta(seconds=5),
+        **ended,
+    )
+
+
 def conflict(outcome: IntegrationOutcome = IntegrationOutcome.CONFLICT) -> IntegrationFailure:
     return IntegrationFailure(
         outcome=outcome,  # type: ignore[arg-type]
@@ -138,13 +151,7 @@ def test_later_attempts_keep_the_rebased_start_but_not_the_feedback() -> None:
     crashed = conclude(
         p,
         [amended],
-        AttemptEvidence(
-            attempt=2,
-            adapter_id="a",
-            started_at=T0 + timedelta(hours=2),
-            finished_at=T0 + timedelta(hours=2, seconds=5),
-            exit_code=1,
-        ),
+        ran(attempt=2, at_hour=2, exit_code=1),
         rng=random.Random(0),
     )
     assert crashed.finish is None  # retried: adapter_error is in retry_on
@@ -201,12 +208,8 @@ def test_the_feedback_outlives_an_attempt_lost_to_the_platform(outcome: Integrat
     lost = conclude(
         p,
         [amended],
-        AttemptEvidence(
-            attempt=2,
-            adapter_id="a",
-            started_at=T0 + timedelta(hours=2),
-            finished_at=T0 + timedelta(hours=2, seconds=5),
-            infrastructure_reason="the pod could not be scheduled within 300s",
+        ran(
+            attempt=2, at_hour=2, infrastructure_reason="the pod could not be scheduled within 300s"
         ),
         rng=random.Random(0),
     ).result
@@ -219,13 +222,7 @@ def test_the_feedback_outlives_an_attempt_lost_to_the_platform(outcome: Integrat
     crashed = conclude(
         p,
         [amended, lost],
-        AttemptEvidence(
-            attempt=3,
-            adapter_id="a",
-            started_at=T0 + timedelta(hours=3),
-            finished_at=T0 + timedelta(hours=3, seconds=5),
-            exit_code=1,
-        ),
+        ran(attempt=3, at_hour=3, exit_code=1),
         rng=random.Random(0),
     ).result
     assert crashed.failure_class is FailureClass.ADAPTER_ERROR and not crashed.final
