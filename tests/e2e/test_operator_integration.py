@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -191,6 +191,44 @@ def test_integrate_from_a_client_follows_the_resource_and_writes_the_results(
 FAKE_AI = ["{python}", "-m", "core.testing.fake_ai", "--prompt-file", "{prompt_file}"]
 
 
+def _merge_both(
+    kubectl: Any,
+    ns: str,
+    env: dict[str, Any],
+    run: str,
+    prompts: dict[str, tuple[str, str]],
+    *,
+    sent_back: str,
+    timeout: float,
+) -> tuple[dict[str, Any], Callable[[], str]]:
+    """Apply the run's two TaskExecutions (name: (adapter, prompt)) and its Integration, wait
+    until both are merged (or the run failed); the Integration's status and a failure report
+    showing it, ``sent_back``'s status and the operator's log."""
+    for name, (adapter_name, prompt) in prompts.items():
+        obj = task_execution(name, env["repo"], adapter_name, task={"prompt": prompt})
+        obj["spec"]["runId"] = run
+        apply(kubectl, ns, obj)
+    apply(kubectl, ns, integration(run, run, resources=SMALL))
+
+    def merged_both() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        status = obj.get("status") or {}
+        if status.get("state") == "Failed":
+            return obj
+        done = status.get("state") == "Succeeded" and status.get("stats", {}).get("merged") == 2
+        return obj if done else None
+
+    def debug() -> str:
+        obj = get_json(kubectl, "integration", run, "-n", ns)
+        te = get_json(kubectl, "tex", sent_back, "-n", ns)
+        return json.dumps([obj.get("status"), te.get("status")], indent=1) + env["operator"].tail()
+
+    done = wait_for(merged_both, timeout, "the sent-back task to be merged", debug)
+    status: dict[str, Any] = done["status"]
+    assert status["state"] == "Succeeded", debug()
+    return status, debug
+
+
 @pytest.mark.timeout(1200)  # its own wait (900 s) fails first, showing the status
 def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attempt(
     kubectl, env
@@ -216,28 +254,7 @@ def test_a_conflicting_task_execution_is_sent_back_and_merged_on_its_next_attemp
             "fake-ai: on-feedback write notes.txt :: from A\\nfrom B",
         ),
     }
-    for name, (adapter_name, prompt) in prompts.items():
-        obj = task_execution(name, env["repo"], adapter_name, task={"prompt": prompt})
-        obj["spec"]["runId"] = run
-        apply(kubectl, ns, obj)
-    apply(kubectl, ns, integration(run, run, resources=SMALL))
-
-    def merged_both() -> dict[str, Any] | None:
-        obj = get_json(kubectl, "integration", run, "-n", ns)
-        status = obj.get("status") or {}
-        if status.get("state") == "Failed":
-            return obj
-        done = status.get("state") == "Succeeded" and status.get("stats", {}).get("merged") == 2
-        return obj if done else None
-
-    def debug() -> str:
-        obj = get_json(kubectl, "integration", run, "-n", ns)
-        te = get_json(kubectl, "tex", "b-notes", "-n", ns)
-        return json.dumps([obj.get("status"), te.get("status")], indent=1) + env["operator"].tail()
-
-    done = wait_for(merged_both, 900, "the sent-back task to be merged", debug)
-    status = done["status"]
-    assert status["state"] == "Succeeded", debug()
+    status, debug = _merge_both(kubectl, ns, env, run, prompts, sent_back="b-notes", timeout=900)
     by_task = {t["taskId"]: (t["outcome"], t["attempt"]) for t in status["tasks"]}
     assert by_task == {"a-notes": ("merged", 1), "b-notes": ("merged", 2)}, debug()
     assert git(kubectl, env, "show", f"{branch}:notes.txt") == "from A\nfrom B"
@@ -308,28 +325,7 @@ def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its
             "fake-ai: on-feedback write b.txt :: B, after A",
         ),
     }
-    for name, (adapter_name, prompt) in prompts.items():
-        obj = task_execution(name, env["repo"], adapter_name, task={"prompt": prompt})
-        obj["spec"]["runId"] = run
-        apply(kubectl, ns, obj)
-    apply(kubectl, ns, integration(run, run, resources=SMALL))
-
-    def merged_both() -> dict[str, Any] | None:
-        obj = get_json(kubectl, "integration", run, "-n", ns)
-        status = obj.get("status") or {}
-        if status.get("state") == "Failed":
-            return obj
-        done = status.get("state") == "Succeeded" and status.get("stats", {}).get("merged") == 2
-        return obj if done else None
-
-    def debug() -> str:
-        obj = get_json(kubectl, "integration", run, "-n", ns)
-        te = get_json(kubectl, "tex", "gate-b", "-n", ns)
-        return json.dumps([obj.get("status"), te.get("status")], indent=1) + env["operator"].tail()
-
-    done = wait_for(merged_both, 1200, "the sent-back task to be merged", debug)
-    status = done["status"]
-    assert status["state"] == "Succeeded", debug()
+    status, debug = _merge_both(kubectl, ns, env, run, prompts, sent_back="gate-b", timeout=1200)
     by_task = {t["taskId"]: (t["outcome"], t["attempt"]) for t in status["tasks"]}
     assert by_task == {"gate-a": ("merged", 1), "gate-b": ("merged", 2)}, debug()
     # gate runs: A+B (fails), A alone (passes: A merged, B gate_failed), then B's attempt 2 on A
@@ -379,9 +375,10 @@ def test_a_change_that_fails_the_merged_tree_gate_is_sent_back_and_merged_on_its
     ).get("items", [])
     runs = sorted(j["metadata"]["labels"]["orchestrator.dev/gate-run"] for j in gate_jobs)
     assert runs == ["1", "2", "3"], runs
+    integration_uid = get_json(kubectl, "integration", run, "-n", ns)["metadata"]["uid"]
     for job in gate_jobs:
         [owner] = job["metadata"]["ownerReferences"]
-        assert (owner["kind"], owner["uid"]) == ("Integration", done["metadata"]["uid"])
+        assert (owner["kind"], owner["uid"]) == ("Integration", integration_uid)
 
     # the merged-tree gate failed in gate run 1, A and B together (its saved log) ...
     gate_log = env["workdir"] / "logs/integration" / f"{ns}.{run}.jsonl"
