@@ -78,17 +78,24 @@ def served(kubectl, kube_api, kube_namespace) -> Iterator[dict[str, Any]]:
             "x": extra[2],
             "lease": f"{release}-orchestrator",
             "service": f"{release}-orchestrator",  # the evidence store's Service
-            "user": f"system:serviceaccount:{kube_namespace}:{sa}",
-            "groups": [
-                "system:serviceaccounts",
-                f"system:serviceaccounts:{kube_namespace}",
-                "system:authenticated",
-            ],
+            **_as_service_account(kube_namespace, sa),
         }
     finally:
         kubectl("delete", "-f", "-", "--wait=false", input=body, check=False)
         for name in extra:
             core.delete_namespace(name, propagation_policy="Background")
+
+
+def _as_service_account(namespace: str, name: str) -> dict[str, Any]:
+    """The user and groups the API server authenticates a ServiceAccount's token as."""
+    return {
+        "user": f"system:serviceaccount:{namespace}:{name}",
+        "groups": [
+            "system:serviceaccounts",
+            f"system:serviceaccounts:{namespace}",
+            "system:authenticated",
+        ],
+    }
 
 
 def _allowed(kube_api: Any, who: dict[str, Any], verb: str, group: str, resource: str,
@@ -294,12 +301,7 @@ def sharded(kubectl, kube_namespace) -> Iterator[dict[str, Any]]:
         yield {
             "release_ns": kube_namespace,
             "lease": f"{release}-orchestrator",
-            "user": f"system:serviceaccount:{kube_namespace}:{sa}",
-            "groups": [
-                "system:serviceaccounts",
-                f"system:serviceaccounts:{kube_namespace}",
-                "system:authenticated",
-            ],
+            **_as_service_account(kube_namespace, sa),
         }
     finally:
         kubectl("delete", "-f", "-", "--wait=false", input=body, check=False)
