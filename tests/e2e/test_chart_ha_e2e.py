@@ -32,6 +32,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -122,6 +123,21 @@ def db_rows(url: str, uid: str) -> tuple[list[str], list[str], list[int]]:
     return tasks, events, attempts
 
 
+@contextmanager
+def _installed(
+    kube_cluster: Any, release: str, ns: str, values: dict[str, Any], debug: Callable[[], str]
+) -> Iterator[subprocess.CompletedProcess[str]]:
+    """The chart installed (``helm install --wait``; its output), uninstalled afterwards."""
+    out = _helm(kube_cluster.kubeconfig, "install", release, str(CHART), "-n", ns,
+                "--wait", "--timeout", "5m", values=values)  # fmt: skip
+    assert out.returncode == 0, f"{out.stderr}\n{debug()}"
+    try:
+        yield out
+    finally:
+        _helm(kube_cluster.kubeconfig, "uninstall", release, "-n", ns, "--wait",
+              "--timeout", "3m")  # fmt: skip
+
+
 def _release(
     kubectl: Any, ns: str, prefix: str, database_url: str
 ) -> tuple[str, str, Callable[[], str]]:
@@ -156,14 +172,7 @@ def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
             "persistence": volume,
             "networkPolicy": {"extraEgress": [EXAMPLE_GIT_EGRESS]},
         }
-        installed = False
-        try:
-            out = _helm(
-                kube_cluster.kubeconfig, "install", release, str(CHART), "-n", ns,
-                "--wait", "--timeout", "5m", values=values,
-            )  # fmt: skip
-            assert out.returncode == 0, f"{out.stderr}\n{debug()}"
-            installed = True
+        with _installed(kube_cluster, release, ns, values, debug) as out:
             assert f"get lease {fullname}" in out.stdout  # NOTES.txt names the Lease
 
             # --- one leader: the Lease names one of the two pods; both are Ready
@@ -245,10 +254,6 @@ def test_two_replicas_elect_one_leader_and_the_task_completes_exactly_once(
                     capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
                 )  # fmt: skip
                 assert verify.returncode == 0, verify.stdout + verify.stderr
-        finally:
-            if installed:
-                _helm(kube_cluster.kubeconfig, "uninstall", release, "-n", ns, "--wait",
-                      "--timeout", "3m")  # fmt: skip
 
 
 SHARDS = 4
@@ -293,14 +298,7 @@ def test_sharded_replicas_split_the_shards_and_each_task_completes_once(
             "persistence": volume,
             "networkPolicy": {"extraEgress": [EXAMPLE_GIT_EGRESS]},
         }
-        installed = False
-        try:
-            out = _helm(
-                kube_cluster.kubeconfig, "install", release, str(CHART), "-n", ns,
-                "--wait", "--timeout", "5m", values=values,
-            )  # fmt: skip
-            assert out.returncode == 0, f"{out.stderr}\n{debug()}"
-            installed = True
+        with _installed(kube_cluster, release, ns, values, debug) as out:
             assert f"share {SHARDS} shards" in out.stdout  # NOTES.txt
 
             # --- the two replicas split the shards 2/2; each holds a member slot
@@ -357,7 +355,3 @@ def test_sharded_replicas_split_the_shards_and_each_task_completes_once(
                     capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
                 )  # fmt: skip
                 assert verify.returncode == 0, verify.stdout + verify.stderr
-        finally:
-            if installed:
-                _helm(kube_cluster.kubeconfig, "uninstall", release, "-n", ns, "--wait",
-                      "--timeout", "3m")  # fmt: skip
