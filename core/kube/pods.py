@@ -74,6 +74,22 @@ def _waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def job_counts_pods(job: dict[str, Any]) -> bool:
+    """Whether the Job's status counts any pod of it: active, ready, terminating or finished.
+
+    The Job controller writes these counts when it makes or loses a pod, so a Job whose
+    status counts none has no pod to look at yet, or has one whose count is a moment behind;
+    that count's write is a Job event, which brings its task back to look. The reconciler
+    lists a pending Job's pods only when this says there are some (or the pending time is up):
+    a burst of 1,000 new Jobs costs no pod lists before their pods exist.
+    """
+    status = job.get("status") or {}
+    if any(status.get(k) for k in ("active", "ready", "terminating", "succeeded", "failed")):
+        return True
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    return any(uncounted.get(k) for k in ("succeeded", "failed"))
+
+
 def triage(
     pods: list[dict[str, Any]],
     *,

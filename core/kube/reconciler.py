@@ -79,7 +79,7 @@ from core.kube.jobs import (
     patch_source_volume,
 )
 from core.kube.pod_logs import read_report, save_log
-from core.kube.pods import storage_eviction, triage
+from core.kube.pods import job_counts_pods, storage_eviction, triage
 from core.kube.queueing import QUEUED_REASON, pending_since, queue_wait, queued
 from core.kube.redactors import operator_redactor
 from core.kube.status_writer import StatusWriter
@@ -627,10 +627,14 @@ class Controller:
                 return Later(wait.recheck_seconds)  # admission (a Job event) comes sooner
             problem = wait.problem
         else:
-            pods = await self.api.job_pods(ctx.ns, job["metadata"]["name"])
+            since = pending_since(job, created_at=created, now=now)
+            late = (now - since).total_seconds() > ctx.spec.pending_timeout_seconds
+            pods = []
+            if late or job_counts_pods(job):  # none yet: nothing to list (the count is an event)
+                pods = await self.api.job_pods(ctx.ns, job["metadata"]["name"])
             verdict = triage(
                 pods,
-                created_at=pending_since(job, created_at=created, now=now),
+                created_at=since,
                 now=now,
                 pending_timeout_seconds=ctx.spec.pending_timeout_seconds,
             )

@@ -80,6 +80,29 @@ class TaskContext:
         return f"logs/execution/{self.key.log_name}.jsonl"
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """What a valid spec and its Adapters parse to: the same for every step until the
+    TaskExecution's generation or one of its Adapters changes, so a task's second and later
+    steps (a Job event, a resync) skip the schema checks and the model parsing."""
+
+    generation: object
+    adapter_versions: tuple[object, ...]
+    names: tuple[str, ...]
+    spec: TaskExecutionSpec
+    task: TaskSpec
+    adapters: dict[str, AdapterResourceSpec]
+    engine: dict[str, AdapterSpec]
+    plan: TaskPlan
+
+
+def _versions(objects: dict[str, Body | None]) -> tuple[object, ...]:
+    return tuple(
+        (n, o["metadata"].get("uid"), o["metadata"].get("resourceVersion")) if o else (n, None)
+        for n, o in objects.items()
+    )
+
+
 class TaskContexts:
     def __init__(
         self,
@@ -99,6 +122,7 @@ class TaskContexts:
         self._adapters_synced: set[tuple[str, tuple[tuple[str, object], ...]]] = set()
         self._tasks_synced: set[str] = set()  # uids of unfinished tasks with their row
         self._parked: dict[str, tuple[object, ...]] = {}  # uid -> inputs when it parked
+        self._parsed: dict[str, _Parsed] = {}  # uid -> its valid spec, parsed (unfinished)
 
     def _fingerprint(self, where: tuple[str, str]) -> tuple[object, ...] | None:
         entry = self.cache.tasks.entry(where)
@@ -127,6 +151,12 @@ class TaskContexts:
         if self.parked((namespace, name)):
             return None  # still waiting for the same fix: said in its status already
         status = TaskExecutionStatus.model_validate(te.get("status") or {})
+        meta = te["metadata"]
+        parsed = self._parsed.get(meta["uid"])
+        if parsed is not None and parsed.generation == meta.get("generation"):
+            cached = {n: self.cache.adapters.get((namespace, n)) for n in parsed.names}
+            if parsed.adapter_versions == _versions(cached):
+                return await self._context(te, status, parsed, cached)
         try:
             spec = TaskExecutionSpec.model_validate(te["spec"])
             task = task_spec(name, spec)
@@ -137,6 +167,7 @@ class TaskContexts:
             else:
                 await self.status.invalid(te, status, problems_of(exc))
             return None
+        self._parsed.pop(meta["uid"], None)  # what follows parses it again
         names = [spec.adapter_ref.name, *(r.name for r in spec.fallback_adapter_refs)]
         objects: dict[str, Body | None] = {}
         for adapter_name in names:
@@ -159,13 +190,39 @@ class TaskContexts:
         for adapter_name, found in objects.items():
             assert found is not None  # task_execution_problems named every missing Adapter
             adapters[adapter_name] = AdapterResourceSpec.model_validate(found["spec"])
-            await self.egress.ensure(found, adapters[adapter_name])
         engine = {n: adapter_spec(n, a) for n, a in adapters.items()}
-        for adapter in engine.values():
+        parsed = _Parsed(
+            meta.get("generation"),
+            _versions(objects),
+            tuple(names),
+            spec,
+            task,
+            adapters,
+            engine,
+            TaskPlan.of(task, names, engine),
+        )
+        if not status.state.terminal:  # forget() drops it when the task ends or goes
+            self._parsed[meta["uid"]] = parsed
+        return await self._context(te, status, parsed, objects)
+
+    async def _context(
+        self,
+        te: Body,
+        status: TaskExecutionStatus,
+        parsed: _Parsed,
+        objects: dict[str, Body | None],
+    ) -> TaskContext:
+        namespace = te["metadata"]["namespace"]
+        for adapter_name, found in objects.items():
+            assert found is not None  # checked when parsed
+            await self.egress.ensure(found, parsed.adapters[adapter_name])
+        for adapter in parsed.engine.values():
             self.breakers.know(namespace, adapter)
-        ctx = TaskContext(te, spec, status, task, adapters, TaskPlan.of(task, names, engine))
-        ctx.inputs = list(engine.values())
-        ctx.generations = self.cache.generations(namespace, names)
+        ctx = TaskContext(
+            te, parsed.spec, status, parsed.task, dict(parsed.adapters), parsed.plan
+        )
+        ctx.inputs = list(parsed.engine.values())
+        ctx.generations = self.cache.generations(namespace, list(parsed.names))
         return ctx
 
     def record(self, ctx: TaskContext) -> TaskRecord:
@@ -185,6 +242,7 @@ class TaskContexts:
         """The task is finished or gone: nothing of it stays in memory."""
         self._tasks_synced.discard(uid)
         self._parked.pop(uid, None)
+        self._parsed.pop(uid, None)
 
 
 #: The reason of a task held because this operator cannot read its spec (a newer CRD).

@@ -7,13 +7,20 @@ sleeping; the assertions are on the API calls the fake API server saw and on the
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Store
 from core.engine.evidence import LEDGER_DIR
 from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
+from core.kube import task_context
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
 from core.kube.reconciler import Controller, ControllerSettings
@@ -25,7 +32,19 @@ NS = "scale"
 TE = "taskexecutions"
 
 
-def _controller(api: FakeKubeApi, workdir: Path) -> Controller:
+class ShiftedClock:
+    """Real time plus an offset the test moves forward (the API server's and the controller's)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+def _controller(
+    api: FakeKubeApi, workdir: Path, now: Callable[[], datetime] | None = None
+) -> Controller:
     url = default_url(workdir)
     upgrade(url)
     # no pod runs here (no kubelet): the store is never called over HTTP
@@ -38,6 +57,7 @@ def _controller(api: FakeKubeApi, workdir: Path) -> Controller:
         Store(make_engine(url)),
         ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
         evidence=evidence,
+        **({"now": now} if now else {}),
     )
 
 
@@ -106,3 +126,128 @@ def test_parked_tasks_cost_no_api_call_per_resync_and_start_once_their_adapter_e
     asyncio.run(main())
     started = [c for c in calls if c.verb == "create" and c.resource == "events"]
     assert len(started) == n  # one TASK_STARTED Event per task, after its Job
+
+
+def test_a_burst_lists_no_pods_until_the_job_controller_counts_one(tmp_path: Path) -> None:
+    """New Jobs whose status counts no pod cost no pod list (a burst of 1,000 cost ~400 on
+    the cluster); a Job that counts one gets its pods looked at; and once the pending time is
+    up every Job's pods are listed before its attempt ends as ``infrastructure``."""
+    n = 12
+    calls: list[ApiCall] = []
+
+    def pod_lists() -> int:
+        return sum(1 for c in calls if c.verb == "list" and c.resource == "pods")
+
+    async def main() -> None:
+        shifted = ShiftedClock()
+        api = FakeKubeApi(namespaces=(NS,), now=shifted.now)
+        clock = FakeClock()
+        controller = _controller(api, tmp_path, shifted.now)
+        await api.create_object("adapters", NS, adapter("patch", "patch"))
+        task = {"prompt": "p", "patch": demo_patch("add-multiply")}
+        for i in range(n):
+            await api.create_object(
+                TE, NS, task_execution(f"t-{i:03d}", "git://x/y.git", "patch", task=task)
+            )
+        api.add_observer(calls.append)
+        loop = ControlLoop(
+            controller, api, namespaces=(NS,), resync_seconds=30, workers=8, clock=clock
+        )
+        driver = asyncio.create_task(loop.run())
+        await loop.synced()
+        for _ in range(4):  # the starts, their deferred halves, and two pending rechecks
+            await _settle(loop, clock)
+            clock.advance(5)
+        jobs = await api.list_jobs(NS)
+        assert len(jobs) == n
+        tes = await api.list_objects(TE, NS)
+        assert {t["status"]["state"] for t in tes} == {"IN_PROGRESS"}
+        assert pod_lists() == 0
+
+        # the Job controller counts a pod of one Job: that Job's pods are looked at
+        first = jobs[0]["metadata"]
+        api.server.patch("jobs", NS, first["name"], {"status": {"active": 1}}, status=True)
+        await _settle(loop, clock)
+        assert pod_lists() == 1
+
+        # the pending time is up (300 s by default): each Job's pods are listed (none), then
+        # its attempt ends and its Job goes
+        shifted.offset += timedelta(seconds=301)
+        for _ in range(2):
+            clock.advance(5)
+            await _settle(loop, clock)
+        assert pod_lists() >= 1 + n
+        deleted = {c.name for c in calls if c.verb == "delete" and c.resource == "jobs"}
+        assert deleted == {j["metadata"]["name"] for j in jobs}
+        tes = await api.list_objects(TE, NS)
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
+        for te in tes:
+            first_attempt = te["status"]["attempts"][0]
+            assert first_attempt.get("failureClass") == "infrastructure", first_attempt
+            assert "no pod was created within 300s" in first_attempt.get("message", ""), te
+
+    asyncio.run(main())
+
+
+def test_later_steps_reuse_the_parsed_spec_until_it_or_an_adapter_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema checks and the model parsing run once per generation of a TaskExecution
+    and of its Adapters; any change is seen at the next step."""
+    checked: list[str] = []
+    real = task_context.task_execution_problems
+
+    def counting(te: Any, *args: Any) -> Any:
+        checked.append(te["metadata"]["name"])
+        return real(te, *args)
+
+    monkeypatch.setattr(task_context, "task_execution_problems", counting)
+
+    async def main() -> None:
+        api = FakeKubeApi(namespaces=(NS,))
+        controller = _controller(api, tmp_path)
+        made = await api.create_object("adapters", NS, adapter("patch", "patch"))
+        controller.observe_adapter("ADDED", made.object)
+        task = {"prompt": "p", "patch": demo_patch("add-multiply")}
+        te = (
+            await api.create_object(
+                TE, NS, task_execution("t", "git://x/y.git", "patch", task=task)
+            )
+        ).object
+        controller.observe_task("ADDED", te)
+        contexts = controller.contexts
+
+        first = await contexts.build(te)
+        second = await contexts.build(te)
+        assert first is not None and second is not None and len(checked) == 1
+        assert second.plan is first.plan and second.spec is first.spec
+
+        # the Adapter changes: parsed again, and the new timeout is what the step sees
+        changed = await api.patch_object("adapters", NS, "patch", {"spec": {"timeoutSeconds": 77}})
+        controller.observe_adapter("MODIFIED", changed)
+        third = await contexts.build(te)
+        assert third is not None and len(checked) == 2
+        assert third.adapters["patch"].timeout_seconds == 77
+
+        # the Adapter becomes unusable (as a cache entry: the API server's CEL refuses it)
+        broken = copy.deepcopy(changed)
+        broken["spec"]["kind"] = "process"
+        broken["metadata"]["resourceVersion"] = str(int(changed["metadata"]["resourceVersion"]) + 1)
+        controller.observe_adapter("MODIFIED", broken)
+        assert await contexts.build(te) is None and len(checked) == 3
+        parked = await api.get_object(TE, NS, "t")
+        assert parked is not None and parked["status"]["reason"] == "AdapterInvalid"
+
+        # fixed again, then a new generation of the TaskExecution itself: parsed again each time
+        fixed = await api.patch_object("adapters", NS, "patch", {"spec": {"timeoutSeconds": 78}})
+        controller.observe_adapter("MODIFIED", fixed)
+        assert await contexts.build(te) is not None and len(checked) == 4
+        newer = {**te, "metadata": {**te["metadata"], "generation": 2}}
+        assert await contexts.build(newer) is not None and len(checked) == 5
+
+        # the task ends: nothing of it stays
+        contexts.forget(te["metadata"]["uid"])
+        assert await contexts.build(newer) is not None and len(checked) == 6
+
+    asyncio.run(main())

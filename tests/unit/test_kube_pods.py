@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.kube.pods import container_started, storage_eviction, triage
+from core.kube.pods import container_started, job_counts_pods, storage_eviction, triage
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -125,3 +125,25 @@ def test_an_init_container_that_cannot_start_ends_the_attempt_at_once() -> None:
     stuck = pod(waiting=("PodInitializing", ""), initContainerStatuses=[fetch])
     verdict = judge([stuck], 5)
     assert verdict.problem == "the adapter's container could not start: ErrImageNeverPull: x"
+
+
+@pytest.mark.parametrize(
+    ("status", "counts"),
+    [
+        (None, False),
+        ({}, False),
+        ({"active": 0, "ready": 0, "terminating": 0}, False),  # as a new Job's status reads
+        ({"uncountedTerminatedPods": {}}, False),
+        ({"active": 1}, True),
+        ({"ready": 1}, True),
+        ({"terminating": 1}, True),
+        ({"failed": 1}, True),
+        ({"succeeded": 1}, True),
+        ({"uncountedTerminatedPods": {"failed": ["uid-1"]}}, True),
+    ],
+)
+def test_a_job_counts_its_pods_by_its_status(status: dict[str, Any] | None, counts: bool) -> None:
+    job: dict[str, Any] = {"metadata": {"name": "j"}}
+    if status is not None:
+        job["status"] = status
+    assert job_counts_pods(job) is counts
