@@ -140,10 +140,11 @@ class LocalEvidenceStore:
     def __init__(self, root: Path, *, level: int = 6) -> None:
         self.root = root
         self.level = level
+        self._real_root = root.resolve()
 
     def path(self, key: str) -> Path:
         target = (self.root / key).resolve()
-        if not target.is_relative_to(self.root.resolve()):
+        if not target.is_relative_to(self._real_root):
             raise EvidenceError(f"evidence key {key!r} points outside the store")
         return target
 

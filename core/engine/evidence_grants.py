@@ -34,10 +34,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,6 +118,10 @@ class GrantingStore(EvidenceStore, Protocol):
         """Store ``source`` as it is (already compressed when ``key`` ends in ``.gz``)."""
         ...
 
+    def put_object(self, key: str, data: bytes) -> None:
+        """Store ``data`` as it is, atomically (a small object: a runner request)."""
+        ...
+
     def move(self, source: str, target: str) -> None:
         """Rename ``source`` to ``target`` (replacing it); :class:`EvidenceError` if absent."""
         ...
@@ -162,18 +166,15 @@ def gzip_file(source: Path, target: Path, level: int = 6) -> tuple[str, int, int
     return digest.hexdigest(), size, target.stat().st_size
 
 
-def store_request(
-    store: GrantingStore, data: bytes, spool_dir: Path | None = None
-) -> tuple[str, str, int]:
-    """Put a runner request in the store, content-addressed: (key, sha256, size)."""
+def store_request(store: GrantingStore, data: bytes) -> tuple[str, str, int]:
+    """Put a runner request in the store, content-addressed: (key, sha256, size).
+
+    Compressed in memory (a request is at most :data:`MAX_REQUEST_BYTES`): no spool files,
+    one write; ``mtime=0`` so the same request always stores the same bytes."""
     sha = hashlib.sha256(data).hexdigest()
     key = f"{REQUESTS}/{sha}.json.gz"
     if not store.exists(key):
-        with tempfile.TemporaryDirectory(dir=spool_dir) as tmp:
-            plain, packed = Path(tmp) / "request.json", Path(tmp) / "request.json.gz"
-            plain.write_bytes(data)
-            gzip_file(plain, packed)
-            store.put_raw(key, packed)
+        store.put_object(key, gzip.compress(data, compresslevel=6, mtime=0))
     return key, sha, len(data)
 
 
@@ -318,12 +319,22 @@ class LocalGrantingStore(LocalEvidenceStore):
         return f"{self.base_url}/v1/objects/{quote(key)}?grant={token}"
 
     def put_raw(self, key: str, source: Path) -> None:
+        with self._atomic(key) as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, _CHUNK)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        with self._atomic(key) as out:
+            out.write(data)
+
+    @contextlib.contextmanager
+    def _atomic(self, key: str) -> Iterator[BinaryIO]:
+        """A temp file beside the target, fsynced and renamed onto it when the block ends."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".put-", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                shutil.copyfileobj(src, out, _CHUNK)
+            with os.fdopen(fd, "wb") as out:
+                yield out
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)

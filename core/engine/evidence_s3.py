@@ -109,6 +109,9 @@ class S3EvidenceStore:
     def put_raw(self, key: str, source: Path) -> None:
         self.client.upload_file(str(source), self.bucket, self._name(key))
 
+    def put_object(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=data)
+
     def move(self, source: str, target: str) -> None:
         if not self.exists(source):
             raise EvidenceError(f"evidence {source} is not in s3://{self.bucket}/{self.prefix}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from core.engine.evidence import EvidenceRef, patch_key
@@ -85,12 +84,10 @@ class AttemptIO:
         *,
         max_diff_bytes: int,
         max_log_bytes: int,
-        spool_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.max_diff_bytes = max_diff_bytes
         self.max_log_bytes = max_log_bytes
-        self.spool_dir = spool_dir
 
     def prepare(
         self,
@@ -107,7 +104,7 @@ class AttemptIO:
                 f"the runner request is {len(data)} bytes (limit {MAX_REQUEST_BYTES})"
             )
         expires = expires_at + GRANT_MARGIN
-        request_key, sha, size = store_request(self.store, data, self.spool_dir)
+        request_key, sha, size = store_request(self.store, data)
         downloads = {
             "request": self.store.download_grant(
                 request_key, sha256=sha, size=size, max_bytes=size, expires_at=expires

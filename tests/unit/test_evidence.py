@@ -117,7 +117,7 @@ def test_gc_deletes_runner_requests_and_pod_uploads_once_older_than_the_grace(
     """The operator's store also holds requests/ and incoming/ (Kubernetes backend): they
     are temporary, but a young one may still be read by a pod starting or being adopted."""
     store = LocalGrantingStore(tmp_path / ".ledger", base_url="", signer=GrantSigner(b"k" * 32))
-    key, _, _ = store_request(store, b'{"kind": "adapter"}', tmp_path)
+    key, _, _ = store_request(store, b'{"kind": "adapter"}')
     upload = tmp_path / "log.gz"
     upload.write_bytes(b"\x1f\x8b")
     old_upload = "incoming/ns/uid/1-adapter/log.jsonl.gz"
