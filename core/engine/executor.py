@@ -66,7 +66,11 @@ from core.engine.process_spawner import WORK_DIR, LocalBackend
 from core.engine.recorder import Outcome as RecordedAttempt
 from core.engine.recorder import Recorder
 from core.engine.redaction import SHAPES_ONLY, adapter_redactor
-from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
+from core.engine.resilience.breaker_store import (
+    PEEK_MAX_AGE_SECONDS,
+    CircuitBreakers,
+    RowBreakerStore,
+)
 from core.engine.resilience.circuit_breaker import retry_after
 from core.engine.resilience.classification import Classification
 from core.engine.resilience.safe_mode import SafeModeConfig
@@ -86,8 +90,7 @@ from core.models import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
-#: How old a breaker snapshot may be when a peek (not an admission) is answered from it.
-BREAKER_PEEK_SECONDS = 1.0
+BREAKER_PEEK_SECONDS = PEEK_MAX_AGE_SECONDS
 #: Hard limit of one attempt's diff: a larger one is not kept and fails as diff_too_large.
 DEFAULT_MAX_DIFF_BYTES = 100 * 1024 * 1024
 

@@ -16,7 +16,11 @@ from sqlalchemy import Engine
 
 from core.db.breaker_rows import SqlBreakerRows
 from core.engine.recorder import Recorder
-from core.engine.resilience.breaker_store import CircuitBreakers, RowBreakerStore
+from core.engine.resilience.breaker_store import (
+    PEEK_MAX_AGE_SECONDS,
+    CircuitBreakers,
+    RowBreakerStore,
+)
 from core.engine.resilience.circuit_breaker import BreakerSnapshot, BreakerTransition
 from core.kube.api import KubeApi
 from core.models import AdapterSpec
@@ -59,6 +63,8 @@ class AdapterBreakers:
                 lambda adapter: self._policies[(namespace, adapter)].breaker,
                 self.now,
                 on_transition,
+                # a start peeks at its chain's breakers, then acquires (which always reads)
+                max_age_seconds=PEEK_MAX_AGE_SECONDS,
             )
             self._breakers[namespace] = found
         return found

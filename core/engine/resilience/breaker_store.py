@@ -45,6 +45,9 @@ from core.models import BreakerPolicy
 
 T = TypeVar("T")
 
+#: How old a breaker snapshot may be when a peek (not an admission) is answered from it.
+PEEK_MAX_AGE_SECONDS = 1.0
+
 
 class BreakerStore(Protocol):
     """Persistence of breaker snapshots with optimistic concurrency."""
