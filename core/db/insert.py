@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
@@ -26,7 +26,8 @@ def _statement(dialect: str, table: Table) -> Insert:
     return insert(table).on_conflict_do_nothing().returning(*table.primary_key)
 
 
-def insert_ignore(session: Session, table: Table, values: dict[str, Any]) -> bool:
+def insert_ignore(db: Session | Connection, table: Table, values: dict[str, Any]) -> bool:
     """Insert ``values`` unless a unique key already holds them; True if a row was added."""
-    statement = _statement(session.get_bind().dialect.name, table)
-    return session.execute(statement, values).first() is not None
+    dialect = db.dialect if isinstance(db, Connection) else db.get_bind().dialect
+    statement = _statement(dialect.name, table)
+    return db.execute(statement, values).first() is not None

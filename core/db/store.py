@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Row, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.breaker_rows import feed
@@ -228,6 +228,50 @@ def _record(row: Any) -> TaskRecord:
     )
 
 
+#: A task's row: key, queue order (seq), spec, first Adapter.
+TaskRow = tuple[TaskKey, int, TaskSpec, str]
+
+
+def _new_task_values(
+    key: TaskKey, seq: int, task: TaskSpec, adapter_id: str, now: datetime
+) -> dict[str, Any]:
+    return {
+        "run_id": key.run_id,
+        "task_id": key.task_id,
+        "uid": key.uid,
+        "scope": key.scope,
+        "seq": seq,
+        "adapter_id": adapter_id,
+        "status": TaskState.PENDING.value,
+        "attempts": 0,
+        "spec": task.model_dump(mode="json"),
+        "result": {"attempts": []},
+        "updated_at": now,
+    }
+
+
+def fresh_record(key: TaskKey, seq: int, task: TaskSpec, adapter_id: str) -> TaskRecord:
+    """The record of a task whose row is not written yet: what the insert will hold."""
+    return TaskRecord(
+        key=key,
+        seq=seq,
+        adapter_id=adapter_id,
+        current_adapter_id=None,
+        status=TaskState.PENDING,
+        attempts=0,
+        failure_class=None,
+        failure_message=None,
+        wait_reason=None,
+        spec=task,
+        attempt_results=(),
+        pid=None,
+        workspace=None,
+        started_at=None,
+        finished_at=None,
+        duration_seconds=None,
+    )
+
+
 def _same_spec(stored: dict[str, Any], task: TaskSpec) -> bool:
     """Whether a stored spec is ``task``; fields added later with defaults do not count."""
     try:
@@ -292,39 +336,48 @@ class Store:
                 if row is not None and row.spec != data:
                     row.spec, row.kind, row.updated_at = data, spec.kind.value, now
 
-    def sync_tasks(self, tasks: Sequence[tuple[TaskKey, int, TaskSpec, str]]) -> None:
+    def sync_tasks(self, tasks: Sequence[TaskRow]) -> None:
         """Make sure every routed task (key, seq, spec, adapter id) has its row.
 
         Existing rows keep their state: a restart resumes, it does not reset. A task whose
         spec changed after it started is refused (its history would describe another task).
         """
         now = self._now()
-        with self._session() as s:
+        with self.engine.begin() as conn:
             for key, seq, task, adapter_id in tasks:
-                data = task.model_dump(mode="json")
-                values = {
-                    "run_id": key.run_id,
-                    "task_id": key.task_id,
-                    "uid": key.uid,
-                    "scope": key.scope,
-                    "seq": seq,
-                    "adapter_id": adapter_id,
-                    "status": TaskState.PENDING.value,
-                    "attempts": 0,
-                    "spec": data,
-                    "result": {"attempts": []},
-                    "updated_at": now,
-                }
-                if self._insert_ignore(s, Task.__table__, values):  # type: ignore[arg-type]
-                    continue
-                row = s.get(Task, (key.run_id, key.task_id, key.uid))
-                if row is not None and row.attempts > 0 and not _same_spec(row.spec, task):
-                    where = "task_queue.json" if not key.uid else "its TaskExecution"
-                    raise UnrecoverableError(
-                        f"task {key.display!r} of run {key.run_id!r} changed in {where} after "
-                        "it started; a started task's spec is fixed.\n  fix: restore the "
-                        "original spec or queue the change as a new task"
-                    )
+                self._ensure_task(conn, key, seq, task, adapter_id, now)
+
+    def synced_task(self, key: TaskKey, seq: int, task: TaskSpec, adapter_id: str) -> TaskRecord:
+        """:meth:`sync_tasks` of one task and its record, in one transaction (the operator's
+        first look at a task)."""
+        with self.engine.begin() as conn:
+            row = self._ensure_task(conn, key, seq, task, adapter_id, self._now())
+        if row is None:
+            raise KeyError(key.qualified)  # deleted in between (a purge)
+        return _record(row)
+
+    def _ensure_task(
+        self,
+        conn: Connection,
+        key: TaskKey,
+        seq: int,
+        task: TaskSpec,
+        adapter_id: str,
+        now: datetime,
+    ) -> Row[Any] | None:
+        """The task's row, inserted unless it exists; refused if it started with another spec."""
+        values = _new_task_values(key, seq, task, adapter_id, now)
+        inserted = insert_ignore(conn, _TASKS, values)
+        row = conn.execute(_TASK, _key_params(key)).first()
+        started = row is not None and not inserted and row.attempts > 0
+        if started and row is not None and not _same_spec(row.spec, task):
+            where = "task_queue.json" if not key.uid else "its TaskExecution"
+            raise UnrecoverableError(
+                f"task {key.display!r} of run {key.run_id!r} changed in {where} after "
+                "it started; a started task's spec is fixed.\n  fix: restore the "
+                "original spec or queue the change as a new task"
+            )
+        return row
 
     def sync_inputs(
         self,

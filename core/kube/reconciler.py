@@ -10,7 +10,9 @@ projection of what was recorded, written through one code path with a resourceVe
 precondition.
 
     PENDING     -> lifecycle.next_step: start (create the adapter Job), wait, or finish;
-                   the Job is created first, the rest of the start (database record,
+                   the Job is created first: a start reads the database (one thread trip
+                   for the breakers, the step and the pod's stored request) but writes
+                   nothing; the rest (the task's row if it is new, the attempt's record,
                    IN_PROGRESS status, TASK_STARTED Event) follows as LOW work of the queue,
                    so a burst of new tasks gets its Jobs before their paperwork
     IN_PROGRESS -> pod pending: triage (image pull, Secret, scheduling); container started:
@@ -39,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from core.db.store import Store, TaskRecord
+from core.db.store import Store, TaskRecord, TaskRow
 from core.engine.evidence_grants import GrantingStore
 from core.engine.lifecycle import (
     AttemptEvidence,
@@ -121,6 +123,16 @@ class _Started:
     job_name: str
     trial: bool
     at: datetime
+    row: TaskRow  # to write the task's row with (it may not exist yet)
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    """An admitted attempt's pod inputs, ready before its Job is created."""
+
+    inputs: PodInputs
+    deadline: float
+    patch_source: Body | None
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,6 @@ class Controller:
             evidence,
             max_diff_bytes=settings.max_diff_bytes,
             max_log_bytes=settings.max_log_bytes,
-            spool_dir=settings.workdir,
         )
         # the database de-duplicates events (keyed inserts): no key set kept in memory
         self.recorder = Recorder(
@@ -188,6 +199,8 @@ class Controller:
         )
         self._reported: dict[tuple[str, str], str] = {}
         self._starting: dict[str, _Started] = {}  # by TaskExecution uid
+        #: Tasks deleted after their Job was created and before their row was written.
+        self._unrecorded: dict[str, TaskRow] = {}
         self._observers: list[StepObserver] = []
 
     def breaker_states(self) -> dict[str, str]:
@@ -200,7 +213,9 @@ class Controller:
             meta = body["metadata"]
             uid = str(meta.get("uid", ""))
             self.contexts.forget(uid)
-            self._starting.pop(uid, None)
+            started = self._starting.pop(uid, None)
+            if started is not None and type_ == "DELETED":
+                self._unrecorded[uid] = started.row  # for _gone: its Job was created
             self._reported.pop((str(meta.get("namespace", "")), str(meta["name"])), None)
         return self.cache.observe_task(type_, body)
 
@@ -297,7 +312,11 @@ class Controller:
             FailureClass.CANCELLED,
             "TaskExecution deleted while it was running",
         )
+        row = self._unrecorded.pop(key.uid, None)
         record = await self._db(self.store.find_task, key)
+        if record is None and row is not None:
+            # its Job was created before its row was written: the row, then its end
+            record = await self._db(self.store.synced_task, *row)
         if record is not None and not record.status.terminal:
             await self._db(self.recorder.end, key, finish)
 
@@ -335,7 +354,8 @@ class Controller:
             del self._starting[ctx.uid]  # overtaken (its status came from elsewhere)
             started = None
         if started is not None and record.attempts < started.start.attempt:
-            await self._db(self.recorder.begin, ctx.key, started.start, started_at=started.at)
+            begun = started.at
+            await self._write(ctx, self.recorder.begin, ctx.key, started.start, started_at=begun)
             record = replace(
                 record,
                 status=TaskState.IN_PROGRESS,
@@ -384,15 +404,19 @@ class Controller:
         now = self.now()
         breakers = self.breakers.of(ctx.ns)
 
-        def decide() -> tuple[Start | Wait | Finish, Admission | None]:
-            # one trip to the database thread: the breakers' views, the step, and a slot
+        def decide() -> tuple[Start | Wait | Finish, Admission | None, _Launch | str | None]:
+            # one trip to a thread: the breakers' views, the step, a slot, and for a start
+            # admitted its pod's inputs (the patch check and the request write)
             admits = breakers.admits_map(ctx.plan.chain.adapter_ids)
             step = next_step(ctx.plan, record.attempt_results, now=now, admits=admits)
-            if isinstance(step, Start):
-                return step, breakers.acquire(step.adapter_id)
-            return step, None
+            if not isinstance(step, Start):
+                return step, None, None
+            admission = breakers.acquire(step.adapter_id)
+            if not admission.admitted:
+                return step, admission, None
+            return step, admission, self._launch(ctx, step)
 
-        step, admission = await self._db(decide)
+        step, admission, launch = await self._db(decide)
         if isinstance(step, Finish):
             await self._end(ctx, step)
             return None
@@ -401,9 +425,13 @@ class Controller:
         assert admission is not None
         if not admission.admitted:
             await self.status.park(ctx.te, ctx.status, "WaitingForBreaker", admission.reason)
-            await self._db(self.recorder.park, ctx.key, admission.reason)
+            await self._write(ctx, self.recorder.park, ctx.key, admission.reason)
             return Later(admission.retry_after_seconds or self.settings.resync_seconds)
-        return await self._start(ctx, step, trial=admission.trial, now=now)
+        if isinstance(launch, str):
+            await self._reject(ctx, launch)
+            return None
+        assert launch is not None
+        return await self._start(ctx, step, launch, trial=admission.trial, now=now)
 
     async def _wait(self, ctx: TaskContext, wait: Wait, now: datetime) -> float | Later:
         if wait.until is not None:
@@ -413,12 +441,13 @@ class Controller:
                 )
             return max(0.0, (wait.until - now).total_seconds())
         await self.status.park(ctx.te, ctx.status, "WaitingForBreaker", wait.reason)
-        await self._db(self.recorder.park, ctx.key, wait.reason)
+        await self._write(ctx, self.recorder.park, ctx.key, wait.reason)
         return Later(self.settings.resync_seconds)
 
-    async def _start(self, ctx: TaskContext, start: Start, *, trial: bool, now: datetime) -> Next:
+    def _launch(self, ctx: TaskContext, start: Start) -> _Launch | str:
+        """What the attempt's pod gets (its request stored, its grant issued), or why the
+        attempt can never start as specified. Blocking (the evidence store): in a thread."""
         adapter = ctx.plan.adapters[start.adapter_id]
-        name = job_name(ctx.name, ctx.uid, start.attempt, "adapter")
         # a patch named by reference: from the store (fetched with the request), or a
         # ConfigMap/Secret key the kubelet mounts
         source, patch, patch_file = None, None, None
@@ -426,13 +455,11 @@ class Controller:
         if adapter.kind in (AdapterKind.PATCH, AdapterKind.MANUAL) and task_patch is not None:
             if task_patch.evidence is not None:
                 sha = task_patch.evidence.sha256
-                if not await self._io(self.io.patch_exists, sha):
-                    problem = (
+                if not self.io.patch_exists(sha):
+                    return (
                         f"spec.task.patchFrom.evidence.sha256: no patch {sha} in the evidence "
                         "store"
                     )
-                    await self._reject(ctx, problem)
-                    return None
                 patch, patch_file = PatchInput(sha), DEFAULT_PATCH_FILE
             else:
                 ref = task_patch.config_map_key_ref or task_patch.secret_key_ref
@@ -465,16 +492,31 @@ class Controller:
         # the Job's deadline is only a backstop: the runner enforces the budget itself, from
         # its container's start; pulling and scheduling have their own limit
         deadline = start.timeout_seconds + ctx.spec.pending_timeout_seconds
-        inputs = await self._prepare(ctx, request, deadline, patch)
+        inputs = self.io.prepare(
+            ctx.key, request, expires_at=self._grant_expiry(ctx, deadline), patch=patch
+        )
+        return _Launch(inputs, deadline, source)
+
+    async def _start(
+        self, ctx: TaskContext, start: Start, launch: _Launch, *, trial: bool, now: datetime
+    ) -> Next:
+        name = job_name(ctx.name, ctx.uid, start.attempt, "adapter")
         job = self._job(
-            ctx, name, "adapter", start.attempt, inputs, deadline, start.adapter_id, source
+            ctx,
+            name,
+            "adapter",
+            start.attempt,
+            launch.inputs,
+            launch.deadline,
+            start.adapter_id,
+            launch.patch_source,
         )
         if not await self._create_owned_job(ctx, job):
             return Later(60.0)
         # the Job first; the record, status and Event follow (_catch_up) when no new task
         # waits for its Job. A crash before then repeats this step: the Job's name is
         # deterministic and an owned Job on 409 is used.
-        self._starting[ctx.uid] = _Started(start, name, trial, now)
+        self._starting[ctx.uid] = _Started(start, name, trial, now, self.contexts.row(ctx))
         return Later(0.0)
 
     async def _create_owned_job(self, ctx: TaskContext, job: Body) -> bool:
@@ -510,19 +552,23 @@ class Controller:
 
     async def _end(self, ctx: TaskContext, finish: Finish) -> None:
         """A task ends without another attempt (its budget ran out while it waited)."""
-        await self._db(self.recorder.end, ctx.key, finish)
+        await self._write(ctx, self.recorder.end, ctx.key, finish)
         await self.status.finished(ctx.te, finish, ctx.status.attempt)
         await self.status.write(ctx.te, task_ended(ctx.status, finish, self.now()))
+
+    def _grant_expiry(self, ctx: TaskContext, deadline: float) -> datetime:
+        """Until when a pod's grant holds: its Job's backstop, after the longest wait for a
+        queue's admission when the task names a queue."""
+        queue_wait_seconds = ctx.spec.queue_wait_limit_seconds if ctx.spec.queue_name else 0.0
+        return self.now() + timedelta(
+            seconds=deadline + queue_wait_seconds + BACKSTOP_GRACE_SECONDS
+        )
 
     async def _prepare(
         self, ctx: TaskContext, request: RunnerRequest, deadline: float, patch: PatchInput | None
     ) -> PodInputs:
-        """Store the request and grant the pod its inputs and uploads until its backstop
-        (after the longest wait for a queue's admission, when the task names a queue)."""
-        queue_wait_seconds = ctx.spec.queue_wait_limit_seconds if ctx.spec.queue_name else 0.0
-        expires = self.now() + timedelta(
-            seconds=deadline + queue_wait_seconds + BACKSTOP_GRACE_SECONDS
-        )
+        """Store the request and grant the pod its inputs and uploads."""
+        expires = self._grant_expiry(ctx, deadline)
         return await self._io(self.io.prepare, ctx.key, request, expires_at=expires, patch=patch)
 
     def _job(
@@ -818,6 +864,16 @@ class Controller:
             return await asyncio.to_thread(fn, *args, **kwargs)
         finally:
             self._notify("db", getattr(fn, "__qualname__", repr(fn)), started)
+
+    async def _write(self, ctx: TaskContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A write of the task's record, its row inserted first if it is not yet."""
+
+        def write() -> T:
+            self.contexts.ensure(ctx)
+            return fn(*args, **kwargs)
+
+        write.__qualname__ = getattr(fn, "__qualname__", repr(fn))  # what observers see
+        return await self._db(write)
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Evidence-store calls (files, HTTP to an object store) off the event loop."""

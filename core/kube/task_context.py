@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from core.db.store import Store, TaskRecord
+from core.db.store import Store, TaskRecord, TaskRow, fresh_record
 from core.engine.lifecycle import TaskPlan
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
@@ -206,17 +206,37 @@ class TaskContexts:
         return parsed
 
     def record(self, ctx: TaskContext) -> TaskRecord:
-        """The task's database record, its rows synced first (once per task and per Adapter
-        generation). Blocking: call it in a thread; one trip does both."""
+        """The task's database record (the Adapters' rows synced first, once per generation).
+
+        A task the database does not know yet is not inserted here: its record is what the
+        insert would make, and :meth:`ensure` writes the row before the first write of it
+        (a start creates its Job first and records it after). Blocking: call it in a
+        thread; one trip does both."""
         adapters = (ctx.ns, ctx.generations)
         if adapters not in self._adapters_synced:
             self.store.sync_adapters(ctx.ns, ctx.inputs)
             self._adapters_synced.add(adapters)
+        if ctx.uid in self._tasks_synced:
+            return self.store.task(ctx.key)
+        found = self.store.find_task(ctx.key)
+        if found is None:
+            return fresh_record(*self.row(ctx))
+        return self._sync(ctx)
+
+    def ensure(self, ctx: TaskContext) -> None:
+        """The task's row exists (inserted unless this process did already). Blocking."""
         if ctx.uid not in self._tasks_synced:
-            seq = int(parse_time(ctx.te["metadata"].get("creationTimestamp")).timestamp())
-            self.store.sync_tasks([(ctx.key, seq, ctx.task, ctx.plan.chain.adapter_ids[0])])
-            self._tasks_synced.add(ctx.uid)
-        return self.store.task(ctx.key)
+            self._sync(ctx)
+
+    def row(self, ctx: TaskContext) -> TaskRow:
+        """What the task's row is made of: key, queue order, spec, first Adapter."""
+        seq = int(parse_time(ctx.te["metadata"].get("creationTimestamp")).timestamp())
+        return ctx.key, seq, ctx.task, ctx.plan.chain.adapter_ids[0]
+
+    def _sync(self, ctx: TaskContext) -> TaskRecord:
+        record = self.store.synced_task(*self.row(ctx))
+        self._tasks_synced.add(ctx.uid)
+        return record
 
     def forget(self, uid: str) -> None:
         """The task is finished or gone: nothing of it stays in memory."""

@@ -24,6 +24,7 @@ from core.kube import task_context
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
 from core.kube.reconciler import Controller, ControllerSettings
+from core.models import TaskState
 from core.testing.clock import FakeClock
 from core.testing.fake_kube import FakeKubeApi
 from tests.e2e.operator_harness import adapter, demo_patch, task_execution
@@ -251,5 +252,51 @@ def test_later_steps_skip_the_checks_until_the_task_or_an_adapter_changes(
         # the task ends: nothing of it stays
         contexts.forget(te["metadata"]["uid"])
         assert await contexts.build(newer) is not None and len(checked) == 6
+
+    asyncio.run(main())
+
+
+def test_a_start_creates_its_job_before_any_database_write_and_its_record_follows(
+    tmp_path: Path,
+) -> None:
+    """The burst's critical path (issue 17): a new task's first step reads the database and
+    creates its Job, but writes no row; the deferred half inserts the row and records the
+    start. A TaskExecution deleted in between is still recorded, CANCELLED, like one deleted
+    after its row was written."""
+
+    async def main() -> None:
+        api = FakeKubeApi(namespaces=(NS,))
+        controller = _controller(api, tmp_path)
+        made = await api.create_object("adapters", NS, adapter("patch", "patch"))
+        controller.observe_adapter("ADDED", made.object)
+        task = {"prompt": "p", "patch": demo_patch("add-multiply")}
+        keys = {}
+        for name in ("kept", "deleted"):
+            made = await api.create_object(
+                TE, NS, task_execution(name, "git://x/y.git", "patch", task=task)
+            )
+            (keys[name],) = controller.observe_task("ADDED", made.object)
+        for key in keys.values():
+            await controller.sync(key)
+        jobs = await api.list_jobs(NS)
+        assert sorted(j["metadata"]["ownerReferences"][0]["name"] for j in jobs) == [
+            "deleted",
+            "kept",
+        ]
+        assert controller.store.tasks("e2e") == []  # nothing written before the Jobs
+
+        body = await api.get_object(TE, NS, "deleted")
+        assert body is not None
+        await api.delete_object(TE, NS, "deleted")
+        for key in controller.observe_task("DELETED", body):
+            await controller.sync(key)
+        await controller.sync(keys["kept"])  # the deferred half of its start
+
+        records = {r.key.task_id: r for r in controller.store.tasks("e2e")}
+        assert records["kept"].status is TaskState.IN_PROGRESS
+        assert records["kept"].attempts == 1
+        assert records["deleted"].status is TaskState.CANCELLED
+        kept = await api.get_object(TE, NS, "kept")
+        assert kept is not None and kept["status"]["state"] == "IN_PROGRESS"
 
     asyncio.run(main())
