@@ -935,6 +935,44 @@ def raw_job_rate(
     }
 
 
+def raw_te_rate(session: Session, n: int, threads: int) -> dict[str, Any]:
+    """What the TaskExecutions alone cost: this client POSTs the burst's n TaskExecution
+    bodies with the same threads into a namespace of their own that no operator serves and
+    nothing watches. The operator cannot create Jobs faster than TaskExecutions arrive, so
+    this rate, measured with nothing else to do, bounds the burst's Job rate from above."""
+    c = session.cluster
+    ns = f"{session.ns}-te"
+    c.kubectl("create", "namespace", ns)
+    bodies = [session.te_body(f"te-{i:05d}") for i in range(n)]
+
+    def post(b: dict[str, Any]) -> None:
+        resp = c.custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, TE, b, _preload_content=False
+        )
+        resp.data  # noqa: B018 - drain the body: the pooled connection is reused
+        resp.release_conn()
+
+    procs = pids_named("kube-apiserver", "etcd", "kube-controller")
+    cpu0 = {k: cpu_seconds(v) for k, v in procs.items()}
+    self0 = _self_cpu()
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(post, bodies))
+        dt = time.monotonic() - t0
+        cpu = {k: _delta(cpu_seconds(v), cpu0[k]) for k, v in procs.items()}
+        cpu["bench_client"] = round(_self_cpu() - self0, 2)
+    finally:
+        c.kubectl("delete", "namespace", ns, "--wait=false")
+    return {
+        "task_executions": n,
+        "threads": threads,
+        "seconds": round(dt, 3),
+        "per_s": rate(n, dt),
+        "cpu_seconds": cpu,
+    }
+
+
 def _self_cpu() -> float:
     import resource
 
@@ -1212,6 +1250,8 @@ def bench_burst(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         wait_until(lambda: "IN_PROGRESS" in s.terminal_or_state("warmup"), 120, "warm-up")
         quiet = {"raw_before": wait_quiet()}
         raw_before = raw_job_rate(s, args.raw, args.threads, suspend=not args.raw_unsuspended)
+        quiet["raw_te"] = wait_quiet()
+        raw_te = raw_te_rate(s, args.n, args.threads)
         quiet["burst"] = wait_quiet()
         before = api_window(s)
         cpu0, load0, rss0 = _cpu_now(s), loadavg(), s.rss()
@@ -1297,6 +1337,12 @@ def bench_burst(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                 "after": {k: v for k, v in raw_after.items() if k != "jobs_created_s"},
                 "jobs_per_s": round(raw_rate, 2),
                 "seconds": round(raw_seconds, 3),
+            },
+            "raw_te_post_limit": {
+                **raw_te,
+                "note": "the same TaskExecutions POSTed with nothing serving or watching "
+                "them: an upper bound of the burst's Job rate (a Job per TaskExecution)",
+                "ratio_bound": round(raw_te["per_s"] / raw_rate, 3) if raw_te["per_s"] else None,
             },
             "targets": {
                 "job_rate_ratio": round(job_rate / raw_rate, 3) if job_rate else None,
