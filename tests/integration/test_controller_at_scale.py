@@ -62,6 +62,17 @@ def _controller(
     )
 
 
+async def _driven_controller(
+    api: FakeKubeApi, workdir: Path
+) -> tuple[Controller, dict[str, Any]]:
+    """A controller driven step by step (no control loop) that knows a ``patch`` Adapter,
+    and the task of a TaskExecution that names it."""
+    controller = _controller(api, workdir)
+    made = await api.create_object("adapters", NS, adapter("patch", "patch"))
+    controller.observe_adapter("ADDED", made.object)
+    return controller, {"prompt": "p", "patch": demo_patch("add-multiply")}
+
+
 async def _settle(loop: ControlLoop, clock: FakeClock, rounds: int = 400) -> None:
     """Let the workers run until the queue is empty (the database work runs in threads)."""
     for _ in range(rounds):
@@ -208,10 +219,7 @@ def test_later_steps_skip_the_checks_until_the_task_or_an_adapter_changes(
 
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
-        controller = _controller(api, tmp_path)
-        made = await api.create_object("adapters", NS, adapter("patch", "patch"))
-        controller.observe_adapter("ADDED", made.object)
-        task = {"prompt": "p", "patch": demo_patch("add-multiply")}
+        controller, task = await _driven_controller(api, tmp_path)
         te = (
             await api.create_object(
                 TE, NS, task_execution("t", "git://x/y.git", "patch", task=task)
@@ -266,10 +274,7 @@ def test_a_start_creates_its_job_before_any_database_write_and_its_record_follow
 
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
-        controller = _controller(api, tmp_path)
-        made = await api.create_object("adapters", NS, adapter("patch", "patch"))
-        controller.observe_adapter("ADDED", made.object)
-        task = {"prompt": "p", "patch": demo_patch("add-multiply")}
+        controller, task = await _driven_controller(api, tmp_path)
         keys = {}
         for name in ("kept", "deleted"):
             made = await api.create_object(
