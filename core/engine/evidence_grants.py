@@ -169,7 +169,7 @@ def gzip_file(source: Path, target: Path, level: int = 6) -> tuple[str, int, int
 def store_request(store: GrantingStore, data: bytes) -> tuple[str, str, int]:
     """Put a runner request in the store, content-addressed: (key, sha256, size).
 
-    Compressed in memory (a request is at most :data:`MAX_REQUEST_BYTES`): no spool files,
+    Compressed in memory (the operator refuses a request above 8 MiB): no spool files,
     one write; ``mtime=0`` so the same request always stores the same bytes."""
     sha = hashlib.sha256(data).hexdigest()
     key = f"{REQUESTS}/{sha}.json.gz"

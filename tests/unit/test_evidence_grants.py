@@ -18,6 +18,7 @@ from core.engine.evidence_grants import (
     LocalGrantingStore,
     UploadedEvidence,
     adopt_patch,
+    store_request,
     verify_upload,
 )
 from core.errors import EvidenceError
@@ -111,3 +112,16 @@ def test_an_upload_is_adopted_only_when_it_is_what_the_runner_reported(tmp_path:
     ref = adopt_patch(store, good, max_size=10**6)
     assert ref.key == f"patches/{sha}.diff.gz" and not store.exists(key)
     assert adopt_patch(store, good, max_size=10**6) == ref  # a replay after the move
+
+
+def test_a_runner_request_is_stored_once_by_its_content_and_atomically(tmp_path: Path) -> None:
+    store = LocalGrantingStore(tmp_path / ".ledger", base_url="", signer=GrantSigner(b"k" * 32))
+    data = b'{"kind": "adapter", "prompt": "' + b"p" * 5000 + b'"}'
+    key, sha, size = store_request(store, data)
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert key == f"requests/{sha}.json.gz"
+    stored = store.path(key).read_bytes()
+    assert gzip.decompress(stored) == data
+    assert store_request(store, data) == (key, sha, size)  # the same content: not rewritten
+    assert store.path(key).read_bytes() == stored
+    assert [p.name for p in store.path(key).parent.iterdir()] == [f"{sha}.json.gz"]  # no temp
