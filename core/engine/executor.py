@@ -90,7 +90,6 @@ from core.models import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_BYTES = 2 * 1024 * 1024
-BREAKER_PEEK_SECONDS = PEEK_MAX_AGE_SECONDS
 #: Hard limit of one attempt's diff: a larger one is not kept and fails as diff_too_large.
 DEFAULT_MAX_DIFF_BYTES = 100 * 1024 * 1024
 
@@ -206,7 +205,7 @@ class Executor:
             self.recorder.on_breaker_transition,
             # peeks (safe mode, admits) within a second of a read or write of this process
             # are answered from it: 1 breaker read per attempt instead of 4
-            max_age_seconds=BREAKER_PEEK_SECONDS,
+            max_age_seconds=PEEK_MAX_AGE_SECONDS,
             monotonic=self.clocks.monotonic,
         )
         self.health = AdapterHealth(
