@@ -434,12 +434,17 @@ class Store:
             return list(s.scalars(query))
 
     def events(self, run_id: str | None = None) -> list[Event]:
+        return list(self.iter_events(run_id))
+
+    def iter_events(self, run_id: str | None = None) -> Iterator[Event]:
+        """``execution_log`` in insert order, fetched in batches (a repair of the operator's
+        whole log holds a batch, not the table)."""
         with self._session() as s:
             query = select(ExecutionLog).order_by(ExecutionLog.id)
             if run_id is not None:
                 query = query.where(ExecutionLog.run_id == run_id)
-            return [
-                Event(
+            for r in s.scalars(query.execution_options(yield_per=1000)):
+                yield Event(
                     key=r.event_key,
                     run_id=r.run_id,
                     task_id=r.task_id,
@@ -450,8 +455,6 @@ class Store:
                     created_at=_aware(r.created_at) or self._now(),
                     task_uid=r.task_uid,
                 )
-                for r in s.scalars(query)
-            ]
 
     def ledger_anchor(self) -> list[tuple[int, str]]:
         with self._session() as s:

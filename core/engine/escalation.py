@@ -38,6 +38,7 @@ from sqlalchemy import Engine
 
 from core.db.escalations import EscalationRows
 from core.engine.alert_webhook import WebhookConfig, WebhookSender
+from core.engine.log_lock import APPEND_LOCK, AppendLock
 from core.engine.monitoring.metrics import Metrics
 from core.engine.resilience.circuit_breaker import (
     BreakerSnapshot,
@@ -163,8 +164,10 @@ class Escalations:
         clock: Callable[[], datetime],
         policy: EscalationPolicy | None = None,
         sinks: Iterable[Sink] = (),
+        lock: AppendLock | None = None,
     ) -> None:
         self.workdir = workdir
+        self.lock = lock or AppendLock(workdir / APPEND_LOCK)
         self.metrics = metrics
         self.clock = clock
         self.policy = policy or EscalationPolicy()
@@ -300,10 +303,11 @@ class Escalations:
         """Record ``escalation`` unless its key is known; True when it was new."""
         if escalation.reason not in self.policy.reasons:
             return False
-        if not self.rows.insert(escalation.row()):
-            return False
-        record = escalation.record()
-        self._append([record])
+        with self.lock.shared():
+            if not self.rows.insert(escalation.row()):
+                return False
+            record = escalation.record()
+            self._append([record])
         self.metrics.escalation(escalation.reason.value)
         for sink in self.sinks:
             sink(escalation)
@@ -313,7 +317,8 @@ class Escalations:
 
     def repair(self) -> int:
         """After a crash: append the database's escalations the file lacks, and queue those
-        the webhook never took. Returns how many lines were appended."""
+        the webhook never took. Returns how many lines were appended. Hold the append lock
+        exclusive around it (:mod:`core.engine.log_lock`)."""
         rows = self.rows.rows()
         known = self._file_keys()
         missing = [_record_of(r) for r in rows if r["escalation_key"] not in known]

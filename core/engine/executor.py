@@ -529,8 +529,8 @@ class Executor:
         )
         write_model(self.config.workdir / STATE_DIR / EXECUTION_RESULTS, results)
         if finished:
-            self.recorder.events.write(
-                self.store.run_event(
+            self.recorder.commit_events(
+                lambda: self.store.run_event(
                     self.run_id,
                     EventName.EXECUTION_FINISHED,
                     {"summary": summary},
@@ -545,8 +545,8 @@ class Executor:
         if event.startswith("safe_mode_"):
             name = EventName.SAFE_MODE_ENTERED if fields.get("active") else EventName.SAFE_MODE_LEFT
             key = f"{self.run_id}//{name.value}/{fields.get('at')}"
-            self.recorder.events.write(
-                self.store.run_event(self.run_id, name, dict(fields), key=key)
+            self.recorder.commit_events(
+                lambda: self.store.run_event(self.run_id, name, dict(fields), key=key)
             )
             if fields.get("active"):
                 reasons = fields.get("reasons")

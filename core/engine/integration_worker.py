@@ -240,8 +240,8 @@ class IntegrationWorker:
             self.rows.pushed(self.run_id, state.source, state.head_commit, scope=self.scope)
         results = self.write_results()
         where = f"{self.scope}/" if self.scope else ""
-        self.recorder.events.write(
-            self.store.run_event(
+        self.recorder.commit_events(
+            lambda: self.store.run_event(
                 self.run_id,
                 EventName.INTEGRATION_FINISHED,
                 {
@@ -542,8 +542,7 @@ class IntegrationWorker:
                 }
             )
             self.recorder.reopen(key, amended, why=verdict.retry_decision)
-        events = self.rows.record(key, entry)
-        self.recorder.events.write(events)
+        events = self.recorder.commit_events(lambda: self.rows.record(key, entry))
         if verdict.outcome is IntegrationOutcome.MERGED:
             state = self._state()
             IntegrationRepo(Path(state.repository)).set_branch(state.branch, state.head_commit)

@@ -7,7 +7,8 @@ Order of writes for a finished attempt, each idempotent per (task identity, atte
 2. the database in one transaction: task row, ``execution_log`` event, ``patch_history``
    mirror and the adapter's circuit breaker (so a replay never counts a failure twice);
    then the gate's per-test outcomes (keyed rows: ``gate_test_results``);
-3. ``logs/executor.jsonl`` (repaired from the database after a crash);
+3. ``logs/executor.jsonl`` (repaired from the database after a crash; the append lock of
+   :mod:`core.engine.log_lock` is held from the commit to the line);
 4. metrics, breaker transitions and ``logs/resilience.jsonl``, only when step 2 was new,
    so a replayed attempt is never counted twice; then the escalations the attempt raises
    (``core.engine.escalation``: keyed, so nobody is told twice).
@@ -35,6 +36,7 @@ from core.engine.escalation import EscalationPolicy, Escalations
 from core.engine.events import EventLog
 from core.engine.evidence import EvidenceStore, local_store
 from core.engine.lifecycle import Finish, Start, Verdict, final_state
+from core.engine.log_lock import APPEND_LOCK, AppendLock
 from core.engine.monitoring.metrics import Metrics
 from core.engine.patch_ledger import PatchLedger
 from core.engine.resilience.breaker_store import CircuitBreakers
@@ -89,8 +91,10 @@ class Recorder:
         self.ledger = PatchLedger(workdir / STATE_DIR / PATCH_LEDGER, self.evidence, clock)
         self.events = EventLog(workdir / "logs" / "executor.jsonl", dedupe=dedupe_events)
         self.resilience = ResilienceLog(workdir / "logs" / "resilience.jsonl", clock)
+        #: Held shared from a commit to its lines, exclusive by a repair.
+        self.lock = AppendLock(workdir / APPEND_LOCK)
         self.escalations = Escalations(
-            store.engine, workdir, metrics=metrics, clock=clock, policy=escalation
+            store.engine, workdir, metrics=metrics, clock=clock, policy=escalation, lock=self.lock
         )
 
     def on_breaker_transition(self, transition: BreakerTransition) -> None:
@@ -101,15 +105,23 @@ class Recorder:
     # ------------------------------------------------------------------ attempts
 
     def begin(self, key: TaskKey, start: Start, *, started_at: datetime | None = None) -> None:
-        self.events.write(
-            self.store.begin_attempt(
-                key,
-                start.attempt,
-                start.adapter_id,
-                timeout_seconds=start.timeout_seconds,
-                started_at=started_at,
+        with self.lock.shared():
+            self.events.write(
+                self.store.begin_attempt(
+                    key,
+                    start.attempt,
+                    start.adapter_id,
+                    timeout_seconds=start.timeout_seconds,
+                    started_at=started_at,
+                )
             )
-        )
+
+    def commit_events(self, commit: Callable[[], list[Event]]) -> list[Event]:
+        """Run ``commit`` (a database write returning its new events), then append them."""
+        with self.lock.shared():
+            events = commit()
+            self.events.write(events)
+            return events
 
     def record(
         self,
@@ -164,32 +176,72 @@ class Recorder:
         trial: bool,
         why: str,
     ) -> Outcome:
-        result = entry.result
-        feed = breakers.feed(result.adapter_id, classification, trial=trial)
-        recorded: Recorded = self.store.finish_attempt(
-            key,
-            result,
-            final_state=finish.state if finish else None,
-            final_message=finish.message if finish else "",
-            entry=entry,
-            breaker=feed,
-        )
-        self.events.write(recorded.events)
-        # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
-        record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
-        record = recorded.record or self.store.task(key)
-        if recorded.new:
-            feed.announce()
-            if result.usage is not None:
-                self.metrics.tokens(result.adapter_id, result.usage)
-            if result.gate is not None:
-                self.metrics.gate_finished(result.gate.passed)
-            if finish is not None:
-                self.metrics.task_finished(
-                    result.adapter_id, record.status, record.duration_seconds
+        with self.lock.shared():
+            result = entry.result
+            feed = breakers.feed(result.adapter_id, classification, trial=trial)
+            recorded: Recorded = self.store.finish_attempt(
+                key,
+                result,
+                final_state=finish.state if finish else None,
+                final_message=finish.message if finish else "",
+                entry=entry,
+                breaker=feed,
+            )
+            self.events.write(recorded.events)
+            # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
+            record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
+            record = recorded.record or self.store.task(key)
+            if recorded.new:
+                feed.announce()
+                if result.usage is not None:
+                    self.metrics.tokens(result.adapter_id, result.usage)
+                if result.gate is not None:
+                    self.metrics.gate_finished(result.gate.passed)
+                if finish is not None:
+                    self.metrics.task_finished(
+                        result.adapter_id, record.status, record.duration_seconds
+                    )
+                else:
+                    self.metrics.retry(result.adapter_id, str(result.failure_class))
+                    self.resilience.write(
+                        "retry_scheduled",
+                        run_id=key.run_id,
+                        task_id=key.task_id,
+                        task_uid=key.uid or None,
+                        attempt=result.attempt,
+                        reason=why,
+                    )
+                self.escalations.attempt_recorded(
+                    key,
+                    result,
+                    final_state=finish.state if finish is not None else None,
+                    ledger_seq=entry.seq,
+                    transitions=feed.transitions,
                 )
-            else:
-                self.metrics.retry(result.adapter_id, str(result.failure_class))
+            return Outcome(entry, record, recorded.events, recorded.new, finish)
+
+    def end(self, key: TaskKey, finish: Finish) -> TaskRecord:
+        """End a task without another attempt (budget spent while waiting, cancelled...)."""
+        with self.lock.shared():
+            events = self.store.end_task(key, finish.state, finish.failure_class, finish.message)
+            self.events.write(events)
+            record = self.store.task(key)
+            if events:
+                adapter = record.current_adapter_id or record.adapter_id
+                self.metrics.task_finished(adapter, record.status, record.duration_seconds)
+                self.escalations.task_ended(key, record.status, adapter, finish.message)
+            return record
+
+    def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
+        """A completed task sent back by the integration worker (the ledger already holds the
+        verdict): PENDING again with ``result`` (its amended last attempt) and TASK_REOPENED
+        in one transaction; counted as a retry only when that write was new."""
+        with self.lock.shared():
+            events = self.store.reopen_task(key, result)
+            self.events.write(events)
+            if events:
+                failure = events[0].payload.get("failure_class")
+                self.metrics.retry(result.adapter_id, str(failure))
                 self.resilience.write(
                     "retry_scheduled",
                     run_id=key.run_id,
@@ -198,44 +250,7 @@ class Recorder:
                     attempt=result.attempt,
                     reason=why,
                 )
-            self.escalations.attempt_recorded(
-                key,
-                result,
-                final_state=finish.state if finish is not None else None,
-                ledger_seq=entry.seq,
-                transitions=feed.transitions,
-            )
-        return Outcome(entry, record, recorded.events, recorded.new, finish)
-
-    def end(self, key: TaskKey, finish: Finish) -> TaskRecord:
-        """End a task without another attempt (budget spent while waiting, cancelled...)."""
-        events = self.store.end_task(key, finish.state, finish.failure_class, finish.message)
-        self.events.write(events)
-        record = self.store.task(key)
-        if events:
-            adapter = record.current_adapter_id or record.adapter_id
-            self.metrics.task_finished(adapter, record.status, record.duration_seconds)
-            self.escalations.task_ended(key, record.status, adapter, finish.message)
-        return record
-
-    def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
-        """A completed task sent back by the integration worker (the ledger already holds the
-        verdict): PENDING again with ``result`` (its amended last attempt) and TASK_REOPENED
-        in one transaction; counted as a retry only when that write was new."""
-        events = self.store.reopen_task(key, result)
-        self.events.write(events)
-        if events:
-            failure = events[0].payload.get("failure_class")
-            self.metrics.retry(result.adapter_id, str(failure))
-            self.resilience.write(
-                "retry_scheduled",
-                run_id=key.run_id,
-                task_id=key.task_id,
-                task_uid=key.uid or None,
-                attempt=result.attempt,
-                reason=why,
-            )
-        return self.store.task(key)
+            return self.store.task(key)
 
     def park(self, key: TaskKey, reason: str) -> TaskRecord:
         self.store.set_waiting(key, reason)
@@ -244,14 +259,22 @@ class Recorder:
     # ------------------------------------------------------------------ crash repair
 
     def repair(self, run_id: str | None = None) -> None:
-        """Bring the JSONL event log and the DB ledger mirror up to date after a crash."""
-        self.events.repair(self.store.events(run_id))
+        """Bring the JSONL logs and the DB ledger mirror up to date after a crash."""
+        self.repair_logs(run_id)
         mirrored = self.store.mirrored_seqs()
         for entry in self.ledger.entries():
             # integration verdicts are mirrored by the integration worker, not patch_history
             if entry.kind == "attempt" and entry.seq not in mirrored:
                 self.store.mirror_ledger(entry, entry.scope or "")
-        self.escalations.repair()
+
+    def repair_logs(self, run_id: str | None = None) -> tuple[int, int]:
+        """Append what the database holds and ``logs/executor.jsonl`` (the events of
+        ``run_id``; None: all) and ``logs/escalations.jsonl`` lack; safe beside live
+        writers. Returns (event lines, escalation lines) appended."""
+        with self.lock.exclusive():
+            events = self.events.repair(self.store.iter_events(run_id))
+            escalations = self.escalations.repair()
+        return events, escalations
 
 
 def finish_of(recorded: AttemptResult, verdict: Verdict | None = None) -> Finish | None:

@@ -10,9 +10,10 @@ never blocks the others, and no event is lost to an exception.
 
 Every replica keeps its cache warm; only the holder of the Lease (:mod:`core.kube.leader`)
 runs the workers, the resync and the deletion sweep, so a standby takes over with a complete
-cache and two replicas never act on one task. Other controllers share all of this as
-:class:`~core.kube.loop_part.LoopPart` s (Integrations, escalation Events): they see every
-watch event, own their keys of the queue and lead and follow with the loop.
+cache and two replicas never act on one task. Taking over, it repairs the logs a dead
+leader may have left a line short (:mod:`core.kube.log_repair`). Other controllers share all
+of this as :class:`~core.kube.loop_part.LoopPart` s (Integrations, escalation Events): they
+see every watch event, own their keys of the queue and lead and follow with the loop.
 
 With ``shards`` (:mod:`core.kube.shards`) every replica runs workers, but a TaskExecution's
 keys are worked only by the replica holding its shard's Lease: a key of a shard not held is
@@ -35,6 +36,7 @@ from core.kube.api import Body, KubeApi
 from core.kube.informer import Informer
 from core.kube.jobs import MANAGED_BY
 from core.kube.leader import ElectionConfig, LeaderElector
+from core.kube.log_repair import LogRepair
 from core.kube.loop_part import LoopPart
 from core.kube.reconciler import Controller, Key, Next
 from core.kube.shards import ShardSet, shard_of
@@ -139,6 +141,8 @@ class ControlLoop:
         self._phase: dict[int, Phase] = {}  # sharded: the owners (shards, PARTS) held
         self._parked: dict[int, dict[Key, Priority]] = {}
         self._inflight: dict[int, set[asyncio.Task[Next]]] = {}
+        #: logs/*.jsonl from the database, whenever work may pass from a replica that died
+        self.log_repair = LogRepair(controller.repair_logs)
 
     @property
     def leading(self) -> bool:
@@ -213,6 +217,7 @@ class ControlLoop:
                 await asyncio.Event().wait()
         finally:
             await self._follow()
+            await self.log_repair.close()
             for task in watching:
                 task.cancel()
             await asyncio.gather(*watching, return_exceptions=True)
@@ -230,6 +235,7 @@ class ControlLoop:
     async def _lead(self) -> None:
         await self.synced()  # the cache is complete: the sweep may trust an absence
         self.controller.cache.listed.update(self._scopes)  # and so may an Adapter lookup
+        self.log_repair.request()
         swept = await self.controller.sweep(self.namespaces)
         if swept:
             log.warning("recorded %d task(s) CANCELLED whose TaskExecution is gone", swept)
@@ -258,6 +264,7 @@ class ControlLoop:
         self._inflight.setdefault(shard, set())
         await self.synced()
         self.controller.cache.listed.update(self._scopes)
+        self.log_repair.request()
         assert self.shards is not None
         count = self.shards.count
         swept = await self.controller.sweep(
@@ -291,6 +298,7 @@ class ControlLoop:
         self.controller.cache.listed.update(self._scopes)
         self._phase[PARTS] = Phase.ACTIVE
         self._inflight.setdefault(PARTS, set())
+        self.log_repair.request()
         for part in self.parts:
             await part.lead()
             self._add(part.resync_keys())

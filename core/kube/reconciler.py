@@ -206,6 +206,11 @@ class Controller:
     def breaker_states(self) -> dict[str, str]:
         return self.breakers.states()
 
+    def repair_logs(self) -> tuple[int, int]:
+        """The recorder's :meth:`~core.engine.recorder.Recorder.repair_logs` of every run
+        (blocking: call it in a thread)."""
+        return self.recorder.repair_logs()
+
     # ------------------------------------------------------------------ watch events
 
     def observe_task(self, type_: str, body: Body) -> list[Key]:
