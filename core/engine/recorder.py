@@ -202,15 +202,7 @@ class Recorder:
                         result.adapter_id, record.status, record.duration_seconds
                     )
                 else:
-                    self.metrics.retry(result.adapter_id, str(result.failure_class))
-                    self.resilience.write(
-                        "retry_scheduled",
-                        run_id=key.run_id,
-                        task_id=key.task_id,
-                        task_uid=key.uid or None,
-                        attempt=result.attempt,
-                        reason=why,
-                    )
+                    self._retry_scheduled(key, result, str(result.failure_class), why)
                 self.escalations.attempt_recorded(
                     key,
                     result,
@@ -241,16 +233,21 @@ class Recorder:
             self.events.write(events)
             if events:
                 failure = events[0].payload.get("failure_class")
-                self.metrics.retry(result.adapter_id, str(failure))
-                self.resilience.write(
-                    "retry_scheduled",
-                    run_id=key.run_id,
-                    task_id=key.task_id,
-                    task_uid=key.uid or None,
-                    attempt=result.attempt,
-                    reason=why,
-                )
+                self._retry_scheduled(key, result, str(failure), why)
             return self.store.task(key)
+
+    def _retry_scheduled(
+        self, key: TaskKey, result: AttemptResult, failure: str, why: str
+    ) -> None:
+        self.metrics.retry(result.adapter_id, failure)
+        self.resilience.write(
+            "retry_scheduled",
+            run_id=key.run_id,
+            task_id=key.task_id,
+            task_uid=key.uid or None,
+            attempt=result.attempt,
+            reason=why,
+        )
 
     def park(self, key: TaskKey, reason: str) -> TaskRecord:
         self.store.set_waiting(key, reason)
