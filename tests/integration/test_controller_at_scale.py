@@ -23,7 +23,7 @@ from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.kube import task_context
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
-from core.kube.reconciler import Controller, ControllerSettings
+from core.kube.reconciler import PENDING_POLL_SECONDS, Controller, ControllerSettings
 from core.models import TaskState
 from core.testing.clock import FakeClock
 from core.testing.fake_kube import FakeKubeApi
@@ -169,16 +169,20 @@ def test_a_burst_lists_no_pods_until_the_job_controller_counts_one(tmp_path: Pat
         await loop.synced()
         for _ in range(4):  # the starts, their deferred halves, and two pending rechecks
             await _settle(loop, clock)
-            clock.advance(5)
+            clock.advance(PENDING_POLL_SECONDS)
+        await _settle(loop, clock)  # the rechecks now due run before the Job changes
         jobs = await api.list_jobs(NS)
         assert len(jobs) == n
         tes = await api.list_objects(TE, NS)
         assert {t["status"]["state"] for t in tes} == {"IN_PROGRESS"}
         assert pod_lists() == 0
 
-        # the Job controller counts a pod of one Job: that Job's pods are looked at
+        # the Job controller counts a pod of one Job (not an event the controller is woken
+        # by): at the next pending recheck, that Job's pods are looked at, no other's
         first = jobs[0]["metadata"]
         api.server.patch("jobs", NS, first["name"], {"status": {"active": 1}}, status=True)
+        await _settle(loop, clock)
+        clock.advance(PENDING_POLL_SECONDS)
         await _settle(loop, clock)
         assert pod_lists() == 1
 
