@@ -1,20 +1,22 @@
 """The API client takes from the environment only what was asked for.
 
 aiohttp's ``trust_env`` (on in the Kubernetes client) reads proxy variables and ``~/.netrc``
-on every request. With no proxy variable set the operator turns it off: nothing to find, and
-a ``.netrc`` entry for the API server's host can neither add a password to the operator's
-requests nor clash with its bearer token. With a proxy variable set it stays on.
+on every request. The operator turns it off: a ``.netrc`` entry for the API server's host can
+neither add a password to the operator's requests nor clash with its bearer token. The proxy
+a variable names (``NO_PROXY`` honoured) is passed to the client explicitly, its credentials
+as the Proxy-Authorization header; here a loopback "proxy" records what reaches it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from core.kube.client_api import ClientKubeApi
+from core.kube.client_api import ClientKubeApi, env_proxy
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WS_PROXY", "WSS_PROXY")
 
@@ -43,10 +45,7 @@ def test_no_netrc_password_reaches_the_api_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_proxy_variables(monkeypatch)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    netrc = tmp_path / ".netrc"
-    netrc.write_text("machine 127.0.0.1 login admin password netrc-secret\n")
-    netrc.chmod(0o600)
+    _netrc(tmp_path, monkeypatch)
     seen: list[str | None] = []
 
     async def configmap(request: web.Request) -> web.Response:
@@ -72,17 +71,110 @@ def test_no_netrc_password_reaches_the_api_server(
     assert seen == ["Bearer operator-token"]
 
 
-def test_a_proxy_variable_is_still_honoured(
+def _netrc(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(home))
+    netrc = home / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login admin password netrc-secret\n")
+    netrc.chmod(0o600)
+
+
+async def _recorder(seen: list[dict[str, str | None]]) -> tuple[web.AppRunner, int]:
+    """A loopback server answering every request 404, recording its target and headers."""
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "target": str(request.url),
+                "authorization": request.headers.get("Authorization"),
+                "proxy-authorization": request.headers.get("Proxy-Authorization"),
+            }
+        )
+        return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def test_a_proxy_variable_is_honoured_without_trust_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_proxy_variables(monkeypatch)
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    _netrc(tmp_path, monkeypatch)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    seen: list[dict[str, str | None]] = []
 
     async def main() -> object:
+        proxy, port = await _recorder(seen)
+        monkeypatch.setenv("HTTP_PROXY", f"http://op%40x:s%3Acret@127.0.0.1:{port}")
+        # the API server's port has nothing listening: only the proxy can answer
         api = await ClientKubeApi.connect(str(_kubeconfig(tmp_path / "kubeconfig", 9)))
         try:
+            assert await api.get_object("configmaps", "ns", "x") is None
             return api.api_client.configuration.client_session_kwargs
         finally:
             await api.close()
+            await proxy.cleanup()
 
-    assert asyncio.run(main()) is None  # the client's own default: trust_env on
+    assert asyncio.run(main()) == {"trust_env": False}
+    assert seen == [
+        {
+            "target": "http://127.0.0.1:9/api/v1/namespaces/ns/configmaps/x",
+            "authorization": "Bearer operator-token",  # not the .netrc password
+            "proxy-authorization": "Basic " + base64.b64encode(b"op@x:s:cret").decode(),
+        }
+    ]
+
+
+def test_no_proxy_sends_the_api_server_requests_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_proxy_variables(monkeypatch)
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    through_proxy: list[dict[str, str | None]] = []
+    direct: list[dict[str, str | None]] = []
+
+    async def main() -> None:
+        proxy, proxy_port = await _recorder(through_proxy)
+        server, port = await _recorder(direct)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        api = await ClientKubeApi.connect(str(_kubeconfig(tmp_path / "kubeconfig", port)))
+        try:
+            assert await api.get_object("configmaps", "ns", "x") is None
+        finally:
+            await api.close()
+            await proxy.cleanup()
+            await server.cleanup()
+
+    asyncio.run(main())
+    assert through_proxy == []
+    assert [d["authorization"] for d in direct] == ["Bearer operator-token"]
+
+
+@pytest.mark.parametrize(
+    ("server", "variables", "expected"),
+    [
+        ("https://10.0.0.1:6443", {"HTTPS_PROXY": "http://p:3128"}, "http://p:3128"),
+        ("https://10.0.0.1:6443", {"HTTP_PROXY": "http://p:3128"}, None),  # the scheme's
+        ("https://api.internal", {"HTTPS_PROXY": "http://p", "NO_PROXY": ".internal"}, None),
+        ("https://10.0.0.1", {"ALL_PROXY": "socks5://p:1080"}, None),  # as aiohttp does
+        ("https://[fd00::1]:6443", {"https_proxy": "http://[fd00::2]:3128"}, "http://[fd00::2]:3128"),
+    ],
+)
+def test_the_proxy_for_an_api_server(
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+    variables: dict[str, str],
+    expected: str | None,
+) -> None:
+    _no_proxy_variables(monkeypatch)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert env_proxy(server) == expected
