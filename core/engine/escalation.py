@@ -38,7 +38,7 @@ from sqlalchemy import Engine
 
 from core.db.escalations import EscalationRows
 from core.engine.alert_webhook import WebhookConfig, WebhookSender
-from core.engine.log_lock import APPEND_LOCK, AppendLock
+from core.engine.log_lock import APPEND_LOCK, AppendLock, torn
 from core.engine.monitoring.metrics import Metrics
 from core.engine.resilience.circuit_breaker import (
     BreakerSnapshot,
@@ -401,18 +401,22 @@ class Escalations:
     def _file_keys(self) -> set[str]:
         keys: set[str] = set()
         if self.path.exists():
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    keys.add(json.loads(raw)["escalation_key"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+            with open(self.path, "rb") as fh:
+                for raw in fh:
+                    try:
+                        keys.add(json.loads(raw)["escalation_key"])
+                    except (ValueError, KeyError, TypeError):  # a cut line, even mid-UTF-8
+                        continue
         return keys
 
     def _append(self, records: Sequence[Mapping[str, Any]]) -> None:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = torn(self.path)
         with open(self.path, "a", encoding="utf-8") as fh:
+            if cut:
+                fh.write("\n")  # a crash cut the last line: start a clean one
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 

@@ -105,23 +105,23 @@ class Recorder:
     # ------------------------------------------------------------------ attempts
 
     def begin(self, key: TaskKey, start: Start, *, started_at: datetime | None = None) -> None:
-        with self.lock.shared():
-            self.events.write(
-                self.store.begin_attempt(
-                    key,
-                    start.attempt,
-                    start.adapter_id,
-                    timeout_seconds=start.timeout_seconds,
-                    started_at=started_at,
-                )
+        self.commit_events(
+            lambda: self.store.begin_attempt(
+                key,
+                start.attempt,
+                start.adapter_id,
+                timeout_seconds=start.timeout_seconds,
+                started_at=started_at,
             )
+        )
 
     def commit_events(self, commit: Callable[[], list[Event]]) -> list[Event]:
-        """Run ``commit`` (a database write returning its new events), then append them."""
+        """Run ``commit`` (a database write returning its new events), then append them: the
+        append lock held shared from the one to the other."""
         with self.lock.shared():
             events = commit()
             self.events.write(events)
-            return events
+        return events
 
     def record(
         self,
@@ -176,9 +176,9 @@ class Recorder:
         trial: bool,
         why: str,
     ) -> Outcome:
+        result = entry.result
+        feed = breakers.feed(result.adapter_id, classification, trial=trial)
         with self.lock.shared():
-            result = entry.result
-            feed = breakers.feed(result.adapter_id, classification, trial=trial)
             recorded: Recorded = self.store.finish_attempt(
                 key,
                 result,
@@ -188,53 +188,51 @@ class Recorder:
                 breaker=feed,
             )
             self.events.write(recorded.events)
-            # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
-            record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
-            record = recorded.record or self.store.task(key)
-            if recorded.new:
-                feed.announce()
-                if result.usage is not None:
-                    self.metrics.tokens(result.adapter_id, result.usage)
-                if result.gate is not None:
-                    self.metrics.gate_finished(result.gate.passed)
-                if finish is not None:
-                    self.metrics.task_finished(
-                        result.adapter_id, record.status, record.duration_seconds
-                    )
-                else:
-                    self._retry_scheduled(key, result, str(result.failure_class), why)
-                self.escalations.attempt_recorded(
-                    key,
-                    result,
-                    final_state=finish.state if finish is not None else None,
-                    ledger_seq=entry.seq,
-                    transitions=feed.transitions,
+        # per-test gate outcomes: keyed rows, so a replay adds (and counts) nothing
+        record_gate_tests(self.store.engine, key, result.attempt, result.gate, self.metrics)
+        record = recorded.record or self.store.task(key)
+        if recorded.new:
+            feed.announce()
+            if result.usage is not None:
+                self.metrics.tokens(result.adapter_id, result.usage)
+            if result.gate is not None:
+                self.metrics.gate_finished(result.gate.passed)
+            if finish is not None:
+                self.metrics.task_finished(
+                    result.adapter_id, record.status, record.duration_seconds
                 )
-            return Outcome(entry, record, recorded.events, recorded.new, finish)
+            else:
+                self._retry_scheduled(key, result, str(result.failure_class), why)
+            self.escalations.attempt_recorded(
+                key,
+                result,
+                final_state=finish.state if finish is not None else None,
+                ledger_seq=entry.seq,
+                transitions=feed.transitions,
+            )
+        return Outcome(entry, record, recorded.events, recorded.new, finish)
 
     def end(self, key: TaskKey, finish: Finish) -> TaskRecord:
         """End a task without another attempt (budget spent while waiting, cancelled...)."""
-        with self.lock.shared():
-            events = self.store.end_task(key, finish.state, finish.failure_class, finish.message)
-            self.events.write(events)
-            record = self.store.task(key)
-            if events:
-                adapter = record.current_adapter_id or record.adapter_id
-                self.metrics.task_finished(adapter, record.status, record.duration_seconds)
-                self.escalations.task_ended(key, record.status, adapter, finish.message)
-            return record
+        events = self.commit_events(
+            lambda: self.store.end_task(key, finish.state, finish.failure_class, finish.message)
+        )
+        record = self.store.task(key)
+        if events:
+            adapter = record.current_adapter_id or record.adapter_id
+            self.metrics.task_finished(adapter, record.status, record.duration_seconds)
+            self.escalations.task_ended(key, record.status, adapter, finish.message)
+        return record
 
     def reopen(self, key: TaskKey, result: AttemptResult, *, why: str) -> TaskRecord:
         """A completed task sent back by the integration worker (the ledger already holds the
         verdict): PENDING again with ``result`` (its amended last attempt) and TASK_REOPENED
         in one transaction; counted as a retry only when that write was new."""
-        with self.lock.shared():
-            events = self.store.reopen_task(key, result)
-            self.events.write(events)
-            if events:
-                failure = events[0].payload.get("failure_class")
-                self._retry_scheduled(key, result, str(failure), why)
-            return self.store.task(key)
+        events = self.commit_events(lambda: self.store.reopen_task(key, result))
+        if events:
+            failure = events[0].payload.get("failure_class")
+            self._retry_scheduled(key, result, str(failure), why)
+        return self.store.task(key)
 
     def _retry_scheduled(
         self, key: TaskKey, result: AttemptResult, failure: str, why: str
@@ -268,8 +266,8 @@ class Recorder:
         """Append what the database holds and ``logs/executor.jsonl`` (the events of
         ``run_id``; None: all) and ``logs/escalations.jsonl`` lack; safe beside live
         writers. Returns (event lines, escalation lines) appended."""
-        with self.lock.exclusive():
-            events = self.events.repair(self.store.iter_events(run_id))
+        events = self.events.repair(lambda: self.store.iter_events(run_id), self.lock)
+        with self.lock.exclusive():  # few rows: the whole comparison under the lock
             escalations = self.escalations.repair()
         return events, escalations
 

@@ -12,6 +12,7 @@ reports every call to the observers, and turns timeouts and connection errors in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,8 @@ from core.kube.api import (
     resource_type,
 )
 
+log = logging.getLogger("orchestrator.operator")
+
 MERGE_PATCH = "application/merge-patch+json"
 _PROXY_SCHEMES = frozenset({"http", "https", "ws", "wss"})  # those aiohttp's trust_env uses
 JSON = "application/json"
@@ -55,12 +58,21 @@ def _now() -> datetime:
 
 def env_proxy(server: str) -> str | None:
     """The proxy the environment names for ``server`` as aiohttp's ``trust_env`` picks it:
-    the variable of the URL's scheme, ``NO_PROXY`` honoured (credentials in its URL are
-    sent to the proxy as Proxy-Authorization, never to the API server)."""
+    the variable of the URL's scheme, ``NO_PROXY`` honoured (host names and suffixes, as
+    urllib reads it), an ``https://`` proxy ignored with a warning (aiohttp speaks plain HTTP
+    to a proxy). Credentials in its URL are sent to the proxy only."""
     parts = urlsplit(server)
     if not parts.hostname or parts.scheme not in _PROXY_SCHEMES or proxy_bypass(parts.hostname):
         return None
-    return getproxies().get(parts.scheme) or None
+    proxy = getproxies().get(parts.scheme)
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"  # host:port, as curl reads it
+    if urlsplit(proxy).scheme != "http":
+        log.warning("ignoring the %s proxy for %s: only http:// proxies work", parts.scheme, server)
+        return None
+    return proxy
 
 
 class ClientKubeApi:
@@ -100,9 +112,10 @@ class ClientKubeApi:
         configuration = client.Configuration.get_default_copy()
         # aiohttp's trust_env looks for proxy variables and reads ~/.netrc on every request
         # (~4% of the operator's CPU in a burst), and sends a .netrc password it finds for
-        # the API server's host: off. The proxy the environment names is passed explicitly.
+        # the API server's host: off. The kubeconfig's proxy-url, else the one the
+        # environment names, is passed explicitly.
         configuration.client_session_kwargs = {"trust_env": False}
-        configuration.proxy = env_proxy(configuration.host)
+        configuration.proxy = configuration.proxy or env_proxy(configuration.host)
         return cls(client.ApiClient(configuration), **kwargs)
 
     def add_observer(self, observer: Observer) -> Callable[[], None]:

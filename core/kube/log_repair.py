@@ -38,11 +38,14 @@ class LogRepair:
         self._sleep = sleep
         self._backoff = backoff
         self._wanted = False
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
         self.passes = 0  # completed passes
 
     def request(self) -> None:
         """Ask for a pass that starts after now (call on the event loop; returns at once)."""
+        if self._closed:
+            return
         self._wanted = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -55,7 +58,7 @@ class LogRepair:
     async def close(self) -> None:
         """Stop asking; a pass already in its thread ends there, unobserved."""
         task, self._task = self._task, None
-        self._wanted = False
+        self._wanted, self._closed = False, True
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -23,7 +23,7 @@ import pytest
 
 from core.db.database import default_url, make_engine, upgrade
 from core.db.store import Event, Store
-from core.engine.escalation import Escalations
+from core.engine.escalation import Escalation, EscalationReason, Escalations
 from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.engine.lifecycle import Start
 from core.engine.monitoring.metrics import Metrics
@@ -57,6 +57,18 @@ def _keys(path: Path, field: str) -> Counter[str]:
     return Counter(json.loads(line)[field] for line in path.read_text().splitlines())
 
 
+def _escalation(key: str) -> Escalation:
+    return Escalation(
+        key=key,
+        reason=EscalationReason.TASK_TIMEOUT,
+        message="task t0 (run r) exceeded its time budget: Zeitüberschreitung",
+        created_at=T0,
+        run_id="r",
+        task_id="t0",
+        adapter_id="a",
+    )
+
+
 def _operator_recorder(workdir: Path, store: Store) -> Recorder:
     # as the operator builds it: no key set in memory, the database de-duplicates
     return Recorder(store, workdir, metrics=Metrics(), clock=lambda: T0, dedupe_events=False)
@@ -72,7 +84,7 @@ def test_a_crash_between_commit_and_line_is_repaired_once(
     for key in keys[:2]:
         store.begin_attempt(key, 1, "a", started_at=T0)  # committed; the line never written
     recorder.begin(keys[2], Start(1, "a", 60))  # committed and written
-    escalation = recorder.escalations._timeout(keys[0], "a", "over budget", {})
+    escalation = _escalation("task_timeout/r/t0")
 
     def disk_full(records: object) -> None:
         raise OSError(28, "No space left on device")
@@ -153,3 +165,51 @@ def test_a_new_leader_repairs_what_the_last_one_left_out(tmp_path: Path) -> None
     path = workdir / "logs" / "executor.jsonl"
     assert _keys(path, "event_key") == Counter(e.key for e in store.events())
     assert len(store.events()) == 2
+
+
+def test_a_line_cut_inside_a_character_is_repaired_not_fatal(tmp_path: Path) -> None:
+    """A crash mid-write can cut a line inside a UTF-8 character (the lines are not ASCII
+    escaped): the repair skips the cut line, writes the event again on a line of its own."""
+    store, keys = _store(tmp_path, 2)
+    recorder = _operator_recorder(tmp_path, store)
+    recorder.begin(keys[0], Start(1, "a", 60))
+    events = tmp_path / "logs" / "executor.jsonl"
+    escalations = tmp_path / "logs" / "escalations.jsonl"
+    recorder.escalations.raise_(_escalation("task_timeout/r/t0"))
+    cut_event = store.run_event("r", EventName.EXECUTION_FINISHED, {"note": "ü"}, key="r//F")
+    line = json.dumps(cut_event[0].as_json(), ensure_ascii=False).encode()
+    with open(events, "ab") as fh:
+        fh.write(line[: line.index("ü".encode()) + 1])  # half of the ü, then the crash
+    whole = escalations.read_bytes()
+    escalations.write_bytes(whole[: whole.index("ü".encode()) + 1])  # its only line, cut
+
+    assert recorder.repair_logs() == (1, 1)
+    assert _keys_lenient(events, "event_key") == Counter(e.key for e in store.events())
+    assert _keys_lenient(escalations, "escalation_key") == Counter(["task_timeout/r/t0"])
+    assert recorder.repair_logs() == (0, 0)
+
+
+def test_a_cached_key_set_does_not_hide_another_writers_line(tmp_path: Path) -> None:
+    """The embedded executor's log keeps its keys in memory; a line another writer appended
+    since is still seen by the repair, not written a second time."""
+    store, keys = _store(tmp_path, 3)
+    executor = Recorder(store, tmp_path, metrics=Metrics(), clock=lambda: T0)  # dedupe on
+    executor.begin(keys[0], Start(1, "a", 60))  # its key set is read and kept
+    _operator_recorder(tmp_path, store).begin(keys[1], Start(1, "a", 60))  # another writer
+    store.begin_attempt(keys[2], 1, "a", started_at=T0)  # a crash before its line
+    assert executor.repair_logs() == (1, 0)
+    path = tmp_path / "logs" / "executor.jsonl"
+    assert _keys(path, "event_key") == Counter(e.key for e in store.events())
+    executor.begin(keys[2], Start(1, "a", 60))  # a replay: recorded, its line there already
+    assert _keys(path, "event_key") == Counter(e.key for e in store.events())
+
+
+def _keys_lenient(path: Path, field: str) -> Counter[str]:
+    """The keys of the lines that parse (a line cut by a crash does not)."""
+    keys: Counter[str] = Counter()
+    for raw in path.read_bytes().splitlines():
+        try:
+            keys[json.loads(raw)[field]] += 1
+        except ValueError:
+            continue
+    return keys

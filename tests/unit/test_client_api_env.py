@@ -21,11 +21,12 @@ from core.kube.client_api import ClientKubeApi, env_proxy
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WS_PROXY", "WSS_PROXY")
 
 
-def _kubeconfig(path: Path, port: int) -> Path:
+def _kubeconfig(path: Path, port: int, proxy_url: str = "") -> Path:
+    proxy = f", proxy-url: {proxy_url!r}" if proxy_url else ""
     path.write_text(
         f"""apiVersion: v1
 kind: Config
-clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
+clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{port}"{proxy}}}}}]
 users: [{{name: u, user: {{token: operator-token}}}}]
 contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
 current-context: x
@@ -131,6 +132,29 @@ def test_a_proxy_variable_is_honoured_without_trust_env(
     ]
 
 
+def test_the_kubeconfigs_proxy_url_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_proxy_variables(monkeypatch)
+    seen: list[dict[str, str | None]] = []
+    ignored: list[dict[str, str | None]] = []
+
+    async def main() -> None:
+        proxy, port = await _recorder(seen)
+        other, other_port = await _recorder(ignored)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{other_port}")
+        kubeconfig = _kubeconfig(tmp_path / "kubeconfig", 9, f"http://127.0.0.1:{port}")
+        api = await ClientKubeApi.connect(str(kubeconfig))
+        try:
+            assert await api.get_object("configmaps", "ns", "x") is None
+        finally:
+            await api.close()
+            await proxy.cleanup()
+            await other.cleanup()
+
+    asyncio.run(main())
+    assert [d["target"] for d in seen] == ["http://127.0.0.1:9/api/v1/namespaces/ns/configmaps/x"]
+    assert ignored == []
+
+
 def test_no_proxy_sends_the_api_server_requests_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,6 +188,8 @@ def test_no_proxy_sends_the_api_server_requests_directly(
         ("https://api.internal", {"HTTPS_PROXY": "http://p", "NO_PROXY": ".internal"}, None),
         ("https://10.0.0.1", {"ALL_PROXY": "socks5://p:1080"}, None),  # as aiohttp does
         ("https://[fd00::1]:6443", {"https_proxy": "http://[fd00::2]:3128"}, "http://[fd00::2]:3128"),
+        ("https://10.0.0.1", {"HTTPS_PROXY": "p:3128"}, "http://p:3128"),  # as curl reads it
+        ("https://10.0.0.1", {"HTTPS_PROXY": "https://p:3128"}, None),  # aiohttp cannot
     ],
 )
 def test_the_proxy_for_an_api_server(

@@ -1,5 +1,6 @@
 """The append lock (core/engine/log_lock.py): shared holds coexist, an exclusive one waits for
-them, it is re-entrant per thread, and it is released when its holder is done or dies.
+them, it is re-entrant per thread and path, it is released when its holder is done or dies,
+and a file system that refuses locks does not stop the writes.
 
 Probed with ``flock(LOCK_NB)`` on a file description of the test's own: as another writer or
 another replica (its own process) would see the lock.
@@ -7,10 +8,12 @@ another replica (its own process) would see the lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,48 @@ def test_a_writer_that_dies_releases_its_hold(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_every_lock_of_one_path_shares_the_threads_hold(tmp_path: Path) -> None:
+    """A recorder's lock and its escalations' (two objects, one file): a shared hold inside an
+    exclusive one is the same hold, not a second flock that would wait for the first."""
+    path = tmp_path / ".append.lock"
+    repair, escalations = AppendLock(path), AppendLock(path)
+    done = threading.Event()
+
+    def nested() -> None:
+        with repair.exclusive(), escalations.shared():
+            done.set()
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert done.is_set()
+    assert _free(path, fcntl.LOCK_EX)
+
+
+def test_a_file_system_without_locks_costs_the_guarantee_not_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = AppendLock(tmp_path / ".append.lock")
+    refusals: list[int] = []
+
+    def no_locks(fd: int, mode: int) -> None:
+        refusals.append(mode)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with lock.shared():
+        ran.append("write")
+    with lock.exclusive():
+        ran.append("repair")
+    assert ran == ["write", "repair"] and refusals == [fcntl.LOCK_SH, fcntl.LOCK_EX]
+
+    def broken(fd: int, mode: int) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with lock.shared():
+            raise AssertionError("ran without its lock")
