@@ -101,6 +101,19 @@ async def _recorder(seen: list[dict[str, str | None]]) -> tuple[web.AppRunner, i
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
+async def _get_configmap(kubeconfig: Path, *servers: web.AppRunner) -> object:
+    """GET a ConfigMap (the servers answer 404: None) through a fresh client; returns its
+    session options. Stops ``servers`` afterwards."""
+    api = await ClientKubeApi.connect(str(kubeconfig))
+    try:
+        assert await api.get_object("configmaps", "ns", "x") is None
+        return api.api_client.configuration.client_session_kwargs
+    finally:
+        await api.close()
+        for server in servers:
+            await server.cleanup()
+
+
 def test_a_proxy_variable_is_honoured_without_trust_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,13 +127,7 @@ def test_a_proxy_variable_is_honoured_without_trust_env(
         proxy, port = await _recorder(seen)
         monkeypatch.setenv("HTTP_PROXY", f"http://op%40x:s%3Acret@127.0.0.1:{port}")
         # the API server's port has nothing listening: only the proxy can answer
-        api = await ClientKubeApi.connect(str(_kubeconfig(tmp_path / "kubeconfig", 9)))
-        try:
-            assert await api.get_object("configmaps", "ns", "x") is None
-            return api.api_client.configuration.client_session_kwargs
-        finally:
-            await api.close()
-            await proxy.cleanup()
+        return await _get_configmap(_kubeconfig(tmp_path / "kubeconfig", 9), proxy)
 
     assert asyncio.run(main()) == {"trust_env": False}
     assert seen == [
@@ -142,13 +149,7 @@ def test_the_kubeconfigs_proxy_url_wins(tmp_path: Path, monkeypatch: pytest.Monk
         other, other_port = await _recorder(ignored)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{other_port}")
         kubeconfig = _kubeconfig(tmp_path / "kubeconfig", 9, f"http://127.0.0.1:{port}")
-        api = await ClientKubeApi.connect(str(kubeconfig))
-        try:
-            assert await api.get_object("configmaps", "ns", "x") is None
-        finally:
-            await api.close()
-            await proxy.cleanup()
-            await other.cleanup()
+        await _get_configmap(kubeconfig, proxy, other)
 
     asyncio.run(main())
     assert [d["target"] for d in seen] == ["http://127.0.0.1:9/api/v1/namespaces/ns/configmaps/x"]
@@ -167,13 +168,7 @@ def test_no_proxy_sends_the_api_server_requests_directly(
         proxy, proxy_port = await _recorder(through_proxy)
         server, port = await _recorder(direct)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
-        api = await ClientKubeApi.connect(str(_kubeconfig(tmp_path / "kubeconfig", port)))
-        try:
-            assert await api.get_object("configmaps", "ns", "x") is None
-        finally:
-            await api.close()
-            await proxy.cleanup()
-            await server.cleanup()
+        await _get_configmap(_kubeconfig(tmp_path / "kubeconfig", port), proxy, server)
 
     asyncio.run(main())
     assert through_proxy == []
