@@ -53,6 +53,10 @@ class EvidenceError(UnrecoverableError):
     """Stored evidence (a patch) is missing, unreadable or does not match its hash."""
 
 
+class RequestTooLargeError(EvidenceError):
+    """A runner request over the limit a pod is handed: the task's inputs are too large."""
+
+
 class ConfigError(UnrecoverableError):
     """A setting the process cannot work with (named in the message)."""
 

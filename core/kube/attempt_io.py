@@ -36,7 +36,7 @@ from core.engine.evidence_grants import (
     read_upload,
     store_request,
 )
-from core.errors import EvidenceError
+from core.errors import EvidenceError, RequestTooLargeError
 from core.identity import TaskKey
 from core.models import DiffSummary
 from core.runner.protocol import DIFF_SLOT, LOG_SLOT, RunnerRequest
@@ -100,7 +100,7 @@ class AttemptIO:
         """Store the request and issue the pod's grant (``expires_at``: the Job's backstop)."""
         data = request.model_dump_json().encode()
         if len(data) > MAX_REQUEST_BYTES:
-            raise EvidenceError(
+            raise RequestTooLargeError(
                 f"the runner request is {len(data)} bytes (limit {MAX_REQUEST_BYTES})"
             )
         expires = expires_at + GRANT_MARGIN

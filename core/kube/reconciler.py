@@ -57,7 +57,7 @@ from core.engine.lifecycle import (
 from core.engine.monitoring.metrics import Metrics
 from core.engine.recorder import Recorder, finish_of
 from core.engine.resilience import Admission
-from core.errors import EvidenceError, RejectedError
+from core.errors import EvidenceError, RejectedError, RequestTooLargeError
 from core.identity import TaskKey
 from core.kube.adapter_breakers import AdapterBreakers
 from core.kube.api import Body, KubeApi, is_owned_by
@@ -497,9 +497,15 @@ class Controller:
         # the Job's deadline is only a backstop: the runner enforces the budget itself, from
         # its container's start; pulling and scheduling have their own limit
         deadline = start.timeout_seconds + ctx.spec.pending_timeout_seconds
-        inputs = self.io.prepare(
-            ctx.key, request, expires_at=self._grant_expiry(ctx, deadline), patch=patch
-        )
+        try:
+            inputs = self.io.prepare(
+                ctx.key, request, expires_at=self._grant_expiry(ctx, deadline), patch=patch
+            )
+        except RequestTooLargeError as exc:  # it would be as large on every try
+            return (
+                f"spec.task: {exc}: shorten spec.task.prompt, or hand a large patch over by "
+                "spec.task.patchFrom instead of spec.task.patch"
+            )
         return _Launch(inputs, deadline, source)
 
     async def _start(

@@ -9,27 +9,22 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.db.database import default_url, make_engine, upgrade
-from core.db.store import Store
-from core.engine.evidence import LEDGER_DIR
-from core.engine.evidence_grants import GrantSigner, LocalGrantingStore
 from core.kube import task_context
 from core.kube.api import ApiCall
 from core.kube.control_loop import ControlLoop
-from core.kube.reconciler import PENDING_POLL_SECONDS, Controller, ControllerSettings
+from core.kube.reconciler import PENDING_POLL_SECONDS
 from core.models import TaskState
 from core.testing.clock import FakeClock
 from core.testing.fake_kube import FakeKubeApi
 from tests.e2e.operator_harness import adapter, demo_patch, task_execution
+from tests.fake_controller import NS, driven_controller, fake_controller
 
-NS = "scale"
 TE = "taskexecutions"
 
 
@@ -41,36 +36,6 @@ class ShiftedClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
-
-
-def _controller(
-    api: FakeKubeApi, workdir: Path, now: Callable[[], datetime] | None = None
-) -> Controller:
-    url = default_url(workdir)
-    upgrade(url)
-    # no pod runs here (no kubelet): the store is never called over HTTP
-    signer = GrantSigner(b"k" * 32)
-    evidence = LocalGrantingStore(
-        workdir / LEDGER_DIR, base_url="http://127.0.0.1:9", signer=signer
-    )
-    return Controller(
-        api,
-        Store(make_engine(url)),
-        ControllerSettings(workdir=workdir, runner_image="unused", namespaces=(NS,)),
-        evidence=evidence,
-        **({"now": now} if now else {}),
-    )
-
-
-async def _driven_controller(
-    api: FakeKubeApi, workdir: Path
-) -> tuple[Controller, dict[str, Any]]:
-    """A controller driven step by step (no control loop) that knows a ``patch`` Adapter,
-    and the task of a TaskExecution that names it."""
-    controller = _controller(api, workdir)
-    made = await api.create_object("adapters", NS, adapter("patch", "patch"))
-    controller.observe_adapter("ADDED", made.object)
-    return controller, {"prompt": "p", "patch": demo_patch("add-multiply")}
 
 
 async def _settle(loop: ControlLoop, clock: FakeClock, rounds: int = 400) -> None:
@@ -94,7 +59,7 @@ def test_parked_tasks_cost_no_api_call_per_resync_and_start_once_their_adapter_e
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
         clock = FakeClock()
-        controller = _controller(api, tmp_path)
+        controller = fake_controller(api, tmp_path)
         task = {"prompt": "p", "patch": demo_patch("add-multiply")}
         for i in range(n):
             await api.create_object(
@@ -154,7 +119,7 @@ def test_a_burst_lists_no_pods_until_the_job_controller_counts_one(tmp_path: Pat
         shifted = ShiftedClock()
         api = FakeKubeApi(namespaces=(NS,), now=shifted.now)
         clock = FakeClock()
-        controller = _controller(api, tmp_path, shifted.now)
+        controller = fake_controller(api, tmp_path, shifted.now)
         await api.create_object("adapters", NS, adapter("patch", "patch"))
         task = {"prompt": "p", "patch": demo_patch("add-multiply")}
         for i in range(n):
@@ -223,7 +188,7 @@ def test_later_steps_skip_the_checks_until_the_task_or_an_adapter_changes(
 
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
-        controller, task = await _driven_controller(api, tmp_path)
+        controller, task = await driven_controller(api, tmp_path)
         te = (
             await api.create_object(
                 TE, NS, task_execution("t", "git://x/y.git", "patch", task=task)
@@ -278,7 +243,7 @@ def test_a_start_creates_its_job_before_any_database_write_and_its_record_follow
 
     async def main() -> None:
         api = FakeKubeApi(namespaces=(NS,))
-        controller, task = await _driven_controller(api, tmp_path)
+        controller, task = await driven_controller(api, tmp_path)
         keys = {}
         for name in ("kept", "deleted"):
             made = await api.create_object(
