@@ -38,14 +38,11 @@ class LogRepair:
         self._sleep = sleep
         self._backoff = backoff
         self._wanted = False
-        self._closed = False
         self._task: asyncio.Task[None] | None = None
         self.passes = 0  # completed passes
 
     def request(self) -> None:
         """Ask for a pass that starts after now (call on the event loop; returns at once)."""
-        if self._closed:
-            return
         self._wanted = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -56,9 +53,10 @@ class LogRepair:
             await asyncio.shield(self._task)
 
     async def close(self) -> None:
-        """Stop asking; a pass already in its thread ends there, unobserved."""
+        """Stop the passes (a pass already in its thread ends there, unobserved); a later
+        :meth:`request` starts again (the control loop run again)."""
         task, self._task = self._task, None
-        self._wanted, self._closed = False, True
+        self._wanted = False
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
