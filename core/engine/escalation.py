@@ -164,10 +164,9 @@ class Escalations:
         clock: Callable[[], datetime],
         policy: EscalationPolicy | None = None,
         sinks: Iterable[Sink] = (),
-        lock: AppendLock | None = None,
     ) -> None:
         self.workdir = workdir
-        self.lock = lock or AppendLock(workdir / APPEND_LOCK)
+        self.lock = AppendLock(workdir / APPEND_LOCK)  # the recorder's: one hold per thread
         self.metrics = metrics
         self.clock = clock
         self.policy = policy or EscalationPolicy()

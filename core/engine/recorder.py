@@ -94,7 +94,7 @@ class Recorder:
         #: Held shared from a commit to its lines, exclusive by a repair.
         self.lock = AppendLock(workdir / APPEND_LOCK)
         self.escalations = Escalations(
-            store.engine, workdir, metrics=metrics, clock=clock, policy=escalation, lock=self.lock
+            store.engine, workdir, metrics=metrics, clock=clock, policy=escalation
         )
 
     def on_breaker_transition(self, transition: BreakerTransition) -> None:
